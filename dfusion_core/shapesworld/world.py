@@ -1,0 +1,151 @@
+"""ShapesWorld: the vocabulary, the caption grammar and the train/test split of combinations.
+
+The world mirrors the paper's three prompt families (METHOD.md) on flat shapes:
+  action     "a red circle containing a blue triangle" / "a red square stacked on a blue circle"
+  attribute  "a red and striped circle"     (colour + texture, like the paper's colour + material)
+  spatial    "the red circle above the blue square" (above, below, on the left of, on the right of)
+A fourth family, "simple" ("a red circle"), is used only while training the generator.
+
+Test prompts use combinations never seen in training: attribute triples are held out as a whole, and
+for the two-object families whole unordered object pairs are held out (so "the A above the B" in test
+has no "the B below the A" in training either).
+"""
+from __future__ import annotations
+
+import hashlib
+import itertools
+import random
+from dataclasses import dataclass
+
+# name -> sRGB; chosen at least 100 apart in RGB so nearest-palette segmentation is unambiguous.
+COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 40, 40),
+    "green": (40, 170, 60),
+    "blue": (40, 80, 225),
+    "yellow": (240, 210, 40),
+    "purple": (150, 60, 190),
+    "black": (35, 35, 35),
+}
+BACKGROUND: tuple[int, int, int] = (235, 235, 235)
+SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
+TEXTURES: tuple[str, ...] = ("solid", "striped", "hollow")
+RELATIONS: tuple[str, ...] = ("above", "below", "on the left of", "on the right of")
+ACTIONS: tuple[str, ...] = ("containing", "stacked on")
+FAMILIES: tuple[str, ...] = ("action", "attribute", "spatial")
+TRAIN_ONLY_FAMILIES: tuple[str, ...] = ("simple",)
+IMAGE_SIZE = 64
+
+
+@dataclass(frozen=True)
+class ObjectSpec:
+    """One object a caption asks for."""
+
+    colour: str
+    shape: str
+    texture: str = "solid"
+
+    def words(self) -> tuple[str, ...]:
+        """The caption words naming this object (its mask keywords)."""
+        if self.texture != "solid":
+            return (self.colour, self.texture, self.shape)
+        return (self.colour, self.shape)
+
+
+@dataclass(frozen=True)
+class PromptSpec:
+    """A caption with its meaning: what the ground-truth checker verifies."""
+
+    family: str  # action | attribute | spatial | simple
+    objects: tuple[ObjectSpec, ...]  # first = the caption's subject
+    relation: str | None = None  # a RELATIONS or ACTIONS entry for two-object families
+
+    @property
+    def text(self) -> str:
+        a = self.objects[0]
+        if self.family == "simple":
+            return f"a {a.colour} {a.shape}"
+        if self.family == "attribute":
+            return f"a {a.colour} and {a.texture} {a.shape}"
+        b = self.objects[1]
+        if self.family == "spatial":
+            return f"the {a.colour} {a.shape} {self.relation} the {b.colour} {b.shape}"
+        if self.family == "action":
+            return f"a {a.colour} {a.shape} {self.relation} a {b.colour} {b.shape}"
+        raise ValueError(f"unknown family {self.family!r}")
+
+    def object_words(self) -> list[tuple[str, ...]]:
+        """Per object, the words that name it, in caption order."""
+        if self.family == "attribute":
+            a = self.objects[0]
+            return [(a.colour, a.texture, a.shape)]
+        return [(o.colour, o.shape) for o in self.objects]
+
+
+def _held_out(key: str, fraction: float) -> bool:
+    """Deterministic split: a stable hash of the combination decides, independent of Python's seed."""
+    h = int(hashlib.sha256(("shapesworld-v1:" + key).encode()).hexdigest()[:8], 16)
+    return (h % 1000) < fraction * 1000
+
+
+def _solid_objects() -> list[ObjectSpec]:
+    return [ObjectSpec(c, s) for c in COLOURS for s in SHAPES]
+
+
+def _pair_key(a: ObjectSpec, b: ObjectSpec) -> str:
+    return "|".join(sorted([f"{a.colour} {a.shape}", f"{b.colour} {b.shape}"]))
+
+
+def all_prompts(family: str) -> list[PromptSpec]:
+    """Every caption of a family, in a fixed order."""
+    if family == "simple":
+        return [PromptSpec("simple", (o,)) for o in _solid_objects()]
+    if family == "attribute":
+        return [PromptSpec("attribute", (ObjectSpec(c, s, t),))
+                for c in COLOURS for t in TEXTURES for s in SHAPES]
+    objs = _solid_objects()
+    pairs = [(a, b) for a, b in itertools.permutations(objs, 2) if a.colour != b.colour]
+    relations = RELATIONS if family == "spatial" else ACTIONS if family == "action" else None
+    if relations is None:
+        raise ValueError(f"unknown family {family!r}; choose from {FAMILIES + TRAIN_ONLY_FAMILIES}")
+    return [PromptSpec(family, (a, b), r) for a, b in pairs for r in relations]
+
+
+def split_of(spec: PromptSpec) -> str:
+    """'train' or 'test' for a caption; test combinations never appear in training."""
+    if spec.family == "simple":
+        return "train"
+    if spec.family == "attribute":
+        a = spec.objects[0]
+        return "test" if _held_out(f"attr:{a.colour}:{a.texture}:{a.shape}", 1 / 3) else "train"
+    return "test" if _held_out("pair:" + _pair_key(*spec.objects), 0.25) else "train"
+
+
+def prompts(family: str, split: str) -> list[PromptSpec]:
+    """All captions of a family in one split."""
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    return [p for p in all_prompts(family) if split_of(p) == split]
+
+
+def prompt_list(family: str, split: str, n: int = 40, seed: int = 0) -> list[PromptSpec]:
+    """A fixed sample of n captions (all of them if fewer), like the paper's 40-prompt lists."""
+    pool = prompts(family, split)
+    if len(pool) <= n:
+        return pool
+    return random.Random(f"{family}:{split}:{seed}").sample(pool, n)
+
+
+def parse_prompt(text: str) -> PromptSpec | None:
+    """The PromptSpec whose caption is exactly `text` (normalised), or None outside the grammar."""
+    norm = " ".join(text.lower().strip().rstrip(".").split())
+    return _caption_index().get(norm)
+
+
+_INDEX: dict[str, PromptSpec] | None = None
+
+
+def _caption_index() -> dict[str, PromptSpec]:
+    global _INDEX
+    if _INDEX is None:
+        _INDEX = {p.text: p for fam in FAMILIES + TRAIN_ONLY_FAMILIES for p in all_prompts(fam)}
+    return _INDEX
