@@ -1,0 +1,141 @@
+"""Parameters of sampling, masking and fusion, with the paper's defaults stated once.
+
+Every field carries a one-line comment; `validate()` turns bad values into a clear ValueError so that the
+CLI and the app can show the message instead of a traceback.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+
+THRESHOLD_MODES = ("auto", "absolute", "relative", "area")
+RESIZE_MODES = ("nearest", "smooth")
+FUSION_LAYER_PRESETS = ("mid+up", "up", "mid", "all")
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ValueError(msg)
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How one image is denoised (paper: DDIM, 20 steps, eta 1.0, CFG 5.0, empty negative prompt)."""
+
+    num_steps: int = 20  # DDIM steps
+    eta: float = 1.0  # 0 = deterministic DDIM, 1 = DDPM-like stochastic steps (needed for log-probs)
+    guidance_scale: float = 5.0  # classifier-free guidance; <= 1 disables the unconditional branch
+    negative_prompt: str = ""  # the unconditional prompt
+    height: int | None = None  # pixels; None = the model's default size
+    width: int | None = None
+
+    def validate(self) -> "SamplingParams":
+        _check(isinstance(self.num_steps, int) and 1 <= self.num_steps <= 1000,
+               f"num_steps must be an integer in 1..1000, got {self.num_steps!r}")
+        _check(0.0 <= float(self.eta) <= 1.0, f"eta must be in [0, 1], got {self.eta!r}")
+        _check(0.0 <= float(self.guidance_scale) <= 50.0,
+               f"guidance_scale must be in [0, 50], got {self.guidance_scale!r}")
+        for name in ("height", "width"):
+            v = getattr(self, name)
+            _check(v is None or (isinstance(v, int) and 8 <= v <= 4096 and v % 8 == 0),
+                   f"{name} must be a multiple of 8 in 8..4096, got {v!r}")
+        return self
+
+    @property
+    def uses_cfg(self) -> bool:
+        return self.guidance_scale > 1.0
+
+
+@dataclass(frozen=True)
+class MaskParams:
+    """How the reference's cross-attention becomes the fusion mask (METHOD.md step 4)."""
+
+    keywords: tuple[str, ...] | None = None  # prompt words to mask; None = the prompt's content words
+    layer_factors: tuple[int, ...] = (4,)  # read cross-attention at latent/4 (16x16 for 64x64 latents)
+    threshold_mode: str = "auto"  # auto (Otsu, no tuning) | absolute (paper) | relative (x max) | area
+    threshold: float = 0.5  # absolute: attention prob; relative: fraction of max; area: kept fraction
+    resize: str = "smooth"  # nearest (paper) | smooth (bilinear) when resizing to each fusion layer
+    dilate: int = 0  # grow the mask by this many cells at mask resolution
+    feather: float = 0.0  # soften edges: Gaussian sigma in cells of the fusion layer (0 = hard)
+    accumulate_steps: bool = False  # average maps over the steps so far instead of the current step only
+    union_base: bool = False  # also include the base's own keyword mask (reference-union-base)
+
+    def validate(self) -> "MaskParams":
+        _check(self.threshold_mode in THRESHOLD_MODES,
+               f"threshold_mode must be one of {THRESHOLD_MODES}, got {self.threshold_mode!r}")
+        t = float(self.threshold)
+        if self.threshold_mode == "absolute":
+            _check(0.0 <= t <= 1.0, f"an absolute threshold is an attention probability in [0, 1], got {t}")
+        elif self.threshold_mode in ("relative", "area"):
+            _check(0.0 < t <= 1.0, f"a {self.threshold_mode} threshold must be in (0, 1], got {t}")
+        _check(self.resize in RESIZE_MODES, f"resize must be one of {RESIZE_MODES}, got {self.resize!r}")
+        _check(isinstance(self.dilate, int) and 0 <= self.dilate <= 16, f"dilate must be 0..16, got {self.dilate!r}")
+        _check(0.0 <= float(self.feather) <= 16.0, f"feather must be in [0, 16], got {self.feather!r}")
+        _check(len(self.layer_factors) > 0 and all(isinstance(f, int) and f >= 1 and (f & (f - 1)) == 0
+                                                   for f in self.layer_factors),
+               f"layer_factors must be powers of two such as (4,), got {self.layer_factors!r}")
+        if self.keywords is not None:
+            _check(len(self.keywords) > 0 and all(isinstance(k, str) and k.strip() for k in self.keywords),
+                   "keywords must be a non-empty list of words (or None for the prompt's content words)")
+        return self
+
+
+@dataclass(frozen=True)
+class FusionParams:
+    """Where and when the target's self-attention K/V are replaced by the reference's (METHOD.md step 5)."""
+
+    start_step: int = 3  # first fused step, 1-based (paper: the two noisiest steps are left alone)
+    end_step: int | None = None  # last fused step, inclusive; None = the last step
+    layers: str | tuple[str, ...] = "mid+up"  # preset (mid+up = paper, up, mid, all) or module-path prefixes
+    use_mask: bool = True  # False = global fusion (the ablation that destroys consistency)
+    mask: MaskParams = field(default_factory=MaskParams)
+
+    def step_range(self, num_steps: int) -> tuple[int, int]:
+        """(first, last) fused step, 1-based inclusive, checked against the number of steps."""
+        end = num_steps if self.end_step is None else self.end_step
+        _check(isinstance(self.start_step, int) and isinstance(end, int),
+               f"fusion steps must be integers, got start={self.start_step!r} end={end!r}")
+        _check(1 <= self.start_step <= num_steps, f"start_step must be in 1..{num_steps}, got {self.start_step}")
+        _check(1 <= end <= num_steps, f"end_step must be in 1..{num_steps}, got {end}")
+        _check(self.start_step <= end, f"start_step ({self.start_step}) is after end_step ({end})")
+        return self.start_step, end
+
+    def validate(self, num_steps: int) -> "FusionParams":
+        self.step_range(num_steps)
+        if isinstance(self.layers, str):
+            _check(self.layers in FUSION_LAYER_PRESETS,
+                   f"layers must be one of {FUSION_LAYER_PRESETS} or a list of module paths, got {self.layers!r}")
+        else:
+            _check(len(self.layers) > 0 and all(isinstance(p, str) and p for p in self.layers),
+                   "layers must be a non-empty list of module-path prefixes")
+        self.mask.validate()
+        return self
+
+
+def with_overrides(obj, **changes):
+    """dataclasses.replace that ignores None values (handy for CLI flags left unset)."""
+    return replace(obj, **{k: v for k, v in changes.items() if v is not None})
+
+
+def model_defaults(model_dir: str | Path | None) -> dict:
+    """Per-model defaults shipped as dfusion.json inside a pipeline folder (e.g. a small model's lower CFG)."""
+    if model_dir is None:
+        return {}
+    p = Path(model_dir) / "dfusion.json"
+    if not p.is_file():
+        return {}
+    try:
+        data = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{p} is not valid JSON: {e}") from None
+    return data if isinstance(data, dict) else {}
+
+
+def apply_model_defaults(defaults: dict, sampling: SamplingParams, mask: MaskParams) -> tuple[SamplingParams, MaskParams]:
+    """Overlay a model's dfusion.json on the paper defaults (only fields the file names)."""
+    s_names = {f.name for f in fields(SamplingParams)}
+    m_names = {f.name for f in fields(MaskParams)}
+    s = replace(sampling, **{k: v for k, v in defaults.items() if k in s_names})
+    m_changes = {k: (tuple(v) if isinstance(v, list) else v) for k, v in defaults.items() if k in m_names}
+    return s, replace(mask, **m_changes)

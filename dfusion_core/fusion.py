@@ -1,0 +1,213 @@
+"""D-Fusion: denoise a target from the base's seed while borrowing the reference's self-attention K/V
+inside the reference's keyword mask (METHOD.md steps 4-6).
+
+One batched UNet call per step: the reference runs one step ahead of the target, so the call that computes
+the reference's step s+1 also computes the target's step s from the reference's step-s keys, values and
+attention maps recorded one call earlier (exact, no stale masks). The base is never replayed unless its
+trajectory is unknown or its own mask is wanted (union_base). With a ReferenceCache the reference's K/V
+and maps are kept, and a new threshold / step range / layer choice re-runs the target branch alone.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .attention import ROLE_BASE, ROLE_REF, ROLE_TARGET, RowInfo, select_fusion_layers, select_map_layers
+from .config import FusionParams, SamplingParams
+from .ddim import make_schedule
+from .loading import LoadedModel
+from .masks import FusionMasker, aggregate_maps, threshold_maps
+from .reference_cache import CachedReference, ReferenceCache, ReferenceStore
+from .sampling import Stream, Trajectory, _check_seed, _size, denoise, validate_prompt
+from .tokens import default_keywords, keyword_token_indices
+
+
+@dataclass
+class FusionResult:
+    """A visually consistent pair: winner = target, loser = base (plus the reference it borrowed from)."""
+
+    prompt: str
+    base_seed: int
+    ref_seed: int
+    sampling: SamplingParams
+    fusion: FusionParams
+    keywords: list[str]
+    token_groups: list[tuple[int, ...]]  # token positions of each keyword
+    target_image: object
+    reference_image: object
+    base_image: object
+    target: Trajectory
+    reference: Trajectory
+    base: Trajectory
+    masks: torch.Tensor  # [S, h, w] union mask per step at mask resolution (0 where a step is not fused)
+    token_maps: torch.Tensor  # [77, h, w] reference's cross-attention per token, mean over the steps
+    keyword_masks: torch.Tensor  # [K, h, w] per-keyword thresholded mask, mean over the fused steps
+    mask_factors: tuple[int, ...] = ()  # cross-attention downsampling factors the masks were read at
+    from_cache: bool = False  # the reference came from the cache (target branch only)
+    extra: dict = field(default_factory=dict)
+
+
+class _ChainStore:
+    """Read view over several cached stores (target-only runs)."""
+
+    def __init__(self, stores):
+        self.stores = stores
+
+    def get_kv(self, ref, step, layer, half):
+        for s in self.stores:
+            if (ref, step, layer, half) in s.kv:
+                return s.kv[(ref, step, layer, half)]
+        raise RuntimeError(f"no cached K/V for reference {ref} at step {step}, layer {layer}")
+
+    def maps(self, role, ident, step):
+        for s in self.stores:
+            if s.has_maps(role, ident, step):
+                return s.maps(role, ident, step)
+        raise RuntimeError(f"no cached maps for {role} {ident} at step {step}")
+
+    def put_kv(self, *a):  # target-only runs have no reference rows
+        raise RuntimeError("read-only store")
+
+    def put_map(self, *a):
+        raise RuntimeError("read-only store")
+
+
+def _cache_key(model: LoadedModel, prompt: str, ref_seed: int, sampling: SamplingParams, map_layers) -> tuple:
+    return (model.model_id, prompt, ref_seed, sampling, tuple(sorted(map_layers)))
+
+
+def resolve_keywords(model: LoadedModel, prompt: str, fusion: FusionParams) -> tuple[list[str], list[tuple[int, ...]]]:
+    kws = list(fusion.mask.keywords) if fusion.mask.keywords else default_keywords(model.tokenizer, prompt)
+    if not kws:
+        raise ValueError(f"the prompt {prompt!r} has no content word to build a mask from; name keywords")
+    return kws, keyword_token_indices(model.tokenizer, prompt, kws)
+
+
+def fuse_batch(model: LoadedModel, prompt: str, pairs: list[tuple[int, int]], sampling: SamplingParams | None = None,
+               fusion: FusionParams | None = None, bases: dict[int, Trajectory] | None = None,
+               cache: ReferenceCache | None = None) -> list[FusionResult]:
+    """Fuse several (base_seed, ref_seed) pairs of one prompt in one batched run."""
+    sampling = (sampling or SamplingParams()).validate()
+    fusion = (fusion or FusionParams()).validate(sampling.num_steps)
+    validate_prompt(prompt)
+    if not pairs:
+        raise ValueError("no (base_seed, ref_seed) pair given")
+    for b, r in pairs:
+        _check_seed(b), _check_seed(r)
+    keywords, groups = resolve_keywords(model, prompt, fusion)
+    map_layers, factors = select_map_layers(model.unet, model.layer_kinds, fusion.mask.layer_factors)
+    fusion_layers = select_fusion_layers(model.layer_kinds, fusion.layers)
+    schedule = make_schedule(model.pipe.scheduler, sampling.num_steps)
+    n = len(schedule.timesteps)
+    h, w = _size(model, sampling)
+    _, lh, lw = model.latent_shape(sampling.height, sampling.width)
+    bases = dict(bases or {})
+    ref_seeds = list(dict.fromkeys(r for _, r in pairs))
+    union_base = fusion.mask.union_base
+
+    # 1. try the cache: every reference present with the layers and maps this run needs
+    entries: dict[int, CachedReference] = {}
+    if cache is not None:
+        for r in ref_seeds:
+            e = cache.get(_cache_key(model, prompt, r, sampling, map_layers))
+            if e is not None and fusion_layers <= e.store.kv_layers:
+                entries[r] = e
+        for b, r in pairs:
+            if r in entries and union_base and not entries[r].store.has_maps(ROLE_BASE, b, 0):
+                entries.pop(r)
+            elif r in entries and b not in bases and entries[r].base is not None and entries[r].base.seed == b:
+                bases[b] = entries[r].base
+    from_cache = cache is not None and len(entries) == len(ref_seeds) and all(
+        b in bases for b, _ in pairs)
+
+    cond = model.encode([prompt], sampling.negative_prompt, sampling.uses_cfg, h, w)
+    ctl = model.controller
+    replay_bases = [] if from_cache else list(dict.fromkeys(b for b, _ in pairs if union_base or b not in bases))
+    if from_cache:
+        store = _ChainStore([entries[r].store for r in ref_seeds])
+        streams = [Stream(seed=b, role=ROLE_TARGET, ref=r, base=b) for b, r in pairs]
+    else:
+        store = ReferenceStore(device=cache.device if cache is not None else None, keep_all=cache is not None)
+        streams = [Stream(seed=r, role=ROLE_REF, ref=r) for r in ref_seeds]
+        streams += [Stream(seed=b, role=ROLE_BASE, base=b) for b in replay_bases]
+        streams += [Stream(seed=b, role=ROLE_TARGET, ref=r, base=b, offset=1) for b, r in pairs]
+    masker = FusionMasker(store, fusion.mask, groups, (lh, lw), fusion.step_range(n), fusion.use_mask,
+                          layers=fusion_layers)
+    ctl.store, ctl.masker = store, masker
+    ctl.map_layers = frozenset() if from_cache else map_layers
+    ctl.map_roles = frozenset({ROLE_REF, ROLE_BASE})
+    if from_cache:
+        ctl.fusion_layers = fusion_layers
+    else:  # a cached run keeps every self-attention layer, so a later layer change is a cache hit
+        ctl.fusion_layers = frozenset(k for k, v in model.layer_kinds.items() if v == "self") \
+            if cache is not None else fusion_layers
+
+    def row_info(s: Stream, step: int) -> RowInfo:
+        return RowInfo(s.role, step, s.ref, s.base)
+
+    def on_call(call, active, steps):
+        done = [k for s, k in zip(active, steps) if s.role == ROLE_TARGET]
+        if done and isinstance(store, ReferenceStore):
+            store.finish_step(min(done))
+
+    try:
+        trajs = denoise(model, cond, streams, sampling, schedule, on_call=on_call, row_info=row_info)
+    finally:
+        ctl.store = ctl.masker = None
+        ctl.map_layers = ctl.fusion_layers = frozenset()
+    by_role = {(s.role, s.seed if s.role != ROLE_TARGET else (s.base, s.ref)): t for s, t in zip(streams, trajs)}
+
+    # 2. assemble the results
+    refs = {r: (entries[r].reference if from_cache else by_role[(ROLE_REF, r)]) for r in ref_seeds}
+    for b in replay_bases:
+        bases.setdefault(b, by_role[(ROLE_BASE, b)])
+    targets = [by_role[(ROLE_TARGET, (b, r))] for b, r in pairs]
+    ref_images = {r: entries[r].reference_image for r in ref_seeds} if from_cache else \
+        dict(zip(ref_seeds, model.decode(torch.stack([refs[r].final for r in ref_seeds]))))
+    base_seeds = list(dict.fromkeys(b for b, _ in pairs))
+    base_images = dict(zip(base_seeds, model.decode(torch.stack([bases[b].final for b in base_seeds]))))
+    target_images = model.decode(torch.stack([t.final for t in targets]))
+
+    if cache is not None and not from_cache:
+        for r in ref_seeds:
+            b0 = next((b for b, rr in pairs if rr == r), None)
+            sub = _substore(store, r, [b for b, rr in pairs if rr == r])
+            cache.put(_cache_key(model, prompt, r, sampling, map_layers),
+                      CachedReference(sub, refs[r], ref_images[r], bases.get(b0), base_images.get(b0)))
+
+    first, last = fusion.step_range(n)
+    results = []
+    for (b, r), tgt, timg in zip(pairs, targets, target_images):
+        mh, mw = masker.union_mask(r, b, first - 1).shape
+        masks = torch.zeros(n, mh, mw)
+        kw_masks = torch.zeros(len(groups), mh, mw)
+        for k in range(first - 1, last):
+            masks[k] = masker.union_mask(r, b, k) if fusion.use_mask else 1.0
+            kw_masks += threshold_maps(masker.keyword_maps(ROLE_REF, r, k), fusion.mask.threshold_mode,
+                                       fusion.mask.threshold).float()
+        kw_masks /= (last - first + 1)
+        token_maps = torch.stack([aggregate_maps(store.maps(ROLE_REF, r, k), (lh, lw)) for k in range(n)]).mean(0)
+        results.append(FusionResult(
+            prompt=prompt, base_seed=b, ref_seed=r, sampling=sampling, fusion=fusion, keywords=keywords,
+            token_groups=groups, target_image=timg, reference_image=ref_images[r], base_image=base_images[b],
+            target=tgt, reference=refs[r], base=bases[b], masks=masks, token_maps=token_maps.cpu(),
+            keyword_masks=kw_masks, mask_factors=factors, from_cache=from_cache))
+    return results
+
+
+def _substore(store: ReferenceStore, ref: int, base_seeds: list[int]) -> ReferenceStore:
+    sub = ReferenceStore(device=store.device, keep_all=True)
+    sub.kv = {k: v for k, v in store.kv.items() if k[0] == ref}
+    sub._maps = {k: v for k, v in store._maps.items()
+                 if (k[0] == ROLE_REF and k[1] == ref) or (k[0] == ROLE_BASE and k[1] in base_seeds)}
+    sub.kv_layers, sub.map_layers = set(store.kv_layers), set(store.map_layers)
+    return sub
+
+
+def fuse(model: LoadedModel, prompt: str, base_seed: int, ref_seed: int, sampling: SamplingParams | None = None,
+         fusion: FusionParams | None = None, base: Trajectory | None = None,
+         cache: ReferenceCache | None = None) -> FusionResult:
+    """Fuse one pair: the target starts from base_seed and borrows from the reference drawn with ref_seed."""
+    bases = {base_seed: base} if base is not None else None
+    return fuse_batch(model, prompt, [(base_seed, ref_seed)], sampling, fusion, bases, cache)[0]

@@ -1,0 +1,199 @@
+"""Load any diffusers Stable Diffusion (1.x, 2.x) or SDXL pipeline and prepare it for D-Fusion.
+
+Stock diffusers does the loading (`from_pretrained` on a hub id or a folder); this module adds clear errors,
+the per-model defaults file (dfusion.json), prompt encoding for both architectures and decoding.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from . import offline  # noqa: F401  (sets the no-network environment before diffusers is imported)
+from .attention import AttentionController, install
+from .config import model_defaults
+
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+DEFAULT_MODEL = ASSETS / "shapesworld"
+SUPPORTED = {"StableDiffusionPipeline": "sd", "StableDiffusionXLPipeline": "sdxl"}
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
+          "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+
+
+class ModelLoadError(ValueError):
+    """A model that cannot be used: missing folder, corrupt files or an unsupported architecture."""
+
+
+@dataclass
+class Conditioning:
+    """Prompt embeddings, one row per prompt, ready to be gathered into UNet batches."""
+
+    cond: torch.Tensor  # [P, L, D]
+    uncond: torch.Tensor | None  # [P, L, D] or None without CFG
+    added_cond: dict[str, torch.Tensor] | None = None  # SDXL: text_embeds, time_ids
+    added_uncond: dict[str, torch.Tensor] | None = None
+
+
+@dataclass
+class LoadedModel:
+    """A pipeline with D-Fusion's processors installed (inactive until a fusion run activates them)."""
+
+    pipe: object
+    model_id: str
+    kind: str  # sd | sdxl
+    device: torch.device
+    dtype: torch.dtype
+    defaults: dict = field(default_factory=dict)
+    controller: AttentionController = field(default_factory=AttentionController)
+    layer_kinds: dict[str, str] = field(default_factory=dict)  # layer path -> 'self' | 'cross'
+
+    @property
+    def unet(self):
+        return self.pipe.unet
+
+    @property
+    def tokenizer(self):
+        return self.pipe.tokenizer
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.pipe.vae.config.block_out_channels) - 1)
+
+    def default_size(self) -> tuple[int, int]:
+        s = self.unet.config.sample_size
+        s = s if isinstance(s, int) else s[0]
+        return int(self.defaults.get("height", s * self.vae_scale_factor)), int(self.defaults.get("width", s * self.vae_scale_factor))
+
+    def latent_shape(self, height: int | None, width: int | None) -> tuple[int, int, int]:
+        dh, dw = self.default_size()
+        h, w = height or dh, width or dw
+        f = self.vae_scale_factor
+        if h % f or w % f:
+            raise ValueError(f"height and width must be multiples of {f} for this model, got {h}x{w}")
+        return self.unet.config.in_channels, h // f, w // f
+
+    @torch.no_grad()
+    def encode(self, prompts: list[str], negative_prompt: str, cfg: bool, height: int, width: int) -> Conditioning:
+        pipe = self.pipe
+        neg = [negative_prompt] * len(prompts)
+        if self.kind == "sdxl":
+            pe, npe, ppe, nppe = pipe.encode_prompt(prompt=prompts, device=self.device, num_images_per_prompt=1,
+                                                    do_classifier_free_guidance=cfg, negative_prompt=neg)
+            proj = pipe.text_encoder_2.config.projection_dim
+            tid = pipe._get_add_time_ids((height, width), (0, 0), (height, width), dtype=pe.dtype,
+                                         text_encoder_projection_dim=proj).to(self.device).repeat(len(prompts), 1)
+            return Conditioning(pe, npe if cfg else None, {"text_embeds": ppe, "time_ids": tid},
+                                {"text_embeds": nppe, "time_ids": tid} if cfg else None)
+        pe, npe = pipe.encode_prompt(prompts, self.device, 1, cfg, negative_prompt=neg)
+        return Conditioning(pe, npe if cfg else None)
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> list[Image.Image]:
+        vae = self.pipe.vae
+        cfg = vae.config
+        z = latents.to(self.device)
+        if getattr(cfg, "latents_mean", None) is not None and getattr(cfg, "latents_std", None) is not None:
+            mean = torch.tensor(cfg.latents_mean).view(1, -1, 1, 1).to(z)
+            std = torch.tensor(cfg.latents_std).view(1, -1, 1, 1).to(z)
+            z = z * std / cfg.scaling_factor + mean
+        else:
+            z = z / cfg.scaling_factor
+        upcast = self.dtype == torch.float16 and getattr(cfg, "force_upcast", False)
+        dtype = torch.float32 if upcast else vae.dtype
+        if upcast:
+            vae.to(torch.float32)
+        try:
+            x = vae.decode(z.to(dtype)).sample
+        finally:
+            if upcast:
+                vae.to(self.dtype)
+        arr = ((x.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+        return [Image.fromarray(a) for a in arr]
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    if dtype is None:
+        return torch.float32 if device.type == "cpu" else torch.float16
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of fp32, fp16, bf16, got {dtype!r}")
+    return DTYPES[dtype]
+
+
+def _check_folder(path: Path) -> str:
+    if not path.exists():
+        raise ModelLoadError(f"model folder {path} does not exist")
+    if not path.is_dir():
+        raise ModelLoadError(f"{path} is not a folder: give a diffusers pipeline folder or a hub id")
+    index = path / "model_index.json"
+    if not index.is_file():
+        raise ModelLoadError(f"{path} has no model_index.json: it is not a diffusers pipeline folder")
+    try:
+        cls = json.loads(index.read_text()).get("_class_name")
+    except (json.JSONDecodeError, AttributeError) as e:
+        raise ModelLoadError(f"{index} is corrupt: {e}") from None
+    return cls
+
+
+def load_model(model: str | os.PathLike | None = None, device: str | None = None,
+               dtype: str | torch.dtype | None = None) -> LoadedModel:
+    """Load a StableDiffusionPipeline / StableDiffusionXLPipeline by folder or hub id (None = the default)."""
+    from diffusers import DiffusionPipeline
+
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dt = resolve_dtype(dtype, dev)
+    if dev.type == "cpu" and dt == torch.float16:
+        raise ValueError("fp16 needs a CUDA device; on the CPU use fp32 or bf16")
+    target = Path(model).expanduser() if model is not None else DEFAULT_MODEL
+    is_local = model is None or target.exists() or not _looks_like_hub_id(str(model))
+    if is_local:
+        cls = _check_folder(target)
+        if cls not in SUPPORTED:
+            raise ModelLoadError(f"{target} holds a {cls}; supported: {', '.join(SUPPORTED)}")
+        source = str(target)
+    else:
+        source = str(model)
+    try:
+        extra = {"safety_checker": None, "requires_safety_checker": False} if not is_local or SUPPORTED[cls] == "sd" else {}
+        pipe = DiffusionPipeline.from_pretrained(source, dtype=dt, **extra)
+    except (OSError, ValueError, json.JSONDecodeError, KeyError, RuntimeError) as e:
+        where = "folder" if is_local else "hub id"
+        hint = "" if is_local else " (no network here: download the model to a folder and pass its path)"
+        raise ModelLoadError(f"could not load {where} {source!r}: {str(e).splitlines()[0]}{hint}") from None
+    kind = SUPPORTED.get(type(pipe).__name__)
+    if kind is None:
+        raise ModelLoadError(f"{source} is a {type(pipe).__name__}; supported: {', '.join(SUPPORTED)}")
+    from diffusers import UNet2DConditionModel
+
+    if not isinstance(pipe.unet, UNet2DConditionModel):
+        raise ModelLoadError(f"{source}: unsupported UNet class {type(pipe.unet).__name__}")
+    pipe.to(dev)
+    pipe.set_progress_bar_config(disable=True)
+    lm = LoadedModel(pipe=pipe, model_id=source, kind=kind, device=dev, dtype=dt,
+                     defaults=model_defaults(source if is_local else None))
+    lm.layer_kinds = install(pipe.unet, lm.controller)
+    return lm
+
+
+def _looks_like_hub_id(s: str) -> bool:
+    parts = s.split("/")
+    return len(parts) == 2 and all(parts) and not s.startswith((".", "/", "~"))
+
+
+def to_pil(images) -> list[Image.Image]:
+    """Accept PIL images, HxWx3 uint8 arrays or file paths; return RGB PIL images."""
+    out = []
+    for im in images:
+        if isinstance(im, Image.Image):
+            out.append(im.convert("RGB"))
+        elif isinstance(im, np.ndarray):
+            out.append(Image.fromarray(im).convert("RGB"))
+        else:
+            out.append(Image.open(im).convert("RGB"))
+    return out

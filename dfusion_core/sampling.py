@@ -1,0 +1,232 @@
+"""Seeded stochastic DDIM sampling that records trajectories, for many images in one batch.
+
+Every image owns one CPU torch.Generator seeded with its seed; it draws the starting latent and then every
+step's noise, in that order, so an image replays bit-identically from its seed whatever else shares its
+batch, and a fusion target drawn from the base's seed gets the base's x_T and per-step noise.
+
+The loop runs "streams" (one image each) that may start at different UNet calls: D-Fusion runs its
+reference one step ahead of the target, so one batched call per step computes the reference's step s+1 and
+the target's step s, and the target reads the reference's step-s keys/values recorded one call earlier.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from .attention import ROLE_PLAIN, RowInfo
+from .config import SamplingParams
+from .ddim import DDIMSchedule, ddim_step, make_schedule, step_log_prob
+from .loading import Conditioning, LoadedModel
+
+
+@dataclass
+class Trajectory:
+    """One image's denoising path (METHOD.md step 1 / 6), on the CPU."""
+
+    seed: int
+    latents: torch.Tensor  # [S+1, C, h, w]: x_T ... x_0
+    timesteps: torch.Tensor  # [S] long
+    log_probs: torch.Tensor  # [S]: log p(x_{t-1} | x_t) under the sampler that produced it
+    x0_preds: torch.Tensor  # [S, C, h, w]: predicted clean latent at each step (trajectory viewer)
+
+    @property
+    def final(self) -> torch.Tensor:
+        return self.latents[-1]
+
+    def tensors(self, prefix: str) -> dict[str, torch.Tensor]:
+        return {f"{prefix}.latents": self.latents, f"{prefix}.timesteps": self.timesteps,
+                f"{prefix}.log_probs": self.log_probs, f"{prefix}.x0_preds": self.x0_preds}
+
+    @classmethod
+    def from_tensors(cls, d: dict[str, torch.Tensor], prefix: str, seed: int) -> "Trajectory":
+        return cls(seed, d[f"{prefix}.latents"], d[f"{prefix}.timesteps"], d[f"{prefix}.log_probs"],
+                   d[f"{prefix}.x0_preds"])
+
+
+@dataclass
+class Stream:
+    """One image being denoised: its seed, prompt row, role and the UNet call of its first step."""
+
+    seed: int
+    cond_row: int = 0  # row of the Conditioning it uses
+    role: str = ROLE_PLAIN
+    ref: int = -1
+    base: int = -1
+    offset: int = 0  # first UNet call of this stream
+    initial_latent: torch.Tensor | None = None  # else drawn from the seed
+    # filled while running
+    generator: torch.Generator | None = field(default=None, repr=False)
+    latent: torch.Tensor | None = field(default=None, repr=False)
+    latents: list = field(default_factory=list, repr=False)
+    log_probs: list = field(default_factory=list, repr=False)
+    x0s: list = field(default_factory=list, repr=False)
+
+    def trajectory(self, timesteps) -> Trajectory:
+        return Trajectory(self.seed, torch.stack(self.latents), torch.tensor(timesteps, dtype=torch.long),
+                          torch.stack(self.log_probs), torch.stack(self.x0s))
+
+
+def _check_seed(seed) -> int:
+    if isinstance(seed, bool) or not isinstance(seed, int) or not (0 <= seed < 2 ** 63):
+        raise ValueError(f"a seed must be an integer in [0, 2^63), got {seed!r}")
+    return seed
+
+
+def _rows(t: torch.Tensor, idx: list[int]) -> torch.Tensor:
+    return t[idx]
+
+
+def denoise(model: LoadedModel, cond: Conditioning, streams: list[Stream], sampling: SamplingParams,
+            schedule: DDIMSchedule | None = None, on_call: Callable | None = None,
+            row_info: Callable[[Stream, int], RowInfo] | None = None) -> list[Trajectory]:
+    """Run all streams to x_0; one UNet call per loop iteration covers every stream active at that call.
+
+    on_call(call_index, streams_finished_step) runs after each call (the fusion code uses it to drop
+    K/V that are no longer needed). row_info maps (stream, step) to the controller's RowInfo; without it
+    the D-Fusion processors stay inactive (plain sampling).
+    """
+    sampling.validate()
+    schedule = schedule or make_schedule(model.pipe.scheduler, sampling.num_steps)
+    n = len(schedule.timesteps)
+    c, h, w = model.latent_shape(sampling.height, sampling.width)
+    dev, dt = model.device, model.dtype
+    for s in streams:
+        _check_seed(s.seed)
+        s.generator = torch.Generator("cpu").manual_seed(s.seed)
+        x_T = torch.randn((c, h, w), generator=s.generator)  # always drawn, so the noise sequence is fixed
+        s.latent = (s.initial_latent if s.initial_latent is not None else x_T).float().to(dev)
+        s.latents, s.log_probs, s.x0s = [s.latent.cpu()], [], []
+    cfg = sampling.uses_cfg and cond.uncond is not None
+    total = max(s.offset for s in streams) + n
+    ctl = model.controller
+    for call in range(total):
+        active = [s for s in streams if s.offset <= call < s.offset + n]
+        steps = [call - s.offset for s in active]
+        x = torch.stack([s.latent for s in active])
+        t = torch.tensor([schedule.timesteps[k] for k in steps], dtype=torch.long)
+        rows = [s.cond_row for s in active]
+        emb = _rows(cond.cond, rows)
+        added = {k: _rows(v, rows) for k, v in cond.added_cond.items()} if cond.added_cond else None
+        x_in, t_in = x, t
+        if cfg:
+            emb = torch.cat([_rows(cond.uncond, rows), emb])
+            if added:
+                added = {k: torch.cat([_rows(cond.added_uncond[k], rows), added[k]]) for k in added}
+            x_in, t_in = torch.cat([x, x]), torch.cat([t, t])
+        if row_info is not None:
+            ctl.begin_call([row_info(s, k) for s, k in zip(active, steps)], cfg)
+        try:
+            with torch.no_grad():
+                kwargs = {"added_cond_kwargs": added} if added else {}
+                out = model.unet(x_in.to(dt), t_in.to(dev), encoder_hidden_states=emb.to(dt), **kwargs).sample.float()
+        finally:
+            ctl.end()
+        if cfg:
+            uncond_out, cond_out = out.chunk(2)
+            out = uncond_out + sampling.guidance_scale * (cond_out - uncond_out)
+        noise = torch.stack([torch.randn((c, h, w), generator=s.generator) for s in active]).to(dev)
+        res = ddim_step(schedule, out, x, t, sampling.eta, noise)
+        lp = step_log_prob(res.prev_sample, res.mean, res.std)
+        for i, s in enumerate(active):
+            s.latent = res.prev_sample[i]
+            s.latents.append(s.latent.cpu())
+            s.log_probs.append(lp[i].cpu())
+            s.x0s.append(res.x0_pred[i].cpu())
+        if on_call is not None:
+            on_call(call, active, steps)
+    return [s.trajectory(schedule.timesteps) for s in streams]
+
+
+@dataclass
+class SampleResult:
+    prompts: list[str]
+    seeds: list[int]
+    images: list  # PIL images
+    trajectories: list[Trajectory]
+    sampling: SamplingParams
+
+
+def sample(model: LoadedModel, prompts: str | list[str], seeds: list[int], sampling: SamplingParams | None = None,
+           batch_size: int = 16) -> SampleResult:
+    """Sample one image per seed (a single prompt is repeated for every seed)."""
+    sampling = (sampling or SamplingParams()).validate()
+    prompts = [prompts] * len(seeds) if isinstance(prompts, str) else list(prompts)
+    if len(prompts) != len(seeds):
+        raise ValueError(f"{len(prompts)} prompts for {len(seeds)} seeds")
+    if not seeds:
+        raise ValueError("no seeds given")
+    for p in prompts:
+        validate_prompt(p)
+    h, w = _size(model, sampling)
+    images, trajs = [], []
+    for i in range(0, len(seeds), batch_size):
+        chunk_p, chunk_s = prompts[i:i + batch_size], seeds[i:i + batch_size]
+        uniq = list(dict.fromkeys(chunk_p))
+        cond = model.encode(uniq, sampling.negative_prompt, sampling.uses_cfg, h, w)
+        streams = [Stream(seed=s, cond_row=uniq.index(p)) for p, s in zip(chunk_p, chunk_s)]
+        tr = denoise(model, cond, streams, sampling)
+        trajs += tr
+        images += model.decode(torch.stack([t.final for t in tr]))
+    return SampleResult(prompts, list(seeds), images, trajs, sampling)
+
+
+def _size(model: LoadedModel, sampling: SamplingParams) -> tuple[int, int]:
+    dh, dw = model.default_size()
+    return sampling.height or dh, sampling.width or dw
+
+
+MAX_PROMPT_CHARS = 1000
+
+
+def validate_prompt(prompt) -> str:
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise ValueError("the prompt is empty: type what the image should show")
+    if len(prompt) > MAX_PROMPT_CHARS:
+        raise ValueError(f"the prompt has {len(prompt)} characters; the limit is {MAX_PROMPT_CHARS} "
+                         "(the text encoder reads at most 77 tokens anyway)")
+    return prompt
+
+
+@torch.no_grad()
+def recompute_log_probs(model: LoadedModel, prompt: str, trajectory: Trajectory, sampling: SamplingParams,
+                        batch_size: int = 32) -> torch.Tensor:
+    """Per-step log-probs of a recorded trajectory under the plain (unfused) model, in batched passes.
+
+    A fused target was drawn by the fused sampler; trajectory methods train the plain model, so its
+    likelihood ratios must use these values instead (METHOD.md, training methods).
+    """
+    sampling = sampling.validate()
+    schedule = make_schedule(model.pipe.scheduler, sampling.num_steps)
+    n = len(schedule.timesteps)
+    if trajectory.latents.shape[0] != n + 1:
+        raise ValueError(f"trajectory has {trajectory.latents.shape[0] - 1} steps, sampling params say {n}")
+    h, w = _size(model, sampling)
+    cond = model.encode([prompt], sampling.negative_prompt, sampling.uses_cfg, h, w)
+    cfg = sampling.uses_cfg
+    dev, dt = model.device, model.dtype
+    out_lp = []
+    for i in range(0, n, batch_size):
+        ks = list(range(i, min(n, i + batch_size)))
+        x = trajectory.latents[ks].to(dev).float()
+        x_next = trajectory.latents[[k + 1 for k in ks]].to(dev).float()
+        t = torch.tensor([schedule.timesteps[k] for k in ks], dtype=torch.long)
+        m = len(ks)
+        emb = cond.cond.expand(m, -1, -1)
+        added = {k: v.expand(m, *v.shape[1:]) for k, v in cond.added_cond.items()} if cond.added_cond else None
+        x_in, t_in = x, t
+        if cfg:
+            emb = torch.cat([cond.uncond.expand(m, -1, -1), emb])
+            if added:
+                added = {k: torch.cat([cond.added_uncond[k].expand(m, *cond.added_uncond[k].shape[1:]), added[k]])
+                         for k in added}
+            x_in, t_in = torch.cat([x, x]), torch.cat([t, t])
+        kwargs = {"added_cond_kwargs": added} if added else {}
+        out = model.unet(x_in.to(dt), t_in.to(dev), encoder_hidden_states=emb.to(dt), **kwargs).sample.float()
+        if cfg:
+            u, c_ = out.chunk(2)
+            out = u + sampling.guidance_scale * (c_ - u)
+        res = ddim_step(schedule, out, x, t, sampling.eta, None)
+        out_lp.append(step_log_prob(x_next, res.mean, res.std).cpu())
+    return torch.cat(out_lp)

@@ -1,0 +1,84 @@
+"""Small random-weight pipelines in the exact folder format of real checkpoints.
+
+Used by the tests (SD 1.x-, SD 2.x- and SDXL-shaped configs, saved with save_pretrained and loaded back
+with from_pretrained) and by the GPU benchmark (an SD 1.5-shaped UNet at 512 px, no download needed).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .tokenizer_build import write_clip_tokenizer
+
+KINDS = ("sd1", "sd2", "sdxl", "sd15-full")
+
+
+def _text_encoder(hidden: int, projection: bool = False, seed: int = 0):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    cfg = CLIPTextConfig(vocab_size=49408, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+                         num_attention_heads=2, max_position_embeddings=77, projection_dim=hidden,
+                         bos_token_id=49406, eos_token_id=49407, pad_token_id=49407, hidden_act="gelu")
+    return (CLIPTextModelWithProjection if projection else CLIPTextModel)(cfg)
+
+
+def _vae(latent_channels: int = 4, blocks=(32, 64)):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    return AutoencoderKL(block_out_channels=blocks, in_channels=3, out_channels=3,
+                         down_block_types=("DownEncoderBlock2D",) * len(blocks),
+                         up_block_types=("UpDecoderBlock2D",) * len(blocks), latent_channels=latent_channels,
+                         norm_num_groups=32 if min(blocks) >= 32 else min(blocks))
+
+
+def build_tiny_pipeline(kind: str, out_dir: str | Path) -> Path:
+    """Write a random-weight pipeline folder of the given shape and return its path."""
+    from diffusers import (DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline,
+                           UNet2DConditionModel)
+    from transformers import CLIPTokenizer
+
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}")
+    out = Path(out_dir)
+    tok_dir = write_clip_tokenizer(out.parent / f".{out.name}-tokenizer")
+    tokenizer = CLIPTokenizer.from_pretrained(tok_dir)
+    torch.manual_seed(0)
+    common = dict(sample_size=16, in_channels=4, out_channels=4, layers_per_block=1,
+                  block_out_channels=(32, 32, 64), norm_num_groups=8,
+                  down_block_types=("CrossAttnDownBlock2D",) * 3, up_block_types=("CrossAttnUpBlock2D",) * 3)
+    sched = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                 clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    if kind == "sd1":  # int head count, conv projection, epsilon
+        unet = UNet2DConditionModel(cross_attention_dim=32, attention_head_dim=4, **common)
+        pipe = StableDiffusionPipeline(vae=_vae(), text_encoder=_text_encoder(32), tokenizer=tokenizer, unet=unet,
+                                       scheduler=DDIMScheduler(**sched), safety_checker=None, feature_extractor=None,
+                                       requires_safety_checker=False)
+    elif kind == "sd2":  # list head config, linear projection, v-prediction
+        unet = UNet2DConditionModel(cross_attention_dim=32, attention_head_dim=[2, 4, 4], use_linear_projection=True,
+                                    **common)
+        pipe = StableDiffusionPipeline(vae=_vae(), text_encoder=_text_encoder(32), tokenizer=tokenizer, unet=unet,
+                                       scheduler=DDIMScheduler(prediction_type="v_prediction", **sched),
+                                       safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    elif kind == "sdxl":  # two text encoders, added (text, time) conditioning, no attention at full resolution
+        unet = UNet2DConditionModel(
+            sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
+            addition_time_embed_dim=8, transformer_layers_per_block=(1, 2), projection_class_embeddings_input_dim=80,
+            cross_attention_dim=64, norm_num_groups=8)
+        pipe = StableDiffusionXLPipeline(
+            vae=_vae(), text_encoder=_text_encoder(32), text_encoder_2=_text_encoder(32, projection=True, seed=1),
+            tokenizer=tokenizer, tokenizer_2=CLIPTokenizer.from_pretrained(tok_dir), unet=unet,
+            scheduler=DDIMScheduler(**sched))
+    else:  # "sd15-full": the real SD 1.5 UNet shape with random weights (benchmarks)
+        unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8,
+                                    block_out_channels=(320, 640, 1280, 1280), layers_per_block=2)
+        te = _text_encoder(768)
+        pipe = StableDiffusionPipeline(vae=_vae(blocks=(128, 256, 512, 512)), text_encoder=te, tokenizer=tokenizer,
+                                       unet=unet, scheduler=DDIMScheduler(**sched), safety_checker=None,
+                                       feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(out)
+    return out
