@@ -1,0 +1,199 @@
+"""Build D-Fusion preference pairs and keep them on disk (METHOD.md steps 1-6 end to end).
+
+Per prompt: sample N candidates, score them, take the best quarter as references (each used twice) and
+the worst half as bases, fuse every (base, reference) pair, and return pair records with winner = target,
+loser = base. A record is a JSON line (prompt, seeds, parameters, scores) plus one safetensors file with
+both trajectories and the masks, plus PNG images; every file is written atomically.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+from .config import FusionParams, MaskParams, SamplingParams
+from .fusion import FusionResult, fuse_batch
+from .loading import LoadedModel
+from .sampling import Trajectory, sample, validate_prompt
+
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class PairingParams:
+    """How candidates become pairs (paper: N=16, best quarter x2 vs worst half, no gap filter)."""
+
+    num_candidates: int = 16  # images sampled per prompt
+    ref_fraction: float = 0.25  # best fraction used as references
+    base_fraction: float = 0.5  # worst fraction used as bases
+    min_gap: float = 0.0  # drop pairs whose reference scores less than this above the base
+    seed: int = 0  # candidate seeds derive from (seed, prompt)
+
+    def validate(self) -> "PairingParams":
+        if not (isinstance(self.num_candidates, int) and 2 <= self.num_candidates <= 4096):
+            raise ValueError(f"num_candidates must be an integer in 2..4096, got {self.num_candidates!r}")
+        if not (0 < self.ref_fraction <= 0.5 and 0 < self.base_fraction <= 1 - self.ref_fraction):
+            raise ValueError("need 0 < ref_fraction <= 0.5 and 0 < base_fraction <= 1 - ref_fraction")
+        if self.min_gap < 0:
+            raise ValueError(f"min_gap must be >= 0, got {self.min_gap}")
+        return self
+
+
+def candidate_seeds(prompt: str, n: int, seed: int = 0) -> list[int]:
+    """Stable per-prompt seeds: the same prompt and seed always give the same candidates."""
+    h = int(hashlib.sha256(f"{seed}:{prompt}".encode()).hexdigest()[:12], 16)
+    return [(h + i) % (2 ** 62) for i in range(n)]
+
+
+def choose_pairs(seeds: list[int], scores: np.ndarray, params: PairingParams) -> list[tuple[int, int]]:
+    """(base_seed, ref_seed) pairs: reference k (k-th best) with bases 2k and 2k+1 of the worst half."""
+    order = np.argsort(-np.asarray(scores), kind="stable")
+    n = len(seeds)
+    n_ref = max(1, int(round(n * params.ref_fraction)))
+    n_base = max(1, int(round(n * params.base_fraction)))
+    refs = [int(i) for i in order[:n_ref]]
+    bases = [int(i) for i in order[::-1][:n_base]]  # worst first
+    per_ref = max(1, n_base // n_ref)
+    pairs = []
+    for k, r in enumerate(refs):
+        for b in bases[k * per_ref:(k + 1) * per_ref]:
+            if b != r and scores[r] - scores[b] >= params.min_gap:
+                pairs.append((seeds[b], seeds[r]))
+    return pairs
+
+
+@dataclass
+class PairRecord:
+    """One preference pair, as stored: winner = target (fused), loser = base."""
+
+    prompt: str
+    base_seed: int
+    ref_seed: int
+    scores: dict  # base / reference / target -> float
+    sampling: dict
+    fusion: dict
+    keywords: list
+    model_id: str
+    target: Trajectory
+    base: Trajectory
+    masks: torch.Tensor
+    images: dict = field(default_factory=dict)  # base / reference / target -> PIL image
+    label: str = "target"  # which image is preferred: target | base | tie
+    pair_id: str = ""
+    extra: dict = field(default_factory=dict)
+
+    def meta(self) -> dict:
+        return {"format": FORMAT_VERSION, "pair_id": self.pair_id, "prompt": self.prompt,
+                "base_seed": self.base_seed, "ref_seed": self.ref_seed, "scores": self.scores,
+                "sampling": self.sampling, "fusion": self.fusion, "keywords": self.keywords,
+                "model_id": self.model_id, "label": self.label, "extra": self.extra}
+
+
+def record_from_result(res: FusionResult, model_id: str, scores: dict) -> PairRecord:
+    pid = hashlib.sha256(f"{model_id}|{res.prompt}|{res.base_seed}|{res.ref_seed}|{res.fusion}|{res.sampling}"
+                         .encode()).hexdigest()[:16]
+    return PairRecord(prompt=res.prompt, base_seed=res.base_seed, ref_seed=res.ref_seed, scores=scores,
+                      sampling=asdict(res.sampling), fusion=asdict(res.fusion), keywords=list(res.keywords),
+                      model_id=model_id, target=res.target, base=res.base, masks=res.masks,
+                      images={"base": res.base_image, "reference": res.reference_image, "target": res.target_image},
+                      pair_id=pid)
+
+
+def build_pairs(model: LoadedModel, prompts: list[str], scorer, sampling: SamplingParams | None = None,
+                fusion: FusionParams | None = None, pairing: PairingParams | None = None,
+                batch_size: int = 16, progress=None) -> list[PairRecord]:
+    """Sample, score, pair and fuse for every prompt."""
+    sampling = (sampling or SamplingParams()).validate()
+    fusion = (fusion or FusionParams()).validate(sampling.num_steps)
+    pairing = (pairing or PairingParams()).validate()
+    if not prompts:
+        raise ValueError("no prompts given")
+    records = []
+    for i, prompt in enumerate(prompts):
+        validate_prompt(prompt)
+        seeds = candidate_seeds(prompt, pairing.num_candidates, pairing.seed)
+        cands = sample(model, prompt, seeds, sampling, batch_size=batch_size)
+        scores = np.asarray(scorer(cands.images, [prompt] * len(seeds)), dtype=np.float64)
+        pairs = choose_pairs(seeds, scores, pairing)
+        if not pairs:
+            continue
+        by_seed = dict(zip(seeds, cands.trajectories))
+        score_of = dict(zip(seeds, scores.tolist()))
+        per_call = max(1, batch_size // 3)
+        results = []
+        for j in range(0, len(pairs), per_call):
+            chunk = pairs[j:j + per_call]
+            results += fuse_batch(model, prompt, chunk, sampling, fusion, {b: by_seed[b] for b, _ in chunk})
+        t_scores = scorer([r.target_image for r in results], [prompt] * len(results))
+        for r, ts in zip(results, t_scores):
+            records.append(record_from_result(r, model.model_id, {
+                "base": score_of[r.base_seed], "reference": score_of[r.ref_seed], "target": float(ts)}))
+        if progress is not None:
+            progress(i + 1, len(prompts))
+    return records
+
+
+def _atomic_write(path: Path, write) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_record(rec: PairRecord, out_dir: str | Path) -> Path:
+    """Write one pair: <id>.safetensors, <id>.<role>.png, then its JSON line last (so a listed pair is whole)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {**rec.target.tensors("target"), **rec.base.tensors("base"), "masks": rec.masks.float()}
+    tensors = {k: v.contiguous().cpu() for k, v in tensors.items()}
+    _atomic_write(out / f"{rec.pair_id}.safetensors", lambda p: save_file(tensors, str(p)))
+    for role, im in rec.images.items():
+        _atomic_write(out / f"{rec.pair_id}.{role}.png", lambda p, im=im: im.save(p, format="PNG"))
+    with open(out / "pairs.jsonl", "a") as f:
+        f.write(json.dumps(rec.meta()) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    return out
+
+
+def save_pairs(records: list[PairRecord], out_dir: str | Path) -> Path:
+    for r in records:
+        save_record(r, out_dir)
+    return Path(out_dir)
+
+
+def load_pairs(out_dir: str | Path, with_images: bool = True) -> list[PairRecord]:
+    """Read pairs written by save_pairs (a torn last line from a killed writer is skipped)."""
+    d = Path(out_dir)
+    index = d / "pairs.jsonl"
+    if not index.is_file():
+        raise ValueError(f"{d} holds no pairs.jsonl: not a pair folder")
+    records = []
+    for line in index.read_text().splitlines():
+        try:
+            m = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        t = load_file(str(d / f"{m['pair_id']}.safetensors"))
+        s = SamplingParams(**m["sampling"])
+        f = m["fusion"]
+        fusion = FusionParams(**{**f, "mask": MaskParams(**{k: tuple(v) if isinstance(v, list) else v
+                                                             for k, v in f["mask"].items()}),
+                                 "layers": tuple(f["layers"]) if isinstance(f["layers"], list) else f["layers"]})
+        images = {role: Image.open(d / f"{m['pair_id']}.{role}.png").convert("RGB")
+                  for role in ("base", "reference", "target") if with_images and (d / f"{m['pair_id']}.{role}.png").is_file()}
+        records.append(PairRecord(prompt=m["prompt"], base_seed=m["base_seed"], ref_seed=m["ref_seed"],
+                                  scores=m["scores"], sampling=asdict(s), fusion=asdict(fusion), keywords=m["keywords"],
+                                  model_id=m["model_id"], target=Trajectory.from_tensors(t, "target", m["base_seed"]),
+                                  base=Trajectory.from_tensors(t, "base", m["base_seed"]), masks=t["masks"],
+                                  images=images, label=m.get("label", "target"), pair_id=m["pair_id"],
+                                  extra=m.get("extra", {})))
+    return records

@@ -1,0 +1,56 @@
+"""Shared fixtures: tiny random pipelines of each supported shape, saved and loaded back like real ones."""
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import dfusion_core  # noqa: E402,F401  (sets the offline environment)
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(scope="session")
+def pipelines_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("pipelines")
+
+
+def _load(kind, pipelines_dir):
+    from dfusion_core.loading import load_model
+    from dfusion_core.tiny import build_tiny_pipeline
+
+    path = pipelines_dir / kind
+    if not path.exists():
+        build_tiny_pipeline(kind, path)
+    return load_model(path, device="cpu")
+
+
+@pytest.fixture(scope="session")
+def sd1(pipelines_dir):
+    return _load("sd1", pipelines_dir)
+
+
+@pytest.fixture(scope="session")
+def sd2(pipelines_dir):
+    return _load("sd2", pipelines_dir)
+
+
+@pytest.fixture(scope="session")
+def sdxl(pipelines_dir):
+    return _load("sdxl", pipelines_dir)
+
+
+@pytest.fixture(scope="session", params=["sd1", "sd2", "sdxl"])
+def any_model(request, pipelines_dir):
+    return _load(request.param, pipelines_dir)
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tmp_path_factory):
+    from transformers import CLIPTokenizer
+
+    from dfusion_core.tokenizer_build import write_clip_tokenizer
+
+    return CLIPTokenizer.from_pretrained(write_clip_tokenizer(tmp_path_factory.mktemp("tok")))

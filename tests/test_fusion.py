@@ -1,0 +1,129 @@
+"""D-Fusion read as a specification (METHOD.md steps 4-6)."""
+import pytest
+import torch
+
+from dfusion_core.config import FusionParams, MaskParams, SamplingParams
+from dfusion_core.fusion import fuse, fuse_batch
+from dfusion_core.reference_cache import ReferenceCache
+from dfusion_core.sampling import recompute_log_probs, sample
+
+SP = SamplingParams(num_steps=6)
+PROMPT = "a red and woolen bus"
+NOTHING = MaskParams(threshold_mode="absolute", threshold=1.0)  # no attention prob exceeds 1: empty mask
+
+
+@pytest.fixture(scope="module")
+def plain(any_model):
+    res = sample(any_model, PROMPT, [11, 22], SP)
+    return dict(zip([11, 22], res.trajectories))
+
+
+def test_empty_mask_gives_the_base(any_model, plain):
+    r = fuse(any_model, PROMPT, 11, 22, SP, FusionParams(mask=NOTHING), base=plain[11])
+    assert r.masks.sum() == 0
+    torch.testing.assert_close(r.target.latents, plain[11].latents, atol=1e-4, rtol=0)
+
+
+def test_target_starts_from_the_base_noise_and_differs_where_fused(any_model, plain):
+    r = fuse(any_model, PROMPT, 11, 22, SP, FusionParams(), base=plain[11])
+    assert torch.equal(r.target.latents[0], plain[11].latents[0])  # same x_T
+    assert 0 < r.masks[2:].mean() < 1
+    assert (r.target.final - plain[11].final).abs().max() > 1e-3
+    torch.testing.assert_close(r.reference.latents, plain[22].latents, atol=1e-4, rtol=0)  # reference replayed
+
+
+def test_steps_outside_the_range_are_unchanged(sd1, plain_sd1=None):
+    base = sample(sd1, PROMPT, [11], SP).trajectories[0]
+    r = fuse(sd1, PROMPT, 11, 22, SP, FusionParams(start_step=4, end_step=4), base=base)
+    # steps 1-3 (latents x_T..x_3) equal the base; step 4 is the first to change
+    torch.testing.assert_close(r.target.latents[:4], base.latents[:4], atol=1e-4, rtol=0)
+    assert (r.target.latents[4] - base.latents[4]).abs().max() > 1e-3
+    assert r.masks[3].sum() > 0 and r.masks[:3].sum() == 0 and r.masks[4:].sum() == 0
+
+
+def test_global_fusion_changes_more_than_masked(sd1):
+    base = sample(sd1, PROMPT, [11], SP).trajectories[0]
+    masked = fuse(sd1, PROMPT, 11, 22, SP, FusionParams(), base=base)
+    glob = fuse(sd1, PROMPT, 11, 22, SP, FusionParams(use_mask=False), base=base)
+    assert glob.masks[2:].min() == 1
+    d_masked = (masked.target.final - base.final).abs().mean()
+    d_global = (glob.target.final - base.final).abs().mean()
+    assert d_global > d_masked
+
+
+def test_cached_refusion_equals_a_full_run(any_model, plain):
+    cache = ReferenceCache()
+    first = fuse(any_model, PROMPT, 11, 22, SP, FusionParams(), base=plain[11], cache=cache)
+    assert not first.from_cache and len(cache) == 1
+    for params in (FusionParams(mask=MaskParams(threshold_mode="relative", threshold=0.3)),
+                   FusionParams(start_step=2, end_step=5), FusionParams(layers="up")):
+        cached = fuse(any_model, PROMPT, 11, 22, SP, params, base=plain[11], cache=cache)
+        full = fuse(any_model, PROMPT, 11, 22, SP, params, base=plain[11])
+        assert cached.from_cache
+        torch.testing.assert_close(cached.target.latents, full.target.latents, atol=1e-4, rtol=0)
+        torch.testing.assert_close(cached.masks, full.masks)
+    assert cache.hits == 3
+
+
+def test_cache_is_bounded_and_evicts_oldest(sd1, plain_sd1=None):
+    base = sample(sd1, PROMPT, [11], SP).trajectories[0]
+    probe = ReferenceCache()
+    fuse(sd1, PROMPT, 11, 22, SP, base=base, cache=probe)
+    one = probe.nbytes()
+    cache = ReferenceCache(max_bytes=int(one * 1.5))
+    fuse(sd1, PROMPT, 11, 22, SP, base=base, cache=cache)
+    fuse(sd1, PROMPT, 11, 33, SP, base=base, cache=cache)
+    assert len(cache) == 1 and cache.nbytes() <= cache.max_bytes
+    assert fuse(sd1, PROMPT, 11, 33, SP, base=base, cache=cache).from_cache
+    assert not fuse(sd1, PROMPT, 11, 22, SP, base=base, cache=cache).from_cache
+
+
+def test_batched_pairs_share_references(sd2):
+    res = fuse_batch(sd2, PROMPT, [(1, 5), (2, 5), (3, 6)], SP)
+    single = fuse(sd2, PROMPT, 2, 5, SP)
+    assert [(r.base_seed, r.ref_seed) for r in res] == [(1, 5), (2, 5), (3, 6)]
+    torch.testing.assert_close(res[1].target.latents, single.target.latents, atol=1e-4, rtol=0)
+    assert torch.equal(res[0].reference.latents, res[1].reference.latents)
+
+
+def test_union_with_base_mask_covers_at_least_the_reference_mask(sd1):
+    ref_only = fuse(sd1, PROMPT, 11, 22, SP, FusionParams())
+    union = fuse(sd1, PROMPT, 11, 22, SP, FusionParams(mask=MaskParams(union_base=True)))
+    assert torch.all(union.masks >= ref_only.masks)
+
+
+def test_fused_log_probs_recomputed_under_the_plain_model(sd1):
+    r = fuse(sd1, PROMPT, 11, 22, SP)
+    plain_lp = recompute_log_probs(sd1, PROMPT, r.target, SP)
+    assert plain_lp.shape == (6,)
+    # outside the fusion range (steps 1-2) the fused sampler is the plain model
+    torch.testing.assert_close(plain_lp[:2], r.target.log_probs[:2], atol=2e-3, rtol=1e-4)
+    assert (plain_lp[2:] - r.target.log_probs[2:]).abs().max() > 1e-4
+
+
+def test_keywords_masks_and_maps_are_reported(sd1):
+    r = fuse(sd1, PROMPT, 11, 22, SP, FusionParams(mask=MaskParams(keywords=("woolen", "bus"))))
+    assert r.keywords == ["woolen", "bus"] and r.token_groups == [(4, 5), (6,)]
+    assert r.token_maps.shape[0] == 77 and r.keyword_masks.shape[0] == 2
+    assert r.target_image.size == r.base_image.size == r.reference_image.size
+
+
+@pytest.mark.parametrize("fusion,msg", [
+    (FusionParams(start_step=5, end_step=2), "after end_step"),
+    (FusionParams(start_step=0), "start_step"),
+    (FusionParams(end_step=7), "end_step"),
+    (FusionParams(layers="sideways"), "layers must be"),
+    (FusionParams(mask=MaskParams(threshold_mode="magic")), "threshold_mode"),
+    (FusionParams(mask=MaskParams(threshold_mode="relative", threshold=0)), "relative threshold"),
+    (FusionParams(mask=MaskParams(threshold_mode="absolute", threshold=2)), "absolute threshold"),
+    (FusionParams(mask=MaskParams(keywords=("horse",))), "'horse' is not in the prompt"),
+    (FusionParams(mask=MaskParams(layer_factors=(3,))), "layer_factors"),
+])
+def test_invalid_fusion_params_get_clear_errors(sd1, fusion, msg):
+    with pytest.raises(ValueError, match=msg):
+        fuse(sd1, PROMPT, 1, 2, SP, fusion)
+
+
+def test_prompt_without_content_words(sd1):
+    with pytest.raises(ValueError, match="no content word"):
+        fuse(sd1, "the of a", 1, 2, SP)

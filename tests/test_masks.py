@@ -1,0 +1,46 @@
+"""Maps -> keyword masks -> per-layer masks."""
+import torch
+
+from dfusion_core.masks import aggregate_maps, keyword_maps, otsu_threshold, resize_mask, threshold_maps
+
+
+def test_aggregate_upsamples_coarse_layers_and_averages():
+    fine = torch.zeros(16, 3)
+    fine[:, 1] = 1.0
+    coarse = torch.zeros(4, 3)
+    coarse[:, 1] = 3.0
+    agg = aggregate_maps({"a": fine, "b": coarse}, (4, 4))
+    assert agg.shape == (3, 4, 4)
+    torch.testing.assert_close(agg[1], torch.full((4, 4), 2.0))
+
+
+def test_keyword_map_is_mean_of_its_tokens():
+    agg = torch.stack([torch.full((2, 2), float(i)) for i in range(5)])
+    km = keyword_maps(agg, [(1, 3), (4,)])
+    assert km[0, 0, 0] == 2.0 and km[1, 0, 0] == 4.0
+
+
+def test_otsu_separates_a_bimodal_map():
+    x = torch.cat([torch.full((90,), 0.01), torch.full((10,), 0.2)]) + torch.rand(100) * 0.01
+    t = otsu_threshold(x)
+    assert 0.02 < t <= 0.2
+    m = threshold_maps(x.view(1, 10, 10), "auto", 0.0)
+    assert int(m.sum()) == 10
+
+
+def test_threshold_modes():
+    m = torch.linspace(0, 1, 100).view(1, 10, 10)
+    assert int(threshold_maps(m, "absolute", 0.5).sum()) == 50
+    assert int(threshold_maps(m * 2, "relative", 0.5).sum()) == 50
+    assert int(threshold_maps(m, "area", 0.2).sum()) == 20
+
+
+def test_resize_nearest_is_blocky_smooth_is_soft():
+    m = torch.zeros(4, 4)
+    m[1:3, 1:3] = 1
+    near = resize_mask(m, (8, 8), "nearest")
+    assert set(near.unique().tolist()) == {0.0, 1.0} and near.sum() == 16
+    smooth = resize_mask(m, (8, 8), "smooth", feather=1.0)
+    assert 0 < smooth.min() or smooth.unique().numel() > 2
+    grown = resize_mask(m, (4, 4), "nearest", dilate=1)
+    assert grown.sum() == 16
