@@ -1,0 +1,43 @@
+"""The CLI: JSON out, clear one-line errors (exit 2), the bench keys the README reports."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "dfusion_core", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_tokens_prints_words_with_token_indices():
+    p = run("tokens", "--prompt", "a black and woolen bus")
+    assert p.returncode == 0, p.stderr
+    words = json.loads(p.stdout)
+    assert {"word": "woolen", "token_indices": [4, 5], "tokens": ["woo", "len</w>"]} in words
+
+
+def test_fuse_and_bench_on_a_folder(pipelines_dir, sd1, tmp_path):
+    model = str(pipelines_dir / "sd1")
+    p = run("fuse", "--model", model, "--prompt", "a red dog", "--base-seed", "1", "--ref-seed", "2", "--steps", "4",
+            "--threshold-mode", "relative", "--threshold", "0.5", "--out", str(tmp_path))
+    assert p.returncode == 0, p.stderr
+    out = json.loads(p.stdout)
+    assert out["keywords"] == ["red", "dog"] and (tmp_path / f"{out['pair_id']}.target.png").is_file()
+    b = run("bench", "--model", model, "--steps", "3", "--repeats", "1", "--json")
+    assert b.returncode == 0, b.stderr
+    keys = json.loads(b.stdout.strip().splitlines()[-1])
+    for k in ("plain_sample_s", "fused_pair_s", "refuse_cached_s", "fused_pair_over_plain", "refuse_cached_over_plain"):
+        assert keys[k] > 0
+
+
+def test_bad_input_is_one_clear_line(pipelines_dir, sd1):
+    model = str(pipelines_dir / "sd1")
+    for args, msg in [(["--start-step", "9", "--end-step", "2"], "start_step"), (["--keywords", "horse"], "not in the prompt")]:
+        p = run("fuse", "--model", model, "--prompt", "a red dog", "--base-seed", "1", "--ref-seed", "2", "--steps", "4",
+                *args)
+        assert p.returncode == 2 and msg in p.stderr and "Traceback" not in p.stderr
+    p = run("sample", "--model", "/no/such/folder", "--prompt", "x")
+    assert p.returncode == 2 and "does not exist" in p.stderr and "Traceback" not in p.stderr
