@@ -141,7 +141,7 @@ def fuse_batch(model: LoadedModel, prompt: str, pairs: list[tuple[int, int]], sa
         ctl.fusion_layers = fusion_layers
     else:  # a cached run keeps every self-attention layer, so a later layer change is a cache hit
         ctl.fusion_layers = frozenset(k for k, v in model.layer_kinds.items() if v == "self") \
-            if cache is not None else fusion_layers
+            if cache is not None and cache.all_layers else fusion_layers
 
     def row_info(s: Stream, step: int) -> RowInfo:
         return RowInfo(s.role, step, s.ref, s.base)

@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from .config import FusionParams, MaskParams, SamplingParams
+from .config import FusionParams, SamplingParams
 from .fusion import FusionResult, fuse_batch
 from .loading import LoadedModel
 from .sampling import Trajectory, sample, validate_prompt
@@ -148,15 +148,42 @@ def _atomic_write(path: Path, write) -> None:
     os.replace(tmp, path)
 
 
-def save_record(rec: PairRecord, out_dir: str | Path) -> Path:
-    """Write one pair: <id>.safetensors, <id>.<role>.png, then its JSON line last (so a listed pair is whole)."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+def record_tensors(rec: PairRecord) -> dict[str, torch.Tensor]:
+    """The tensors of a pair (both trajectories and the masks), ready for safetensors."""
     tensors = {**rec.target.tensors("target"), **rec.base.tensors("base"), "masks": rec.masks.float()}
-    tensors = {k: v.contiguous().cpu() for k, v in tensors.items()}
+    return {k: v.contiguous().cpu() for k, v in tensors.items()}
+
+
+def write_record_files(rec: PairRecord, out: Path) -> None:
+    """<id>.safetensors and <id>.<role>.png, each written atomically."""
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = record_tensors(rec)
     _atomic_write(out / f"{rec.pair_id}.safetensors", lambda p: save_file(tensors, str(p)))
     for role, im in rec.images.items():
         _atomic_write(out / f"{rec.pair_id}.{role}.png", lambda p, im=im: im.save(p, format="PNG"))
+
+
+def record_from_files(meta: dict, d: Path, with_images: bool = True) -> PairRecord:
+    """Rebuild a PairRecord from its metadata and the files write_record_files wrote."""
+    t = load_file(str(d / f"{meta['pair_id']}.safetensors"))
+    images = {}
+    if with_images:
+        for role in ("base", "reference", "target"):
+            f = d / f"{meta['pair_id']}.{role}.png"
+            if f.is_file():
+                images[role] = Image.open(f).convert("RGB")
+    return PairRecord(prompt=meta["prompt"], base_seed=meta["base_seed"], ref_seed=meta["ref_seed"],
+                      scores=meta.get("scores", {}), sampling=meta["sampling"], fusion=meta["fusion"],
+                      keywords=meta.get("keywords", []), model_id=meta.get("model_id", ""),
+                      target=Trajectory.from_tensors(t, "target", meta["base_seed"]),
+                      base=Trajectory.from_tensors(t, "base", meta["base_seed"]), masks=t["masks"], images=images,
+                      label=meta.get("label", "target"), pair_id=meta["pair_id"], extra=meta.get("extra", {}))
+
+
+def save_record(rec: PairRecord, out_dir: str | Path) -> Path:
+    """Write one pair's files, then its JSON line last (so a listed pair is whole)."""
+    out = Path(out_dir)
+    write_record_files(rec, out)
     with open(out / "pairs.jsonl", "a") as f:
         f.write(json.dumps(rec.meta()) + "\n")
         f.flush()
@@ -179,21 +206,8 @@ def load_pairs(out_dir: str | Path, with_images: bool = True) -> list[PairRecord
     records = []
     for line in index.read_text().splitlines():
         try:
-            m = json.loads(line)
+            meta = json.loads(line)
         except json.JSONDecodeError:
             continue
-        t = load_file(str(d / f"{m['pair_id']}.safetensors"))
-        s = SamplingParams(**m["sampling"])
-        f = m["fusion"]
-        fusion = FusionParams(**{**f, "mask": MaskParams(**{k: tuple(v) if isinstance(v, list) else v
-                                                             for k, v in f["mask"].items()}),
-                                 "layers": tuple(f["layers"]) if isinstance(f["layers"], list) else f["layers"]})
-        images = {role: Image.open(d / f"{m['pair_id']}.{role}.png").convert("RGB")
-                  for role in ("base", "reference", "target") if with_images and (d / f"{m['pair_id']}.{role}.png").is_file()}
-        records.append(PairRecord(prompt=m["prompt"], base_seed=m["base_seed"], ref_seed=m["ref_seed"],
-                                  scores=m["scores"], sampling=asdict(s), fusion=asdict(fusion), keywords=m["keywords"],
-                                  model_id=m["model_id"], target=Trajectory.from_tensors(t, "target", m["base_seed"]),
-                                  base=Trajectory.from_tensors(t, "base", m["base_seed"]), masks=t["masks"],
-                                  images=images, label=m.get("label", "target"), pair_id=m["pair_id"],
-                                  extra=m.get("extra", {})))
+        records.append(record_from_files(meta, d, with_images))
     return records

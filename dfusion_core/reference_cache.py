@@ -79,16 +79,17 @@ class CachedReference:
 class ReferenceCache:
     """LRU cache of reference runs, bounded in bytes.
 
-    Size: per cached reference, K and V of every fusion layer at every fused step for both CFG halves plus
-    the mask layers' maps; for SD 1.5 at 512 px with the paper's layers about 1.1 GB in fp16 (see
-    docs/ARCHITECTURE.md). Entries beyond `max_bytes` evict the least recently used; an entry larger than
-    the whole budget is not cached. `device="cpu"` offloads cached tensors from the GPU.
+    Size: per cached reference, K and V at every step for both CFG halves plus the mask layers' maps; for
+    SD 1.5 at 512 px in fp16 about 1.85 GB with all self-attention layers (all_layers=True, so a change of
+    fusion layers is still a hit) or 1.1 GB with the paper's layers only (docs/ARCHITECTURE.md). Entries
+    beyond `max_bytes` evict the least recently used; an entry larger than the whole budget is not cached.
+    `device="cpu"` offloads cached tensors from the GPU.
     """
 
-    def __init__(self, max_bytes: int = 2 << 30, device: str | None = None):
+    def __init__(self, max_bytes: int = 4 << 30, device: str | None = None, all_layers: bool = True):
         if max_bytes <= 0:
             raise ValueError("max_bytes must be positive")
-        self.max_bytes, self.device = int(max_bytes), device
+        self.max_bytes, self.device, self.all_layers = int(max_bytes), device, all_layers
         self._entries: OrderedDict[tuple, CachedReference] = OrderedDict()
         self.hits = self.misses = 0
 

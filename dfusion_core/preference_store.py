@@ -1,0 +1,159 @@
+"""The curated preference set: labelled pairs that are never lost.
+
+A folder with `store.sqlite` (WAL journal, schema version in PRAGMA user_version) indexing pair files in
+`files/`. A pair's files are written atomically first and its row is inserted last, in one transaction:
+a process killed at any moment leaves either a whole pair or none (orphan files of an unfinished save are
+swept on open). Several threads or processes may use one store; SQLite serialises the writes.
+"""
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from .pairs import PairRecord, record_from_files, write_record_files
+
+SCHEMA_VERSION = 1
+LABELS = ("target", "base", "tie")  # which image is preferred; 'skip' is not stored
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS pairs (
+    pair_id   TEXT PRIMARY KEY,
+    created   REAL NOT NULL,
+    prompt    TEXT NOT NULL,
+    label     TEXT NOT NULL CHECK (label IN ('target', 'base', 'tie')),
+    base_seed INTEGER NOT NULL,
+    ref_seed  INTEGER NOT NULL,
+    model_id  TEXT NOT NULL,
+    scores    TEXT NOT NULL,
+    meta      TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS pairs_prompt ON pairs (prompt);
+CREATE INDEX IF NOT EXISTS pairs_label ON pairs (label);
+"""
+
+
+@dataclass(frozen=True)
+class PairSummary:
+    """A row of the store, without tensors or images (for browsing)."""
+
+    pair_id: str
+    created: float
+    prompt: str
+    label: str
+    base_seed: int
+    ref_seed: int
+    model_id: str
+    scores: dict
+
+
+class PreferenceStore:
+    def __init__(self, root: str | Path):
+        self.root = Path(root).expanduser()
+        if self.root.exists() and not self.root.is_dir():
+            raise ValueError(f"{self.root} is a file, not a store folder")
+        self.files = self.root / "files"
+        self.files.mkdir(parents=True, exist_ok=True)
+        self.db_path = self.root / "store.sqlite"
+        with self._connect() as db:
+            version = db.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise ValueError(f"{self.db_path} has schema version {version}; this dfusion reads up to "
+                                 f"{SCHEMA_VERSION}: upgrade dfusion")
+            db.executescript(_SCHEMA)
+            db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        self._sweep_orphans()
+
+    @contextmanager
+    def _connect(self):
+        db = sqlite3.connect(self.db_path, timeout=30, isolation_level=None)
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=FULL")
+            yield db
+        finally:
+            db.close()
+
+    def _sweep_orphans(self) -> None:
+        """Remove files of saves that never reached the index (killed mid-save), and stray temp files."""
+        known = set(self.ids())
+        for f in self.files.iterdir():
+            pid = f.name.split(".", 1)[0]
+            if f.name.endswith(".tmp") or (pid not in known and time.time() - f.stat().st_mtime > 60):
+                f.unlink(missing_ok=True)
+
+    def add(self, rec: PairRecord, label: str) -> str:
+        """Store a pair with its label; re-adding the same pair_id updates its label."""
+        if label not in LABELS:
+            raise ValueError(f"label must be one of {LABELS}, got {label!r}")
+        if not rec.pair_id:
+            raise ValueError("the pair has no pair_id")
+        write_record_files(rec, self.files)
+        meta = rec.meta()
+        meta["label"] = label
+        with self._connect() as db:
+            db.execute("BEGIN IMMEDIATE")
+            db.execute("INSERT INTO pairs VALUES (?,?,?,?,?,?,?,?,?) ON CONFLICT(pair_id) DO UPDATE SET "
+                       "label = excluded.label, scores = excluded.scores, meta = excluded.meta",
+                       (rec.pair_id, time.time(), rec.prompt, label, rec.base_seed, rec.ref_seed, rec.model_id,
+                        json.dumps(rec.scores), json.dumps(meta)))
+            db.execute("COMMIT")
+        return rec.pair_id
+
+    def relabel(self, pair_id: str, label: str) -> None:
+        if label not in LABELS:
+            raise ValueError(f"label must be one of {LABELS}, got {label!r}")
+        with self._connect() as db:
+            meta = db.execute("SELECT meta FROM pairs WHERE pair_id = ?", (pair_id,)).fetchone()
+            if meta is None:
+                raise KeyError(f"no pair {pair_id!r} in the store")
+            m = json.loads(meta[0])
+            m["label"] = label
+            db.execute("UPDATE pairs SET label = ?, meta = ? WHERE pair_id = ?", (label, json.dumps(m), pair_id))
+
+    def delete(self, pair_id: str) -> None:
+        """Remove the row first (the commit point), then its files."""
+        with self._connect() as db:
+            cur = db.execute("DELETE FROM pairs WHERE pair_id = ?", (pair_id,))
+            if cur.rowcount == 0:
+                raise KeyError(f"no pair {pair_id!r} in the store")
+        for f in self.files.glob(f"{pair_id}.*"):
+            f.unlink(missing_ok=True)
+
+    def ids(self) -> list[str]:
+        with self._connect() as db:
+            return [r[0] for r in db.execute("SELECT pair_id FROM pairs ORDER BY created")]
+
+    def summaries(self, prompt_contains: str | None = None, label: str | None = None,
+                  limit: int | None = None) -> list[PairSummary]:
+        q, args = "SELECT pair_id, created, prompt, label, base_seed, ref_seed, model_id, scores FROM pairs WHERE 1=1", []
+        if prompt_contains:
+            q += " AND prompt LIKE ?"
+            args.append(f"%{prompt_contains}%")
+        if label:
+            q += " AND label = ?"
+            args.append(label)
+        q += " ORDER BY created DESC"
+        if limit:
+            q += f" LIMIT {int(limit)}"
+        with self._connect() as db:
+            rows = db.execute(q, args).fetchall()
+        return [PairSummary(r[0], r[1], r[2], r[3], r[4], r[5], r[6], json.loads(r[7])) for r in rows]
+
+    def get(self, pair_id: str, with_images: bool = True) -> PairRecord:
+        with self._connect() as db:
+            row = db.execute("SELECT meta FROM pairs WHERE pair_id = ?", (pair_id,)).fetchone()
+        if row is None:
+            raise KeyError(f"no pair {pair_id!r} in the store")
+        return record_from_files(json.loads(row[0]), self.files, with_images)
+
+    def records(self, with_images: bool = False) -> list[PairRecord]:
+        """Every pair, oldest first (what training reads)."""
+        return [self.get(pid, with_images) for pid in self.ids()]
+
+    def __len__(self) -> int:
+        with self._connect() as db:
+            return db.execute("SELECT COUNT(*) FROM pairs").fetchone()[0]
