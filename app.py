@@ -1,0 +1,49 @@
+"""Start the dfusion app: `python app.py` (embedded ShapesWorld model) or `python app.py --model FOLDER`."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+import dfusion_core  # noqa: F401  (offline environment before gradio / diffusers are imported)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--model", default=None, help="diffusers pipeline folder or hub id (default: assets/shapesworld)")
+    ap.add_argument("--scorer", default="default",
+                    help="'default' (ShapesWorld CLIP when present), 'none', or openclip:NAME:CKPT / a folder")
+    ap.add_argument("--store", default=os.environ.get("DFUSION_STORE", "dfusion_data/store"),
+                    help="preference store folder (created if missing)")
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"])
+    ap.add_argument("--host", default="0.0.0.0" if os.environ.get("SPACE_ID") else "127.0.0.1")
+    ap.add_argument("--port", type=int, default=int(os.environ.get("PORT", 7860)))
+    a = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+
+    from dfusion_core.loading import ModelLoadError, load_model
+    from dfusion_core.scoring import DEFAULT_SCORER, make_scorer
+
+    try:
+        model = load_model(a.model, device=a.device, dtype=a.dtype)
+        if a.scorer == "none" or (a.scorer == "default" and not DEFAULT_SCORER.is_dir()):
+            scorer = None
+        else:
+            scorer = make_scorer(None if a.scorer == "default" else a.scorer, device=a.device)
+    except (ModelLoadError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+    from app.service import AppService
+    from app.ui import CSS, SHORTCUTS, build_demo
+
+    demo = build_demo(AppService(model, store_dir=a.store, scorer=scorer))
+    demo.queue(default_concurrency_limit=1).launch(server_name=a.host, server_port=a.port, head=SHORTCUTS, css=CSS,
+                                                   footer_links=["api"])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

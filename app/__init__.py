@@ -1,0 +1,1 @@
+"""The Gradio app over dfusion_core: wiring, state and views only."""

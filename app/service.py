@@ -1,0 +1,209 @@
+"""What the app does, without the UI: validation, one lock around the model, the reference cache, the store.
+
+Every public method takes plain values (as widgets deliver them), validates them and raises UserError with
+a message meant for the screen. The UI turns UserError into a toast; nothing here imports gradio.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+
+from dfusion_core.config import FUSION_LAYER_PRESETS, FusionParams, MaskParams, SamplingParams, apply_model_defaults
+from dfusion_core.fusion import FusionResult, fuse
+from dfusion_core.loading import LoadedModel, load_model
+from dfusion_core.pairs import record_from_result
+from dfusion_core.preference_store import LABELS, PreferenceStore
+from dfusion_core.reference_cache import ReferenceCache
+from dfusion_core.sampling import MAX_PROMPT_CHARS, Trajectory, sample
+from dfusion_core.tokens import default_keywords, word_tokens
+
+log = logging.getLogger("dfusion.app")
+MAX_CANDIDATES = 32
+MAX_SEED = 2 ** 31 - 1
+
+
+class UserError(ValueError):
+    """A message for the person at the screen."""
+
+
+@dataclass
+class Candidate:
+    seed: int
+    image: object
+    trajectory: Trajectory
+    score: float | None = None
+
+
+@dataclass
+class Session:
+    """One browser session's working state (gradio keeps one per visitor)."""
+
+    prompt: str = ""
+    sampling: SamplingParams | None = None
+    candidates: dict[int, Candidate] = field(default_factory=dict)
+    result: FusionResult | None = None
+    scores: dict = field(default_factory=dict)
+    history: list[tuple[str, str | None]] = field(default_factory=list)  # (pair_id, previous label) for undo
+    x0_images: list | None = None
+
+
+def parse_seed(value, name: str) -> int:
+    """A seed from a widget value: integer text or number in [0, 2^31)."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        raise UserError(f"{name} is empty: type an integer seed or pick a candidate")
+    try:
+        f = float(value)
+    except (TypeError, ValueError):
+        raise UserError(f"{name} must be an integer, got {value!r}") from None
+    if not np.isfinite(f) or f != int(f):
+        raise UserError(f"{name} must be a whole number, got {value!r}")
+    seed = int(f)
+    if not 0 <= seed <= MAX_SEED:
+        raise UserError(f"{name} must be between 0 and {MAX_SEED}, got {seed}")
+    return seed
+
+
+def check_prompt(prompt) -> str:
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise UserError("the prompt is empty: type what the image should show")
+    if len(prompt) > MAX_PROMPT_CHARS:
+        raise UserError(f"the prompt is {len(prompt)} characters long; the limit is {MAX_PROMPT_CHARS}")
+    return " ".join(prompt.split())
+
+
+class AppService:
+    def __init__(self, model: LoadedModel | str | None = None, store_dir: str | Path = "dfusion_data/store",
+                 scorer=None, cache_bytes: int = 1 << 30):
+        self.model = model if isinstance(model, LoadedModel) else load_model(model)
+        self.scorer = scorer
+        self.store = PreferenceStore(store_dir)
+        self.cache = ReferenceCache(max_bytes=cache_bytes)
+        self.lock = threading.RLock()  # the UNet's attention controller is shared: one run at a time
+        s, m = apply_model_defaults(self.model.defaults, SamplingParams(), MaskParams())
+        self.default_sampling, self.default_mask = s, m
+
+    # ---- inputs -> parameters -------------------------------------------------------------------
+    def sampling(self, steps, guidance, eta) -> SamplingParams:
+        try:
+            return replace(self.default_sampling, num_steps=int(steps), guidance_scale=float(guidance),
+                           eta=float(eta)).validate()
+        except (TypeError, ValueError) as e:
+            raise UserError(str(e)) from None
+
+    def fusion(self, num_steps: int, keywords, threshold_mode, threshold, start_step, end_step, layers, resize,
+               use_mask, union_base=False, dilate=0, feather=0.0) -> FusionParams:
+        if layers not in FUSION_LAYER_PRESETS:
+            raise UserError(f"layers must be one of {', '.join(FUSION_LAYER_PRESETS)}")
+        try:
+            start, end = int(start_step), int(end_step)
+        except (TypeError, ValueError):
+            raise UserError("the fusion step range must be whole numbers") from None
+        if start > end:
+            raise UserError(f"the fusion range starts at step {start}, after its end at step {end}")
+        if keywords is not None and len(keywords) == 0:
+            raise UserError("no keyword selected: tick at least one word for the mask (or turn the mask off)")
+        mask = replace(self.default_mask, keywords=tuple(keywords) if keywords else None, threshold_mode=threshold_mode,
+                       threshold=float(threshold), resize=resize, union_base=bool(union_base), dilate=int(dilate),
+                       feather=float(feather))
+        try:
+            return FusionParams(start_step=start, end_step=end, layers=layers, use_mask=bool(use_mask),
+                                mask=mask).validate(num_steps)
+        except ValueError as e:
+            raise UserError(str(e)) from None
+
+    # ---- actions -----------------------------------------------------------------------------------
+    def words(self, prompt: str) -> tuple[list[tuple[str, str]], list[str]]:
+        """(label, word) choices for the token picker and the default keywords."""
+        prompt = check_prompt(prompt)
+        ws = word_tokens(self.model.tokenizer, prompt, warn=False)
+        choices, seen = [], set()
+        for w in ws:
+            if not w.token_indices or not w.word[0].isalnum() or w.word.lower() in seen:
+                continue
+            seen.add(w.word.lower())
+            toks = "·".join(t.replace("</w>", "") for t in w.tokens)
+            label = w.word.lower() if len(w.tokens) == 1 else f"{w.word.lower()} ({toks})"
+            choices.append((label, w.word.lower()))
+        return choices, default_keywords(self.model.tokenizer, prompt)
+
+    def sample_candidates(self, session: Session, prompt, n, first_seed, sampling: SamplingParams) -> Session:
+        prompt = check_prompt(prompt)
+        n = int(n)
+        if not 1 <= n <= MAX_CANDIDATES:
+            raise UserError(f"the number of candidates must be between 1 and {MAX_CANDIDATES}")
+        seed0 = parse_seed(first_seed, "first seed")
+        seeds = [(seed0 + i) % (MAX_SEED + 1) for i in range(n)]
+        with self.lock:
+            res = sample(self.model, prompt, seeds, sampling)
+            scores = self.score(res.images, prompt)
+        session = Session(prompt=prompt, sampling=sampling)
+        for i, (s, im, tr) in enumerate(zip(seeds, res.images, res.trajectories)):
+            session.candidates[s] = Candidate(s, im, tr, None if scores is None else float(scores[i]))
+        return session
+
+    def score(self, images, prompt: str):
+        if self.scorer is None:
+            return None
+        return np.asarray(self.scorer(images, [prompt] * len(images)), dtype=float)
+
+    def fuse(self, session: Session, prompt, base_seed, ref_seed, sampling: SamplingParams,
+             fusion: FusionParams) -> Session:
+        prompt = check_prompt(prompt)
+        b, r = parse_seed(base_seed, "base seed"), parse_seed(ref_seed, "reference seed")
+        if b == r:
+            raise UserError("base and reference are the same seed: pick two different images")
+        same = session.prompt == prompt and session.sampling == sampling
+        base = session.candidates[b].trajectory if same and b in session.candidates else None
+        with self.lock:
+            try:
+                res = fuse(self.model, prompt, b, r, sampling, fusion, base=base, cache=self.cache)
+            except ValueError as e:
+                raise UserError(str(e)) from None
+            scores = self.score([res.base_image, res.reference_image, res.target_image], prompt)
+        if not same:
+            session = replace(session, prompt=prompt, sampling=sampling, candidates={})
+        session.result = res
+        session.scores = {} if scores is None else dict(zip(("base", "reference", "target"), scores.tolist()))
+        session.x0_images = None
+        return session
+
+    def x0_images(self, session: Session) -> list:
+        """Decoded x0 predictions of the target, one per step (the trajectory viewer)."""
+        if session.result is None:
+            raise UserError("fuse a pair first")
+        if session.x0_images is None:
+            with self.lock:
+                session.x0_images = self.model.decode(session.result.target.x0_preds)
+        return session.x0_images
+
+    def label(self, session: Session, label: str) -> str:
+        if session.result is None:
+            raise UserError("nothing to label yet: fuse a pair first")
+        if label == "skip":
+            return "skipped"
+        if label not in LABELS:
+            raise UserError(f"unknown label {label!r}")
+        rec = record_from_result(session.result, self.model.model_id, session.scores)
+        previous = None
+        if rec.pair_id in self.store.ids():
+            previous = self.store.get(rec.pair_id, with_images=False).label
+        self.store.add(rec, label)
+        session.history.append((rec.pair_id, previous))
+        return f"saved pair {rec.pair_id} as '{label}' ({len(self.store)} in the set)"
+
+    def undo(self, session: Session) -> str:
+        if not session.history:
+            raise UserError("nothing to undo in this session")
+        pid, previous = session.history.pop()
+        try:
+            if previous is None:
+                self.store.delete(pid)
+                return f"removed pair {pid}"
+            self.store.relabel(pid, previous)
+            return f"pair {pid} back to '{previous}'"
+        except KeyError:
+            return f"pair {pid} was already removed"
