@@ -1,0 +1,93 @@
+"""The app end to end through gradio_client, on a tiny pipeline: sample, fuse, live re-fusion, labels."""
+import socket
+import threading
+
+import pytest
+
+gradio_client = pytest.importorskip("gradio_client")
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def app_url(sd1, tmp_path_factory):
+    from app.service import AppService
+    from app.ui import CSS, SHORTCUTS, build_demo
+
+    svc = AppService(sd1, store_dir=tmp_path_factory.mktemp("store"),
+                     scorer=lambda ims, ps: [sum(im.convert("L").getdata()) / (255 * im.width * im.height) for im in ims])
+    demo = build_demo(svc)
+    port = _free_port()
+    demo.queue().launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, head=SHORTCUTS, css=CSS,
+                        quiet=True)
+    yield f"http://127.0.0.1:{port}/", svc
+    demo.close()
+
+
+def _fuse_args(base="0", ref="1", mode="auto", thr=0.5, start=2, end=4, use_mask=True, keywords=("red", "dog")):
+    return ("a red dog", 4, 2.0, 1.0, base, ref, list(keywords), mode, thr, start, end, "mid+up", "smooth", use_mask, "red")
+
+
+def test_sample_fuse_refuse_label_undo(app_url):
+    url, svc = app_url
+    c = gradio_client.Client(url, verbose=False)
+    gallery, base, ref, words, kws = c.predict("a red dog", 4, 2.0, 1.0, 4, 0, api_name="/sample")
+    assert len(gallery) == 4 and "seed" in gallery[0]["caption"]
+    assert base != ref and kws["value"] == ["red", "dog"]
+    out = c.predict(*_fuse_args(base, ref), api_name="/fuse")
+    assert "one batched run" in out[-1] and "CLIP score" in out[-2]
+    out = c.predict(*_fuse_args(base, ref, mode="relative", thr=0.4), api_name="/refuse_threshold")
+    assert "cache (target branch only)" in out[-1]
+    n0 = len(svc.store)
+    assert "saved pair" in c.predict(api_name="/label_target")
+    assert len(svc.store) == n0 + 1
+    assert "removed pair" in c.predict(api_name="/undo")
+    assert len(svc.store) == n0
+    assert c.predict(api_name="/label_skip") == "skipped"
+
+
+@pytest.mark.parametrize("args,msg", [
+    (_fuse_args(base="abc"), "base seed must be an integer"),
+    (_fuse_args(base="3", ref="3"), "same seed"),
+    (_fuse_args(start=4, end=2), "starts at step 4, after its end"),
+    (_fuse_args(keywords=()), "no keyword selected"),
+    (("", 4, 2.0, 1.0, "0", "1", ["red"], "auto", 0.5, 2, 4, "mid+up", "smooth", True, "red"), "prompt is empty"),
+    (("a red dog", 4, 2.0, 1.0, "0", "1", ["horse"], "auto", 0.5, 2, 4, "mid+up", "smooth", True, "red"), "horse"),
+])
+def test_bad_input_is_a_message_and_the_app_keeps_working(app_url, args, msg):
+    url, _ = app_url
+    c = gradio_client.Client(url, verbose=False)
+    c.predict("a red dog", api_name="/words")  # as the browser does on load: the word choices of the prompt
+    with pytest.raises(Exception, match=msg):
+        c.predict(*args, api_name="/fuse")
+    assert c.predict(*_fuse_args("5", "6"), api_name="/fuse")[-1].startswith("fused")
+
+
+def test_labelling_before_fusing_is_explained(app_url):
+    c = gradio_client.Client(app_url[0], verbose=False)
+    with pytest.raises(Exception, match="fuse a pair first"):
+        c.predict(api_name="/label_target")
+
+
+def test_two_clients_do_not_share_state(app_url):
+    url, svc = app_url
+    results = {}
+
+    def client(name, base, ref):
+        c = gradio_client.Client(url, verbose=False)
+        c.predict("a red dog", api_name="/words")
+        c.predict(*_fuse_args(base, ref), api_name="/fuse")
+        results[name] = c.predict(api_name="/label_tie")
+
+    ts = [threading.Thread(target=client, args=(n, b, r)) for n, b, r in [("a", "7", "8"), ("b", "9", "10")]]
+    [t.start() for t in ts]
+    [t.join(timeout=120) for t in ts]
+    ids = {results[n].split()[2] for n in ("a", "b")}
+    assert len(ids) == 2  # each session labelled its own pair
+    assert all(svc.store.get(pid).label == "tie" for pid in ids)
+    bases = sorted(svc.store.get(pid).base_seed for pid in ids)
+    assert bases == [7, 9]
