@@ -149,3 +149,37 @@ def _caption_index() -> dict[str, PromptSpec]:
     if _INDEX is None:
         _INDEX = {p.text: p for fam in FAMILIES + TRAIN_ONLY_FAMILIES for p in all_prompts(fam)}
     return _INDEX
+
+
+FLIP = {"above": "below", "below": "above", "on the left of": "on the right of", "on the right of": "on the left of",
+        "containing": "stacked on", "stacked on": "containing"}
+
+
+def perturbations(spec: PromptSpec, rng: random.Random) -> dict[str, PromptSpec]:
+    """Captions that are wrong for an image of `spec`, one per kind: attribute swapped, relation flipped,
+    object replaced (the checker must reject them; the CLIP scorer should rank the truth above them)."""
+    from dataclasses import replace as _r
+
+    objs = list(spec.objects)
+    out: dict[str, PromptSpec] = {}
+    k = rng.randrange(len(objs))
+    o = objs[k]
+    # object replaced: another shape for one object
+    new = objs.copy()
+    new[k] = _r(o, shape=rng.choice([s for s in SHAPES if s != o.shape]))
+    out["object_replaced"] = _r(spec, objects=tuple(new))
+    # attribute swapped: colours exchanged between the two objects, else another colour / texture
+    if len(objs) == 2 and objs[0].shape != objs[1].shape:
+        a, b = objs
+        out["attribute_swapped"] = _r(spec, objects=(_r(a, colour=b.colour), _r(b, colour=a.colour)))
+    else:
+        new = objs.copy()
+        if spec.family == "attribute" and rng.random() < 0.5:
+            new[k] = _r(o, texture=rng.choice([t for t in TEXTURES if t != o.texture]))
+        else:
+            taken = {x.colour for x in objs}
+            new[k] = _r(o, colour=rng.choice([c for c in COLOURS if c not in taken]))
+        out["attribute_swapped"] = _r(spec, objects=tuple(new))
+    if spec.relation is not None:
+        out["relation_flipped"] = _r(spec, relation=FLIP[spec.relation])
+    return out
