@@ -1,0 +1,64 @@
+"""ShapesWorld: grammar, splits, renderer and the ground-truth checker."""
+import random
+
+import numpy as np
+import pytest
+
+from dfusion_core.shapesworld.checker import check, parse_image
+from dfusion_core.shapesworld.render import render
+from dfusion_core.shapesworld.validate_checker import validate
+from dfusion_core.shapesworld.world import FAMILIES, parse_prompt, perturbations, prompt_list, prompts, split_of
+
+
+def test_test_combinations_never_appear_in_training():
+    for fam in FAMILIES:
+        train, test = prompts(fam, "train"), prompts(fam, "test")
+        assert train and test
+        if fam == "attribute":
+            assert not {p.objects for p in train} & {p.objects for p in test}
+        else:
+            pair = lambda p: frozenset((o.colour, o.shape) for o in p.objects)
+            assert not {pair(p) for p in train} & {pair(p) for p in test}
+
+
+def test_every_word_of_the_test_split_is_seen_in_training():
+    words = lambda ps: {w for p in ps for w in p.text.split()}
+    for fam in FAMILIES:
+        assert words(prompts(fam, "test")) <= words(prompts(fam, "train"))
+
+
+def test_captions_parse_back():
+    for fam in FAMILIES:
+        for p in prompt_list(fam, "train", 10):
+            assert parse_prompt(p.text.upper() + ".") == p
+    assert parse_prompt("a dog driving a car") is None
+
+
+@pytest.mark.parametrize("family", FAMILIES + ("simple",))
+def test_rendered_scenes_satisfy_their_captions(family):
+    rng = random.Random(1)
+    for spec in random.Random(0).sample(prompts(family, "train") + (prompts(family, "test") if family != "simple" else []), 12):
+        scene = render(spec, rng)
+        assert scene.image.shape == (64, 64, 3) and scene.image.dtype == np.uint8
+        v = check(scene.image, spec)
+        assert v.correct, (spec.text, v.as_dict())
+        for kind, wrong in perturbations(spec, rng).items():
+            assert not check(scene.image, wrong).correct, (spec.text, kind, wrong.text)
+
+
+def test_parser_finds_striped_and_hollow_objects_whole():
+    rng = random.Random(3)
+    for texture in ("striped", "hollow", "solid"):
+        spec = parse_prompt(f"a red and {texture} circle")
+        objs = parse_image(render(spec, rng).image)
+        assert len(objs) == 1 and objs[0].texture == texture and objs[0].shape == "circle"
+
+
+def test_blank_image_finds_nothing():
+    v = check(np.full((64, 64, 3), 235, np.uint8), "the red circle above the blue square")
+    assert not v.correct and v.n_found == 0 and v.relation_right is False
+
+
+def test_checker_validation_floors_on_a_sample():
+    r = validate(150, seed=5)
+    assert r["accept_true"] >= 0.98 and r["accept_perturbed"] <= 0.02
