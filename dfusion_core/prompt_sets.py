@@ -59,7 +59,8 @@ def shapesworld_prompts(family: str, split: str) -> list[PromptEntry]:
         from .shapesworld.world import prompt_list
 
         specs = prompt_list(family, split)
-        return [PromptEntry(s.text, tuple(w for ws in s.object_words() for w in ws), None, family) for s in specs]
+        return [PromptEntry(s.text, tuple(dict.fromkeys(w for ws in s.object_words() for w in ws)), None, family)
+                for s in specs]
     return [PromptEntry(e["prompt"], tuple(e["keywords"]), None, family) for e in _read_json(p)]
 
 
