@@ -157,10 +157,11 @@ class AppService:
         if b == r:
             raise UserError("base and reference are the same seed: pick two different images")
         same = session.prompt == prompt and session.sampling == sampling
-        base = session.candidates[b].trajectory if same and b in session.candidates else None
+        cand = session.candidates.get(b) if same else None
         with self.lock:
             try:
-                res = fuse(self.model, prompt, b, r, sampling, fusion, base=base, cache=self.cache)
+                res = fuse(self.model, prompt, b, r, sampling, fusion, base=cand.trajectory if cand else None,
+                           cache=self.cache, base_image=cand.image if cand else None)
             except ValueError as e:
                 raise UserError(str(e)) from None
             scores = self.score([res.base_image, res.reference_image, res.target_image], prompt)

@@ -44,17 +44,19 @@ def _timed(model: LoadedModel, fn, repeats: int) -> tuple[float, float]:
 def run_bench(model: LoadedModel, prompt: str, sampling: SamplingParams, fusion: FusionParams | None = None,
               repeats: int = 5, base_seed: int = 1, ref_seed: int = 2) -> dict:
     fusion = fusion or FusionParams()
-    base = sample(model, prompt, [base_seed], sampling).trajectories[0]
+    first = sample(model, prompt, [base_seed], sampling)  # the base, as candidate sampling leaves it
+    base, base_image = first.trajectories[0], first.images[0]
     plain_s, plain_mem = _timed(model, lambda: sample(model, prompt, [base_seed], sampling), repeats)
-    pair_s, pair_mem = _timed(model, lambda: fuse(model, prompt, base_seed, ref_seed, sampling, fusion, base=base),
+    pair_s, pair_mem = _timed(model, lambda: fuse(model, prompt, base_seed, ref_seed, sampling, fusion, base=base,
+                                                         base_image=base_image),
                               repeats)
     cache = ReferenceCache(max_bytes=8 << 30)
-    fuse(model, prompt, base_seed, ref_seed, sampling, fusion, base=base, cache=cache)
+    fuse(model, prompt, base_seed, ref_seed, sampling, fusion, base=base, cache=cache, base_image=base_image)
     thresholds = iter(0.2 + 0.6 * i / (repeats + 1) for i in range(repeats + 2))
 
     def refuse():
         f = replace(fusion, mask=replace(fusion.mask, threshold_mode="relative", threshold=next(thresholds)))
-        r = fuse(model, prompt, base_seed, ref_seed, sampling, f, base=base, cache=cache)
+        r = fuse(model, prompt, base_seed, ref_seed, sampling, f, base=base, cache=cache, base_image=base_image)
         assert r.from_cache
 
     cached_s, cached_mem = _timed(model, refuse, repeats)

@@ -86,8 +86,11 @@ def resolve_keywords(model: LoadedModel, prompt: str, fusion: FusionParams) -> t
 
 def fuse_batch(model: LoadedModel, prompt: str, pairs: list[tuple[int, int]], sampling: SamplingParams | None = None,
                fusion: FusionParams | None = None, bases: dict[int, Trajectory] | None = None,
-               cache: ReferenceCache | None = None) -> list[FusionResult]:
-    """Fuse several (base_seed, ref_seed) pairs of one prompt in one batched run."""
+               cache: ReferenceCache | None = None, base_images: dict | None = None) -> list[FusionResult]:
+    """Fuse several (base_seed, ref_seed) pairs of one prompt in one batched run.
+
+    bases / base_images: trajectories and images of bases already sampled (not replayed, not re-decoded).
+    """
     sampling = (sampling or SamplingParams()).validate()
     fusion = (fusion or FusionParams()).validate(sampling.num_steps)
     validate_prompt(prompt)
@@ -163,11 +166,27 @@ def fuse_batch(model: LoadedModel, prompt: str, pairs: list[tuple[int, int]], sa
     for b in replay_bases:
         bases.setdefault(b, by_role[(ROLE_BASE, b)])
     targets = [by_role[(ROLE_TARGET, (b, r))] for b, r in pairs]
-    ref_images = {r: entries[r].reference_image for r in ref_seeds} if from_cache else \
-        dict(zip(ref_seeds, model.decode(torch.stack([refs[r].final for r in ref_seeds]))))
     base_seeds = list(dict.fromkeys(b for b, _ in pairs))
-    base_images = dict(zip(base_seeds, model.decode(torch.stack([bases[b].final for b in base_seeds]))))
-    target_images = model.decode(torch.stack([t.final for t in targets]))
+    base_images = dict(base_images or {})
+    ref_images = {r: entries[r].reference_image for r in ref_seeds} if from_cache else {}
+    if from_cache:
+        for r in ref_seeds:
+            e = entries[r]
+            if e.base is not None and e.base_image is not None:
+                base_images.setdefault(e.base.seed, e.base_image)
+    # one VAE call for every image not known yet
+    todo = [("ref", r, refs[r].final) for r in ref_seeds if r not in ref_images]
+    todo += [("base", b, bases[b].final) for b in base_seeds if b not in base_images]
+    todo += [("tgt", i, t.final) for i, t in enumerate(targets)]
+    decoded = model.decode(torch.stack([z for _, _, z in todo]))
+    target_images = [None] * len(targets)
+    for (kind, key, _), im in zip(todo, decoded):
+        if kind == "ref":
+            ref_images[key] = im
+        elif kind == "base":
+            base_images[key] = im
+        else:
+            target_images[key] = im
 
     if cache is not None and not from_cache:
         for r in ref_seeds:
@@ -207,7 +226,8 @@ def _substore(store: ReferenceStore, ref: int, base_seeds: list[int]) -> Referen
 
 def fuse(model: LoadedModel, prompt: str, base_seed: int, ref_seed: int, sampling: SamplingParams | None = None,
          fusion: FusionParams | None = None, base: Trajectory | None = None,
-         cache: ReferenceCache | None = None) -> FusionResult:
+         cache: ReferenceCache | None = None, base_image=None) -> FusionResult:
     """Fuse one pair: the target starts from base_seed and borrows from the reference drawn with ref_seed."""
     bases = {base_seed: base} if base is not None else None
-    return fuse_batch(model, prompt, [(base_seed, ref_seed)], sampling, fusion, bases, cache)[0]
+    images = {base_seed: base_image} if base is not None and base_image is not None else None
+    return fuse_batch(model, prompt, [(base_seed, ref_seed)], sampling, fusion, bases, cache, images)[0]

@@ -125,12 +125,14 @@ def build_pairs(model: LoadedModel, prompts: list[str], scorer, sampling: Sampli
         if not pairs:
             continue
         by_seed = dict(zip(seeds, cands.trajectories))
+        image_of = dict(zip(seeds, cands.images))
         score_of = dict(zip(seeds, scores.tolist()))
         per_call = max(1, batch_size // 3)
         results = []
         for j in range(0, len(pairs), per_call):
             chunk = pairs[j:j + per_call]
-            results += fuse_batch(model, prompt, chunk, sampling, fusion, {b: by_seed[b] for b, _ in chunk})
+            results += fuse_batch(model, prompt, chunk, sampling, fusion, {b: by_seed[b] for b, _ in chunk},
+                                  base_images={b: image_of[b] for b, _ in chunk})
         t_scores = scorer([r.target_image for r in results], [prompt] * len(results))
         for r, ts in zip(results, t_scores):
             records.append(record_from_result(r, model.model_id, {
