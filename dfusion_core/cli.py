@@ -1,6 +1,6 @@
 """Command line: `python -m dfusion_core <command> --help`.
 
-Commands: sample, fuse, build-pairs, tokens, bench. Every command takes --model (a diffusers pipeline
+Commands: sample, fuse, build-pairs, tokens, eval, bench. Every command takes --model (a diffusers pipeline
 folder or hub id; default: the embedded ShapesWorld model) and prints JSON on stdout. Bad input exits
 with status 2 and a one-line message, never a traceback.
 """
@@ -180,6 +180,24 @@ def cmd_build_pairs(a) -> dict:
     return {"pairs": len(recs), "prompts": len(prompts), "out": a.out}
 
 
+def cmd_eval(a) -> dict:
+    from .scoring import DEFAULT_SCORER, make_scorer
+    from .shapesworld.evaluate import evaluate
+
+    model = _load(a)
+    s, _ = _params(a, model)
+    scorer = None
+    if a.scorer != "none" and (a.scorer != "default" or DEFAULT_SCORER.is_dir()):
+        scorer = make_scorer(None if a.scorer == "default" else a.scorer)
+    families = tuple(a.families) if a.families else None
+    res = evaluate(model, scorer, a.split, a.n_prompts, a.seeds, s, **({"families": families} if families else {}),
+                   progress=lambda i, n: print(f"[{i}/{n}] prompts", file=sys.stderr, flush=True))
+    if a.out:
+        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.out).write_text(json.dumps(res, indent=1))
+    return {k: v for k, v in res.items() if k != "rows"}
+
+
 def cmd_bench(a) -> dict:
     from .bench import run_bench
 
@@ -227,6 +245,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="out/pairs")
     _add_model(p), _add_sampling(p), _add_fusion(p)
     p.set_defaults(fn=cmd_build_pairs)
+
+    p = sub.add_parser("eval", help="ShapesWorld evaluation: checker accuracy, CLIP score, mask localisation")
+    p.add_argument("--split", choices=["train", "test"], default="test")
+    p.add_argument("--n-prompts", type=int, default=40, help="prompts per family")
+    p.add_argument("--seeds", type=int, default=5, help="samples per prompt")
+    p.add_argument("--families", nargs="+", choices=["action", "attribute", "spatial"], default=None)
+    p.add_argument("--scorer", default="default", help="'default' (ShapesWorld CLIP), 'none' or openclip:...")
+    p.add_argument("--out", default=None, help="write the full report (with per-sample rows) here")
+    _add_model(p), _add_sampling(p)
+    p.set_defaults(fn=cmd_eval)
 
     p = sub.add_parser("bench", help="plain vs fused vs cached re-fusion timings")
     p.add_argument("--prompt", default="a red circle above a blue square")

@@ -231,3 +231,44 @@ def fuse(model: LoadedModel, prompt: str, base_seed: int, ref_seed: int, samplin
     bases = {base_seed: base} if base is not None else None
     images = {base_seed: base_image} if base is not None and base_image is not None else None
     return fuse_batch(model, prompt, [(base_seed, ref_seed)], sampling, fusion, bases, cache, images)[0]
+
+
+@dataclass
+class AttentionRecording:
+    """Plain samples with their cross-attention: per image, token maps averaged over layers and steps."""
+
+    seeds: list[int]
+    images: list
+    trajectories: list[Trajectory]
+    token_maps: torch.Tensor  # [N, 77, h, w]
+    mask_factors: tuple[int, ...]
+
+
+def record_attention(model: LoadedModel, prompt: str, seeds: list[int], sampling: SamplingParams | None = None,
+                     layer_factors: tuple[int, ...] = (4,), steps: tuple[int, int] | None = None) -> AttentionRecording:
+    """Sample `seeds` while recording their cross-attention maps (no fusion): for mask inspection and the
+    localisation metrics. `steps` (1-based, inclusive) limits the steps averaged (default: all)."""
+    sampling = (sampling or SamplingParams()).validate()
+    validate_prompt(prompt)
+    for s in seeds:
+        _check_seed(s)
+    map_layers, factors = select_map_layers(model.unet, model.layer_kinds, layer_factors)
+    h, w = _size(model, sampling)
+    _, lh, lw = model.latent_shape(sampling.height, sampling.width)
+    n = sampling.num_steps
+    first, last = steps or (1, n)
+    store = ReferenceStore(keep_all=True)
+    ctl = model.controller
+    ctl.store, ctl.masker, ctl.map_layers, ctl.fusion_layers = store, None, map_layers, frozenset()
+    ctl.map_roles = frozenset({ROLE_REF})
+    streams = [Stream(seed=s, role=ROLE_REF, ref=s) for s in seeds]
+    try:
+        trajs = denoise(model, model.encode([prompt], sampling.negative_prompt, sampling.uses_cfg, h, w), streams,
+                        sampling, row_info=lambda s, k: RowInfo(s.role, k, s.ref, s.base))
+    finally:
+        ctl.store = None
+        ctl.map_layers = frozenset()
+    maps = torch.stack([torch.stack([aggregate_maps(store.maps(ROLE_REF, s, k), (lh, lw))
+                                     for k in range(first - 1, last)]).mean(0) for s in seeds])
+    images = model.decode(torch.stack([t.final for t in trajs]))
+    return AttentionRecording(list(seeds), images, trajs, maps.cpu(), factors)

@@ -229,7 +229,7 @@ def export_pipeline(out: Path, vae, text_encoder, unet, scaling_factor: float, d
 # Per-model defaults the engine reads from a pipeline folder (see dfusion_core.config.model_defaults).
 DFUSION_DEFAULTS = {
     "guidance_scale": 2.0,  # small models want low CFG (4 halves accuracy in the feasibility runs)
-    "mask_resolutions": [16, 8],  # cross-attention layers to read masks from (the latent is 16x16)
+    "layer_factors": [1, 2],  # read masks from cross-attention at 16x16 and 8x8 (the latent is 16x16)
     "height": IMAGE_SIZE,
     "width": IMAGE_SIZE,
     "world": "shapesworld",
