@@ -1,0 +1,91 @@
+"""Training data in one format, whatever the source: the app's preference store, a pair folder written by
+build-pairs, or random pairs (the paper's baseline: winner and loser from different seeds, ranked by score).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..pairs import PairRecord, load_pairs
+
+
+@dataclass
+class PreferencePair:
+    """winner / loser with their trajectories (latents x_T..x_0, timesteps) and scores."""
+
+    prompt: str
+    winner: object  # Trajectory
+    loser: object
+    winner_score: float | None
+    loser_score: float | None
+    num_steps: int
+    eta: float
+    guidance_scale: float
+    negative_prompt: str
+
+
+def pairs_from_records(records: list[PairRecord]) -> list[PreferencePair]:
+    """Labelled records -> (winner, loser); ties carry no preference and are skipped."""
+    out = []
+    for r in records:
+        if r.label == "tie":
+            continue
+        s = r.sampling
+        tw, tb = (r.target, r.base) if r.label == "target" else (r.base, r.target)
+        sw, sb = (r.scores.get("target"), r.scores.get("base")) if r.label == "target" else \
+            (r.scores.get("base"), r.scores.get("target"))
+        out.append(PreferencePair(r.prompt, tw, tb, sw, sb, int(s["num_steps"]), float(s["eta"]),
+                                  float(s["guidance_scale"]), s.get("negative_prompt", "")))
+    return out
+
+
+def load_training_pairs(source: str | Path) -> list[PreferencePair]:
+    """A preference store folder (store.sqlite) or a pair folder (pairs.jsonl)."""
+    p = Path(source).expanduser()
+    if (p / "store.sqlite").is_file():
+        from ..preference_store import PreferenceStore
+
+        records = PreferenceStore(p).records()
+    elif (p / "pairs.jsonl").is_file():
+        records = load_pairs(p, with_images=False)
+    else:
+        raise ValueError(f"{p} is neither a preference store (store.sqlite) nor a pair folder (pairs.jsonl)")
+    pairs = pairs_from_records(records)
+    check_pairs(pairs)
+    return pairs
+
+
+def check_pairs(pairs: list[PreferencePair]) -> None:
+    if len(pairs) < 2:
+        raise ValueError(f"training needs at least two labelled pairs, got {len(pairs)} (ties do not count)")
+    shapes = {tuple(p.winner.latents.shape) for p in pairs} | {tuple(p.loser.latents.shape) for p in pairs}
+    if len(shapes) != 1:
+        raise ValueError(f"pairs have mismatched trajectory shapes {sorted(shapes)}: they come from different "
+                         "models, sizes or step counts; train on one kind at a time")
+    if len({(p.num_steps, p.eta, p.guidance_scale) for p in pairs}) != 1:
+        raise ValueError("pairs were sampled with different steps / eta / guidance; train on one setting at a time")
+
+
+def random_pairs(samples: list[tuple[str, object, float]], rng: np.random.Generator, num_steps: int, eta: float,
+                 guidance_scale: float, negative_prompt: str = "") -> list[PreferencePair]:
+    """The paper's baseline: per prompt, shuffle the samples and pair them up; the higher score wins."""
+    by_prompt: dict[str, list] = {}
+    for prompt, traj, score in samples:
+        by_prompt.setdefault(prompt, []).append((traj, score))
+    out = []
+    for prompt, items in by_prompt.items():
+        order = rng.permutation(len(items))
+        for a, b in zip(order[0::2], order[1::2]):
+            (ta, sa), (tb, sb) = items[a], items[b]
+            if sa == sb:
+                continue
+            w, l = ((ta, sa), (tb, sb)) if sa > sb else ((tb, sb), (ta, sa))
+            out.append(PreferencePair(prompt, w[0], l[0], w[1], l[1], num_steps, eta, guidance_scale, negative_prompt))
+    return out
+
+
+def stack_final(pairs: list[PreferencePair], which: str) -> torch.Tensor:
+    return torch.stack([getattr(p, which).latents[-1] for p in pairs])

@@ -1,0 +1,85 @@
+"""The four training objectives as pure functions of per-sample quantities (METHOD.md, training methods).
+
+Conventions, stated once:
+- Diffusion-DPO: loss = -log sigmoid(-beta/2 * ((e_w - e_w_ref) - (e_l - e_l_ref))), e = per-sample mean
+  squared error of the model's prediction (epsilon or v, whatever the model predicts). beta = 5000 here is
+  the published script that writes beta/2 (Wallace et al.); the script that writes beta without the 1/2
+  calls the same loss beta = 2500.
+- Log-probabilities are per-step Gaussian log-densities averaged over latent elements (the DDPO
+  convention, see dfusion_core.ddim.step_log_prob); ratios r = exp(logp - logp_other).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def diffusion_dpo_loss(err_w: torch.Tensor, err_l: torch.Tensor, ref_err_w: torch.Tensor, ref_err_l: torch.Tensor,
+                       beta: float = 5000.0) -> tuple[torch.Tensor, dict]:
+    """Diffusion-DPO on per-pair denoising errors. Returns (mean loss, stats)."""
+    model_diff = err_w - err_l
+    ref_diff = ref_err_w - ref_err_l
+    inside = -0.5 * beta * (model_diff - ref_diff)
+    loss = -F.logsigmoid(inside)
+    stats = {"implicit_acc": (inside > 0).float().mean().item() + 0.5 * (inside == 0).float().mean().item(),
+             "reward_margin": (-(model_diff - ref_diff)).mean().item(), "err_w": err_w.mean().item(),
+             "err_l": err_l.mean().item()}
+    return loss.mean(), stats
+
+
+def clipped_log_ratio(logp: torch.Tensor, logp_ref: torch.Tensor, eps: float) -> torch.Tensor:
+    """log of the likelihood ratio clipped to [1 - eps, 1 + eps]."""
+    return torch.clamp(logp - logp_ref, min=float(torch.log1p(torch.tensor(-eps))),
+                       max=float(torch.log1p(torch.tensor(eps))))
+
+
+def trajectory_dpo_loss(logp_w: torch.Tensor, logp_l: torch.Tensor, ref_logp_w: torch.Tensor, ref_logp_l: torch.Tensor,
+                        beta: float = 0.1, eps: float = 0.1) -> tuple[torch.Tensor, dict]:
+    """D3PO-style per-step DPO: -log sigmoid(beta * (log r_w - log r_l)), ratios clipped to [1-eps, 1+eps]."""
+    lw = clipped_log_ratio(logp_w, ref_logp_w, eps)
+    ll = clipped_log_ratio(logp_l, ref_logp_l, eps)
+    inside = beta * (lw - ll)
+    loss = -F.logsigmoid(inside)
+    stats = {"implicit_acc": (inside > 0).float().mean().item() + 0.5 * (inside == 0).float().mean().item(),
+             "reward_margin": (lw - ll).mean().item(), "ratio_w": torch.exp(logp_w - ref_logp_w).mean().item(),
+             "clipfrac": ((logp_w - ref_logp_w).abs() > eps).float().mean().item()}
+    return loss.mean(), stats
+
+
+def normalise_rewards(rewards: torch.Tensor, groups: list, clip: float = 5.0) -> torch.Tensor:
+    """Per-prompt normalised advantages (DDPO): (r - mean_group) / (std_group + 1e-8), clipped."""
+    adv = torch.empty_like(rewards, dtype=torch.float32)
+    keys = list(dict.fromkeys(groups))
+    for k in keys:
+        idx = torch.tensor([i for i, g in enumerate(groups) if g == k])
+        r = rewards[idx].float()
+        std = r.std(unbiased=False) if len(idx) > 1 else torch.tensor(0.0)
+        adv[idx] = (r - r.mean()) / (std + 1e-8)
+    return adv.clamp(-clip, clip)
+
+
+def ppo_clip_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor,
+                  clip_range: float = 0.1) -> tuple[torch.Tensor, dict]:
+    """DDPO's PPO-clip on per-step likelihood ratios."""
+    ratio = torch.exp(logp - old_logp)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1 - clip_range, 1 + clip_range)
+    loss = torch.maximum(unclipped, clipped)
+    stats = {"ratio": ratio.mean().item(), "clipfrac": ((ratio - 1).abs() > clip_range).float().mean().item(),
+             "approx_kl": (0.5 * (logp - old_logp) ** 2).mean().item()}
+    return loss.mean(), stats
+
+
+def gaussian_kl(mean_p: torch.Tensor, mean_q: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """KL(N(mean_p, std^2) || N(mean_q, std^2)) per sample, averaged over elements (same convention as log-probs)."""
+    std = std.clamp(min=1e-12)
+    return (((mean_p - mean_q) ** 2) / (2 * std ** 2)).mean(dim=tuple(range(1, mean_p.ndim)))
+
+
+def dpok_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, kl: torch.Tensor,
+              kl_coef: float = 0.01, clip_range: float = 0.1) -> tuple[torch.Tensor, dict]:
+    """DPOK: clipped policy gradient on the reward plus kl_coef x KL to the frozen pre-trained model."""
+    pg, stats = ppo_clip_loss(logp, old_logp, advantages, clip_range)
+    loss = pg + kl_coef * kl.mean()
+    stats["kl"] = kl.mean().item()
+    return loss, stats

@@ -1,0 +1,390 @@
+"""Fine-tune the UNet on preference pairs: Diffusion-DPO, trajectory DPO, DDPO or DPOK (METHOD.md).
+
+    python -m dfusion_core train --algo dpo --data STORE_OR_PAIR_FOLDER --out runs/dpo
+    accelerate launch --num_processes N -m dfusion_core train ...        # data-parallel, same results
+
+LoRA through peft on the UNet's attention (the frozen reference = the same UNet with adapters disabled, no
+copy); rank 0 = full fine-tune (then a frozen copy is the reference). Every step's batch, timesteps and
+noise derive from (seed, step) alone, so a resumed run continues exactly, and N processes taking equal
+slices of the same global batch compute what one process computes (gradients are averaged by accelerate).
+The result is a LoRA folder that `pipe.load_lora_weights(DIR)` and `load_model(..., lora=DIR)` load.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from contextlib import contextmanager, nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ..ddim import ddim_step, make_schedule, step_log_prob
+from ..loading import LoadedModel
+from ..sampling import recompute_log_probs
+from . import losses
+from .data import PreferencePair, check_pairs
+
+ALGOS = ("dpo", "traj-dpo", "ddpo", "dpok")
+
+
+@dataclass
+class TrainConfig:
+    """Defaults are the paper's reference training setup (METHOD.md)."""
+
+    algo: str = "dpo"  # dpo (Diffusion-DPO) | traj-dpo (per-step DPO) | ddpo (PPO-clip) | dpok (PG + KL)
+    steps: int = 100  # optimizer steps
+    batch_size: int = 4  # global pairs (dpo, traj-dpo) or trajectories (ddpo, dpok) per step, over all processes
+    lr: float = 1e-4  # AdamW learning rate
+    weight_decay: float = 1e-4  # AdamW weight decay
+    warmup_steps: int = 0  # linear learning-rate warm-up
+    max_grad_norm: float = 1.0  # gradient clipping
+    lora_rank: int = 4  # LoRA rank on the UNet's attention; 0 = full fine-tune
+    lora_alpha: float | None = None  # LoRA scaling numerator; None = the rank (scale 1)
+    lora_targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")  # attention projections adapted
+    dpo_beta: float = 5000.0  # Diffusion-DPO beta in the beta/2 convention (= 2500 without the 1/2)
+    traj_beta: float = 0.1  # trajectory DPO beta
+    clip_eps: float = 0.1  # ratio clip for traj-dpo, ddpo and dpok
+    adv_clip: float = 5.0  # DDPO/DPOK advantage clip
+    kl_coef: float = 0.01  # DPOK KL weight
+    inner_epochs: int = 2  # DDPO/DPOK: optimizer steps on each drawn batch
+    steps_per_trajectory: int = 1  # denoising steps sampled per trajectory per optimizer step (all = paper)
+    ckpt_every: int = 50  # checkpoint (and LoRA export) every N steps
+    seed: int = 0  # batches, timesteps and noise derive from (seed, step)
+    mixed_precision: str = "no"  # no | fp16 | bf16 (accelerate)
+
+    def validate(self) -> "TrainConfig":
+        if self.algo not in ALGOS:
+            raise ValueError(f"algo must be one of {ALGOS}, got {self.algo!r}")
+        for name in ("steps", "batch_size", "ckpt_every", "inner_epochs", "steps_per_trajectory"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        if not (0 < self.lr < 1):
+            raise ValueError(f"lr must be in (0, 1), got {self.lr}")
+        if not isinstance(self.lora_rank, int) or self.lora_rank < 0:
+            raise ValueError(f"lora_rank must be an integer >= 0, got {self.lora_rank!r}")
+        if self.dpo_beta <= 0 or self.traj_beta <= 0:
+            raise ValueError("beta must be positive")
+        if not (0 < self.clip_eps < 1):
+            raise ValueError(f"clip_eps must be in (0, 1), got {self.clip_eps}")
+        if self.mixed_precision not in ("no", "fp16", "bf16"):
+            raise ValueError(f"mixed_precision must be no, fp16 or bf16, got {self.mixed_precision!r}")
+        return self
+
+
+@dataclass
+class TrainResult:
+    out_dir: Path
+    steps: int
+    history: list[dict] = field(default_factory=list)
+
+
+def _step_generator(seed: int, step: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed * 1_000_003 + step)
+
+
+class Trainer:
+    def __init__(self, model: LoadedModel, pairs: list[PreferencePair], cfg: TrainConfig, out_dir: str | Path,
+                 accelerator=None):
+        from accelerate import Accelerator
+
+        self.cfg = cfg.validate()
+        check_pairs(pairs)
+        self.model, self.pairs = model, pairs
+        self.out = Path(out_dir)
+        self.acc = accelerator or Accelerator(mixed_precision=cfg.mixed_precision, cpu=model.device.type == "cpu")
+        if self.cfg.batch_size % self.acc.num_processes:
+            raise ValueError(f"batch_size {cfg.batch_size} must be divisible by the {self.acc.num_processes} processes")
+        p0 = pairs[0]
+        self.num_steps, self.eta, self.cfg_scale = p0.num_steps, p0.eta, p0.guidance_scale
+        self.schedule = make_schedule(model.pipe.scheduler, self.num_steps)
+        self.pred_type = self.schedule.prediction_type
+        unet = model.unet
+        unet.requires_grad_(False)
+        model.pipe.text_encoder.requires_grad_(False)
+        self.ref_unet = None
+        if cfg.lora_rank > 0:
+            from peft import LoraConfig
+
+            if "dfusion" in (getattr(unet, "peft_config", None) or {}):
+                unet.delete_adapters("dfusion")
+            unet.add_adapter(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha or cfg.lora_rank,
+                                        init_lora_weights="gaussian", target_modules=list(cfg.lora_targets)),
+                             adapter_name="dfusion")
+            params = [p for p in unet.parameters() if p.requires_grad]
+        else:  # full fine-tune: the reference must be a frozen copy
+            self.ref_unet = copy.deepcopy(unet).requires_grad_(False).eval()
+            unet.requires_grad_(True)
+            params = list(unet.parameters())
+        for p in params:
+            p.data = p.data.float()
+        self.params = params
+        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)))
+        self.unet, self.opt, self.sched = self.acc.prepare(unet, opt, sched)
+        self.unet.train()
+        self._embeds: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        self.history: list[dict] = []
+        self.step = 0
+        if cfg.algo in ("traj-dpo", "ddpo", "dpok"):
+            self._prepare_trajectories()
+
+    # ---- conditioning and the frozen reference ----------------------------------------------------
+    def _embed(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        need = [p for p in dict.fromkeys(prompts) if p not in self._embeds]
+        if need:
+            h, w = self.model.default_size()
+            c = self.model.encode(need, self.pairs[0].negative_prompt, self.cfg_scale > 1, h, w)
+            if c.added_cond:
+                raise ValueError("training SDXL pipelines is not supported yet (added conditioning)")
+            for i, p in enumerate(need):
+                self._embeds[p] = (c.cond[i], None if c.uncond is None else c.uncond[i])
+        cond = torch.stack([self._embeds[p][0] for p in prompts])
+        un = [self._embeds[p][1] for p in prompts]
+        return cond, (None if un[0] is None else torch.stack(un))
+
+    @contextmanager
+    def reference(self):
+        """The frozen pre-trained model: adapters disabled (LoRA) or the frozen copy (full fine-tune)."""
+        inner = self.acc.unwrap_model(self.unet)
+        if self.ref_unet is not None:
+            yield self.ref_unet
+            return
+        inner.disable_adapters()
+        try:
+            yield inner
+        finally:
+            inner.enable_adapters()
+
+    def _forward(self, net, x, t, cond, uncond, cfg: bool):
+        dt = self.model.dtype
+        ctx = self.acc.autocast() if self.cfg.mixed_precision != "no" else nullcontext()
+        with ctx:
+            if cfg and uncond is not None:
+                out = net(torch.cat([x, x]).to(dt), torch.cat([t, t]), encoder_hidden_states=torch.cat([uncond, cond]).to(dt)).sample
+                u, c = out.float().chunk(2)
+                return u + self.cfg_scale * (c - u)
+            return net(x.to(dt), t, encoder_hidden_states=cond.to(dt)).sample.float()
+
+    # ---- trajectory bookkeeping -------------------------------------------------------------------
+    def _prepare_trajectories(self) -> None:
+        """Per trajectory: log-probs under the plain pre-trained model (reference / behaviour policy)."""
+        from ..config import SamplingParams
+
+        sp = SamplingParams(num_steps=self.num_steps, eta=self.eta, guidance_scale=self.cfg_scale,
+                            negative_prompt=self.pairs[0].negative_prompt)
+        self.trajs, self.traj_prompts, self.rewards = [], [], []
+        for p in self.pairs:
+            for traj, score in ((p.winner, p.winner_score), (p.loser, p.loser_score)):
+                self.trajs.append(traj)
+                self.traj_prompts.append(p.prompt)
+                self.rewards.append(score)
+        with torch.no_grad(), self.reference() as ref:
+            saved, self.model.pipe.unet = self.model.pipe.unet, ref
+            try:
+                self.plain_logp = [recompute_log_probs(self.model, pr, tr, sp) for pr, tr in zip(self.traj_prompts, self.trajs)]
+            finally:
+                self.model.pipe.unet = saved
+        if self.cfg.algo in ("ddpo", "dpok"):
+            if any(r is None for r in self.rewards):
+                raise ValueError(f"{self.cfg.algo} needs scored pairs: build them with a scorer")
+            self.advantages = losses.normalise_rewards(torch.tensor(self.rewards), self.traj_prompts, self.cfg.adv_clip)
+
+    def _policy_step(self, net, trajs, js, prompts):
+        """Mean, std and log-prob of x_{t-1} at step index js[i] of each trajectory under `net`."""
+        dev = self.model.device
+        x = torch.stack([tr.latents[j] for tr, j in zip(trajs, js)]).to(dev)
+        x_prev = torch.stack([tr.latents[j + 1] for tr, j in zip(trajs, js)]).to(dev)
+        t = torch.tensor([int(tr.timesteps[j]) for tr, j in zip(trajs, js)], device=dev)
+        cond, uncond = self._embed(prompts)
+        out = self._forward(net, x, t, cond, uncond, self.cfg_scale > 1)
+        res = ddim_step(self.schedule, out, x, t.cpu(), self.eta, None)
+        return res.mean, res.std, step_log_prob(x_prev, res.mean, res.std)
+
+    # ---- one optimizer step per algorithm ---------------------------------------------------------
+    def _local(self, idx: torch.Tensor) -> torch.Tensor:
+        n = len(idx) // self.acc.num_processes
+        return idx[self.acc.process_index * n:(self.acc.process_index + 1) * n]
+
+    def _loss_dpo(self, g):
+        idx = torch.randint(0, len(self.pairs), (self.cfg.batch_size,), generator=g)
+        t_all = torch.randint(0, self.schedule.num_train_timesteps, (self.cfg.batch_size,), generator=g)
+        x0 = self.pairs[0].winner.latents[-1]
+        noise_all = torch.randn((self.cfg.batch_size, *x0.shape), generator=g)
+        sel = self._local(torch.arange(self.cfg.batch_size))
+        pairs = [self.pairs[int(i)] for i in idx[sel]]
+        t, noise = t_all[sel].to(self.model.device), noise_all[sel].to(self.model.device)
+        w = torch.stack([p.winner.latents[-1] for p in pairs]).to(self.model.device)
+        l = torch.stack([p.loser.latents[-1] for p in pairs]).to(self.model.device)
+        ac = self.schedule.alphas_cumprod.to(self.model.device, torch.float32)[t].view(-1, 1, 1, 1)
+        noisy = lambda x0_: ac.sqrt() * x0_ + (1 - ac).sqrt() * noise
+        target = lambda x0_: noise if self.pred_type == "epsilon" else (ac.sqrt() * noise - (1 - ac).sqrt() * x0_) \
+            if self.pred_type == "v_prediction" else x0_
+        cond, _ = self._embed([p.prompt for p in pairs])
+        x_in, t_in = torch.cat([noisy(w), noisy(l)]), torch.cat([t, t])
+        tgt = torch.cat([target(w), target(l)])
+        c_in = torch.cat([cond, cond])
+        pred = self._forward(self.unet, x_in, t_in, c_in, None, False)
+        err = ((pred - tgt) ** 2).mean(dim=(1, 2, 3))
+        with torch.no_grad(), self.reference() as ref:
+            ref_err = ((self._forward(ref, x_in, t_in, c_in, None, False) - tgt) ** 2).mean(dim=(1, 2, 3))
+        n = len(pairs)
+        return losses.diffusion_dpo_loss(err[:n], err[n:], ref_err[:n], ref_err[n:], self.cfg.dpo_beta)
+
+    def _draw_steps(self, g, count):
+        k = self.cfg.steps_per_trajectory
+        return torch.randint(0, self.num_steps, (count, k), generator=g)
+
+    def _loss_traj_dpo(self, g):
+        idx = torch.randint(0, len(self.pairs), (self.cfg.batch_size,), generator=g)
+        js_all = self._draw_steps(g, self.cfg.batch_size)
+        sel = self._local(torch.arange(self.cfg.batch_size))
+        total, stats_acc = 0.0, {}
+        for col in range(js_all.shape[1]):
+            pi = [int(i) for i in idx[sel]]
+            js = [int(j) for j in js_all[sel, col]]
+            prompts = [self.pairs[i].prompt for i in pi]
+            _, _, lw = self._policy_step(self.unet, [self.pairs[i].winner for i in pi], js, prompts)
+            _, _, ll = self._policy_step(self.unet, [self.pairs[i].loser for i in pi], js, prompts)
+            rw = torch.stack([self.plain_logp[2 * i][j] for i, j in zip(pi, js)]).to(lw)
+            rl = torch.stack([self.plain_logp[2 * i + 1][j] for i, j in zip(pi, js)]).to(ll)
+            loss, stats = losses.trajectory_dpo_loss(lw, ll, rw, rl, self.cfg.traj_beta, self.cfg.clip_eps)
+            total = total + loss / js_all.shape[1]
+            stats_acc = stats
+        return total, stats_acc
+
+    def _loss_pg(self, g):
+        draw = self.step // self.cfg.inner_epochs  # the same batch for inner_epochs consecutive steps
+        gb = _step_generator(self.cfg.seed + 7, draw)
+        idx = torch.randint(0, len(self.trajs), (self.cfg.batch_size,), generator=gb)
+        js_all = self._draw_steps(gb, self.cfg.batch_size)
+        sel = self._local(torch.arange(self.cfg.batch_size))
+        total, stats = 0.0, {}
+        for col in range(js_all.shape[1]):
+            ti = [int(i) for i in idx[sel]]
+            js = [int(j) for j in js_all[sel, col]]
+            trajs, prompts = [self.trajs[i] for i in ti], [self.traj_prompts[i] for i in ti]
+            mean, std, logp = self._policy_step(self.unet, trajs, js, prompts)
+            old = torch.stack([self.plain_logp[i][j] for i, j in zip(ti, js)]).to(logp)
+            adv = self.advantages[ti].to(logp)
+            if self.cfg.algo == "ddpo":
+                loss, stats = losses.ppo_clip_loss(logp, old, adv, self.cfg.clip_eps)
+            else:
+                with torch.no_grad(), self.reference() as ref:
+                    ref_mean, _, _ = self._policy_step(ref, trajs, js, prompts)
+                kl = losses.gaussian_kl(mean, ref_mean, std)
+                loss, stats = losses.dpok_loss(logp, old, adv, kl, self.cfg.kl_coef, self.cfg.clip_eps)
+            total = total + loss / js_all.shape[1]
+        stats["reward_mean"] = float(torch.tensor([r for r in self.rewards if r is not None]).mean())
+        return total, stats
+
+    def train_step(self) -> dict:
+        g = _step_generator(self.cfg.seed, self.step)
+        t0 = time.perf_counter()
+        loss, stats = {"dpo": self._loss_dpo, "traj-dpo": self._loss_traj_dpo}.get(self.cfg.algo, self._loss_pg)(g)
+        self.acc.backward(loss)
+        grad_norm = self.acc.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
+        self.opt.step()
+        self.sched.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.step += 1
+        loss_all = self.acc.reduce(loss.detach().reshape(1), reduction="mean").item()
+        row = {"step": self.step, "loss": loss_all, "lr": self.sched.get_last_lr()[0],
+               "grad_norm": float(grad_norm) if grad_norm is not None else None,
+               "seconds": time.perf_counter() - t0, **stats}
+        self.history.append(row)
+        return row
+
+    # ---- checkpoints ------------------------------------------------------------------------------
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        inner = self.acc.unwrap_model(self.unet)
+        if self.cfg.lora_rank > 0:
+            from peft.utils import get_peft_model_state_dict
+
+            return {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(inner, adapter_name="dfusion").items()}
+        return {k: v.detach().cpu().clone() for k, v in inner.state_dict().items()}
+
+    def save(self, final: bool = False) -> None:
+        self.acc.wait_for_everyone()
+        if not self.acc.is_main_process:
+            return
+        ck = self.out / "checkpoints" / f"step-{self.step:06d}"
+        ck.mkdir(parents=True, exist_ok=True)
+        tmp = ck / "state.pt.tmp"
+        torch.save({"step": self.step, "trainable": self.trainable_state(), "opt": self.opt.state_dict(),
+                    "sched": self.sched.state_dict(), "config": asdict(self.cfg)}, tmp)
+        tmp.replace(ck / "state.pt")
+        self.export(self.out)
+        (self.out / "latest_checkpoint").write_text(ck.name)
+
+    def export(self, dest: Path) -> None:
+        """LoRA in diffusers format (pipe.load_lora_weights(dest)); full fine-tune: the UNet folder."""
+        inner = self.acc.unwrap_model(self.unet)
+        dest.mkdir(parents=True, exist_ok=True)
+        if self.cfg.lora_rank > 0:
+            from diffusers import StableDiffusionPipeline
+            from diffusers.utils import convert_state_dict_to_diffusers
+
+            StableDiffusionPipeline.save_lora_weights(
+                dest, unet_lora_layers=convert_state_dict_to_diffusers(self.trainable_state()), safe_serialization=True)
+        else:
+            inner.save_pretrained(dest / "unet")
+        (dest / "train_config.json").write_text(json.dumps(asdict(self.cfg), indent=2))
+
+    def resume(self) -> bool:
+        marker = self.out / "latest_checkpoint"
+        if not marker.is_file():
+            return False
+        st = torch.load(self.out / "checkpoints" / marker.read_text().strip() / "state.pt", weights_only=False)
+        inner = self.acc.unwrap_model(self.unet)
+        if self.cfg.lora_rank > 0:
+            from peft.utils import set_peft_model_state_dict
+
+            set_peft_model_state_dict(inner, st["trainable"], adapter_name="dfusion")
+        else:
+            inner.load_state_dict(st["trainable"])
+        self.opt.load_state_dict(st["opt"])
+        self.sched.load_state_dict(st["sched"])
+        self.step = int(st["step"])
+        return True
+
+    def run(self, resume: bool = True, progress: bool = True, on_step=None, should_stop=None) -> TrainResult:
+        self.out.mkdir(parents=True, exist_ok=True)
+        if resume:
+            self.resume()
+        log = self.out / "log.jsonl"
+        bar = None
+        if progress and self.acc.is_main_process:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=self.cfg.steps, initial=self.step, desc=f"{self.cfg.algo}")
+        while self.step < self.cfg.steps:
+            if should_stop is not None and should_stop():
+                break
+            row = self.train_step()
+            if self.acc.is_main_process:
+                with open(log, "a") as f:
+                    f.write(json.dumps(row) + "\n")
+                if bar:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{row['loss']:.4f}")
+            if on_step is not None:
+                on_step(row)
+            if self.step % self.cfg.ckpt_every == 0 or self.step == self.cfg.steps:
+                self.save()
+        if bar:
+            bar.close()
+        if self.step % self.cfg.ckpt_every and self.step < self.cfg.steps:
+            self.save()  # stopped early: keep what was done
+        return TrainResult(self.out, self.step, self.history)
+
+    def unload(self) -> None:
+        """Remove the adapter so the model is the plain pre-trained one again."""
+        inner = self.acc.unwrap_model(self.unet)
+        if self.cfg.lora_rank > 0 and "dfusion" in (getattr(inner, "peft_config", None) or {}):
+            inner.delete_adapters("dfusion")
+        inner.requires_grad_(False)
