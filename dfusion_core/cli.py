@@ -1,6 +1,6 @@
 """Command line: `python -m dfusion_core <command> --help`.
 
-Commands: sample, fuse, build-pairs, tokens, eval, bench. Every command takes --model (a diffusers pipeline
+Commands: sample, fuse, build-pairs, train, tokens, eval, bench. Every command takes --model (a diffusers pipeline
 folder or hub id; default: the embedded ShapesWorld model) and prints JSON on stdout. Bad input exits
 with status 2 and a one-line message, never a traceback.
 """
@@ -33,6 +33,7 @@ def _seed_list(s: str) -> list[int]:
 def _add_model(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="pipeline folder or hub id (default: assets/shapesworld); "
                    "'tiny:sd15-full' builds a random SD 1.5-shaped UNet for benchmarks")
+    p.add_argument("--lora", default=None, help="LoRA folder to load on top (e.g. the output of train)")
     p.add_argument("--device", default=None, help="cpu | cuda (default: cuda if available)")
     p.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"], help="default fp32 on CPU, fp16 on CUDA")
 
@@ -70,8 +71,8 @@ def _load(a):
         from .tiny import build_tiny_pipeline
 
         path = build_tiny_pipeline(a.model.split(":", 1)[1], Path(tempfile.mkdtemp()) / "pipe")
-        return load_model(path, device=a.device, dtype=a.dtype)
-    return load_model(a.model, device=a.device, dtype=a.dtype)
+        return load_model(path, device=a.device, dtype=a.dtype, lora=getattr(a, "lora", None))
+    return load_model(a.model, device=a.device, dtype=a.dtype, lora=getattr(a, "lora", None))
 
 
 def _params(a, model) -> tuple[SamplingParams, FusionParams]:
@@ -174,10 +175,46 @@ def cmd_build_pairs(a) -> dict:
         raise ValueError("give prompts with --prompt or --prompt-set")
     scorer = make_scorer(None if a.scorer == "default" else a.scorer)
     pairing = PairingParams(num_candidates=a.num_candidates, min_gap=a.min_gap, seed=a.seed)
-    recs = build_pairs(model, prompts, scorer, s, f, pairing, batch_size=a.batch_size,
-                       progress=lambda i, n: print(f"[{i}/{n}] prompts", file=sys.stderr, flush=True))
+    if a.random:
+        from .pairs import build_random_pairs
+
+        recs = build_random_pairs(model, prompts, scorer, s, pairing, batch_size=a.batch_size)
+    else:
+        recs = build_pairs(model, prompts, scorer, s, f, pairing, batch_size=a.batch_size,
+                           progress=lambda i, n: print(f"[{i}/{n}] prompts", file=sys.stderr, flush=True))
     save_pairs(recs, a.out)
     return {"pairs": len(recs), "prompts": len(prompts), "out": a.out}
+
+
+def cmd_train(a) -> dict:
+    from dataclasses import fields as _fields
+
+    from .training.data import load_training_pairs
+    from .training.trainer import TrainConfig, Trainer
+
+    base = {}
+    if a.config:
+        try:
+            base = json.loads(Path(a.config).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"cannot read config {a.config}: {e}") from None
+        unknown = set(base) - {f.name for f in _fields(TrainConfig)}
+        if unknown:
+            raise ValueError(f"unknown config fields: {', '.join(sorted(unknown))}")
+    flags = {f.name: getattr(a, f.name) for f in _fields(TrainConfig) if getattr(a, f.name, None) is not None}
+    cfg = TrainConfig(**{**base, **flags})
+    if isinstance(cfg.lora_targets, list):
+        cfg = TrainConfig(**{**asdict(cfg), "lora_targets": tuple(cfg.lora_targets)})
+    cfg.validate()
+    model = _load(a)
+    pairs = load_training_pairs(a.data)
+    trainer = Trainer(model, pairs, cfg, a.out)
+    res = trainer.run(resume=not a.no_resume)
+    if not trainer.acc.is_main_process:
+        return None  # one report per run, from the main process
+    last = res.history[-1] if res.history else {}
+    return {"out": str(res.out_dir), "steps": res.steps, "pairs": len(pairs), "processes": trainer.acc.num_processes,
+            "last": last}
 
 
 def cmd_eval(a) -> dict:
@@ -242,9 +279,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-gap", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--random", action="store_true", help="the paper's baseline: random pairs, no fusion")
     p.add_argument("--out", default="out/pairs")
     _add_model(p), _add_sampling(p), _add_fusion(p)
     p.set_defaults(fn=cmd_build_pairs)
+
+    p = sub.add_parser("train", help="fine-tune on pairs: dpo | traj-dpo | ddpo | dpok (accelerate launch for N GPUs)")
+    p.add_argument("--data", required=True, help="preference store folder or pair folder")
+    p.add_argument("--out", required=True, help="output folder (LoRA, checkpoints, log.jsonl)")
+    p.add_argument("--config", default=None, help="JSON file of TrainConfig fields (flags override it)")
+    p.add_argument("--no-resume", action="store_true", help="start over even if OUT has a checkpoint")
+    from dataclasses import fields as _fields
+
+    from .config import field_comments
+    from .training.trainer import TrainConfig
+    notes = field_comments(TrainConfig)
+    for fld in _fields(TrainConfig):
+        flag, doc = "--" + fld.name.replace("_", "-"), f"{notes.get(fld.name, '')} (default: {fld.default})"
+        if fld.name == "lora_targets":
+            p.add_argument(flag, nargs="+", default=None, help=doc)
+        elif fld.name in ("algo", "mixed_precision"):
+            p.add_argument(flag, default=None, help=doc)
+        else:
+            typ = float if isinstance(fld.default, float) or fld.default is None else int
+            p.add_argument(flag, type=typ, default=None, help=doc)
+    _add_model(p)
+    p.set_defaults(fn=cmd_train)
 
     p = sub.add_parser("eval", help="ShapesWorld evaluation: checker accuracy, CLIP score, mask localisation")
     p.add_argument("--split", choices=["train", "test"], default="test")
@@ -275,5 +335,6 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(json.dumps(result, indent=None if a.command == "bench" else 2))
+    if result is not None:
+        print(json.dumps(result, indent=None if a.command == "bench" else 2))
     return 0

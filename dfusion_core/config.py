@@ -139,3 +139,12 @@ def apply_model_defaults(defaults: dict, sampling: SamplingParams, mask: MaskPar
     s = replace(sampling, **{k: v for k, v in defaults.items() if k in s_names})
     m_changes = {k: (tuple(v) if isinstance(v, list) else v) for k, v in defaults.items() if k in m_names}
     return s, replace(mask, **m_changes)
+
+
+def field_comments(cls) -> dict[str, str]:
+    """The one-line comment of each dataclass field (used as CLI help, so docs live in one place)."""
+    import inspect
+    import re
+
+    src = inspect.getsource(cls)
+    return {m.group(1): m.group(2).strip() for m in re.finditer(r"^\s+(\w+):[^#\n]*#\s*(.*)$", src, re.M)}

@@ -142,8 +142,9 @@ def _check_folder(path: Path) -> str:
 
 
 def load_model(model: str | os.PathLike | None = None, device: str | None = None,
-               dtype: str | torch.dtype | None = None) -> LoadedModel:
-    """Load a StableDiffusionPipeline / StableDiffusionXLPipeline by folder or hub id (None = the default)."""
+               dtype: str | torch.dtype | None = None, lora: str | os.PathLike | None = None) -> LoadedModel:
+    """Load a StableDiffusionPipeline / StableDiffusionXLPipeline by folder or hub id (None = the default),
+    optionally with a LoRA folder written by `python -m dfusion_core train` (or any diffusers LoRA)."""
     from diffusers import DiffusionPipeline
 
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -173,9 +174,20 @@ def load_model(model: str | os.PathLike | None = None, device: str | None = None
 
     if not isinstance(pipe.unet, UNet2DConditionModel):
         raise ModelLoadError(f"{source}: unsupported UNet class {type(pipe.unet).__name__}")
+    if lora is not None:
+        lp = Path(lora).expanduser()
+        if not lp.is_dir() or not any(lp.glob("*.safetensors")):
+            raise ModelLoadError(f"LoRA folder {lp} does not exist or holds no .safetensors weights")
+        try:
+            pipe.load_lora_weights(str(lp))
+        except (OSError, ValueError, KeyError, RuntimeError) as e:
+            raise ModelLoadError(f"could not load the LoRA in {lp}: {str(e).splitlines()[0]}") from None
+        source_note = f"{source}+lora:{lp}"
+    else:
+        source_note = source
     pipe.to(dev)
     pipe.set_progress_bar_config(disable=True)
-    lm = LoadedModel(pipe=pipe, model_id=source, kind=kind, device=dev, dtype=dt,
+    lm = LoadedModel(pipe=pipe, model_id=source_note, kind=kind, device=dev, dtype=dt,
                      defaults=model_defaults(source if is_local else None))
     lm.layer_kinds = install(pipe.unet, lm.controller)
     return lm

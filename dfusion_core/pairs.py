@@ -142,6 +142,37 @@ def build_pairs(model: LoadedModel, prompts: list[str], scorer, sampling: Sampli
     return records
 
 
+def build_random_pairs(model: LoadedModel, prompts: list[str], scorer, sampling: SamplingParams | None = None,
+                       pairing: PairingParams | None = None, batch_size: int = 16) -> list[PairRecord]:
+    """The paper's baseline in the same record format: per prompt, candidates paired at random, the higher
+    score as winner ('target', not fused) and the lower as loser ('base'); masks empty."""
+    sampling = (sampling or SamplingParams()).validate()
+    pairing = (pairing or PairingParams()).validate()
+    records = []
+    for prompt in prompts:
+        validate_prompt(prompt)
+        seeds = candidate_seeds(prompt, pairing.num_candidates, pairing.seed)
+        cands = sample(model, prompt, seeds, sampling, batch_size=batch_size)
+        scores = np.asarray(scorer(cands.images, [prompt] * len(seeds)), dtype=np.float64)
+        order = np.random.default_rng(int(seeds[0]) % (2 ** 32)).permutation(len(seeds))
+        for a, b in zip(order[0::2], order[1::2]):
+            if scores[a] == scores[b]:
+                continue
+            w, l = (a, b) if scores[a] > scores[b] else (b, a)
+            if scores[w] - scores[l] < pairing.min_gap:
+                continue
+            tw, tl = cands.trajectories[w], cands.trajectories[l]
+            pid = hashlib.sha256(f"random|{model.model_id}|{prompt}|{seeds[l]}|{seeds[w]}|{sampling}".encode()).hexdigest()[:16]
+            records.append(PairRecord(
+                prompt=prompt, base_seed=seeds[l], ref_seed=seeds[w],
+                scores={"base": float(scores[l]), "reference": float(scores[w]), "target": float(scores[w])},
+                sampling=asdict(sampling), fusion={}, keywords=[], model_id=model.model_id, target=tw, base=tl,
+                masks=torch.zeros(sampling.num_steps, 1, 1),
+                images={"base": cands.images[l], "target": cands.images[w], "reference": cands.images[w]},
+                pair_id=pid, extra={"kind": "random"}))
+    return records
+
+
 def _atomic_write(path: Path, write) -> None:
     tmp = path.with_name(path.name + ".tmp")
     write(tmp)

@@ -112,9 +112,11 @@ class Trainer:
 
             if "dfusion" in (getattr(unet, "peft_config", None) or {}):
                 unet.delete_adapters("dfusion")
-            unet.add_adapter(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha or cfg.lora_rank,
-                                        init_lora_weights="gaussian", target_modules=list(cfg.lora_targets)),
-                             adapter_name="dfusion")
+            with torch.random.fork_rng(devices=[]):  # the adapter's initial weights depend on the seed alone
+                torch.manual_seed(cfg.seed)
+                unet.add_adapter(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha or cfg.lora_rank,
+                                            init_lora_weights="gaussian", target_modules=list(cfg.lora_targets)),
+                                 adapter_name="dfusion")
             params = [p for p in unet.parameters() if p.requires_grad]
         else:  # full fine-tune: the reference must be a frozen copy
             self.ref_unet = copy.deepcopy(unet).requires_grad_(False).eval()
@@ -243,19 +245,16 @@ class Trainer:
         idx = torch.randint(0, len(self.pairs), (self.cfg.batch_size,), generator=g)
         js_all = self._draw_steps(g, self.cfg.batch_size)
         sel = self._local(torch.arange(self.cfg.batch_size))
-        total, stats_acc = 0.0, {}
-        for col in range(js_all.shape[1]):
-            pi = [int(i) for i in idx[sel]]
-            js = [int(j) for j in js_all[sel, col]]
-            prompts = [self.pairs[i].prompt for i in pi]
-            _, _, lw = self._policy_step(self.unet, [self.pairs[i].winner for i in pi], js, prompts)
-            _, _, ll = self._policy_step(self.unet, [self.pairs[i].loser for i in pi], js, prompts)
-            rw = torch.stack([self.plain_logp[2 * i][j] for i, j in zip(pi, js)]).to(lw)
-            rl = torch.stack([self.plain_logp[2 * i + 1][j] for i, j in zip(pi, js)]).to(ll)
-            loss, stats = losses.trajectory_dpo_loss(lw, ll, rw, rl, self.cfg.traj_beta, self.cfg.clip_eps)
-            total = total + loss / js_all.shape[1]
-            stats_acc = stats
-        return total, stats_acc
+        # one forward for every (pair, step) of winner and loser: DDP wants one forward per backward
+        pi = [int(i) for i in idx[sel] for _ in range(js_all.shape[1])]
+        js = [int(j) for row in js_all[sel] for j in row]
+        trajs = [self.pairs[i].winner for i in pi] + [self.pairs[i].loser for i in pi]
+        prompts = [self.pairs[i].prompt for i in pi] * 2
+        _, _, logp = self._policy_step(self.unet, trajs, js + js, prompts)
+        n = len(pi)
+        rw = torch.stack([self.plain_logp[2 * i][j] for i, j in zip(pi, js)]).to(logp)
+        rl = torch.stack([self.plain_logp[2 * i + 1][j] for i, j in zip(pi, js)]).to(logp)
+        return losses.trajectory_dpo_loss(logp[:n], logp[n:], rw, rl, self.cfg.traj_beta, self.cfg.clip_eps)
 
     def _loss_pg(self, g):
         draw = self.step // self.cfg.inner_epochs  # the same batch for inner_epochs consecutive steps
@@ -263,24 +262,21 @@ class Trainer:
         idx = torch.randint(0, len(self.trajs), (self.cfg.batch_size,), generator=gb)
         js_all = self._draw_steps(gb, self.cfg.batch_size)
         sel = self._local(torch.arange(self.cfg.batch_size))
-        total, stats = 0.0, {}
-        for col in range(js_all.shape[1]):
-            ti = [int(i) for i in idx[sel]]
-            js = [int(j) for j in js_all[sel, col]]
-            trajs, prompts = [self.trajs[i] for i in ti], [self.traj_prompts[i] for i in ti]
-            mean, std, logp = self._policy_step(self.unet, trajs, js, prompts)
-            old = torch.stack([self.plain_logp[i][j] for i, j in zip(ti, js)]).to(logp)
-            adv = self.advantages[ti].to(logp)
-            if self.cfg.algo == "ddpo":
-                loss, stats = losses.ppo_clip_loss(logp, old, adv, self.cfg.clip_eps)
-            else:
-                with torch.no_grad(), self.reference() as ref:
-                    ref_mean, _, _ = self._policy_step(ref, trajs, js, prompts)
-                kl = losses.gaussian_kl(mean, ref_mean, std)
-                loss, stats = losses.dpok_loss(logp, old, adv, kl, self.cfg.kl_coef, self.cfg.clip_eps)
-            total = total + loss / js_all.shape[1]
+        ti = [int(i) for i in idx[sel] for _ in range(js_all.shape[1])]
+        js = [int(j) for row in js_all[sel] for j in row]
+        trajs, prompts = [self.trajs[i] for i in ti], [self.traj_prompts[i] for i in ti]
+        mean, std, logp = self._policy_step(self.unet, trajs, js, prompts)
+        old = torch.stack([self.plain_logp[i][j] for i, j in zip(ti, js)]).to(logp)
+        adv = self.advantages[ti].to(logp)
+        if self.cfg.algo == "ddpo":
+            loss, stats = losses.ppo_clip_loss(logp, old, adv, self.cfg.clip_eps)
+        else:
+            with torch.no_grad(), self.reference() as ref:
+                ref_mean, _, _ = self._policy_step(ref, trajs, js, prompts)
+            kl = losses.gaussian_kl(mean, ref_mean, std)
+            loss, stats = losses.dpok_loss(logp, old, adv, kl, self.cfg.kl_coef, self.cfg.clip_eps)
         stats["reward_mean"] = float(torch.tensor([r for r in self.rewards if r is not None]).mean())
-        return total, stats
+        return loss, stats
 
     def train_step(self) -> dict:
         g = _step_generator(self.cfg.seed, self.step)
@@ -380,6 +376,9 @@ class Trainer:
             bar.close()
         if self.step % self.cfg.ckpt_every and self.step < self.cfg.steps:
             self.save()  # stopped early: keep what was done
+        checksum = sum(float(v.double().sum() + v.double().abs().sum()) for v in self.trainable_state().values())
+        with open(self.out / "rank_checksums.jsonl", "a") as f:  # lets a multi-process run show its ranks agree
+            f.write(json.dumps({"rank": self.acc.process_index, "step": self.step, "checksum": checksum}) + "\n")
         return TrainResult(self.out, self.step, self.history)
 
     def unload(self) -> None:

@@ -1,0 +1,178 @@
+"""Training: losses by hand, learning on a fixed batch, exact resume, LoRA loading, 2-process data parallel."""
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from dfusion_core.config import SamplingParams
+from dfusion_core.pairs import PairingParams, build_pairs, build_random_pairs, save_pairs
+from dfusion_core.training import losses
+from dfusion_core.training.data import load_training_pairs
+from dfusion_core.training.trainer import TrainConfig, Trainer, _step_generator
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def brightness(images, prompts):
+    return np.array([np.asarray(im, dtype=np.float32).mean() / 255 for im in images])
+
+
+# ---- losses by hand --------------------------------------------------------------------------------
+def test_diffusion_dpo_loss_by_hand():
+    ew, el, rw, rl = torch.tensor([0.2]), torch.tensor([0.5]), torch.tensor([0.3]), torch.tensor([0.4])
+    loss, st = losses.diffusion_dpo_loss(ew, el, rw, rl, beta=10.0)
+    inside = -0.5 * 10 * ((0.2 - 0.5) - (0.3 - 0.4))  # = 1.0
+    assert math.isclose(loss.item(), -math.log(1 / (1 + math.exp(-inside))), rel_tol=1e-6)
+    assert st["implicit_acc"] == 1.0
+
+
+def test_trajectory_dpo_loss_clips_ratios():
+    lw, ll = torch.tensor([0.5]), torch.tensor([0.0])  # log r_w = 0.5 -> clipped to log 1.1
+    loss, _ = losses.trajectory_dpo_loss(lw, ll, torch.zeros(1), torch.zeros(1), beta=2.0, eps=0.1)
+    assert math.isclose(loss.item(), -math.log(1 / (1 + math.exp(-2.0 * math.log(1.1)))), rel_tol=1e-6)
+
+
+def test_ppo_clip_and_advantages_by_hand():
+    adv = losses.normalise_rewards(torch.tensor([1.0, 3.0, 10.0, 10.0]), ["a", "a", "b", "b"], clip=5.0)
+    torch.testing.assert_close(adv, torch.tensor([-1.0, 1.0, 0.0, 0.0]))
+    logp, old = torch.tensor([math.log(1.5)]), torch.tensor([0.0])  # ratio 1.5
+    loss, st = losses.ppo_clip_loss(logp, old, torch.tensor([2.0]), clip_range=0.1)
+    assert math.isclose(loss.item(), -2.0 * 1.1, rel_tol=1e-6)  # min(1.5*A, 1.1*A) for A > 0
+    loss_neg, _ = losses.ppo_clip_loss(logp, old, torch.tensor([-2.0]), clip_range=0.1)
+    assert math.isclose(loss_neg.item(), 2.0 * 1.5, rel_tol=1e-6)  # pessimistic for A < 0
+
+
+def test_dpok_kl_term():
+    kl = losses.gaussian_kl(torch.ones(1, 2, 2), torch.zeros(1, 2, 2), torch.full((1, 1, 1), 0.5))
+    assert math.isclose(kl.item(), 1 / (2 * 0.25), rel_tol=1e-6)
+    loss, st = losses.dpok_loss(torch.zeros(1), torch.zeros(1), torch.zeros(1), kl, kl_coef=0.1)
+    assert math.isclose(loss.item(), 0.2, rel_tol=1e-6) and st["kl"] == pytest.approx(2.0)
+
+
+# ---- trainer on a tiny pipeline --------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def pair_dir(sd1, tmp_path_factory):
+    d = tmp_path_factory.mktemp("pairs")
+    recs = build_pairs(sd1, ["a red dog", "a blue cat"], brightness, SamplingParams(num_steps=4),
+                       pairing=PairingParams(num_candidates=4))
+    save_pairs(recs, d)
+    return d
+
+
+def _lora(out: Path) -> dict:
+    return load_file(str(out / "pytorch_lora_weights.safetensors"))
+
+
+@pytest.mark.parametrize("algo", ["dpo", "traj-dpo", "ddpo", "dpok"])
+def test_every_algorithm_trains_and_exports_a_lora(sd1, pair_dir, tmp_path, algo):
+    pairs = load_training_pairs(pair_dir)
+    tr = Trainer(sd1, pairs, TrainConfig(algo=algo, steps=2, batch_size=2, ckpt_every=1), tmp_path)
+    try:
+        res = tr.run(progress=False)
+    finally:
+        tr.unload()
+    assert res.steps == 2 and all(np.isfinite(r["loss"]) for r in res.history)
+    assert len((tmp_path / "log.jsonl").read_text().splitlines()) == 2
+    assert _lora(tmp_path)
+
+
+def test_dpo_lowers_the_loss_on_a_fixed_batch(sd1, pair_dir, tmp_path):
+    pairs = load_training_pairs(pair_dir)
+    tr = Trainer(sd1, pairs, TrainConfig(algo="dpo", steps=8, batch_size=4, lr=3e-3, dpo_beta=50000.0), tmp_path)
+    try:
+        fixed = lambda: tr._loss_dpo(_step_generator(123, 0))[0].item()
+        with torch.no_grad():
+            before = fixed()
+        g = _step_generator(123, 0)
+        for _ in range(8):  # train on that same batch
+            loss, _ = tr._loss_dpo(_step_generator(123, 0))
+            tr.acc.backward(loss)
+            tr.opt.step()
+            tr.opt.zero_grad()
+        with torch.no_grad():
+            after = fixed()
+    finally:
+        tr.unload()
+    assert after < before - 1e-3
+
+
+def test_two_steps_resume_two_steps_equals_four(sd1, pair_dir, tmp_path):
+    pairs = load_training_pairs(pair_dir)
+    cfg = dict(algo="dpo", batch_size=2, ckpt_every=2, lr=1e-3)
+    a = Trainer(sd1, pairs, TrainConfig(steps=4, **cfg), tmp_path / "straight")
+    a.run(progress=False)
+    a.unload()
+    b = Trainer(sd1, pairs, TrainConfig(steps=2, **cfg), tmp_path / "resumed")
+    b.run(progress=False)
+    b.unload()
+    c = Trainer(sd1, pairs, TrainConfig(steps=4, **cfg), tmp_path / "resumed")
+    c.run(progress=False)
+    c.unload()
+    assert c.history[0]["step"] == 3  # it resumed, not restarted
+    la, lc = _lora(tmp_path / "straight"), _lora(tmp_path / "resumed")
+    assert la.keys() == lc.keys()
+    for k in la:
+        torch.testing.assert_close(la[k], lc[k], atol=1e-6, rtol=1e-5)
+
+
+def test_trained_lora_loads_into_the_pipeline(pipelines_dir, pair_dir, tmp_path):
+    from dfusion_core.loading import load_model
+    from dfusion_core.sampling import sample
+
+    m = load_model(pipelines_dir / "sd1", device="cpu")
+    tr = Trainer(m, load_training_pairs(pair_dir), TrainConfig(algo="dpo", steps=3, batch_size=2, lr=5e-2), tmp_path)
+    tr.run(progress=False)
+    tr.unload()
+    plain = sample(m, "a red dog", [1], SamplingParams(num_steps=3)).trajectories[0]
+    tuned_model = load_model(pipelines_dir / "sd1", device="cpu", lora=tmp_path)
+    tuned = sample(tuned_model, "a red dog", [1], SamplingParams(num_steps=3)).trajectories[0]
+    assert torch.equal(plain.latents[0], tuned.latents[0])
+    assert (plain.final - tuned.final).abs().max() > 1e-4
+
+
+def test_bad_configs_and_data(sd1, pair_dir, tmp_path):
+    with pytest.raises(ValueError, match="algo must be"):
+        TrainConfig(algo="sft").validate()
+    with pytest.raises(ValueError, match="batch_size"):
+        TrainConfig(batch_size=0).validate()
+    with pytest.raises(ValueError, match="neither a preference store"):
+        load_training_pairs(tmp_path)
+    from dfusion_core.preference_store import PreferenceStore
+    PreferenceStore(tmp_path / "empty")
+    with pytest.raises(ValueError, match="at least two labelled pairs"):
+        load_training_pairs(tmp_path / "empty")
+
+
+def test_random_pairs_share_the_format(sd1, tmp_path):
+    recs = build_random_pairs(sd1, ["a red dog"], brightness, SamplingParams(num_steps=3), PairingParams(num_candidates=4))
+    assert len(recs) == 2 and all(r.scores["target"] > r.scores["base"] for r in recs)
+    assert all(r.base_seed != r.ref_seed for r in recs)  # winner and loser from different noise
+    save_pairs(recs, tmp_path)
+    assert len(load_training_pairs(tmp_path)) == 2
+
+
+def test_two_processes_match_one(pipelines_dir, pair_dir, tmp_path):
+    """accelerate launch with 2 CPU processes (gloo): both ranks end equal, and equal to one process."""
+    common = ["-m", "dfusion_core", "train", "--model", str(pipelines_dir / "sd1"), "--data", str(pair_dir),
+              "--algo", "dpo", "--steps", "3", "--batch-size", "4", "--lr", "1e-3", "--ckpt-every", "3"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, *common, "--out", str(tmp_path / "one")], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                          "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", *common,
+                          "--out", str(tmp_path / "two")], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = _lora(tmp_path / "one"), _lora(tmp_path / "two")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)
+    ranks = [json.loads(line) for line in (tmp_path / "two" / "rank_checksums.jsonl").read_text().splitlines()]
+    assert len(ranks) == 2 and ranks[0]["checksum"] == pytest.approx(ranks[1]["checksum"], rel=1e-7)
