@@ -172,7 +172,9 @@ def test_two_processes_match_one(pipelines_dir, pair_dir, tmp_path):
                          timeout=600)
     assert two.returncode == 0, two.stderr[-3000:]
     a, b = _lora(tmp_path / "one"), _lora(tmp_path / "two")
+    # gradients are summed in another order across processes; Adam normalises near-zero gradients, so allow
+    # 10% of the largest possible update (lr x steps = 3e-3)
     for k in a:
-        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(a[k], b[k], atol=3e-4, rtol=0)
     ranks = [json.loads(line) for line in (tmp_path / "two" / "rank_checksums.jsonl").read_text().splitlines()]
     assert len(ranks) == 2 and ranks[0]["checksum"] == pytest.approx(ranks[1]["checksum"], rel=1e-7)
