@@ -127,14 +127,24 @@ def fuse_batch(model: LoadedModel, prompt: str, pairs: list[tuple[int, int]], sa
     cond = model.encode([prompt], sampling.negative_prompt, sampling.uses_cfg, h, w)
     ctl = model.controller
     replay_bases = [] if from_cache else list(dict.fromkeys(b for b, _ in pairs if union_base or b not in bases))
+    # Before the first fused step the target IS its base: with the base's trajectory known, the target
+    # starts there (same latent, generator advanced past those steps' noise) instead of recomputing them.
+    skip = fusion.step_range(n)[0] - 1
+
+    def target(b, r, lagged: bool):
+        k = skip if b in bases and b not in replay_bases else 0
+        # lagged: the reference computes step k at call k, the target one call later
+        return Stream(seed=b, role=ROLE_TARGET, ref=r, base=b, offset=k + 1 if lagged else 0, first_step=k,
+                      prefix=bases.get(b))
+
     if from_cache:
         store = _ChainStore([entries[r].store for r in ref_seeds])
-        streams = [Stream(seed=b, role=ROLE_TARGET, ref=r, base=b) for b, r in pairs]
+        streams = [target(b, r, False) for b, r in pairs]
     else:
         store = ReferenceStore(device=cache.device if cache is not None else None, keep_all=cache is not None)
         streams = [Stream(seed=r, role=ROLE_REF, ref=r) for r in ref_seeds]
         streams += [Stream(seed=b, role=ROLE_BASE, base=b) for b in replay_bases]
-        streams += [Stream(seed=b, role=ROLE_TARGET, ref=r, base=b, offset=1) for b, r in pairs]
+        streams += [target(b, r, True) for b, r in pairs]
     masker = FusionMasker(store, fusion.mask, groups, (lh, lw), fusion.step_range(n), fusion.use_mask,
                           layers=fusion_layers)
     ctl.store, ctl.masker = store, masker

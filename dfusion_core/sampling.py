@@ -54,8 +54,10 @@ class Stream:
     role: str = ROLE_PLAIN
     ref: int = -1
     base: int = -1
-    offset: int = 0  # first UNet call of this stream
+    offset: int = 0  # the UNet call at which this stream computes its first step
     initial_latent: torch.Tensor | None = None  # else drawn from the seed
+    prefix: "Trajectory | None" = None  # known trajectory whose first `first_step` steps this stream shares
+    first_step: int = 0  # steps taken from `prefix` instead of computed (its generator skips their noise)
     # filled while running
     generator: torch.Generator | None = field(default=None, repr=False)
     latent: torch.Tensor | None = field(default=None, repr=False)
@@ -98,12 +100,21 @@ def denoise(model: LoadedModel, cond: Conditioning, streams: list[Stream], sampl
         x_T = torch.randn((c, h, w), generator=s.generator)  # always drawn, so the noise sequence is fixed
         s.latent = (s.initial_latent if s.initial_latent is not None else x_T).float().to(dev)
         s.latents, s.log_probs, s.x0s = [s.latent.cpu()], [], []
+        if s.first_step:
+            k = s.first_step
+            for _ in range(k):  # the shared steps' noise: drawn and dropped so later draws line up
+                torch.randn((c, h, w), generator=s.generator)
+            s.latent = s.prefix.latents[k].float().to(dev)
+            s.latents = list(s.prefix.latents[:k + 1])
+            s.log_probs, s.x0s = list(s.prefix.log_probs[:k]), list(s.prefix.x0_preds[:k])
     cfg = sampling.uses_cfg and cond.uncond is not None
-    total = max(s.offset for s in streams) + n
+    total = max(s.offset + n - s.first_step for s in streams)
     ctl = model.controller
     for call in range(total):
-        active = [s for s in streams if s.offset <= call < s.offset + n]
-        steps = [call - s.offset for s in active]
+        active = [s for s in streams if s.offset <= call < s.offset + n - s.first_step]
+        steps = [s.first_step + call - s.offset for s in active]
+        if not active:
+            continue
         x = torch.stack([s.latent for s in active])
         t = torch.tensor([schedule.timesteps[k] for k in steps], dtype=torch.long)
         rows = [s.cond_row for s in active]

@@ -127,3 +127,14 @@ def test_invalid_fusion_params_get_clear_errors(sd1, fusion, msg):
 def test_prompt_without_content_words(sd1):
     with pytest.raises(ValueError, match="no content word"):
         fuse(sd1, "the of a", 1, 2, SP)
+
+
+def test_target_reuses_the_known_base_before_the_first_fused_step(sd1):
+    """Before start_step the target is its base: it starts from the base's latent, with the base's later noise."""
+    base = sample(sd1, PROMPT, [11], SP).trajectories[0]
+    fused = FusionParams(start_step=4)
+    skipping = fuse(sd1, PROMPT, 11, 22, SP, fused, base=base)
+    computing = fuse(sd1, PROMPT, 11, 22, SP, fused)  # base unknown: replayed, every target step computed
+    assert torch.equal(skipping.target.latents[:4], base.latents[:4])
+    torch.testing.assert_close(skipping.target.latents, computing.target.latents, atol=1e-4, rtol=0)
+    torch.testing.assert_close(skipping.target.log_probs, computing.target.log_probs, atol=1e-3, rtol=0)
