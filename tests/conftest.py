@@ -54,3 +54,18 @@ def tokenizer(tmp_path_factory):
     from dfusion_core.tokenizer_build import write_clip_tokenizer
 
     return CLIPTokenizer.from_pretrained(write_clip_tokenizer(tmp_path_factory.mktemp("tok")))
+
+
+def launch_app(svc):
+    """Serve the app for `svc` on a free local port; returns (url, demo)."""
+    import socket
+
+    from app.ui import CSS, SHORTCUTS, build_demo
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    demo = build_demo(svc)
+    demo.queue().launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, head=SHORTCUTS, css=CSS,
+                        quiet=True)
+    return f"http://127.0.0.1:{port}/", demo

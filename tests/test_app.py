@@ -1,30 +1,19 @@
 """The app end to end through gradio_client, on a tiny pipeline: sample, fuse, live re-fusion, labels."""
-import socket
 import threading
 
 import pytest
+from conftest import launch_app
 
 gradio_client = pytest.importorskip("gradio_client")
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def app_url(sd1, tmp_path_factory):
     from app.service import AppService
-    from app.ui import CSS, SHORTCUTS, build_demo
-
     svc = AppService(sd1, store_dir=tmp_path_factory.mktemp("store"),
                      scorer=lambda ims, ps: [sum(im.convert("L").getdata()) / (255 * im.width * im.height) for im in ims])
-    demo = build_demo(svc)
-    port = _free_port()
-    demo.queue().launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, head=SHORTCUTS, css=CSS,
-                        quiet=True)
-    yield f"http://127.0.0.1:{port}/", svc
+    url, demo = launch_app(svc)
+    yield url, svc
     demo.close()
 
 

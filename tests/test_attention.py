@@ -63,16 +63,21 @@ def _attn_and_controller(mask):
     return attn, ctl, proc
 
 
-def test_kv_fusion_replaces_only_masked_positions_and_keeps_queries():
-    mask = torch.tensor([1.0, 0.0, 0.0, 1.0])
-    attn, ctl, proc = _attn_and_controller(mask)
-    h_ref, h_tgt = torch.randn(1, 4, 8), torch.randn(1, 4, 8)
-    # the reference writes its K/V (step 0), the target reads them one call later
+def _reference_then_target(attn, ctl, proc, h_ref, h_tgt):
+    """The reference writes its K/V (step 0); the target reads them one call later."""
     ctl.begin_call([RowInfo(ROLE_REF, 0, ref=7)], cfg=False)
     proc(attn, h_ref)
     ctl.begin_call([RowInfo(ROLE_TARGET, 0, ref=7, base=1)], cfg=False)
     fused = proc(attn, h_tgt)
     ctl.end()
+    return fused
+
+
+def test_kv_fusion_replaces_only_masked_positions_and_keeps_queries():
+    mask = torch.tensor([1.0, 0.0, 0.0, 1.0])
+    attn, ctl, proc = _attn_and_controller(mask)
+    h_ref, h_tgt = torch.randn(1, 4, 8), torch.randn(1, 4, 8)
+    fused = _reference_then_target(attn, ctl, proc, h_ref, h_tgt)
     # expected: K*, V* mixed row-wise by the mask, queries from the target
     q = attn.to_q(h_tgt)
     k = torch.where(mask.bool()[None, :, None], attn.to_k(h_ref), attn.to_k(h_tgt))
@@ -87,11 +92,7 @@ def test_empty_mask_or_inactive_step_is_plain_attention():
     for mask in (torch.zeros(4), None):
         attn, ctl, proc = _attn_and_controller(mask)
         h_ref, h_tgt = torch.randn(1, 4, 8), torch.randn(1, 4, 8)
-        ctl.begin_call([RowInfo(ROLE_REF, 0, ref=7)], cfg=False)
-        proc(attn, h_ref)
-        ctl.begin_call([RowInfo(ROLE_TARGET, 0, ref=7, base=1)], cfg=False)
-        fused = proc(attn, h_tgt)
-        ctl.end()
+        fused = _reference_then_target(attn, ctl, proc, h_ref, h_tgt)
         torch.testing.assert_close(fused, AttnProcessor2_0()(attn, h_tgt))
 
 

@@ -1,9 +1,9 @@
 """A real browser (Debian chromium via playwright): Fuse -> a word's mask -> keyboard label -> Dataset."""
 import os
 import shutil
-import socket
 
 import pytest
+from conftest import launch_app
 
 playwright = pytest.importorskip("playwright.sync_api")
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -12,23 +12,12 @@ ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-net
         "--disable-sync", "--no-first-run", "--disable-dev-shm-usage"]
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def served(sd1, tmp_path_factory):
     from app.service import AppService
-    from app.ui import CSS, SHORTCUTS, build_demo
-
     svc = AppService(sd1, store_dir=tmp_path_factory.mktemp("store"))
-    demo = build_demo(svc)
-    port = _free_port()
-    demo.queue().launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, head=SHORTCUTS, css=CSS,
-                        quiet=True)
-    yield f"http://127.0.0.1:{port}/", svc
+    url, demo = launch_app(svc)
+    yield url, svc
     demo.close()
 
 
