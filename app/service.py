@@ -36,6 +36,7 @@ class Candidate:
     image: object
     trajectory: Trajectory
     score: float | None = None
+    correct: bool | None = None  # ShapesWorld ground-truth checker, when the prompt is a ShapesWorld caption
 
 
 @dataclass
@@ -77,8 +78,11 @@ def check_prompt(prompt) -> str:
 
 class AppService:
     def __init__(self, model: LoadedModel | str | None = None, store_dir: str | Path = "dfusion_data/store",
-                 scorer=None, cache_bytes: int = 1 << 30):
+                 scorer=None, cache_bytes: int = 1 << 30, runs_dir: str | Path | None = None):
         self.model = model if isinstance(model, LoadedModel) else load_model(model)
+        self.model_source = self.model.model_id  # the folder the training child loads
+        self.runs_dir = Path(runs_dir) if runs_dir else Path(store_dir).expanduser().parent / "runs"
+        self.job = None
         self.scorer = scorer
         self.store = PreferenceStore(store_dir)
         self.cache = ReferenceCache(max_bytes=cache_bytes)
@@ -141,9 +145,23 @@ class AppService:
             res = sample(self.model, prompt, seeds, sampling)
             scores = self.score(res.images, prompt)
         session = Session(prompt=prompt, sampling=sampling)
+        verdicts = self.check(res.images, prompt)
         for i, (s, im, tr) in enumerate(zip(seeds, res.images, res.trajectories)):
-            session.candidates[s] = Candidate(s, im, tr, None if scores is None else float(scores[i]))
+            session.candidates[s] = Candidate(s, im, tr, None if scores is None else float(scores[i]),
+                                              None if verdicts is None else verdicts[i])
         return session
+
+    def check(self, images, prompt: str) -> list[bool] | None:
+        """The ground-truth checker's verdicts on a ShapesWorld model and caption; None elsewhere."""
+        if self.model.defaults.get("world") != "shapesworld":
+            return None
+        from dfusion_core.shapesworld.checker import check
+        from dfusion_core.shapesworld.world import parse_prompt
+
+        spec = parse_prompt(prompt)
+        if spec is None:
+            return None
+        return [check(np.asarray(im), spec).correct for im in images]
 
     def score(self, images, prompt: str):
         if self.scorer is None:
@@ -169,8 +187,22 @@ class AppService:
             session = replace(session, prompt=prompt, sampling=sampling, candidates={})
         session.result = res
         session.scores = {} if scores is None else dict(zip(("base", "reference", "target"), scores.tolist()))
+        verdicts = self.check([res.base_image, res.reference_image, res.target_image], prompt)
+        if verdicts is not None:
+            session.scores.update({f"{k} checker": float(v) for k, v in zip(("base", "reference", "target"), verdicts)})
         session.x0_images = None
         return session
+
+    def ablation(self, session: Session, thresholds=(0.2, 0.4, 0.6)):
+        from dfusion_core.ablation import run_ablation
+
+        r = session.result
+        if r is None:
+            raise UserError("fuse a pair first: the ablation varies the current pair")
+        with self.lock:
+            return run_ablation(self.model, r.prompt, r.base_seed, r.ref_seed, r.sampling, r.fusion, cache=self.cache,
+                                base=r.base, base_image=r.base_image, scorer=self.scorer,
+                                thresholds=[(f"relative {t}", t) for t in thresholds])
 
     def x0_images(self, session: Session) -> list:
         """Decoded x0 predictions of the target, one per step (the trajectory viewer)."""
@@ -195,6 +227,108 @@ class AppService:
         self.store.add(rec, label)
         session.history.append((rec.pair_id, previous))
         return f"saved pair {rec.pair_id} as '{label}' ({len(self.store)} in the set)"
+
+    # ---- training ----------------------------------------------------------------------------------
+    def train_start(self, algo: str, lora_rank, lr, beta, steps) -> str:
+        from dfusion_core.training.trainer import ALGOS, TrainConfig
+
+        from .jobs import TrainingJob
+
+        if self.job is not None and self.job.state == "running":
+            raise UserError("a fine-tune is already running: cancel it or wait for it to finish")
+        if algo not in ALGOS:
+            raise UserError(f"algorithm must be one of {', '.join(ALGOS)}")
+        labelled = [s for s in self.store.summaries() if s.label != "tie"]
+        if len(labelled) < 2:
+            raise UserError(f"training needs at least two labelled pairs (ties do not count); the set has {len(labelled)}")
+        try:
+            rank, steps, lr, beta = int(lora_rank), int(steps), float(lr), float(beta)
+            cfg = TrainConfig(algo=algo, lora_rank=rank, lr=lr, steps=steps, ckpt_every=max(1, min(10, steps)),
+                              batch_size=min(4, len(labelled)),
+                              **({"dpo_beta": beta} if algo == "dpo" else {"traj_beta": beta} if algo == "traj-dpo" else {}))
+            cfg.validate()
+        except (TypeError, ValueError) as e:
+            raise UserError(str(e)) from None
+        if rank == 0:
+            raise UserError("the app trains LoRA adapters (rank >= 1); use the CLI for a full fine-tune")
+        import time as _t
+
+        out = self.runs_dir / f"{algo}-{_t.strftime('%Y%m%d-%H%M%S')}"
+        args = ["--model", self.model_source, "--data", str(self.store.root), "--algo", algo, "--lora-rank", str(rank),
+                "--lr", str(lr), "--steps", str(steps), "--ckpt-every", str(cfg.ckpt_every),
+                "--batch-size", str(cfg.batch_size)]
+        if algo == "dpo":
+            args += ["--dpo-beta", str(beta)]
+        elif algo == "traj-dpo":
+            args += ["--traj-beta", str(beta)]
+        self.job = TrainingJob(args, out, steps)
+        self.job.start()
+        return f"started {algo} on {len(labelled)} pairs → {out}"
+
+    def train_status(self) -> tuple[str, list[dict], float]:
+        """(message, log rows, fraction done)."""
+        job = self.job
+        if job is None:
+            return "no fine-tune started", [], 0.0
+        rows = job.rows()
+        step = rows[-1]["step"] if rows else 0
+        state = job.state
+        msg = f"{state}: step {step}/{job.total}"
+        if rows:
+            msg += f" · loss {rows[-1]['loss']:.4f}"
+        if state == "failed":
+            msg += f" · {job.error()}"
+        return msg, rows, step / max(1, job.total)
+
+    def train_cancel(self) -> str:
+        if self.job is None or self.job.state != "running":
+            raise UserError("no fine-tune is running")
+        self.job.cancel()
+        return "cancelled; 'Resume' continues from the last checkpoint"
+
+    def train_resume(self) -> str:
+        if self.job is None:
+            raise UserError("no fine-tune to resume")
+        if self.job.state == "running":
+            raise UserError("the fine-tune is still running")
+        self.job.start()
+        return f"resumed in {self.job.out}"
+
+    def load_trained(self) -> str:
+        """Load the finished (or last checkpointed) LoRA into the live model used by the Fuse view."""
+        if self.job is None or not (self.job.out / "pytorch_lora_weights.safetensors").is_file():
+            raise UserError("no trained weights yet: start a fine-tune and let it reach a checkpoint")
+        with self.lock:
+            pipe = self.model.pipe
+            if "dfusion_tuned" in (pipe.get_list_adapters().get("unet", []) if hasattr(pipe, "get_list_adapters") else []):
+                pipe.delete_adapters("dfusion_tuned")
+            pipe.load_lora_weights(str(self.job.out), adapter_name="dfusion_tuned")
+            self.model.model_id = f"{self.model_source}+lora:{self.job.out}"
+            self.cache.clear()  # cached references belong to the old weights
+        return f"loaded {self.job.out.name} into the Fuse view"
+
+    def before_after(self, prompts: list[str], seeds=(0, 1)) -> list[tuple[object, str]]:
+        """Held-out prompts with fixed seeds, before and after loading the trained LoRA, with scores."""
+        if self.job is None or not (self.job.out / "pytorch_lora_weights.safetensors").is_file():
+            raise UserError("no trained weights yet")
+        items = []
+        with self.lock:
+            before = {p: sample(self.model, p, list(seeds), self.default_sampling) for p in prompts}
+        self.load_trained()
+        with self.lock:
+            after = {p: sample(self.model, p, list(seeds), self.default_sampling) for p in prompts}
+        for p in prompts:
+            for tag, res in (("before", before[p]), ("after", after[p])):
+                sc = self.score(res.images, p)
+                ok = self.check(res.images, p)
+                for i, im in enumerate(res.images):
+                    cap = f"{tag} · {p} · seed {seeds[i]}"
+                    if sc is not None:
+                        cap += f" · {sc[i]:.3f}"
+                    if ok is not None:
+                        cap += " ✓" if ok[i] else " ✗"
+                    items.append((im, cap))
+        return items
 
     def undo(self, session: Session) -> str:
         if not session.history:

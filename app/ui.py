@@ -14,7 +14,7 @@ from dfusion_core.config import FUSION_LAYER_PRESETS, RESIZE_MODES, THRESHOLD_MO
 from dfusion_core.prompt_sets import load_prompt_set
 
 from .service import AppService, Session, UserError
-from .views import enlarge, heat_overlay, mask_overlay, score_text
+from .views import ablation_plot, candidate_caption, enlarge, heat_overlay, mask_overlay, score_text, training_plot
 
 log = logging.getLogger("dfusion.app")
 
@@ -146,7 +146,40 @@ def build_demo(svc: AppService) -> gr.Blocks:
             with gr.Row():
                 ds_base = gr.Image(label="Base", elem_classes=["pixelated"], interactive=False)
                 ds_target = gr.Image(label="Target", elem_classes=["pixelated"], interactive=False)
+            with gr.Row():
+                export_dir = gr.Textbox(label="Export to folder (Parquet with caption/jpg_0/jpg_1/label_0 + trajectories)",
+                                        value="dfusion_data/export", scale=3)
+                export_btn = gr.Button("Export", scale=1)
+                import_dir = gr.Textbox(label="Import a pair folder (an export or build-pairs output)", scale=3)
+                import_btn = gr.Button("Import", scale=1)
             ds_status = gr.Markdown()
+
+        with gr.Tab("Train"):
+            gr.Markdown("Fine-tune a LoRA on the labelled pairs in a background process; the plot follows its log.")
+            with gr.Row():
+                algo = gr.Dropdown(["dpo", "traj-dpo", "ddpo", "dpok"], value="dpo", label="Algorithm")
+                rank = gr.Number(value=4, precision=0, label="LoRA rank")
+                lr = gr.Number(value=1e-4, label="Learning rate")
+                beta = gr.Number(value=5000, label="beta (dpo: 5000, beta/2 convention; traj-dpo: 0.1)")
+                tsteps = gr.Number(value=100, precision=0, label="Steps")
+            with gr.Row():
+                train_btn = gr.Button("Start", variant="primary", elem_id="train-start")
+                cancel_btn = gr.Button("Cancel", variant="stop")
+                resume_btn = gr.Button("Resume")
+                load_btn = gr.Button("Load into the Fuse view")
+                compare_btn = gr.Button("Before / after on held-out prompts")
+            train_progress = gr.Slider(0, 1, value=0, label="Progress", interactive=False)
+            train_status = gr.Markdown(elem_id="train-status")
+            train_plot = gr.Plot(label="loss · implicit accuracy · reward margin")
+            before_after = gr.Gallery(label="Before / after (fixed seeds)", columns=8, elem_classes=["pixelated"])
+            timer = gr.Timer(2.0)
+
+        with gr.Tab("Ablations"):
+            gr.Markdown("For the current pair: early / late / all fusion steps, with and without the mask, and "
+                        "three relative thresholds - from the reference cache.")
+            abl_btn = gr.Button("Run the ablation grid", variant="primary", elem_id="ablate")
+            abl_gallery = gr.Gallery(label="Targets", columns=9, elem_classes=["pixelated"], height=260)
+            abl_plot = gr.Plot(label="Change against the base, inside vs outside the mask")
 
         # ---- handlers ----------------------------------------------------------------------------
         def words_update(p):
@@ -178,8 +211,7 @@ def build_demo(svc: AppService) -> gr.Blocks:
             sampling = svc.sampling(st, g, e)
             sess = svc.sample_candidates(sess, p, n, s0_, sampling)
             cands = list(sess.candidates.values())
-            items = [(enlarge(c.image, 128), f"seed {c.seed}" + (f" · {c.score:.3f}" if c.score is not None else ""))
-                     for c in cands]
+            items = [(enlarge(c.image, 128), candidate_caption(c)) for c in cands]
             if all(c.score is not None for c in cands):
                 best = max(cands, key=lambda c: c.score).seed
                 worst = min(cands, key=lambda c: c.score).seed
@@ -287,6 +319,53 @@ def build_demo(svc: AppService) -> gr.Blocks:
                 raise UserError(str(e)) from None
             return f"pair {pid} deleted", on_table(text, lf), None, None
 
+        @guarded
+        def on_export(folder):
+            try:
+                info = svc.store.export(folder)
+            except OSError as e:
+                raise UserError(f"cannot write {folder}: {e}") from None
+            return f"exported {info['pairs']} pairs to {info['out']}"
+
+        @guarded
+        def on_import(folder, text, lf):
+            if not folder or not folder.strip():
+                raise UserError("type the folder to import")
+            n = svc.store.import_pairs(folder.strip())
+            return f"imported {n} pairs", on_table(text, lf)
+
+        @guarded
+        def on_train(a_, r_, lr_, b_, st_):
+            return svc.train_start(a_, r_, lr_, b_, st_)
+
+        def on_tick():
+            msg, rows, frac = svc.train_status()
+            return msg, frac, (training_plot(rows) if rows else None)
+
+        @guarded
+        def on_cancel():
+            return svc.train_cancel()
+
+        @guarded
+        def on_resume():
+            return svc.train_resume()
+
+        @guarded
+        def on_load():
+            return svc.load_trained()
+
+        @guarded
+        def on_compare():
+            prompts = [p for p in example_prompts()[:3]]
+            items = svc.before_after(prompts)
+            return [(enlarge(im, 128), cap) for im, cap in items]
+
+        @guarded
+        def on_ablate(sess):
+            cells = svc.ablation(sess)
+            items = [(enlarge(c.image, 128), c.label + (f" · {c.score:.3f}" if c.score is not None else "")) for c in cells]
+            return items, ablation_plot(cells)
+
         # ---- wiring ------------------------------------------------------------------------------
         prompt.submit(on_prompt, [prompt], [words, keywords], api_name="words")
         prompt.blur(on_prompt, [prompt], [words, keywords], api_name=False)
@@ -316,6 +395,15 @@ def build_demo(svc: AppService) -> gr.Blocks:
         relabel_btn.click(on_relabel, [pick_id, new_label, filt, label_filt], [ds_status, table], api_name="relabel")
         delete_btn.click(on_delete, [pick_id, filt, label_filt], [ds_status, table, ds_base, ds_target],
                          api_name="delete_pair")
+        export_btn.click(on_export, [export_dir], [ds_status], api_name="export")
+        import_btn.click(on_import, [import_dir, filt, label_filt], [ds_status, table], api_name="import")
+        train_btn.click(on_train, [algo, rank, lr, beta, tsteps], [train_status], api_name="train")
+        cancel_btn.click(on_cancel, None, [train_status], api_name="train_cancel")
+        resume_btn.click(on_resume, None, [train_status], api_name="train_resume")
+        load_btn.click(on_load, None, [train_status], api_name="load_trained")
+        compare_btn.click(on_compare, None, [before_after], api_name="before_after")
+        timer.tick(on_tick, None, [train_status, train_progress, train_plot], api_name="train_status")
+        abl_btn.click(on_ablate, [state], [abl_gallery, abl_plot], api_name="ablation")
         demo.load(on_prompt, [prompt], [words, keywords], api_name=False)
         demo.load(on_table, [filt, label_filt], [table], api_name=False)
     return demo

@@ -8,6 +8,15 @@ from PIL import Image
 DISPLAY = 256  # small models draw 64 px images; show them larger with crisp pixels
 
 
+def candidate_caption(c) -> str:
+    out = f"seed {c.seed}"
+    if c.score is not None:
+        out += f" · {c.score:.3f}"
+    if c.correct is not None:
+        out += " · ✓" if c.correct else " · ✗"
+    return out
+
+
 def enlarge(im: Image.Image, size: int = DISPLAY) -> Image.Image:
     if im is None:
         return None
@@ -37,5 +46,49 @@ def mask_overlay(image: Image.Image, mask: np.ndarray, colour=(0, 200, 255)) -> 
 def score_text(scores: dict) -> str:
     if not scores:
         return "_no scorer loaded_"
-    rows = " | ".join(f"{k}: **{v:.3f}**" for k, v in scores.items())
-    return f"CLIP score - {rows}"
+    clip = [f"{k}: **{v:.3f}**" for k, v in scores.items() if not k.endswith("checker")]
+    checker = [f"{k.replace(' checker', '')}: {'✓' if v else '✗'}" for k, v in scores.items() if k.endswith("checker")]
+    out = ("CLIP score - " + " | ".join(clip)) if clip else ""
+    if checker:
+        out += ("  \n" if out else "") + "ground-truth checker - " + " | ".join(checker)
+    return out
+
+
+def ablation_plot(cells):
+    """Bar chart: pixel change inside vs outside the mask per cell (+ score line when scored)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 3.2))
+    x = np.arange(len(cells))
+    ax.bar(x - 0.2, [c.change_inside for c in cells], 0.4, label="change inside mask")
+    ax.bar(x + 0.2, [c.change_outside for c in cells], 0.4, label="change outside mask")
+    ax.set_xticks(x, [c.label for c in cells], rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel("mean |target - base| (0-255)")
+    if all(c.score is not None for c in cells):
+        ax2 = ax.twinx()
+        ax2.plot(x, [c.score for c in cells], "k.-", label="score")
+        ax2.set_ylabel("score")
+    ax.legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def training_plot(rows: list[dict]):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(10, 2.8))
+    steps = [r["step"] for r in rows]
+    for ax, key in zip(axes, ("loss", "implicit_acc", "reward_margin")):
+        vals = [r.get(key) for r in rows]
+        if any(v is not None for v in vals):
+            ax.plot(steps, [np.nan if v is None else v for v in vals])
+        ax.set_title(key, fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+    fig.tight_layout()
+    return fig

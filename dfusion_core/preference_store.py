@@ -157,3 +157,55 @@ class PreferenceStore:
     def __len__(self) -> int:
         with self._connect() as db:
             return db.execute("SELECT COUNT(*) FROM pairs").fetchone()[0]
+
+    # ---- sharing ---------------------------------------------------------------------------------
+    def export(self, dest: str | Path, jpeg_quality: int = 95) -> dict:
+        """Write the set to `dest`: pairs.parquet (Pick-a-Pic columns caption, jpg_0 = target, jpg_1 = base,
+        label_0 = 1 / 0 / 0.5 for target / base / tie, plus ids, seeds and scores) and a pair folder
+        (pairs.jsonl + per-pair safetensors trajectories and PNGs) that `import_pairs` and training read."""
+        import io
+
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        from .pairs import save_record
+
+        out = Path(dest).expanduser()
+        if out.exists() and any(out.iterdir()):
+            raise ValueError(f"{out} exists and is not empty: export into a new folder")
+        out.mkdir(parents=True, exist_ok=True)
+        cols = {k: [] for k in ("pair_id", "caption", "jpg_0", "jpg_1", "label_0", "label", "base_seed", "ref_seed",
+                                "score_0", "score_1", "model_id")}
+        for pid in self.ids():
+            rec = self.get(pid)
+            save_record(rec, out)
+
+            def jpg(im):
+                buf = io.BytesIO()
+                im.save(buf, format="JPEG", quality=jpeg_quality)
+                return buf.getvalue()
+
+            cols["pair_id"].append(pid)
+            cols["caption"].append(rec.prompt)
+            cols["jpg_0"].append(jpg(rec.images["target"]))
+            cols["jpg_1"].append(jpg(rec.images["base"]))
+            cols["label_0"].append({"target": 1.0, "base": 0.0, "tie": 0.5}[rec.label])
+            cols["label"].append(rec.label)
+            cols["base_seed"].append(rec.base_seed)
+            cols["ref_seed"].append(rec.ref_seed)
+            cols["score_0"].append(rec.scores.get("target"))
+            cols["score_1"].append(rec.scores.get("base"))
+            cols["model_id"].append(rec.model_id)
+        pq.write_table(pa.table(cols), out / "pairs.parquet")
+        return {"pairs": len(cols["pair_id"]), "out": str(out)}
+
+    def import_pairs(self, source: str | Path) -> int:
+        """Add every pair of a pair folder (an export, or build-pairs output) with its label; returns the count."""
+        from .pairs import load_pairs
+
+        n = 0
+        for rec in load_pairs(source):
+            label = rec.label if rec.label in LABELS else "target"
+            self.add(rec, label)
+            n += 1
+        return n

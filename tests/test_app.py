@@ -80,3 +80,34 @@ def test_two_clients_do_not_share_state(app_url):
     assert all(svc.store.get(pid).label == "tie" for pid in ids)
     bases = sorted(svc.store.get(pid).base_seed for pid in ids)
     assert bases == [7, 9]
+
+
+def test_ablation_export_import_and_a_background_fine_tune(app_url, tmp_path):
+    import time
+
+    url, svc = app_url
+    c = gradio_client.Client(url, verbose=False)
+    c.predict("a red dog", api_name="/words")
+    with pytest.raises(Exception, match="fuse a pair first"):
+        c.predict(api_name="/ablation")
+    for base, ref in (("20", "21"), ("22", "23")):
+        c.predict(*_fuse_args(base, ref), api_name="/fuse")
+        c.predict(api_name="/label_target")
+    gallery, _ = c.predict(api_name="/ablation")
+    assert len(gallery) == 9 and "no mask" in gallery[1]["caption"]
+    assert "exported" in c.predict(str(tmp_path / "exp"), api_name="/export")
+    msg, _ = c.predict(str(tmp_path / "exp"), "", "any", api_name="/import")
+    assert msg.startswith("imported")
+    with pytest.raises(Exception, match="not in the list of choices"):
+        c.predict("sft", 4, 1e-4, 5000, 3, api_name="/train")
+    assert "started dpo" in c.predict("dpo", 4, 1e-3, 5000, 3, api_name="/train")
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        status, frac, _ = c.predict(api_name="/train_status")
+        if not status.startswith("running"):
+            break
+        time.sleep(2)
+    assert status.startswith("done: step 3/3"), status
+    assert "loaded" in c.predict(api_name="/load_trained")
+    assert "+lora:" in svc.model.model_id
+    assert c.predict(*_fuse_args("5", "6"), api_name="/fuse")[-1].startswith("fused in one batched run")  # cache cleared

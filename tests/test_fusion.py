@@ -138,3 +138,15 @@ def test_target_reuses_the_known_base_before_the_first_fused_step(sd1):
     assert torch.equal(skipping.target.latents[:4], base.latents[:4])
     torch.testing.assert_close(skipping.target.latents, computing.target.latents, atol=1e-4, rtol=0)
     torch.testing.assert_close(skipping.target.log_probs, computing.target.log_probs, atol=1e-3, rtol=0)
+
+
+def test_ablation_grid_global_fusion_changes_the_outside_more(sd1):
+    from dfusion_core.ablation import run_ablation
+
+    cells = run_ablation(sd1, PROMPT, 11, 22, SamplingParams(num_steps=8), FusionParams(),
+                         scorer=lambda ims, ps: [0.5] * len(ims), thresholds=[("0.3", 0.3)])
+    labels = [c.label for c in cells]
+    assert labels[:2] == ["early 3-4 mask", "early 3-4 no mask"] and labels[-1] == "threshold 0.3"
+    by = {c.label: c for c in cells}
+    assert by["all 3-8 no mask"].change_outside > by["all 3-8 mask"].change_outside
+    assert all(c.score == 0.5 for c in cells)

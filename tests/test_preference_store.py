@@ -103,3 +103,24 @@ def test_two_processes_write_concurrently(tmp_path):
     ps = [subprocess.Popen([sys.executable, "-c", script, str(off)]) for off in (0, 1000)]
     assert all(p.wait(timeout=120) == 0 for p in ps)
     assert len(PreferenceStore(tmp_path)) == 30
+
+
+def test_export_parquet_and_import_back(tmp_path):
+    import pyarrow.parquet as pq
+
+    store = PreferenceStore(tmp_path / "a")
+    store.add(fake_record(1), "target")
+    store.add(fake_record(2), "base")
+    store.add(fake_record(3), "tie")
+    info = store.export(tmp_path / "export")
+    assert info["pairs"] == 3
+    table = pq.read_table(tmp_path / "export" / "pairs.parquet").to_pydict()
+    assert table["caption"] == ["prompt 1", "prompt 2", "prompt 3"]
+    assert table["label_0"] == [1.0, 0.0, 0.5]
+    assert table["jpg_0"][0][:2] == b"\xff\xd8"  # JPEG bytes
+    other = PreferenceStore(tmp_path / "b")
+    assert other.import_pairs(tmp_path / "export") == 3
+    assert sorted(s.label for s in other.summaries()) == ["base", "target", "tie"]
+    assert torch.equal(other.get("pair00002").base.latents, store.get("pair00002").base.latents)
+    with pytest.raises(ValueError, match="not empty"):
+        store.export(tmp_path / "export")
