@@ -1,0 +1,74 @@
+"""App benchmark on the embedded default: start-to-ready time and slider-change round trip.
+
+    python benchmarks/app_latency.py [--rounds 11]
+
+Starts `python app.py` in a child process, waits until its page answers (start to ready), then drives it
+with gradio_client as a script would: sample 4 candidates, fuse once, and move the threshold slider
+`rounds` times (each a /refuse_threshold call that returns the updated target). Prints one JSON object.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rounds", type=int, default=11)
+    ap.add_argument("--prompt", default="the red circle above the blue square")
+    a = ap.parse_args()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    store = tempfile.mkdtemp()
+    t0 = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "app.py", "--port", str(port), "--store", store], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ})
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        while True:
+            try:
+                urllib.request.urlopen(url, timeout=1)
+                break
+            except OSError:
+                if proc.poll() is not None:
+                    raise SystemExit("the app exited during start")
+                time.sleep(0.1)
+        ready_s = time.perf_counter() - t0
+        from gradio_client import Client
+
+        c = Client(url, verbose=False)
+        c.predict(a.prompt, api_name="/words")
+        _, base, ref, _, kws = c.predict(a.prompt, 20, 2.0, 1.0, 4, 0, api_name="/sample")
+        args = [a.prompt, 20, 2.0, 1.0, base, ref, kws["value"]]
+        t = time.perf_counter()
+        c.predict(*args, "auto", 0.5, 3, 20, "mid+up", "smooth", True, None, api_name="/fuse")
+        first_fuse_s = time.perf_counter() - t
+        times = []
+        for i in range(a.rounds):
+            t = time.perf_counter()
+            out = c.predict(*args, "relative", 0.2 + 0.05 * i, 3, 20, "mid+up", "smooth", True, None,
+                            api_name="/refuse_threshold")
+            times.append(time.perf_counter() - t)
+            assert "cache" in out[-1], out[-1]
+        print(json.dumps({"start_to_ready_s": round(ready_s, 2), "first_fuse_s": round(first_fuse_s, 3),
+                          "slider_round_trip_median_s": round(statistics.median(times), 3),
+                          "slider_round_trip_s": [round(x, 3) for x in times]}))
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+if __name__ == "__main__":
+    main()
