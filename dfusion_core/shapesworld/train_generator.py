@@ -49,6 +49,7 @@ class GeneratorConfig:
     ema_decay: float = 0.995
     ckpt_every: int = 500
     threads: int = 2
+    init_from: str = ""  # a pipeline folder (e.g. assets/shapesworld) to continue from when the run has no checkpoint
 
 
 def log(out: Path, **row) -> None:
@@ -106,7 +107,7 @@ def build_unet():
 
 def scheduler_config() -> dict:
     return dict(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction",
-                clip_sample=False, set_alpha_to_one=False, timestep_spacing="trailing", steps_offset=0)
+                clip_sample=False, set_alpha_to_one=False, timestep_spacing="trailing", steps_offset=1)
 
 
 def _family_sampler(cfg: GeneratorConfig):
@@ -132,14 +133,30 @@ def _save(path: Path, **state) -> None:
     os.replace(tmp, path)  # a kill mid-save never leaves a half-written checkpoint
 
 
+def _init_pipeline(cfg: GeneratorConfig):
+    if not cfg.init_from:
+        return None
+    from diffusers import StableDiffusionPipeline
+
+    return StableDiffusionPipeline.from_pretrained(cfg.init_from, dtype=torch.float32)
+
+
 def train_vae(cfg: GeneratorConfig, out: Path):
+    init = _init_pipeline(cfg)
+    if init is not None and not (out / "vae.pt").exists():  # continue: keep the shipped autoencoder as it is
+        vae = build_vae()
+        vae.load_state_dict({k: v.float() for k, v in init.vae.state_dict().items()})
+        _save(out / "vae.pt", model=vae.state_dict(), opt=None, step=cfg.vae_steps, rng=random.Random(cfg.seed).getstate())
+        return vae.eval().requires_grad_(False)
     vae = build_vae()
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr)
     ckpt = out / "vae.pt"
     step, rng = 0, random.Random(cfg.seed)
     if ckpt.exists():
         st = torch.load(ckpt, weights_only=False)
-        vae.load_state_dict(st["model"]); opt.load_state_dict(st["opt"]); step = st["step"]
+        vae.load_state_dict(st["model"]); step = st["step"]
+        if st["opt"] is not None:
+            opt.load_state_dict(st["opt"])
         rng.setstate(st["rng"])
     sample_prompt = _family_sampler(cfg)
     t0 = time.time()
@@ -253,11 +270,19 @@ def train_unet(cfg: GeneratorConfig, out: Path, vae, latents: torch.Tensor, capt
     lut = torch.zeros(49408, dtype=torch.long)
     lut[used_ids] = torch.arange(len(used_ids))
     ids = lut[ids]  # compact ids; expand_vocab maps the embedding back at export
-    scaling = float(1.0 / latents.std())
+    init = _init_pipeline(cfg) if not (out / "unet.pt").exists() else None
+    # continuing keeps the shipped latent scale; a fresh run sets it so latents have unit variance
+    scaling = float(init.vae.config.scaling_factor) if init is not None else float(1.0 / latents.std())
     latents = latents * scaling
 
     torch.manual_seed(cfg.seed)
     text_encoder, unet = build_text_encoder(len(used_ids)), build_unet()
+    if init is not None:  # continue from shipped (EMA) weights, fresh optimizer
+        unet.load_state_dict({k: v.float() for k, v in init.unet.state_dict().items()})
+        sd = {k: v.float() for k, v in init.text_encoder.state_dict().items()}
+        emb_key = next(k for k in sd if k.endswith("token_embedding.weight"))
+        sd[emb_key] = sd[emb_key][used_ids]
+        text_encoder.load_state_dict(sd)
     params = list(text_encoder.parameters()) + list(unet.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.unet_lr, weight_decay=1e-2)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / cfg.warmup))
@@ -312,7 +337,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="runs/shapesworld", help="run folder (checkpoints, logs, pipeline)")
     for k, v in asdict(GeneratorConfig()).items():
-        if isinstance(v, (int, float)) and not isinstance(v, bool):
+        if isinstance(v, (int, float, str)) and not isinstance(v, bool):
             ap.add_argument("--" + k.replace("_", "-"), type=type(v), default=v)
     a = ap.parse_args(argv)
     cfg = GeneratorConfig(**{k: getattr(a, k) for k in asdict(GeneratorConfig()) if hasattr(a, k)})
