@@ -182,14 +182,21 @@ class AppService:
                            cache=self.cache, base_image=cand.image if cand else None)
             except ValueError as e:
                 raise UserError(str(e)) from None
-            scores = self.score([res.base_image, res.reference_image, res.target_image], prompt)
         if not same:
             session = replace(session, prompt=prompt, sampling=sampling, candidates={})
-        session.result = res
-        session.scores = {} if scores is None else dict(zip(("base", "reference", "target"), scores.tolist()))
-        verdicts = self.check([res.base_image, res.reference_image, res.target_image], prompt)
+        prev = session.result
+        unchanged = prev is not None and (prev.prompt, prev.base_seed, prev.ref_seed, prev.sampling) == (prompt, b, r, sampling)
+        roles = ("target",) if unchanged else ("base", "reference", "target")  # base / reference scores stay valid
+        images = {"base": res.base_image, "reference": res.reference_image, "target": res.target_image}
+        scores = dict(session.scores) if unchanged else {}
+        with self.lock:
+            vals = self.score([images[k] for k in roles], prompt)
+        if vals is not None:
+            scores.update(zip(roles, vals.tolist()))
+        verdicts = self.check([images[k] for k in roles], prompt)
         if verdicts is not None:
-            session.scores.update({f"{k} checker": float(v) for k, v in zip(("base", "reference", "target"), verdicts)})
+            scores.update({f"{k} checker": float(v) for k, v in zip(roles, verdicts)})
+        session.result, session.scores = res, scores
         session.x0_images = None
         return session
 
