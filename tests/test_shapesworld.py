@@ -62,3 +62,24 @@ def test_blank_image_finds_nothing():
 def test_checker_validation_floors_on_a_sample():
     r = validate(150, seed=5)
     assert r["accept_true"] >= 0.98 and r["accept_perturbed"] <= 0.02
+
+
+def test_evaluation_and_model_card_run_end_to_end(sd1, tmp_path):
+    """A tiny random model draws nothing right; the report still has every metric and the card every floor."""
+    import json
+
+    from dfusion_core.config import SamplingParams
+    from dfusion_core.shapesworld.evaluate import auroc, evaluate, wilson
+    from dfusion_core.shapesworld.model_card import render as card
+
+    ev = evaluate(sd1, scorer=lambda ims, ps: np.linspace(0, 1, len(ims)), n_prompts=1, seeds_per_prompt=2,
+                  sampling=SamplingParams(num_steps=3, height=64, width=64))
+    assert ev["samples"] == 6 and set(ev["families"]) == {"action", "attribute", "spatial", "all"}
+    assert ev["families"]["all"]["accuracy_ci95"][1] > 0  # a Wilson interval, not a point
+    text = card(ev, {"images": 10, "accept_true": 1.0, "accept_perturbed": 0.0}, None, tmp_path / "none.jsonl",
+                tmp_path / "none.jsonl")
+    assert "## Floors" in text and "checker finds the expected objects" in text
+    json.dumps({k: v for k, v in ev.items() if k != "rows"})  # the summary is plain JSON
+    assert auroc([0.9, 0.8], [0.1, 0.2]) == 1.0 and auroc([0.5], [0.5]) == 0.5
+    lo, hi = wilson(5, 10)
+    assert lo < 0.5 < hi
