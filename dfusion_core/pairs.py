@@ -106,10 +106,24 @@ def record_from_result(res: FusionResult, model_id: str, scores: dict) -> PairRe
                       pair_id=pid)
 
 
+def _candidates(model: LoadedModel, prompt: str, scorer, sampling: SamplingParams, pairing: PairingParams,
+                batch_size: int, memo: dict | None):
+    validate_prompt(prompt)
+    key = (model.model_id, prompt, sampling, pairing.num_candidates, pairing.seed)
+    if memo is not None and key in memo:
+        return memo[key]
+    seeds = candidate_seeds(prompt, pairing.num_candidates, pairing.seed)
+    cands = sample(model, prompt, seeds, sampling, batch_size=batch_size)
+    scores = np.asarray(scorer(cands.images, [prompt] * len(seeds)), dtype=np.float64)
+    if memo is not None:
+        memo[key] = (seeds, cands, scores)
+    return seeds, cands, scores
+
+
 def build_pairs(model: LoadedModel, prompts: list[str], scorer, sampling: SamplingParams | None = None,
                 fusion: FusionParams | None = None, pairing: PairingParams | None = None,
-                batch_size: int = 16, progress=None) -> list[PairRecord]:
-    """Sample, score, pair and fuse for every prompt."""
+                batch_size: int = 16, progress=None, candidates: dict | None = None) -> list[PairRecord]:
+    """Sample, score, pair and fuse for every prompt (`candidates`: see build_random_pairs)."""
     sampling = (sampling or SamplingParams()).validate()
     fusion = (fusion or FusionParams()).validate(sampling.num_steps)
     pairing = (pairing or PairingParams()).validate()
@@ -117,10 +131,7 @@ def build_pairs(model: LoadedModel, prompts: list[str], scorer, sampling: Sampli
         raise ValueError("no prompts given")
     records = []
     for i, prompt in enumerate(prompts):
-        validate_prompt(prompt)
-        seeds = candidate_seeds(prompt, pairing.num_candidates, pairing.seed)
-        cands = sample(model, prompt, seeds, sampling, batch_size=batch_size)
-        scores = np.asarray(scorer(cands.images, [prompt] * len(seeds)), dtype=np.float64)
+        seeds, cands, scores = _candidates(model, prompt, scorer, sampling, pairing, batch_size, candidates)
         pairs = choose_pairs(seeds, scores, pairing)
         if not pairs:
             continue
@@ -143,17 +154,18 @@ def build_pairs(model: LoadedModel, prompts: list[str], scorer, sampling: Sampli
 
 
 def build_random_pairs(model: LoadedModel, prompts: list[str], scorer, sampling: SamplingParams | None = None,
-                       pairing: PairingParams | None = None, batch_size: int = 16) -> list[PairRecord]:
+                       pairing: PairingParams | None = None, batch_size: int = 16,
+                       candidates: dict | None = None) -> list[PairRecord]:
     """The paper's baseline in the same record format: per prompt, candidates paired at random, the higher
-    score as winner ('target', not fused) and the lower as loser ('base'); masks empty."""
+    score as winner ('target', not fused) and the lower as loser ('base'); masks empty.
+
+    `candidates` (a dict, shared between calls) keeps each prompt's sampled and scored candidates, so the
+    random and the D-Fusion pairs of an experiment come from the very same images at half the cost."""
     sampling = (sampling or SamplingParams()).validate()
     pairing = (pairing or PairingParams()).validate()
     records = []
     for prompt in prompts:
-        validate_prompt(prompt)
-        seeds = candidate_seeds(prompt, pairing.num_candidates, pairing.seed)
-        cands = sample(model, prompt, seeds, sampling, batch_size=batch_size)
-        scores = np.asarray(scorer(cands.images, [prompt] * len(seeds)), dtype=np.float64)
+        seeds, cands, scores = _candidates(model, prompt, scorer, sampling, pairing, batch_size, candidates)
         order = np.random.default_rng(int(seeds[0]) % (2 ** 32)).permutation(len(seeds))
         for a, b in zip(order[0::2], order[1::2]):
             if scores[a] == scores[b]:

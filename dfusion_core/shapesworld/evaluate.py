@@ -2,8 +2,9 @@
 
     python -m dfusion_core eval --split test --n-prompts 40 --seeds 5 --out eval.json
 
-Per family: checker accuracy (Wilson 95% interval), objects found, colours / shapes / textures / relation
-sub-scores, CLIP score. Masks: for each requested object the checker found, the automatic (Otsu) mask of
+Per family: checker accuracy (Wilson 95% interval over samples, and a bootstrap interval resampling
+prompts), CLIP score (bootstrap interval over prompts), diversity across seeds, objects found, colours /
+shapes / textures / relation sub-scores. Masks: for each requested object the checker found, the automatic (Otsu) mask of
 its words (colour + shape, + texture) against the object's silhouette: IoU and whether the map's peak lies
 inside. Scorer: AUROC of the CLIP score for checker-correct vs checker-wrong images, and how often the true
 caption outscores all its perturbations (on checker-correct images, where the caption is known true).
@@ -35,6 +36,31 @@ def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
     c = (p + z * z / (2 * n)) / d
     h = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
     return (max(0.0, c - h), min(1.0, c + h))
+
+
+def bootstrap_ci(rows: list[dict], key: str, n_boot: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """95% interval of the mean of rows[key], resampling whole prompts (seeds of a prompt are not independent)."""
+    by_prompt: dict[str, list[float]] = {}
+    for r in rows:
+        if r.get(key) is not None:
+            by_prompt.setdefault(r["prompt"], []).append(float(r[key]))
+    if not by_prompt:
+        return (float("nan"), float("nan"))
+    groups = list(by_prompt.values())
+    sums = np.array([sum(g) for g in groups])
+    counts = np.array([len(g) for g in groups])
+    idx = np.random.default_rng(seed).integers(0, len(groups), size=(n_boot, len(groups)))
+    means = sums[idx].sum(1) / counts[idx].sum(1)
+    return (float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975)))
+
+
+def diversity(images) -> float:
+    """Mean pairwise absolute pixel difference (0..1) between the seeds of one prompt: collapse shows as ~0."""
+    x = np.stack([np.asarray(im, dtype=np.float32) / 255.0 for im in images])
+    if len(x) < 2:
+        return float("nan")
+    d = [np.abs(x[i] - x[j]).mean() for i in range(len(x)) for j in range(i + 1, len(x))]
+    return float(np.mean(d))
 
 
 def auroc(pos: list[float], neg: list[float]) -> float:
@@ -82,6 +108,7 @@ def evaluate(model: LoadedModel, scorer=None, split: str = "test", n_prompts: in
         seeds = [seed * 100_000 + i * 100 + k for k in range(seeds_per_prompt)]
         rec = record_attention(model, spec.text, seeds, sampling, layer_factors=factors)
         obj_tokens = object_token_indices(model.tokenizer, spec)
+        div = diversity(rec.images)
         if scorer is not None:
             wrong = [list(perturbations(spec, rng).values()) for _ in seeds]
             texts = [spec.text] * len(seeds) + [w.text for ws in wrong for w in ws]
@@ -90,7 +117,7 @@ def evaluate(model: LoadedModel, scorer=None, split: str = "test", n_prompts: in
             true_sc, wrong_sc = sc[:len(seeds)], sc[len(seeds):]
         for k, (s, im) in enumerate(zip(seeds, rec.images)):
             v = check(np.asarray(im), spec)
-            row = {"family": fam, "prompt": spec.text, "seed": s, **v.as_dict()}
+            row = {"family": fam, "prompt": spec.text, "seed": s, **v.as_dict(), "diversity": div}
             by_colour = {}
             for o in v.objects:
                 by_colour.setdefault(o.colour, []).append(o)
@@ -121,8 +148,13 @@ def summarise(rows: list[dict], split: str, sampling: SamplingParams, seeds_per_
         loc = [l for r in rs for l in r["localisation"]]
         loc0 = [l for l in loc if l["object"] == 0]
         loc1 = [l for l in loc if l["object"] == 1]
+        for r in rs:
+            r["correct_f"] = float(r["correct"])
         d = {
-            "n": len(rs), "accuracy": k / len(rs), "accuracy_ci95": wilson(k, len(rs)),
+            "n": len(rs), "prompts": len({r["prompt"] for r in rs}),
+            "accuracy": k / len(rs), "accuracy_ci95": wilson(k, len(rs)),
+            "accuracy_ci95_prompts": bootstrap_ci(rs, "correct_f"),
+            "diversity": float(np.nanmean([r.get("diversity", float("nan")) for r in rs])),
             "objects_found": float(np.mean([r["objects_found"] for r in rs])),
             "colours_right": float(np.mean([r["colours_right"] for r in rs])),
             "shapes_right": float(np.mean([r["shapes_right"] for r in rs])),
@@ -138,9 +170,12 @@ def summarise(rows: list[dict], split: str, sampling: SamplingParams, seeds_per_
             d["relation_right"] = float(np.mean(rel))
         if scored:
             d["clip_mean"] = float(np.mean([r["clip"] for r in rs]))
+            d["clip_ci95"] = bootstrap_ci(rs, "clip")
             d["clip_auroc_correct_vs_wrong"] = auroc([r["clip"] for r in rs if r["correct"]],
                                                      [r["clip"] for r in rs if not r["correct"]])
             ok = [r["clip_beats_perturbations"] for r in rs if r["correct"]]
             d["clip_true_caption_wins"] = float(np.mean(ok)) if ok else float("nan")
+        for r in rs:
+            r.pop("correct_f", None)
         out["families"][fam] = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in d.items()}
     return out
