@@ -83,3 +83,39 @@ def test_evaluation_and_model_card_run_end_to_end(sd1, tmp_path):
     assert auroc([0.9, 0.8], [0.1, 0.2]) == 1.0 and auroc([0.5], [0.5]) == 0.5
     lo, hi = wilson(5, 10)
     assert lo < 0.5 < hi
+
+
+def test_shipped_pipeline_and_scorer_load_offline_and_work():
+    """The embedded default: a StableDiffusionPipeline folder and an OpenCLIP folder, loaded without network."""
+    from diffusers import StableDiffusionPipeline
+
+    from dfusion_core.loading import DEFAULT_MODEL, load_model
+    from dfusion_core.sampling import sample
+    from dfusion_core.scoring import make_scorer
+    from dfusion_core.shapesworld.world import parse_prompt
+
+    pipe = StableDiffusionPipeline.from_pretrained(DEFAULT_MODEL)  # stock diffusers reads it as it is
+    assert pipe.unet.config.sample_size >= 16 and pipe.scheduler.config.prediction_type == "v_prediction"
+    model = load_model(device="cpu")
+    prompt = "the red circle above the blue square"
+    res = sample(model, prompt, [0, 1, 2, 3])
+    assert res.images[0].size == (64, 64) and np.asarray(res.images[0]).std() > 5  # a picture, not a flat field
+    scorer = make_scorer(None, device="cpu")
+    wrong = "the blue circle above the red square"
+    s = np.asarray(scorer([res.images[0], res.images[0]], [prompt, wrong]))
+    assert np.isfinite(s).all() and s[0] != s[1]
+    spec = parse_prompt(prompt)
+    found = [check(np.asarray(im), spec).objects_found for im in res.images]
+    assert sum(found) >= 2  # the checker finds the requested objects in generated images (model card: most)
+
+
+def test_retrain_installs_a_folder_atomically(tmp_path):
+    from dfusion_core.shapesworld.retrain import _install, main
+
+    src, dest = tmp_path / "src", tmp_path / "dest"
+    src.mkdir(); (src / "a.txt").write_text("new")
+    dest.mkdir(); (dest / "old.txt").write_text("old")
+    _install(src, dest)
+    assert [p.name for p in dest.iterdir()] == ["a.txt"] and not (tmp_path / "dest.old").exists()
+    with pytest.raises(SystemExit):
+        main(["--stages", "generator,bogus"])

@@ -38,7 +38,7 @@ def _install(src: Path, dest: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def run(out: Path, stages=STAGES, install: bool = False, unet_steps: int = 20000, clip_steps: int = 1500,
+def run(out: Path, stages=STAGES, install: bool = False, unet_steps: int = 10000, clip_steps: int = 1500,
         threads: int = 2, eval_prompts: int = 40, eval_seeds: int = 5, extra: str | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     gen, clip = out / "shapesworld", out / "shapesworld-clip"
@@ -83,7 +83,7 @@ def main(argv=None) -> None:
     ap.add_argument("--out", default="runs", help="folder of all runs, logs and measurements")
     ap.add_argument("--stages", default=",".join(STAGES), help="comma-separated subset of " + ",".join(STAGES))
     ap.add_argument("--install", action="store_true", help="replace the shipped models in assets/ and their card")
-    ap.add_argument("--unet-steps", type=int, default=20000)
+    ap.add_argument("--unet-steps", type=int, default=10000)
     ap.add_argument("--clip-steps", type=int, default=1500)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--eval-prompts", type=int, default=40, help="test prompts per family")
