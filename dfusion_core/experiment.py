@@ -29,7 +29,7 @@ from .ablation import default_ranges
 from .config import FusionParams, MaskParams, SamplingParams, apply_model_defaults
 from .loading import LoadedModel
 from .pairs import PairingParams, PairRecord, build_pairs, build_random_pairs, load_pairs, save_pairs
-from .shapesworld.evaluate import evaluate
+from .shapesworld.evaluate import evaluate, grouped_bootstrap
 from .shapesworld.world import FAMILIES, prompt_list
 
 
@@ -107,11 +107,8 @@ def paired_difference(rows_a: list[dict], rows_b: list[dict], family: str, key: 
     if not by_prompt:
         return {"diff": None, "ci95": [None, None]}
     groups = list(by_prompt.values())
-    sums, counts = np.array([sum(g) for g in groups]), np.array([len(g) for g in groups])
-    idx = np.random.default_rng(seed).integers(0, len(groups), size=(n_boot, len(groups)))
-    boots = sums[idx].sum(1) / counts[idx].sum(1)
-    return {"diff": float(sums.sum() / counts.sum()),
-            "ci95": [float(np.quantile(boots, 0.025)), float(np.quantile(boots, 0.975))]}
+    diff = sum(map(sum, groups)) / sum(map(len, groups))
+    return {"diff": float(diff), "ci95": list(grouped_bootstrap(groups, n_boot, seed))}
 
 
 class Experiment:
@@ -168,7 +165,7 @@ class Experiment:
         from .training.data import pairs_from_records
         from .training.trainer import TrainConfig, Trainer
 
-        path = self.out / "arms" / (name.replace("/", "__") + ".json")
+        path = self._arm_path(name)
         if path.is_file():
             return json.loads(path.read_text())
         t0 = time.time()
@@ -194,14 +191,21 @@ class Experiment:
         self.log(f"{name}: " + ", ".join(f"{f} {fams[f]['accuracy']:.3f}" for f in fams) + f" ({result['seconds']:.0f}s)")
         return result
 
-    def run(self) -> dict:
+    def _arm_path(self, name: str) -> Path:
+        return self.out / "arms" / (name.replace("/", "__") + ".json")
+
+    def run(self, finished_only: bool = False) -> dict:
+        """Run every arm (or, with finished_only, report the arms already done without running the rest)."""
         t0 = time.time()
         sets = self.pair_sets()
         consistency = {k: pair_consistency(v) for k, v in sets.items()}
-        results = {name: self.run_arm(name, algo, sets.get(src)) for name, algo, src in self.arms()}
+        results = {name: self.run_arm(name, algo, sets.get(src)) for name, algo, src in self.arms()
+                   if not finished_only or self._arm_path(name).is_file()}
         comparisons = {}
         for algo in self.cfg.algos:
             a, b = results.get(f"{algo}/dfusion"), results.get(f"{algo}/random")
+            if a is None or b is None:
+                continue
             comparisons[algo] = {}
             for fam in [*FAMILIES, "all"]:
                 fa, fb = a["report"]["families"][fam], b["report"]["families"][fam]
@@ -273,9 +277,12 @@ def report_markdown(summary: dict, command: str, figure_dir: str) -> str:
     ci = lambda c: f"[{c[0]:.2f}, {c[1]:.2f}]"
     wins = [(a, f) for a, d in summary["comparisons"].items() for f in FAMILIES if d[f]["separated"]]
     total = len(summary["comparisons"]) * len(FAMILIES)
+    missing = [n for n in ("base", *(f"{a}/{k}" for a in summary["config"]["algos"] for k in ("random", "dfusion")))
+               if n not in summary["arms"]]
     lines = ["# Results: D-Fusion pairs vs random pairs on ShapesWorld", "",
              f"**Headline:** D-Fusion pairs beat random pairs outside the 95% intervals in {len(wins)} of {total} "
-             "(algorithm, family) cells on held-out test prompts, judged by the ground-truth checker.", "",
+             "(algorithm, family) cells on held-out test prompts, judged by the ground-truth checker." +
+             (f" Arms not run (out of time): {', '.join(missing)}." if missing else ""), "",
              "## Setup", "",
              f"- Model: `{summary['model']}`; {summary['sampling']['num_steps']} DDIM steps, eta "
              f"{summary['sampling']['eta']}, CFG {summary['sampling']['guidance_scale']}.",
@@ -334,6 +341,7 @@ def main(argv=None) -> None:
     ap.add_argument("--report", default=None, help="also write the markdown report here (e.g. docs/RESULTS.md); "
                                                       "figures are copied beside it")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--finished-only", action="store_true", help="report the arms already finished, run nothing new")
     for f, v in asdict(ExperimentConfig()).items():
         if isinstance(v, (int, float)):
             ap.add_argument("--" + f.replace("_", "-"), type=type(v), default=None)
@@ -346,7 +354,7 @@ def main(argv=None) -> None:
     from .scoring import make_scorer
 
     model = load_model(a.model, device="cpu" if not torch.cuda.is_available() else None)
-    summary = Experiment(model, make_scorer(a.scorer), cfg, a.out).run()
+    summary = Experiment(model, make_scorer(a.scorer), cfg, a.out).run(finished_only=a.finished_only)
     command = "python -m dfusion_core.experiment " + " ".join(argv if argv is not None else __import__("sys").argv[1:])
     out = Path(a.out)
     (out / "RESULTS.md").write_text(report_markdown(summary, command, "."))

@@ -46,7 +46,11 @@ def bootstrap_ci(rows: list[dict], key: str, n_boot: int = 2000, seed: int = 0) 
             by_prompt.setdefault(r["prompt"], []).append(float(r[key]))
     if not by_prompt:
         return (float("nan"), float("nan"))
-    groups = list(by_prompt.values())
+    return grouped_bootstrap(list(by_prompt.values()), n_boot, seed)
+
+
+def grouped_bootstrap(groups: list[list[float]], n_boot: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """95% interval of the overall mean when whole groups (a prompt's seeds) are resampled with replacement."""
     sums = np.array([sum(g) for g in groups])
     counts = np.array([len(g) for g in groups])
     idx = np.random.default_rng(seed).integers(0, len(groups), size=(n_boot, len(groups)))
