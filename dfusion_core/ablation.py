@@ -34,9 +34,17 @@ def default_ranges(num_steps: int) -> list[tuple[str, int, int]]:
     return [("early", 3, half), ("late", min(half + 1, num_steps), num_steps), ("all", 3, num_steps)]
 
 
-def _region(masks: torch.Tensor, first: int, last: int, size: tuple[int, int]) -> np.ndarray:
+def mask_region(masks: torch.Tensor, first: int, last: int, size: tuple[int, int]) -> np.ndarray:
+    """Pixels inside the mask on most of the fused steps first..last (1-based), at image size."""
     m = masks[first - 1:last].mean(0)[None, None].float()
     return (F.interpolate(m, size=size, mode="nearest")[0, 0] > 0.5).numpy()
+
+
+def change_inside_outside(image, base_image, region: np.ndarray) -> tuple[float, float]:
+    """Mean |image - base| (0..255) inside and outside `region` (nan where that part is empty)."""
+    diff = np.abs(np.asarray(image, dtype=np.float32) - np.asarray(base_image, dtype=np.float32)).mean(-1)
+    return (float(diff[region].mean()) if region.any() else float("nan"),
+            float(diff[~region].mean()) if (~region).any() else float("nan"))
 
 
 def run_ablation(model: LoadedModel, prompt: str, base_seed: int, ref_seed: int, sampling: SamplingParams,
@@ -49,9 +57,7 @@ def run_ablation(model: LoadedModel, prompt: str, base_seed: int, ref_seed: int,
                                                                           end_step=n, use_mask=True),
                    base=base, cache=cache, base_image=base_image)
     base = ref_run.base
-    base_arr = np.asarray(ref_run.base_image, dtype=np.float32)
-    size = base_arr.shape[:2]
-    inside = _region(ref_run.masks, 3 if n >= 3 else 1, n, size)
+    inside = mask_region(ref_run.masks, 3 if n >= 3 else 1, n, ref_run.base_image.size[::-1])
     variants = []
     for name, a, b in default_ranges(n):
         a, b = min(a, n), min(b, n)
@@ -64,10 +70,8 @@ def run_ablation(model: LoadedModel, prompt: str, base_seed: int, ref_seed: int,
     cells = []
     for label, f in variants:
         r = fuse(model, prompt, base_seed, ref_seed, sampling, f, base=base, cache=cache, base_image=ref_run.base_image)
-        diff = np.abs(np.asarray(r.target_image, dtype=np.float32) - base_arr).mean(-1)
-        cells.append(AblationCell(label, f, r.target_image,
-                                  float(diff[inside].mean()) if inside.any() else float("nan"),
-                                  float(diff[~inside].mean()) if (~inside).any() else float("nan")))
+        cells.append(AblationCell(label, f, r.target_image, *change_inside_outside(r.target_image, ref_run.base_image,
+                                                                                   inside)))
     if scorer is not None:
         scores = scorer([c.image for c in cells], [prompt] * len(cells))
         for c, s in zip(cells, scores):

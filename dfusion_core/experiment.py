@@ -23,9 +23,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from .ablation import default_ranges
+from .ablation import change_inside_outside, default_ranges, mask_region
 from .config import FusionParams, MaskParams, SamplingParams, apply_model_defaults
 from .loading import LoadedModel
 from .pairs import PairingParams, PairRecord, build_pairs, build_random_pairs, load_pairs, save_pairs
@@ -78,19 +77,15 @@ def pair_consistency(records: list[PairRecord]) -> dict:
     mask exists, inside vs outside it. Consistent pairs change the inside and keep the outside."""
     whole, inside, outside, gaps = [], [], [], []
     for r in records:
-        w = np.asarray(r.images["target"], dtype=np.float32)
-        l = np.asarray(r.images["base"], dtype=np.float32)
-        d = np.abs(w - l).mean(-1)
-        whole.append(float(d.mean()))
+        w, l = r.images["target"], r.images["base"]
+        everything = np.ones(w.size[::-1], dtype=bool)
+        whole.append(change_inside_outside(w, l, everything)[0])
         gaps.append(float(r.scores["target"] - r.scores["base"]))
-        fused = r.masks.flatten(1).amax(1) > 0  # fused steps
-        if r.fusion and fused.any():
-            m = r.masks[fused].mean(0)[None, None].float()
-            region = (F.interpolate(m, size=d.shape, mode="nearest")[0, 0] > 0.5).numpy()
-            if region.any():
-                inside.append(float(d[region].mean()))
-            if (~region).any():
-                outside.append(float(d[~region].mean()))
+        if r.fusion:  # random pairs are not fused: no mask
+            last = r.fusion["end_step"] or r.masks.shape[0]
+            i, o = change_inside_outside(w, l, mask_region(r.masks, r.fusion["start_step"], last, w.size[::-1]))
+            inside += [i] if not np.isnan(i) else []
+            outside += [o] if not np.isnan(o) else []
     mean = lambda v: float(np.mean(v)) if v else None
     return {"pairs": len(records), "score_gap": mean(gaps), "change_whole": mean(whole),
             "change_inside_mask": mean(inside), "change_outside_mask": mean(outside)}

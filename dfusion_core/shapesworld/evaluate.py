@@ -4,9 +4,9 @@
 
 Per family: checker accuracy (Wilson 95% interval over samples, and a bootstrap interval resampling
 prompts), CLIP score (bootstrap interval over prompts), diversity across seeds, objects found, colours /
-shapes / textures / relation sub-scores. Masks: for each requested object the checker found, the automatic (Otsu) mask of
-its words (colour + shape, + texture) against the object's silhouette: IoU and whether the map's peak lies
-inside. Scorer: AUROC of the CLIP score for checker-correct vs checker-wrong images, and how often the true
+shapes / textures / relation sub-scores. Masks: for each requested object the checker found, the automatic
+(Otsu) mask of its words (colour + shape, + texture) against the object's silhouette: IoU and whether the
+map's peak lies inside. Scorer: AUROC of the CLIP score for checker-correct vs checker-wrong images, and how often the true
 caption outscores all its perturbations (on checker-correct images, where the caption is known true).
 """
 from __future__ import annotations
@@ -152,12 +152,10 @@ def summarise(rows: list[dict], split: str, sampling: SamplingParams, seeds_per_
         loc = [l for r in rs for l in r["localisation"]]
         loc0 = [l for l in loc if l["object"] == 0]
         loc1 = [l for l in loc if l["object"] == 1]
-        for r in rs:
-            r["correct_f"] = float(r["correct"])
         d = {
             "n": len(rs), "prompts": len({r["prompt"] for r in rs}),
             "accuracy": k / len(rs), "accuracy_ci95": wilson(k, len(rs)),
-            "accuracy_ci95_prompts": bootstrap_ci(rs, "correct_f"),
+            "accuracy_ci95_prompts": bootstrap_ci(rs, "correct"),
             "diversity": float(np.nanmean([r.get("diversity", float("nan")) for r in rs])),
             "objects_found": float(np.mean([r["objects_found"] for r in rs])),
             "colours_right": float(np.mean([r["colours_right"] for r in rs])),
@@ -179,7 +177,5 @@ def summarise(rows: list[dict], split: str, sampling: SamplingParams, seeds_per_
                                                      [r["clip"] for r in rs if not r["correct"]])
             ok = [r["clip_beats_perturbations"] for r in rs if r["correct"]]
             d["clip_true_caption_wins"] = float(np.mean(ok)) if ok else float("nan")
-        for r in rs:
-            r.pop("correct_f", None)
         out["families"][fam] = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in d.items()}
     return out
