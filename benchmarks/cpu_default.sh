@@ -3,4 +3,4 @@
 #   bash benchmarks/cpu_default.sh [extra bench flags]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-python -m dfusion_core bench --repeats 7 --prompt "the red circle above the blue square" --json "$@"
+python -m dfusion_core bench --repeats 9 --prompt "the red circle above the blue square" --json "$@"
