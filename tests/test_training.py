@@ -174,8 +174,9 @@ def test_two_processes_match_one(pipelines_dir, pair_dir, tmp_path):
     a, b = _lora(tmp_path / "one"), _lora(tmp_path / "two")
     # Gradients are summed in another order across processes. Adam turns a near-zero gradient into a
     # sign-like step of size lr, so the rare element whose gradient is rounding noise may move differently:
-    # require almost every element equal and the average difference far below one step (lr = 1e-3).
+    # require the average difference far below one step (lr = 1e-3) and almost no element off by more than a
+    # tenth of a step. (Measured: 0.04% of elements beyond 1e-4; the share beyond 1e-5 varied 3-6% run to run.)
     diff = torch.cat([(a[k] - b[k]).abs().flatten() for k in a])
-    assert diff.mean() < 2e-5 and (diff > 1e-5).float().mean() < 0.05 and diff.max() < 6e-3
+    assert diff.mean() < 2e-5 and (diff > 1e-4).float().mean() < 0.01 and diff.max() < 6e-3
     ranks = [json.loads(line) for line in (tmp_path / "two" / "rank_checksums.jsonl").read_text().splitlines()]
     assert len(ranks) == 2 and ranks[0]["checksum"] == pytest.approx(ranks[1]["checksum"], rel=1e-7)
