@@ -50,7 +50,8 @@ def change_inside_outside(image, base_image, region: np.ndarray) -> tuple[float,
 def run_ablation(model: LoadedModel, prompt: str, base_seed: int, ref_seed: int, sampling: SamplingParams,
                  fusion: FusionParams, cache: ReferenceCache | None = None, base=None, base_image=None,
                  scorer=None, thresholds: list[tuple[str, float]] | None = None) -> list[AblationCell]:
-    """Cells: for each step range, with and without the mask; then, optionally, relative thresholds."""
+    """Cells: for each step range, with and without the mask; then, optionally, relative thresholds; then the
+    other way of combining keywords (mean map vs union of per-keyword masks)."""
     cache = cache or ReferenceCache()
     n = sampling.num_steps
     ref_run = fuse(model, prompt, base_seed, ref_seed, sampling, replace(fusion, start_step=3 if n >= 3 else 1,
@@ -67,6 +68,8 @@ def run_ablation(model: LoadedModel, prompt: str, base_seed: int, ref_seed: int,
     for name, t in thresholds or []:
         variants.append((f"threshold {name}", replace(fusion, mask=replace(fusion.mask, threshold_mode="relative",
                                                                               threshold=t))))
+    other = "union" if fusion.mask.combine == "mean" else "mean"
+    variants.append((f"keywords {other}", replace(fusion, mask=replace(fusion.mask, combine=other))))
     cells = []
     for label, f in variants:
         r = fuse(model, prompt, base_seed, ref_seed, sampling, f, base=base, cache=cache, base_image=ref_run.base_image)

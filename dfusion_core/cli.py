@@ -15,7 +15,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from . import offline  # noqa: F401
-from .config import FUSION_LAYER_PRESETS, RESIZE_MODES, THRESHOLD_MODES, FusionParams, MaskParams, SamplingParams, \
+from .config import COMBINE_MODES, FUSION_LAYER_PRESETS, RESIZE_MODES, THRESHOLD_MODES, FusionParams, MaskParams, SamplingParams, \
     apply_model_defaults
 
 
@@ -57,6 +57,8 @@ def _add_fusion(p: argparse.ArgumentParser) -> None:
     g.add_argument("--end-step", type=int, default=None, help="last fused step (last)")
     g.add_argument("--layers", nargs="+", default=None, help=f"preset {FUSION_LAYER_PRESETS} or module-path prefixes")
     g.add_argument("--mask-factors", type=int, nargs="+", default=None, help="cross-attention downsampling factors (4)")
+    g.add_argument("--combine", choices=COMBINE_MODES, default=None,
+                   help="keywords' maps: mean then threshold (default) | threshold each, OR them (paper)")
     g.add_argument("--resize", choices=RESIZE_MODES, default=None)
     g.add_argument("--dilate", type=int, default=None)
     g.add_argument("--feather", type=float, default=None)
@@ -84,6 +86,7 @@ def _params(a, model) -> tuple[SamplingParams, FusionParams]:
     if hasattr(a, "threshold_mode"):
         mk = {k: v for k, v in {"keywords": tuple(a.keywords) if a.keywords else None,
                                 "threshold_mode": a.threshold_mode, "threshold": a.threshold, "resize": a.resize,
+                                "combine": a.combine,
                                 "dilate": a.dilate, "feather": a.feather,
                                 "layer_factors": tuple(a.mask_factors) if a.mask_factors else None}.items() if v is not None}
         if a.union_base:

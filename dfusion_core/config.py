@@ -11,6 +11,7 @@ from pathlib import Path
 
 THRESHOLD_MODES = ("auto", "absolute", "relative", "area")
 RESIZE_MODES = ("nearest", "smooth")
+COMBINE_MODES = ("mean", "union")
 FUSION_LAYER_PRESETS = ("mid+up", "up", "mid", "all")
 
 
@@ -55,6 +56,10 @@ class MaskParams:
     layer_factors: tuple[int, ...] = (4,)  # read cross-attention at latent/4 (16x16 for 64x64 latents)
     threshold_mode: str = "auto"  # auto (Otsu, no tuning) | absolute (paper) | relative (x max) | area
     threshold: float = 0.5  # absolute: attention prob; relative: fraction of max; area: kept fraction
+    # mean: threshold the mean of the keywords' maps | union: threshold each keyword, OR them (paper). One
+    # diffuse keyword (a colour word that also attends to the background) makes the union cover ~85% of the
+    # image, i.e. global fusion; see docs/RESULTS.md, measured on train prompts.
+    combine: str = "mean"
     resize: str = "smooth"  # nearest (paper) | smooth (bilinear) when resizing to each fusion layer
     dilate: int = 0  # grow the mask by this many cells at mask resolution
     feather: float = 0.0  # soften edges: Gaussian sigma in cells of the fusion layer (0 = hard)
@@ -69,6 +74,7 @@ class MaskParams:
             _check(0.0 <= t <= 1.0, f"an absolute threshold is an attention probability in [0, 1], got {t}")
         elif self.threshold_mode in ("relative", "area"):
             _check(0.0 < t <= 1.0, f"a {self.threshold_mode} threshold must be in (0, 1], got {t}")
+        _check(self.combine in COMBINE_MODES, f"combine must be one of {COMBINE_MODES}, got {self.combine!r}")
         _check(self.resize in RESIZE_MODES, f"resize must be one of {RESIZE_MODES}, got {self.resize!r}")
         _check(isinstance(self.dilate, int) and 0 <= self.dilate <= 16, f"dilate must be 0..16, got {self.dilate!r}")
         _check(0.0 <= float(self.feather) <= 16.0, f"feather must be in [0, 16], got {self.feather!r}")

@@ -65,6 +65,7 @@ def fusion_variants(base: FusionParams, num_steps: int, names) -> dict[str, Fusi
         "relative": replace(base, mask=replace(base.mask, threshold_mode="relative", threshold=0.5)),
         "area": replace(base, mask=replace(base.mask, threshold_mode="area", threshold=0.25)),
         "union-base": replace(base, mask=replace(base.mask, union_base=True)),
+        "union": replace(base, mask=replace(base.mask, combine="union")),  # the paper's: OR of per-keyword masks
     }
     unknown = [n for n in names if n not in table]
     if unknown:

@@ -3,8 +3,8 @@
 maps (per layer, head-averaged softmax over 77 tokens)
   -> average over layers at the finest mask resolution
   -> one map per keyword (mean over the keyword's tokens)
-  -> threshold per keyword (auto = Otsu | absolute | relative to max | area quantile)
-  -> union over keywords (optionally with the base's own mask)
+  -> combine = mean: threshold the keywords' mean map | union: threshold per keyword, OR them (paper)
+     (threshold: auto = Otsu | absolute | relative to max | area quantile; optionally OR the base's own mask)
   -> resized to each fusion layer (nearest, or bilinear + dilation + feathering)
 """
 from __future__ import annotations
@@ -75,6 +75,16 @@ def threshold_maps(kmaps: torch.Tensor, mode: str, threshold: float) -> torch.Te
     return torch.stack(out)
 
 
+def keyword_mask(kmaps: torch.Tensor, mode: str, threshold: float, combine: str = "mean") -> torch.Tensor:
+    """Binary [h, w] mask of all keywords together: the mean map thresholded, or the union of each
+    keyword's thresholded map (the paper's, which one diffuse keyword spreads over the whole image)."""
+    if combine == "mean":
+        return threshold_maps(kmaps.mean(0, keepdim=True), mode, threshold)[0]
+    if combine == "union":
+        return threshold_maps(kmaps, mode, threshold).any(0)
+    raise ValueError(f"unknown combine mode {combine!r}")
+
+
 def _gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
     r = max(1, math.ceil(3 * sigma))
     k = torch.exp(-(torch.arange(-r, r + 1, dtype=x.dtype) ** 2) / (2 * sigma ** 2))
@@ -126,13 +136,13 @@ class FusionMasker:
         return torch.stack(mats).mean(0)
 
     def union_mask(self, ref: int, base: int, step: int) -> torch.Tensor:
-        """[h, w] float mask at mask resolution: OR of the keywords' thresholded maps."""
+        """[h, w] float mask at mask resolution (keywords combined, optionally OR the base's)."""
         key = (ref, base, step)
         if key not in self._union:
             p = self.params
-            m = threshold_maps(self.keyword_maps("ref", ref, step), p.threshold_mode, p.threshold).any(0)
+            m = keyword_mask(self.keyword_maps("ref", ref, step), p.threshold_mode, p.threshold, p.combine)
             if p.union_base:
-                m = m | threshold_maps(self.keyword_maps("base", base, step), p.threshold_mode, p.threshold).any(0)
+                m = m | keyword_mask(self.keyword_maps("base", base, step), p.threshold_mode, p.threshold, p.combine)
             self._union[key] = m.float()
         return self._union[key]
 

@@ -146,7 +146,7 @@ def test_ablation_grid_global_fusion_changes_the_outside_more(sd1):
     cells = run_ablation(sd1, PROMPT, 11, 22, SamplingParams(num_steps=8), FusionParams(),
                          scorer=lambda ims, ps: [0.5] * len(ims), thresholds=[("0.3", 0.3)])
     labels = [c.label for c in cells]
-    assert labels[:2] == ["early 3-4 mask", "early 3-4 no mask"] and labels[-1] == "threshold 0.3"
+    assert labels[:2] == ["early 3-4 mask", "early 3-4 no mask"] and labels[-2:] == ["threshold 0.3", "keywords union"]
     by = {c.label: c for c in cells}
     assert by["all 3-8 no mask"].change_outside > by["all 3-8 mask"].change_outside
     assert all(c.score == 0.5 for c in cells)

@@ -1,7 +1,10 @@
 """Maps -> keyword masks -> per-layer masks."""
 import torch
 
-from dfusion_core.masks import aggregate_maps, keyword_maps, otsu_threshold, resize_mask, threshold_maps
+import pytest
+
+from dfusion_core.config import MaskParams
+from dfusion_core.masks import aggregate_maps, keyword_mask, keyword_maps, otsu_threshold, resize_mask, threshold_maps
 
 
 def test_aggregate_upsamples_coarse_layers_and_averages():
@@ -33,6 +36,22 @@ def test_threshold_modes():
     assert int(threshold_maps(m, "absolute", 0.5).sum()) == 50
     assert int(threshold_maps(m * 2, "relative", 0.5).sum()) == 50
     assert int(threshold_maps(m, "area", 0.2).sum()) == 20
+
+
+def test_a_diffuse_keyword_spreads_the_union_but_not_the_mean():
+    """One keyword peaked on a 3x3 object, one almost flat (a colour word that also sees the background):
+    Otsu per keyword then OR covers most of the image; Otsu on the mean map keeps the object."""
+    torch.manual_seed(0)
+    peaked = torch.full((10, 10), 0.01)
+    peaked[2:5, 2:5] = 0.3
+    diffuse = 0.05 + 0.01 * torch.rand(10, 10)
+    kmaps = torch.stack([peaked, diffuse])
+    union = keyword_mask(kmaps, "auto", 0.5, "union")
+    mean = keyword_mask(kmaps, "auto", 0.5, "mean")
+    assert union.float().mean() > 0.4
+    assert mean.sum() == 9 and mean[2:5, 2:5].all()
+    with pytest.raises(ValueError, match="combine"):
+        MaskParams(combine="max").validate()
 
 
 def test_resize_nearest_is_blocky_smooth_is_soft():
