@@ -99,7 +99,7 @@ class AppService:
             raise UserError(str(e)) from None
 
     def fusion(self, num_steps: int, keywords, threshold_mode, threshold, start_step, end_step, layers, resize,
-               use_mask, union_base=False, dilate=0, feather=0.0) -> FusionParams:
+               use_mask, union_base=False, dilate=0, feather=0.0, combine="mean") -> FusionParams:
         if layers not in FUSION_LAYER_PRESETS:
             raise UserError(f"layers must be one of {', '.join(FUSION_LAYER_PRESETS)}")
         try:
@@ -112,7 +112,7 @@ class AppService:
             raise UserError("no keyword selected: tick at least one word for the mask (or turn the mask off)")
         mask = replace(self.default_mask, keywords=tuple(keywords) if keywords else None, threshold_mode=threshold_mode,
                        threshold=float(threshold), resize=resize, union_base=bool(union_base), dilate=int(dilate),
-                       feather=float(feather))
+                       feather=float(feather), combine=combine if combine is not None else "mean")
         try:
             return FusionParams(start_step=start, end_step=end, layers=layers, use_mask=bool(use_mask),
                                 mask=mask).validate(num_steps)

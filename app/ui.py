@@ -10,7 +10,7 @@ import logging
 import gradio as gr
 import numpy as np
 
-from dfusion_core.config import FUSION_LAYER_PRESETS, RESIZE_MODES, THRESHOLD_MODES
+from dfusion_core.config import COMBINE_MODES, FUSION_LAYER_PRESETS, RESIZE_MODES, THRESHOLD_MODES
 from dfusion_core.prompt_sets import load_prompt_set
 
 from .service import AppService, Session, UserError
@@ -105,6 +105,8 @@ def build_demo(svc: AppService) -> gr.Blocks:
                         end_step = gr.Slider(1, n_steps, value=n_steps, step=1, label="to step")
                     layers = gr.Dropdown(list(FUSION_LAYER_PRESETS), value="mid+up", label="Fusion layers")
                     resize = gr.Radio(list(RESIZE_MODES), value=m0.resize, label="Mask resize")
+                    combine = gr.Radio(list(COMBINE_MODES), value=m0.combine,
+                                       label="Keywords combined by (mean map, or union of one mask each: the paper's)")
                     use_mask = gr.Checkbox(value=True, label="Use the mask (off = global fusion)")
                 with gr.Column(scale=1):
                     heat = gr.Image(label="Selected word's attention over the reference", elem_classes=["pixelated"],
@@ -250,9 +252,9 @@ def build_demo(svc: AppService) -> gr.Blocks:
             return (r.prompt, r.base_seed, r.ref_seed, r.sampling)
 
         @guarded
-        def on_fuse(sess, p, st, g, e, b, rs, kws, mode, thr, start, end, lay, rsz, um, word):
+        def on_fuse(sess, p, st, g, e, b, rs, kws, mode, thr, start, end, lay, rsz, um, word, comb="mean"):
             sampling = svc.sampling(st, g, e)
-            fusion = svc.fusion(sampling.num_steps, kws, mode, thr, start, end, lay, rsz, um)
+            fusion = svc.fusion(sampling.num_steps, kws, mode, thr, start, end, lay, rsz, um, combine=comb)
             sess = svc.fuse(sess, p, b, rs, sampling, fusion)
             r = sess.result
             heat_im, mask_im = _render(sess, word)
@@ -384,13 +386,14 @@ def build_demo(svc: AppService) -> gr.Blocks:
                          [state, gallery, base_seed, ref_seed, words, keywords], api_name="sample")
         gallery.select(on_pick, [state, click_sets], [base_seed, ref_seed], api_name=False)
         fuse_inputs = [state, prompt, steps, guidance, eta, base_seed, ref_seed, keywords, threshold_mode, threshold,
-                       start_step, end_step, layers, resize, use_mask, words]
+                       start_step, end_step, layers, resize, use_mask, words, combine]
         fuse_outputs = [state, base_img, ref_img, tgt_img, compare, heat, mask_img, scores_md, status]
         fuse_btn.click(on_fuse, fuse_inputs, fuse_outputs, api_name="fuse")
         for comp, ev, name in [(threshold, "release", "threshold"), (start_step, "release", "start_step"),
                                (end_step, "release", "end_step"), (threshold_mode, "input", "threshold_mode"),
                                (layers, "input", "layers"), (resize, "input", "resize"),
-                               (use_mask, "input", "use_mask"), (keywords, "input", "keywords")]:
+                               (use_mask, "input", "use_mask"), (keywords, "input", "keywords"),
+                               (combine, "input", "combine")]:
             getattr(comp, ev)(on_live, fuse_inputs, fuse_outputs, api_name=f"refuse_{name}", trigger_mode="always_last")
         words.change(on_word, [state, words], [heat], api_name="word_heatmap")
         traj_step.release(on_traj, [state, traj_step], [x0_img], api_name="trajectory")

@@ -36,17 +36,19 @@ from .shapesworld.world import FAMILIES, prompt_list
 class ExperimentConfig:
     """One budget for every arm (defaults: the paper's training setup, sized for <= 60 min on 2 CPU cores)."""
 
-    train_prompts: int = 8  # train prompts per family that pairs are built from
+    train_prompts: int = 4  # train prompts per family that pairs are built from (8 pairs each)
     num_candidates: int = 16  # candidates sampled and scored per prompt (paper: 16)
     num_steps: int = 20  # DDIM steps everywhere (paper: 20)
-    train_steps: int = 200  # optimizer steps per arm
+    train_steps: int = 150  # optimizer steps per arm
     batch_size: int = 4  # pairs (DPO) or trajectories (DDPO, DPOK) per step
     lr: float = 1e-4  # AdamW, LoRA rank 4 on attention (paper)
     lora_rank: int = 4
     eval_prompts: int = 16  # TEST prompts per family
-    eval_seeds: int = 4  # seeds per test prompt, the same for every arm
+    eval_seeds: int = 3  # seeds per test prompt, the same for every arm
     algos: tuple[str, ...] = ("dpo", "ddpo", "dpok")
-    ablations: tuple[str, ...] = ("no-mask", "early", "late", "relative", "union-base")  # DPO on ablated D-Fusion pairs
+    # DPO on D-Fusion pairs built with one setting changed: global fusion, early / late steps only, relative
+    # threshold instead of Otsu, reference-union-base mask, the paper's union of per-keyword masks
+    ablations: tuple[str, ...] = ("no-mask", "early", "late", "relative", "union-base", "union")
     seed: int = 0
 
     @classmethod
@@ -338,10 +340,14 @@ def main(argv=None) -> None:
                                                       "figures are copied beside it")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--finished-only", action="store_true", help="report the arms already finished, run nothing new")
+    ap.add_argument("--extra", default=None, help="a markdown file appended to the report (analysis, measured "
+                                                   "elsewhere, e.g. docs/results_extra.md)")
     for f, v in asdict(ExperimentConfig()).items():
         if isinstance(v, (int, float)):
             ap.add_argument("--" + f.replace("_", "-"), type=type(v), default=None)
     a = ap.parse_args(argv)
+    if a.extra and not Path(a.extra).is_file():
+        ap.error(f"--extra {a.extra}: no such file")
     if a.threads:
         torch.set_num_threads(a.threads)
     base = ExperimentConfig.smoke() if a.smoke else ExperimentConfig()
@@ -363,7 +369,8 @@ def main(argv=None) -> None:
         for png in ("accuracy.png", "triplets.png"):
             if (out / png).is_file():
                 shutil.copy(out / png, fig_dir / png)
-        dest.write_text(report_markdown(summary, command, "results"))
+        extra = Path(a.extra).read_text() if a.extra else ""
+        dest.write_text(report_markdown(summary, command, "results") + ("\n" + extra if extra else ""))
     print(out / "RESULTS.md")
 
 

@@ -31,6 +31,8 @@ def test_sample_fuse_refuse_label_undo(app_url):
     assert "one batched run" in out[-1] and "CLIP score" in out[-2]
     out = c.predict(*_fuse_args(base, ref, mode="relative", thr=0.4), api_name="/refuse_threshold")
     assert "cache (target branch only)" in out[-1]
+    out = c.predict(*_fuse_args(base, ref, mode="relative", thr=0.4), "union", api_name="/refuse_combine")
+    assert "cache (target branch only)" in out[-1] and svc.store is not None
     n0 = len(svc.store)
     assert "saved pair" in c.predict(api_name="/label_target")
     assert len(svc.store) == n0 + 1
@@ -94,7 +96,7 @@ def test_ablation_export_import_and_a_background_fine_tune(app_url, tmp_path):
         c.predict(*_fuse_args(base, ref), api_name="/fuse")
         c.predict(api_name="/label_target")
     gallery, _ = c.predict(api_name="/ablation")
-    assert len(gallery) == 9 and "no mask" in gallery[1]["caption"]
+    assert len(gallery) == 10 and "no mask" in gallery[1]["caption"] and gallery[-1]["caption"].startswith("keywords union")
     assert "exported" in c.predict(str(tmp_path / "exp"), api_name="/export")
     msg, _ = c.predict(str(tmp_path / "exp"), "", "any", api_name="/import")
     assert msg.startswith("imported")
