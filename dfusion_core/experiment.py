@@ -345,13 +345,23 @@ def main(argv=None) -> None:
     for f, v in asdict(ExperimentConfig()).items():
         if isinstance(v, (int, float)):
             ap.add_argument("--" + f.replace("_", "-"), type=type(v), default=None)
+        elif isinstance(v, tuple):
+            ap.add_argument("--" + f.replace("_", "-"), nargs="*", default=None, help=f"default: {' '.join(v)}")
     a = ap.parse_args(argv)
     if a.extra and not Path(a.extra).is_file():
         ap.error(f"--extra {a.extra}: no such file")
     if a.threads:
         torch.set_num_threads(a.threads)
     base = ExperimentConfig.smoke() if a.smoke else ExperimentConfig()
-    cfg = replace(base, **{f: getattr(a, f) for f in asdict(base) if getattr(a, f, None) is not None})
+    cfg = replace(base, **{f: tuple(v) if isinstance(v, list) else v for f in asdict(base)
+                           if (v := getattr(a, f, None)) is not None})
+    bad = [x for x in cfg.algos if x not in ("dpo", "ddpo", "dpok")]
+    if bad:
+        ap.error(f"--algos: unknown {bad}; choose from dpo ddpo dpok")
+    try:
+        fusion_variants(FusionParams(), cfg.num_steps, cfg.ablations)
+    except ValueError as e:
+        ap.error(f"--ablations: {e}")
     from .loading import load_model
     from .scoring import make_scorer
 

@@ -2,6 +2,7 @@
 import json
 
 import numpy as np
+import pytest
 
 from dfusion_core.config import SamplingParams
 from dfusion_core.experiment import Experiment, ExperimentConfig, paired_difference, report_markdown
@@ -47,3 +48,13 @@ def test_smoke_experiment_runs_every_arm_and_resumes(sd1, tmp_path):
     # a re-run reuses pair sets and finished arms: the same numbers, no retraining
     again = Experiment(sd1, brightness, cfg, tmp_path, sampling=sampling, log=lambda *_: None).run()
     assert json.dumps(again["arms"], sort_keys=True) == json.dumps(arms, sort_keys=True)
+
+
+@pytest.mark.parametrize("flags,msg", [(["--algos", "sft"], "unknown"), (["--ablations", "nomask"], "unknown ablation"),
+                                       (["--extra", "/no/such/file.md"], "no such file")])
+def test_bad_flags_are_one_line_errors(flags, msg, capsys):
+    from dfusion_core.experiment import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--out", "/tmp/never", *flags])
+    assert e.value.code == 2 and msg in capsys.readouterr().err

@@ -79,6 +79,11 @@ def test_evaluation_and_model_card_run_end_to_end(sd1, tmp_path):
     text = card(ev, {"images": 10, "accept_true": 1.0, "accept_perturbed": 0.0}, None, tmp_path / "none.jsonl",
                 tmp_path / "none.jsonl")
     assert "## Floors" in text and "checker finds the expected objects" in text
+    log = tmp_path / "more.jsonl"
+    log.write_text('{"stage": "unet", "step": 2500, "loss": 0.1}\n')
+    text = card(ev, {"images": 10, "accept_true": 1.0, "accept_perturbed": 0.0}, None, log, log,
+                prior_unet_steps=4500, vae_steps=1200)
+    assert "trained 7,000 (4,500 + 2,500 continued) steps" in text and "trained 1200 steps" in text
     json.dumps({k: v for k, v in ev.items() if k != "rows"})  # the summary is plain JSON
     assert auroc([0.9, 0.8], [0.1, 0.2]) == 1.0 and auroc([0.5], [0.5]) == 0.5
     lo, hi = wilson(5, 10)

@@ -26,11 +26,18 @@ def _mark(ok: bool) -> str:
     return "met" if ok else "**not met**"
 
 
-def render(ev: dict, checker: dict, checker_noisy: dict | None, gen_log: Path, clip_log: Path) -> str:
+def render(ev: dict, checker: dict, checker_noisy: dict | None, gen_log: Path, clip_log: Path,
+           prior_unet_steps: int = 0, vae_steps: int | None = None) -> str:
+    """`prior_unet_steps`: UNet steps the run in `gen_log` started from (`train_generator --init-from`);
+    `vae_steps`: the autoencoder's steps when that run kept it and logged none."""
     fam = ev["families"]
     allf = fam["all"]
     weights = _size_mb(ASSETS / "shapesworld") + _size_mb(ASSETS / "shapesworld-clip")
     unet, vae, clip = _last(gen_log, "unet"), _last(gen_log, "vae"), _last(clip_log, "clip")
+    vae_trained = vae.get("step", vae_steps if vae_steps is not None else "?")
+    unet_trained = "?" if "step" not in unet else (
+        f"{prior_unet_steps + unet['step']:,} ({prior_unet_steps:,} + {unet['step']:,} continued)" if prior_unet_steps
+        else f"{unet['step']:,}")
     lines = [
         "# ShapesWorld models: model card",
         "",
@@ -38,10 +45,10 @@ def render(ev: dict, checker: dict, checker_noisy: dict | None, gen_log: Path, c
         "Every number below was measured by the commands at the end; nothing is copied from elsewhere.",
         "",
         "## Models",
-        f"- `shapesworld/`: StableDiffusionPipeline - AutoencoderKL (64x64x3 -> 16x16x4) trained {vae.get('step', '?')} "
+        f"- `shapesworld/`: StableDiffusionPipeline - AutoencoderKL (64x64x3 -> 16x16x4) trained {vae_trained} "
         f"steps; causal CLIPTextModel (3 layers, width 128) with the CLIP BPE tokenizer; UNet2DConditionModel "
         f"(64/128/128 channels, cross-attention at 16x16 and 8x8, mid block 4x4), v-prediction, cosine schedule, "
-        f"EMA 0.995, trained {unet.get('step', '?')} steps of batch 16 (last logged loss {unet.get('loss', float('nan')):.3f}); DDIM.",
+        f"EMA 0.995, trained {unet_trained} steps of batch 16 (last logged loss {unet.get('loss', float('nan')):.3f}); DDIM.",
         f"- `shapesworld-clip/`: OpenCLIP custom model (ViT 4 layers width 128 on 8x8 patches, text 3 layers width "
         f"128, context 32), contrastive with hard-negative captions, trained {clip.get('step', '?')} steps of batch 64; "
         "independent of the generator (no shared weights).",
@@ -95,11 +102,14 @@ def main(argv=None) -> None:
     ap.add_argument("--clip-log", default="runs/shapesworld-clip/log.jsonl")
     ap.add_argument("--extra", default=None, help="a markdown file appended verbatim (limits, commands)")
     ap.add_argument("--out", default=str(ASSETS / "MODEL_CARD.md"))
+    ap.add_argument("--prior-unet-steps", type=int, default=0,
+                    help="UNet steps of the weights the logged run continued from (--init-from)")
+    ap.add_argument("--vae-steps", type=int, default=None, help="autoencoder steps, when the log has none")
     a = ap.parse_args(argv)
     ev = json.loads(Path(a.eval).read_text())
     ck = json.loads(Path(a.checker).read_text())
     ckn = json.loads(Path(a.checker_noisy).read_text()) if a.checker_noisy else None
-    text = render(ev, ck, ckn, Path(a.gen_log), Path(a.clip_log))
+    text = render(ev, ck, ckn, Path(a.gen_log), Path(a.clip_log), a.prior_unet_steps, a.vae_steps)
     if a.extra:
         text += "\n" + Path(a.extra).read_text()
     Path(a.out).write_text(text)
