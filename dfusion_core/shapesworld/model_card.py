@@ -27,9 +27,9 @@ def _mark(ok: bool) -> str:
 
 
 def render(ev: dict, checker: dict, checker_noisy: dict | None, gen_log: Path, clip_log: Path,
-           prior_unet_steps: int = 0, vae_steps: int | None = None) -> str:
+           prior_unet_steps: int = 0, vae_steps: int | None = None, clip_steps: int | None = None) -> str:
     """`prior_unet_steps`: UNet steps the run in `gen_log` started from (`train_generator --init-from`);
-    `vae_steps`: the autoencoder's steps when that run kept it and logged none."""
+    `vae_steps` / `clip_steps`: the autoencoder's / scorer's steps when no log of their training is at hand."""
     fam = ev["families"]
     allf = fam["all"]
     weights = _size_mb(ASSETS / "shapesworld") + _size_mb(ASSETS / "shapesworld-clip")
@@ -50,7 +50,7 @@ def render(ev: dict, checker: dict, checker_noisy: dict | None, gen_log: Path, c
         f"(64/128/128 channels, cross-attention at 16x16 and 8x8, mid block 4x4), v-prediction, cosine schedule, "
         f"EMA 0.995, trained {unet_trained} steps of batch 16 (last logged loss {unet.get('loss', float('nan')):.3f}); DDIM.",
         f"- `shapesworld-clip/`: OpenCLIP custom model (ViT 4 layers width 128 on 8x8 patches, text 3 layers width "
-        f"128, context 32), contrastive with hard-negative captions, trained {clip.get('step', '?')} steps of batch 64; "
+        f"128, context 32), contrastive with hard-negative captions, trained {clip.get('step', clip_steps or '?')} steps of batch 64; "
         "independent of the generator (no shared weights).",
         f"- All shipped weights (fp16 safetensors): {weights:.1f} MB (budget 50 MB).",
         "",
@@ -105,11 +105,13 @@ def main(argv=None) -> None:
     ap.add_argument("--prior-unet-steps", type=int, default=0,
                     help="UNet steps of the weights the logged run continued from (--init-from)")
     ap.add_argument("--vae-steps", type=int, default=None, help="autoencoder steps, when the log has none")
+    ap.add_argument("--clip-steps", type=int, default=None, help="scorer steps, when its log is not at hand")
     a = ap.parse_args(argv)
     ev = json.loads(Path(a.eval).read_text())
     ck = json.loads(Path(a.checker).read_text())
     ckn = json.loads(Path(a.checker_noisy).read_text()) if a.checker_noisy else None
-    text = render(ev, ck, ckn, Path(a.gen_log), Path(a.clip_log), a.prior_unet_steps, a.vae_steps)
+    text = render(ev, ck, ckn, Path(a.gen_log), Path(a.clip_log), a.prior_unet_steps, a.vae_steps,
+                  a.clip_steps)
     if a.extra:
         text += "\n" + Path(a.extra).read_text()
     Path(a.out).write_text(text)
