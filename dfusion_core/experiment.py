@@ -304,6 +304,16 @@ def report_markdown(summary: dict, command: str, figure_dir: str) -> str:
         lines.append(f"| {arm} | {a['pairs'] or '-'} | " + " | ".join(
             f"{f[x]['accuracy']:.3f} {ci(f[x]['accuracy_ci95_prompts'])}" for x in fams) +
             f" | {f['all'].get('clip_mean', float('nan')):.3f} | {f['all']['diversity']:.3f} |")
+    lines += ["", "## CLIP score and diversity on test prompts", "",
+              "CLIP score: mean [95% CI]; diversity: mean pairwise pixel difference between a prompt's seeds (a "
+              "collapse towards one image lowers it).", "",
+              "| arm | " + " | ".join(f"CLIP {x}" for x in fams) + " | " + " | ".join(f"diversity {x}" for x in FAMILIES) + " |",
+              "| --- | " + " | ".join("---" for _ in [*fams, *FAMILIES]) + " |"]
+    clip = lambda d: "-" if d.get("clip_mean") is None else f"{d['clip_mean']:.3f} {ci(d['clip_ci95'])}"
+    for arm, a in summary["arms"].items():
+        f = a["families"]
+        lines.append(f"| {arm} | " + " | ".join(clip(f[x]) for x in fams) + " | " +
+                     " | ".join(f"{f[x]['diversity']:.3f}" for x in FAMILIES) + " |")
     lines += ["", "## D-Fusion minus random, per algorithm and family", "",
               "`separated`: the two arms' 95% intervals do not overlap (the issue's criterion). `paired`: the "
               "accuracy difference on the same prompts and seeds with a 95% bootstrap interval over prompts.", "",
