@@ -50,6 +50,7 @@ class Session:
     scores: dict = field(default_factory=dict)
     history: list[tuple[str, str | None]] = field(default_factory=list)  # (pair_id, previous label) for undo
     x0_images: list | None = None
+    same_pair: bool = False  # the last fusion kept prompt, seeds and sampling: base and reference are unchanged
 
 
 def parse_seed(value, name: str) -> int:
@@ -99,7 +100,7 @@ class AppService:
             raise UserError(str(e)) from None
 
     def fusion(self, num_steps: int, keywords, threshold_mode, threshold, start_step, end_step, layers, resize,
-               use_mask, union_base=False, dilate=0, feather=0.0, combine="mean") -> FusionParams:
+               use_mask, union_base=False, dilate=0, feather=0.0, combine=None) -> FusionParams:
         if layers not in FUSION_LAYER_PRESETS:
             raise UserError(f"layers must be one of {', '.join(FUSION_LAYER_PRESETS)}")
         try:
@@ -112,7 +113,7 @@ class AppService:
             raise UserError("no keyword selected: tick at least one word for the mask (or turn the mask off)")
         mask = replace(self.default_mask, keywords=tuple(keywords) if keywords else None, threshold_mode=threshold_mode,
                        threshold=float(threshold), resize=resize, union_base=bool(union_base), dilate=int(dilate),
-                       feather=float(feather), combine=combine if combine is not None else "mean")
+                       feather=float(feather), combine=combine or self.default_mask.combine)
         try:
             return FusionParams(start_step=start, end_step=end, layers=layers, use_mask=bool(use_mask),
                                 mask=mask).validate(num_steps)
@@ -196,7 +197,7 @@ class AppService:
         verdicts = self.check([images[k] for k in roles], prompt)
         if verdicts is not None:
             scores.update({f"{k} checker": float(v) for k, v in zip(roles, verdicts)})
-        session.result, session.scores = res, scores
+        session.result, session.scores, session.same_pair = res, scores, unchanged
         session.x0_images = None
         return session
 

@@ -246,13 +246,8 @@ def build_demo(svc: AppService) -> gr.Blocks:
             m = r.masks[first - 1:last].mean(0).numpy()
             return heat_im, enlarge(mask_overlay(ref, m))
 
-        def _pair_key(r):
-            """What base, reference and their attention maps depend on; a live change that keeps it need not
-            re-send them (three fewer images per slider move)."""
-            return (r.prompt, r.base_seed, r.ref_seed, r.sampling)
-
         @guarded
-        def on_fuse(sess, p, st, g, e, b, rs, kws, mode, thr, start, end, lay, rsz, um, word, comb="mean"):
+        def on_fuse(sess, p, st, g, e, b, rs, kws, mode, thr, start, end, lay, rsz, um, word, comb=None):
             sampling = svc.sampling(st, g, e)
             fusion = svc.fusion(sampling.num_steps, kws, mode, thr, start, end, lay, rsz, um, combine=comb)
             sess = svc.fuse(sess, p, b, rs, sampling, fusion)
@@ -268,10 +263,9 @@ def build_demo(svc: AppService) -> gr.Blocks:
         def on_live(sess, *args):
             if sess.result is None:  # nothing fused yet: a control moved before the first fusion
                 return (sess, *[gr.update()] * 7, "move a control after the first fusion to see it live")
-            before = _pair_key(sess.result)
             out = on_fuse(sess, *args)
-            if _pair_key(out[0].result) == before:  # same base and reference: only the target side changed
-                out = (out[0], gr.skip(), gr.skip(), *out[3:5], gr.skip(), *out[6:])  # keep base, ref, heatmap
+            if out[0].same_pair:  # base, reference and their attention are unchanged: three fewer images to send
+                out = (out[0], gr.skip(), gr.skip(), *out[3:5], gr.skip(), *out[6:])
             return out
 
         @guarded

@@ -15,7 +15,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -23,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from dfusion_core.config import MaskParams, SamplingParams, apply_model_defaults
 from dfusion_core.fusion import record_attention
 from dfusion_core.loading import load_model
-from dfusion_core.masks import keyword_mask
+from dfusion_core.masks import keyword_mask, keyword_maps
 from dfusion_core.shapesworld.checker import check
 from dfusion_core.shapesworld.world import FAMILIES, prompt_list
 from dfusion_core.tokens import default_keywords, keyword_token_indices
@@ -53,7 +52,7 @@ def main() -> None:
                 objects = np.zeros(image.size[::-1], dtype=bool)
                 for o in found:
                     objects |= o.silhouette.astype(bool)
-                kmaps = torch.stack([rec.token_maps[k][list(g)].mean(0) for g in groups])
+                kmaps = keyword_maps(rec.token_maps[k], groups)
                 for combine, mode, t in SETTINGS:
                     m = keyword_mask(kmaps, mode, t, combine)
                     up = F.interpolate(m[None, None].float(), size=objects.shape, mode="nearest")[0, 0].numpy() > 0.5

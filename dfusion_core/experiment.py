@@ -365,9 +365,11 @@ def main(argv=None) -> None:
     base = ExperimentConfig.smoke() if a.smoke else ExperimentConfig()
     cfg = replace(base, **{f: tuple(v) if isinstance(v, list) else v for f in asdict(base)
                            if (v := getattr(a, f, None)) is not None})
-    bad = [x for x in cfg.algos if x not in ("dpo", "ddpo", "dpok")]
+    from .training.trainer import ALGOS
+
+    bad = [x for x in cfg.algos if x not in ALGOS]
     if bad:
-        ap.error(f"--algos: unknown {bad}; choose from dpo ddpo dpok")
+        ap.error(f"--algos: unknown {bad}; choose from {' '.join(ALGOS)}")
     try:
         fusion_variants(FusionParams(), cfg.num_steps, cfg.ablations)
     except ValueError as e:

@@ -208,11 +208,11 @@ def fuse_batch(model: LoadedModel, prompt: str, pairs: list[tuple[int, int]], sa
     first, last = fusion.step_range(n)
     results = []
     for (b, r), tgt, timg in zip(pairs, targets, target_images):
-        mh, mw = masker.union_mask(r, b, first - 1).shape
+        mh, mw = masker.combined_mask(r, b, first - 1).shape
         masks = torch.zeros(n, mh, mw)
         kw_masks = torch.zeros(len(groups), mh, mw)
         for k in range(first - 1, last):
-            masks[k] = masker.union_mask(r, b, k) if fusion.use_mask else 1.0
+            masks[k] = masker.combined_mask(r, b, k) if fusion.use_mask else 1.0
             kw_masks += threshold_maps(masker.keyword_maps(ROLE_REF, r, k), fusion.mask.threshold_mode,
                                        fusion.mask.threshold).float()
         kw_masks /= (last - first + 1)

@@ -122,7 +122,7 @@ class FusionMasker:
         self.layers = layers  # fuse only these layers (a cached run may record more)
         self.latent_hw, self.use_mask = latent_hw, use_mask
         self.first, self.last = step_range[0] - 1, step_range[1] - 1  # 0-based inclusive
-        self._union: dict[tuple, torch.Tensor] = {}
+        self._combined: dict[tuple, torch.Tensor] = {}
         self._resized: dict[tuple, torch.Tensor] = {}
 
     def active(self, step: int) -> bool:
@@ -135,16 +135,16 @@ class FusionMasker:
                 for s in steps]
         return torch.stack(mats).mean(0)
 
-    def union_mask(self, ref: int, base: int, step: int) -> torch.Tensor:
+    def combined_mask(self, ref: int, base: int, step: int) -> torch.Tensor:
         """[h, w] float mask at mask resolution (keywords combined, optionally OR the base's)."""
         key = (ref, base, step)
-        if key not in self._union:
+        if key not in self._combined:
             p = self.params
             m = keyword_mask(self.keyword_maps("ref", ref, step), p.threshold_mode, p.threshold, p.combine)
             if p.union_base:
                 m = m | keyword_mask(self.keyword_maps("base", base, step), p.threshold_mode, p.threshold, p.combine)
-            self._union[key] = m.float()
-        return self._union[key]
+            self._combined[key] = m.float()
+        return self._combined[key]
 
     def mask(self, ref: int, base: int, step: int, layer: str, n_tokens: int) -> torch.Tensor | None:
         if not self.active(step) or (self.layers is not None and layer not in self.layers):
@@ -156,6 +156,6 @@ class FusionMasker:
             else:
                 p = self.params
                 size = layer_hw(n_tokens, self.latent_hw)
-                m = resize_mask(self.union_mask(ref, base, step), size, p.resize, p.dilate, p.feather).flatten()
+                m = resize_mask(self.combined_mask(ref, base, step), size, p.resize, p.dilate, p.feather).flatten()
             self._resized[key] = m
         return self._resized[key]
