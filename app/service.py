@@ -1,4 +1,4 @@
-"""What the app does, without the UI: validation, one lock around the model, the reference cache, the store.
+"""What the app does, without the UI: validation, one thread for the model, the reference cache, the store.
 
 Every public method takes plain values (as widgets deliver them), validates them and raises UserError with
 a message meant for the screen. The UI turns UserError into a toast; nothing here imports gradio.
@@ -6,7 +6,6 @@ a message meant for the screen. The UI turns UserError into a toast; nothing her
 from __future__ import annotations
 
 import logging
-import threading
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -20,6 +19,8 @@ from dfusion_core.preference_store import LABELS, PreferenceStore
 from dfusion_core.reference_cache import ReferenceCache
 from dfusion_core.sampling import MAX_PROMPT_CHARS, Trajectory, sample
 from dfusion_core.tokens import default_keywords, word_tokens
+
+from .model_thread import ModelThread
 
 log = logging.getLogger("dfusion.app")
 MAX_CANDIDATES = 32
@@ -87,7 +88,7 @@ class AppService:
         self.scorer = scorer
         self.store = PreferenceStore(store_dir)
         self.cache = ReferenceCache(max_bytes=cache_bytes)
-        self.lock = threading.RLock()  # the UNet's attention controller is shared: one run at a time
+        self.model_thread = ModelThread()  # one thread runs every model call, one at a time
         s, m = apply_model_defaults(self.model.defaults, SamplingParams(), MaskParams())
         self.default_sampling, self.default_mask = s, m
 
@@ -142,9 +143,8 @@ class AppService:
             raise UserError(f"the number of candidates must be between 1 and {MAX_CANDIDATES}")
         seed0 = parse_seed(first_seed, "first seed")
         seeds = [(seed0 + i) % (MAX_SEED + 1) for i in range(n)]
-        with self.lock:
-            res = sample(self.model, prompt, seeds, sampling)
-            scores = self.score(res.images, prompt)
+        res = self.on_model(sample, self.model, prompt, seeds, sampling)
+        scores = self.score(res.images, prompt)
         session = Session(prompt=prompt, sampling=sampling)
         verdicts = self.check(res.images, prompt)
         for i, (s, im, tr) in enumerate(zip(seeds, res.images, res.trajectories)):
@@ -167,7 +167,19 @@ class AppService:
     def score(self, images, prompt: str):
         if self.scorer is None:
             return None
-        return np.asarray(self.scorer(images, [prompt] * len(images)), dtype=float)
+        return np.asarray(self.on_model(self.scorer, images, [prompt] * len(images)), dtype=float)
+
+    def on_model(self, fn, *args, **kwargs):
+        """Run a model call on the model thread (see model_thread.py)."""
+        return self.model_thread.run(fn, *args, **kwargs)
+
+    def _load_lora(self, folder: Path) -> None:
+        pipe = self.model.pipe
+        if "dfusion_tuned" in (pipe.get_list_adapters().get("unet", []) if hasattr(pipe, "get_list_adapters") else []):
+            pipe.delete_adapters("dfusion_tuned")
+        pipe.load_lora_weights(str(folder), adapter_name="dfusion_tuned")
+        self.model.model_id = f"{self.model_source}+lora:{folder}"
+        self.cache.clear()  # cached references belong to the old weights
 
     def fuse(self, session: Session, prompt, base_seed, ref_seed, sampling: SamplingParams,
              fusion: FusionParams) -> Session:
@@ -177,12 +189,12 @@ class AppService:
             raise UserError("base and reference are the same seed: pick two different images")
         same = session.prompt == prompt and session.sampling == sampling
         cand = session.candidates.get(b) if same else None
-        with self.lock:
-            try:
-                res = fuse(self.model, prompt, b, r, sampling, fusion, base=cand.trajectory if cand else None,
-                           cache=self.cache, base_image=cand.image if cand else None)
-            except ValueError as e:
-                raise UserError(str(e)) from None
+        try:
+            res = self.on_model(fuse, self.model, prompt, b, r, sampling, fusion,
+                                base=cand.trajectory if cand else None, cache=self.cache,
+                                base_image=cand.image if cand else None)
+        except ValueError as e:
+            raise UserError(str(e)) from None
         if not same:
             session = replace(session, prompt=prompt, sampling=sampling, candidates={})
         prev = session.result
@@ -190,8 +202,7 @@ class AppService:
         roles = ("target",) if unchanged else ("base", "reference", "target")  # base / reference scores stay valid
         images = {"base": res.base_image, "reference": res.reference_image, "target": res.target_image}
         scores = dict(session.scores) if unchanged else {}
-        with self.lock:
-            vals = self.score([images[k] for k in roles], prompt)
+        vals = self.score([images[k] for k in roles], prompt)
         if vals is not None:
             scores.update(zip(roles, vals.tolist()))
         verdicts = self.check([images[k] for k in roles], prompt)
@@ -207,18 +218,16 @@ class AppService:
         r = session.result
         if r is None:
             raise UserError("fuse a pair first: the ablation varies the current pair")
-        with self.lock:
-            return run_ablation(self.model, r.prompt, r.base_seed, r.ref_seed, r.sampling, r.fusion, cache=self.cache,
-                                base=r.base, base_image=r.base_image, scorer=self.scorer,
-                                thresholds=[(f"relative {t}", t) for t in thresholds])
+        return self.on_model(run_ablation, self.model, r.prompt, r.base_seed, r.ref_seed, r.sampling, r.fusion,
+                             cache=self.cache, base=r.base, base_image=r.base_image, scorer=self.scorer,
+                             thresholds=[(f"relative {t}", t) for t in thresholds])
 
     def x0_images(self, session: Session) -> list:
         """Decoded x0 predictions of the target, one per step (the trajectory viewer)."""
         if session.result is None:
             raise UserError("fuse a pair first")
         if session.x0_images is None:
-            with self.lock:
-                session.x0_images = self.model.decode(session.result.target.x0_preds)
+            session.x0_images = self.on_model(self.model.decode, session.result.target.x0_preds)
         return session.x0_images
 
     def label(self, session: Session, label: str) -> str:
@@ -306,13 +315,7 @@ class AppService:
         """Load the finished (or last checkpointed) LoRA into the live model used by the Fuse view."""
         if self.job is None or not (self.job.out / "pytorch_lora_weights.safetensors").is_file():
             raise UserError("no trained weights yet: start a fine-tune and let it reach a checkpoint")
-        with self.lock:
-            pipe = self.model.pipe
-            if "dfusion_tuned" in (pipe.get_list_adapters().get("unet", []) if hasattr(pipe, "get_list_adapters") else []):
-                pipe.delete_adapters("dfusion_tuned")
-            pipe.load_lora_weights(str(self.job.out), adapter_name="dfusion_tuned")
-            self.model.model_id = f"{self.model_source}+lora:{self.job.out}"
-            self.cache.clear()  # cached references belong to the old weights
+        self.on_model(self._load_lora, self.job.out)
         return f"loaded {self.job.out.name} into the Fuse view"
 
     def before_after(self, prompts: list[str], seeds=(0, 1)) -> list[tuple[object, str]]:
@@ -320,11 +323,12 @@ class AppService:
         if self.job is None or not (self.job.out / "pytorch_lora_weights.safetensors").is_file():
             raise UserError("no trained weights yet")
         items = []
-        with self.lock:
-            before = {p: sample(self.model, p, list(seeds), self.default_sampling) for p in prompts}
+        def sample_all():
+            return {p: sample(self.model, p, list(seeds), self.default_sampling) for p in prompts}
+
+        before = self.on_model(sample_all)
         self.load_trained()
-        with self.lock:
-            after = {p: sample(self.model, p, list(seeds), self.default_sampling) for p in prompts}
+        after = self.on_model(sample_all)
         for p in prompts:
             for tag, res in (("before", before[p]), ("after", after[p])):
                 sc = self.score(res.images, p)

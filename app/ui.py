@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import time
 
 import gradio as gr
 import numpy as np
@@ -33,6 +34,9 @@ document.addEventListener('keydown', (e) => {
 </script>
 """
 CSS = ".pixelated img { image-rendering: pixelated; }"
+# Small images shown large with crisp pixels, sent as PNG: exact pixels, and about 3x faster to encode than
+# gradio's default WebP (4.7 vs 13.6 ms for a 256 px image here).
+PIXELS = {"elem_classes": ["pixelated"], "format": "png"}
 
 
 def guarded(fn):
@@ -87,7 +91,7 @@ def build_demo(svc: AppService) -> gr.Blocks:
                     first_seed = gr.Number(value=0, precision=0, label="First seed")
             sample_btn = gr.Button("Sample candidates", variant="primary", elem_id="sample")
             gallery = gr.Gallery(label="Candidates - click one to set it as base or reference", columns=8,
-                                 height=220, allow_preview=False, elem_classes=["pixelated"], elem_id="gallery")
+                                 height=220, allow_preview=False, **PIXELS, elem_id="gallery")
             with gr.Row():
                 click_sets = gr.Radio(["reference", "base"], value="reference", label="A click sets the")
                 base_seed = gr.Textbox(value="0", label="Base seed", elem_id="base-seed")
@@ -109,21 +113,21 @@ def build_demo(svc: AppService) -> gr.Blocks:
                                        label="Keywords combined by (mean map, or union of one mask each: the paper's)")
                     use_mask = gr.Checkbox(value=True, label="Use the mask (off = global fusion)")
                 with gr.Column(scale=1):
-                    heat = gr.Image(label="Selected word's attention over the reference", elem_classes=["pixelated"],
+                    heat = gr.Image(label="Selected word's attention over the reference", **PIXELS,
                                     interactive=False, elem_id="heat")
-                    mask_img = gr.Image(label="Fusion mask (mean over the fused steps)", elem_classes=["pixelated"],
+                    mask_img = gr.Image(label="Fusion mask (mean over the fused steps)", **PIXELS,
                                         interactive=False, elem_id="mask")
             with gr.Row():
-                base_img = gr.Image(label="Base (loser)", elem_classes=["pixelated"], interactive=False)
-                ref_img = gr.Image(label="Reference", elem_classes=["pixelated"], interactive=False)
-                tgt_img = gr.Image(label="Target (winner)", elem_classes=["pixelated"], interactive=False,
+                base_img = gr.Image(label="Base (loser)", **PIXELS, interactive=False)
+                ref_img = gr.Image(label="Reference", **PIXELS, interactive=False)
+                tgt_img = gr.Image(label="Target (winner)", **PIXELS, interactive=False,
                                    elem_id="target")
             scores_md = gr.Markdown(elem_id="scores")
             with gr.Row():
-                compare = gr.ImageSlider(label="Base | target", elem_classes=["pixelated"], interactive=False)
+                compare = gr.ImageSlider(label="Base | target", **PIXELS, interactive=False)
                 with gr.Column():
                     traj_step = gr.Slider(1, n_steps, value=n_steps, step=1, label="Trajectory step")
-                    x0_img = gr.Image(label="Target's predicted image at that step", elem_classes=["pixelated"],
+                    x0_img = gr.Image(label="Target's predicted image at that step", **PIXELS,
                                       interactive=False)
             with gr.Row():
                 b_target = gr.Button("Prefer target [1]", elem_id="label-target", variant="primary")
@@ -146,8 +150,8 @@ def build_demo(svc: AppService) -> gr.Blocks:
                 relabel_btn = gr.Button("Relabel", scale=1)
                 delete_btn = gr.Button("Delete", variant="stop", scale=1)
             with gr.Row():
-                ds_base = gr.Image(label="Base", elem_classes=["pixelated"], interactive=False)
-                ds_target = gr.Image(label="Target", elem_classes=["pixelated"], interactive=False)
+                ds_base = gr.Image(label="Base", **PIXELS, interactive=False)
+                ds_target = gr.Image(label="Target", **PIXELS, interactive=False)
             with gr.Row():
                 export_dir = gr.Textbox(label="Export to folder (Parquet with caption/jpg_0/jpg_1/label_0 + trajectories)",
                                         value="dfusion_data/export", scale=3)
@@ -173,14 +177,14 @@ def build_demo(svc: AppService) -> gr.Blocks:
             train_progress = gr.Slider(0, 1, value=0, label="Progress", interactive=False)
             train_status = gr.Markdown(elem_id="train-status")
             train_plot = gr.Plot(label="loss · implicit accuracy · reward margin")
-            before_after = gr.Gallery(label="Before / after (fixed seeds)", columns=8, elem_classes=["pixelated"])
+            before_after = gr.Gallery(label="Before / after (fixed seeds)", columns=8, **PIXELS)
             timer = gr.Timer(2.0)
 
         with gr.Tab("Ablations"):
             gr.Markdown("For the current pair: early / late / all fusion steps, with and without the mask, and "
                         "three relative thresholds - from the reference cache.")
             abl_btn = gr.Button("Run the ablation grid", variant="primary", elem_id="ablate")
-            abl_gallery = gr.Gallery(label="Targets", columns=9, elem_classes=["pixelated"], height=260)
+            abl_gallery = gr.Gallery(label="Targets", columns=9, **PIXELS, height=260)
             abl_plot = gr.Plot(label="Change against the base, inside vs outside the mask")
 
         # ---- handlers ----------------------------------------------------------------------------
@@ -250,12 +254,15 @@ def build_demo(svc: AppService) -> gr.Blocks:
         def on_fuse(sess, p, st, g, e, b, rs, kws, mode, thr, start, end, lay, rsz, um, word, comb=None):
             sampling = svc.sampling(st, g, e)
             fusion = svc.fusion(sampling.num_steps, kws, mode, thr, start, end, lay, rsz, um, combine=comb)
+            t0 = time.perf_counter()
             sess = svc.fuse(sess, p, b, rs, sampling, fusion)
+            took = time.perf_counter() - t0
             r = sess.result
             heat_im, mask_im = _render(sess, word)
             cov = float(r.masks[start - 1:end].mean())
             msg = (f"fused in {'cache (target branch only)' if r.from_cache else 'one batched run'} · "
-                   f"keywords {', '.join(r.keywords)} · mask covers {cov:.0%} · layers {lay} · steps {start}-{end}")
+                   f"keywords {', '.join(r.keywords)} · mask covers {cov:.0%} · layers {lay} · steps {start}-{end} · "
+                   f"{took:.2f} s")
             return (sess, enlarge(r.base_image), enlarge(r.reference_image), enlarge(r.target_image),
                     (enlarge(r.base_image), enlarge(r.target_image)), heat_im, mask_im, score_text(sess.scores), msg)
 
