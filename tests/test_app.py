@@ -1,4 +1,5 @@
 """The app end to end through gradio_client, on a tiny pipeline: sample, fuse, live re-fusion, labels."""
+import re
 import threading
 
 import pytest
@@ -31,6 +32,8 @@ def test_sample_fuse_refuse_label_undo(app_url):
     assert "one batched run" in out[-1] and "CLIP score" in out[-2]
     out = c.predict(*_fuse_args(base, ref, mode="relative", thr=0.4), api_name="/refuse_threshold")
     assert "cache (target branch only)" in out[-1]
+    took = re.search(r"· ([0-9.]+) s$", out[-1])  # the server's own time, read by benchmarks/app_latency.py
+    assert took and 0 < float(took.group(1)) < 60, out[-1]
     out = c.predict(*_fuse_args(base, ref, mode="relative", thr=0.4), "union", api_name="/refuse_combine")
     assert "cache (target branch only)" in out[-1] and svc.store is not None
     n0 = len(svc.store)
