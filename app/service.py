@@ -143,7 +143,7 @@ class AppService:
             raise UserError(f"the number of candidates must be between 1 and {MAX_CANDIDATES}")
         seed0 = parse_seed(first_seed, "first seed")
         seeds = [(seed0 + i) % (MAX_SEED + 1) for i in range(n)]
-        res = self.on_model(sample, self.model, prompt, seeds, sampling)
+        res = self.model_thread.run(sample, self.model, prompt, seeds, sampling)
         scores = self.score(res.images, prompt)
         session = Session(prompt=prompt, sampling=sampling)
         verdicts = self.check(res.images, prompt)
@@ -167,11 +167,7 @@ class AppService:
     def score(self, images, prompt: str):
         if self.scorer is None:
             return None
-        return np.asarray(self.on_model(self.scorer, images, [prompt] * len(images)), dtype=float)
-
-    def on_model(self, fn, *args, **kwargs):
-        """Run a model call on the model thread (see model_thread.py)."""
-        return self.model_thread.run(fn, *args, **kwargs)
+        return np.asarray(self.model_thread.run(self.scorer, images, [prompt] * len(images)), dtype=float)
 
     def _load_lora(self, folder: Path) -> None:
         pipe = self.model.pipe
@@ -190,9 +186,9 @@ class AppService:
         same = session.prompt == prompt and session.sampling == sampling
         cand = session.candidates.get(b) if same else None
         try:
-            res = self.on_model(fuse, self.model, prompt, b, r, sampling, fusion,
-                                base=cand.trajectory if cand else None, cache=self.cache,
-                                base_image=cand.image if cand else None)
+            res = self.model_thread.run(fuse, self.model, prompt, b, r, sampling, fusion,
+                                        base=cand.trajectory if cand else None, cache=self.cache,
+                                        base_image=cand.image if cand else None)
         except ValueError as e:
             raise UserError(str(e)) from None
         if not same:
@@ -218,16 +214,16 @@ class AppService:
         r = session.result
         if r is None:
             raise UserError("fuse a pair first: the ablation varies the current pair")
-        return self.on_model(run_ablation, self.model, r.prompt, r.base_seed, r.ref_seed, r.sampling, r.fusion,
-                             cache=self.cache, base=r.base, base_image=r.base_image, scorer=self.scorer,
-                             thresholds=[(f"relative {t}", t) for t in thresholds])
+        return self.model_thread.run(run_ablation, self.model, r.prompt, r.base_seed, r.ref_seed, r.sampling,
+                                     r.fusion, cache=self.cache, base=r.base, base_image=r.base_image,
+                                     scorer=self.scorer, thresholds=[(f"relative {t}", t) for t in thresholds])
 
     def x0_images(self, session: Session) -> list:
         """Decoded x0 predictions of the target, one per step (the trajectory viewer)."""
         if session.result is None:
             raise UserError("fuse a pair first")
         if session.x0_images is None:
-            session.x0_images = self.on_model(self.model.decode, session.result.target.x0_preds)
+            session.x0_images = self.model_thread.run(self.model.decode, session.result.target.x0_preds)
         return session.x0_images
 
     def label(self, session: Session, label: str) -> str:
@@ -315,7 +311,7 @@ class AppService:
         """Load the finished (or last checkpointed) LoRA into the live model used by the Fuse view."""
         if self.job is None or not (self.job.out / "pytorch_lora_weights.safetensors").is_file():
             raise UserError("no trained weights yet: start a fine-tune and let it reach a checkpoint")
-        self.on_model(self._load_lora, self.job.out)
+        self.model_thread.run(self._load_lora, self.job.out)
         return f"loaded {self.job.out.name} into the Fuse view"
 
     def before_after(self, prompts: list[str], seeds=(0, 1)) -> list[tuple[object, str]]:
@@ -326,9 +322,9 @@ class AppService:
         def sample_all():
             return {p: sample(self.model, p, list(seeds), self.default_sampling) for p in prompts}
 
-        before = self.on_model(sample_all)
+        before = self.model_thread.run(sample_all)
         self.load_trained()
-        after = self.on_model(sample_all)
+        after = self.model_thread.run(sample_all)
         for p in prompts:
             for tag, res in (("before", before[p]), ("after", after[p])):
                 sc = self.score(res.images, p)
