@@ -10,6 +10,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import socket
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -185,8 +187,33 @@ def build_random_pairs(model: LoadedModel, prompts: list[str], scorer, sampling:
     return records
 
 
+def temp_name_for(path: Path) -> Path:
+    """`<name>.<host>-<pid>.tmp`: each writer has its own temp file, so a store opened by another process
+    can tell a live writer's temp file (its process still runs) from a killed one's."""
+    return path.with_name(f"{path.name}.{socket.gethostname()}-{os.getpid()}.tmp")
+
+
+def temp_file_is_stale(tmp: Path, max_age_s: float = 60.0) -> bool:
+    """A temp file left by a writer that is gone: its process no longer runs on this host, or (written
+    by another host, or by an older dfusion) it has not changed for max_age_s."""
+    owner = tmp.name[:-len(".tmp")].rsplit(".", 1)[-1]
+    host, _, pid = owner.rpartition("-")
+    if host == socket.gethostname() and pid.isdigit():
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False
+        return False
+    try:
+        return time.time() - tmp.stat().st_mtime > max_age_s
+    except FileNotFoundError:
+        return False
+
+
 def _atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = temp_name_for(path)
     write(tmp)
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())

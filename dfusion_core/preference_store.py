@@ -3,7 +3,7 @@
 A folder with `store.sqlite` (WAL journal, schema version in PRAGMA user_version) indexing pair files in
 `files/`. A pair's files are written atomically first and its row is inserted last, in one transaction:
 a process killed at any moment leaves either a whole pair or none (orphan files of an unfinished save are
-swept on open). Several threads or processes may use one store; SQLite serialises the writes.
+swept on open; a temp file is swept only once its writer is gone). Several threads or processes may use one store; SQLite serialises the writes.
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from .pairs import PairRecord, record_from_files, write_record_files
+from .pairs import PairRecord, record_from_files, temp_file_is_stale, write_record_files
 
 SCHEMA_VERSION = 1
 LABELS = ("target", "base", "tie")  # which image is preferred; 'skip' is not stored
@@ -81,8 +81,14 @@ class PreferenceStore:
         """Remove files of saves that never reached the index (killed mid-save), and stray temp files."""
         known = set(self.ids())
         for f in self.files.iterdir():
-            pid = f.name.split(".", 1)[0]
-            if f.name.endswith(".tmp") or (pid not in known and time.time() - f.stat().st_mtime > 60):
+            if f.name.endswith(".tmp"):
+                stale = temp_file_is_stale(f)  # another process may be writing it right now
+            else:
+                try:
+                    stale = f.name.split(".", 1)[0] not in known and time.time() - f.stat().st_mtime > 60
+                except FileNotFoundError:
+                    stale = False
+            if stale:
                 f.unlink(missing_ok=True)
 
     def add(self, rec: PairRecord, label: str) -> str:

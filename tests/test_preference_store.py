@@ -124,3 +124,22 @@ def test_export_parquet_and_import_back(tmp_path):
     assert torch.equal(other.get("pair00002").base.latents, store.get("pair00002").base.latents)
     with pytest.raises(ValueError, match="not empty"):
         store.export(tmp_path / "export")
+
+
+def test_opening_a_store_keeps_a_live_writers_temp_file_and_sweeps_a_dead_ones(tmp_path):
+    from dfusion_core.pairs import temp_name_for
+    files = tmp_path / "files"
+    files.mkdir()
+    live = temp_name_for(files / "pair00001.target.png")  # this process: alive
+    live.write_bytes(b"half")
+    dead_proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead_proc.wait()
+    dead = live.with_name(live.name.replace(f"-{os.getpid()}.tmp", f"-{dead_proc.pid}.tmp"))
+    dead.write_bytes(b"half")
+    old_style = files / "pair00002.base.png.tmp"  # unknown owner: swept only when old
+    old_style.write_bytes(b"half")
+    PreferenceStore(tmp_path)
+    assert live.exists() and not dead.exists() and old_style.exists()
+    os.utime(old_style, (time.time() - 120, time.time() - 120))
+    PreferenceStore(tmp_path)
+    assert live.exists() and not old_style.exists()
