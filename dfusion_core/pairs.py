@@ -10,8 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import socket
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -20,6 +18,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
+from .atomic import write_atomic
 from .config import FusionParams, SamplingParams
 from .fusion import FusionResult, fuse_batch
 from .loading import LoadedModel
@@ -187,39 +186,6 @@ def build_random_pairs(model: LoadedModel, prompts: list[str], scorer, sampling:
     return records
 
 
-def temp_name_for(path: Path) -> Path:
-    """`<name>.<host>-<pid>.tmp`: each writer has its own temp file, so a store opened by another process
-    can tell a live writer's temp file (its process still runs) from a killed one's."""
-    return path.with_name(f"{path.name}.{socket.gethostname()}-{os.getpid()}.tmp")
-
-
-def temp_file_is_stale(tmp: Path, max_age_s: float = 60.0) -> bool:
-    """A temp file left by a writer that is gone: its process no longer runs on this host, or (written
-    by another host, or by an older dfusion) it has not changed for max_age_s."""
-    owner = tmp.name[:-len(".tmp")].rsplit(".", 1)[-1]
-    host, _, pid = owner.rpartition("-")
-    if host == socket.gethostname() and pid.isdigit():
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
-            return True
-        except PermissionError:
-            return False
-        return False
-    try:
-        return time.time() - tmp.stat().st_mtime > max_age_s
-    except FileNotFoundError:
-        return False
-
-
-def _atomic_write(path: Path, write) -> None:
-    tmp = temp_name_for(path)
-    write(tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def record_tensors(rec: PairRecord) -> dict[str, torch.Tensor]:
     """The tensors of a pair (both trajectories and the masks), ready for safetensors."""
     tensors = {**rec.target.tensors("target"), **rec.base.tensors("base"), "masks": rec.masks.float()}
@@ -230,9 +196,9 @@ def write_record_files(rec: PairRecord, out: Path) -> None:
     """<id>.safetensors and <id>.<role>.png, each written atomically."""
     out.mkdir(parents=True, exist_ok=True)
     tensors = record_tensors(rec)
-    _atomic_write(out / f"{rec.pair_id}.safetensors", lambda p: save_file(tensors, str(p)))
+    write_atomic(out / f"{rec.pair_id}.safetensors", lambda p: save_file(tensors, str(p)))
     for role, im in rec.images.items():
-        _atomic_write(out / f"{rec.pair_id}.{role}.png", lambda p, im=im: im.save(p, format="PNG"))
+        write_atomic(out / f"{rec.pair_id}.{role}.png", lambda p, im=im: im.save(p, format="PNG"))
 
 
 def record_from_files(meta: dict, d: Path, with_images: bool = True) -> PairRecord:

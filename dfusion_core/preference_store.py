@@ -14,7 +14,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from .pairs import PairRecord, record_from_files, temp_file_is_stale, write_record_files
+from .atomic import temp_file_is_stale
+from .pairs import PairRecord, record_from_files, write_record_files
 
 SCHEMA_VERSION = 1
 LABELS = ("target", "base", "tie")  # which image is preferred; 'skip' is not stored

@@ -127,7 +127,7 @@ def test_export_parquet_and_import_back(tmp_path):
 
 
 def test_opening_a_store_keeps_a_live_writers_temp_file_and_sweeps_a_dead_ones(tmp_path):
-    from dfusion_core.pairs import temp_name_for
+    from dfusion_core.atomic import temp_name_for
     files = tmp_path / "files"
     files.mkdir()
     live = temp_name_for(files / "pair00001.target.png")  # this process: alive

@@ -19,6 +19,7 @@ import os
 import shutil
 from pathlib import Path
 
+from ..atomic import replace_folder
 from ..loading import ASSETS
 
 STAGES = ("generator", "clip", "checker", "install", "eval", "card")
@@ -31,11 +32,7 @@ def _install(src: Path, dest: Path) -> None:
     tmp = dest.with_name(dest.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(src, tmp)
-    old = dest.with_name(dest.name + ".old")
-    if dest.exists():
-        os.replace(dest, old)
-    os.replace(tmp, dest)
-    shutil.rmtree(old, ignore_errors=True)
+    replace_folder(tmp, dest)
 
 
 def run(out: Path, stages=STAGES, install: bool = False, unet_steps: int = 10000, clip_steps: int = 1500,

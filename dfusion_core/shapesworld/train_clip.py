@@ -23,6 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..atomic import replace_folder, write_atomic
 from .render import render
 from .validate_checker import degrade_noise
 from .world import FAMILIES, IMAGE_SIZE, perturbations, prompts
@@ -67,11 +68,7 @@ def export(model, out: Path) -> None:
                                                           indent=2))
     save_file({k: v.detach().half().contiguous() for k, v in model.state_dict().items()},
               str(tmp / "open_clip_model.safetensors"))
-    if out.exists():
-        import shutil
-
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    replace_folder(tmp, out)
 
 
 def train(out: Path, steps: int, batch: int, lr: float, vae_ckpt: str | None, seed: int = 0, threads: int = 2):
@@ -128,10 +125,9 @@ def train(out: Path, steps: int, batch: int, lr: float, vae_ckpt: str | None, se
                  img_s=25 * batch / (time.time() - t0))
             t0 = time.time()
         if step % 250 == 0 or step == steps:
-            tmp = ckpt.with_suffix(".tmp")
-            torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(), "step": step,
-                        "rng": rng.getstate()}, tmp)
-            os.replace(tmp, ckpt)
+            state = {"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(), "step": step,
+                     "rng": rng.getstate()}
+            write_atomic(ckpt, lambda p: torch.save(state, p))
             export(model, out / "model")
     return model
 

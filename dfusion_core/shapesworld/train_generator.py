@@ -25,6 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..atomic import replace_folder, write_atomic
 from .render import render
 from .world import FAMILIES, IMAGE_SIZE, prompts
 
@@ -128,9 +129,7 @@ def _images_to_tensor(images: list[np.ndarray]) -> torch.Tensor:
 
 
 def _save(path: Path, **state) -> None:
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)  # a kill mid-save never leaves a half-written checkpoint
+    write_atomic(path, lambda p: torch.save(state, p))  # a kill mid-save never leaves a half-written checkpoint
 
 
 def _init_pipeline(cfg: GeneratorConfig):
@@ -236,11 +235,7 @@ def export_pipeline(out: Path, vae, text_encoder, unet, scaling_factor: float, d
     tmp = dest.with_name(dest.name + ".tmp")
     pipe.save_pretrained(tmp)
     (tmp / "dfusion.json").write_text(json.dumps(DFUSION_DEFAULTS, indent=2))
-    if dest.exists():
-        import shutil
-
-        shutil.rmtree(dest)
-    os.replace(tmp, dest)
+    replace_folder(tmp, dest)
 
 
 # Per-model defaults the engine reads from a pipeline folder (see dfusion_core.config.model_defaults).

@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import shutil
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
@@ -22,6 +23,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ..atomic import move_files_into, replace_folder, temp_name_for, write_atomic, write_text_atomic
 from ..ddim import ddim_step, make_schedule, step_log_prob
 from ..loading import LoadedModel
 from ..sampling import recompute_log_probs
@@ -340,26 +342,31 @@ class Trainer:
             return
         ck = self.out / "checkpoints" / f"step-{self.step:06d}"
         ck.mkdir(parents=True, exist_ok=True)
-        tmp = ck / "state.pt.tmp"
-        torch.save({"step": self.step, "trainable": self.trainable_state(), "opt": self.opt.state_dict(),
-                    "sched": self.sched.state_dict(), "config": asdict(self.cfg)}, tmp)
-        tmp.replace(ck / "state.pt")
+        state = {"step": self.step, "trainable": self.trainable_state(), "opt": self.opt.state_dict(),
+                 "sched": self.sched.state_dict(), "config": asdict(self.cfg)}
+        write_atomic(ck / "state.pt", lambda p: torch.save(state, p))
         self.export(self.out)
-        (self.out / "latest_checkpoint").write_text(ck.name)
+        write_text_atomic(self.out / "latest_checkpoint", ck.name)
 
     def export(self, dest: Path) -> None:
         """LoRA in diffusers format (pipe.load_lora_weights(dest)); full fine-tune: the UNet folder."""
         inner = self.acc.unwrap_model(self.unet)
         dest.mkdir(parents=True, exist_ok=True)
+        # built beside and moved in file by file: the app may load dest while a checkpoint is being written
+        built = temp_name_for(dest / "export")
+        shutil.rmtree(built, ignore_errors=True)
         if self.cfg.lora_rank > 0:
             from diffusers import StableDiffusionPipeline
             from diffusers.utils import convert_state_dict_to_diffusers
 
             StableDiffusionPipeline.save_lora_weights(
-                dest, unet_lora_layers=convert_state_dict_to_diffusers(self.trainable_state()), safe_serialization=True)
+                built, unet_lora_layers=convert_state_dict_to_diffusers(self.trainable_state()), safe_serialization=True)
+            (built / "train_config.json").write_text(json.dumps(asdict(self.cfg), indent=2))
+            move_files_into(built, dest)
         else:
-            inner.save_pretrained(dest / "unet")
-        (dest / "train_config.json").write_text(json.dumps(asdict(self.cfg), indent=2))
+            inner.save_pretrained(built)
+            replace_folder(built, dest / "unet")
+            write_text_atomic(dest / "train_config.json", json.dumps(asdict(self.cfg), indent=2))
 
     def resume(self) -> bool:
         marker = self.out / "latest_checkpoint"
