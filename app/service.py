@@ -25,6 +25,7 @@ from .model_thread import ModelThread
 log = logging.getLogger("dfusion.app")
 MAX_CANDIDATES = 32
 MAX_SEED = 2 ** 31 - 1
+TUNED_ADAPTER = "dfusion_tuned"  # the fine-tuned LoRA loaded into the Fuse view
 
 
 class UserError(ValueError):
@@ -169,13 +170,20 @@ class AppService:
             return None
         return np.asarray(self.model_thread.run(self.scorer, images, [prompt] * len(images)), dtype=float)
 
-    def _load_lora(self, folder: Path) -> None:
+    def _drop_lora(self) -> bool:
         pipe = self.model.pipe
-        if "dfusion_tuned" in (pipe.get_list_adapters().get("unet", []) if hasattr(pipe, "get_list_adapters") else []):
-            pipe.delete_adapters("dfusion_tuned")
-        pipe.load_lora_weights(str(folder), adapter_name="dfusion_tuned")
-        self.model.model_id = f"{self.model_source}+lora:{folder}"
+        if TUNED_ADAPTER not in (pipe.get_list_adapters().get("unet", []) if hasattr(pipe, "get_list_adapters") else []):
+            return False
+        pipe.delete_adapters(TUNED_ADAPTER)
+        self.model.model_id = self.model_source
         self.cache.clear()  # cached references belong to the old weights
+        return True
+
+    def _load_lora(self, folder: Path) -> None:
+        self._drop_lora()
+        self.model.pipe.load_lora_weights(str(folder), adapter_name=TUNED_ADAPTER)
+        self.model.model_id = f"{self.model_source}+lora:{folder}"
+        self.cache.clear()
 
     def fuse(self, session: Session, prompt, base_seed, ref_seed, sampling: SamplingParams,
              fusion: FusionParams) -> Session:
@@ -313,6 +321,12 @@ class AppService:
             raise UserError("no trained weights yet: start a fine-tune and let it reach a checkpoint")
         self.model_thread.run(self._load_lora, self.job.out)
         return f"loaded {self.job.out.name} into the Fuse view"
+
+    def unload_trained(self) -> str:
+        """Back to the model the app started with (the Fuse view and new labels use it again)."""
+        if not self.model_thread.run(self._drop_lora):
+            raise UserError("no fine-tuned weights are loaded")
+        return f"back to {self.model_source}"
 
     def before_after(self, prompts: list[str], seeds=(0, 1)) -> list[tuple[object, str]]:
         """Held-out prompts with fixed seeds, before and after loading the trained LoRA, with scores."""

@@ -173,6 +173,7 @@ def build_demo(svc: AppService) -> gr.Blocks:
                 cancel_btn = gr.Button("Cancel", variant="stop")
                 resume_btn = gr.Button("Resume")
                 load_btn = gr.Button("Load into the Fuse view")
+                unload_btn = gr.Button("Back to the base weights")
                 compare_btn = gr.Button("Before / after on held-out prompts")
             train_progress = gr.Slider(0, 1, value=0, label="Progress", interactive=False)
             train_status = gr.Markdown(elem_id="train-status")
@@ -367,6 +368,10 @@ def build_demo(svc: AppService) -> gr.Blocks:
             return svc.load_trained()
 
         @guarded
+        def on_unload():
+            return svc.unload_trained()
+
+        @guarded
         def on_compare():
             prompts = [p for p in example_prompts()[:3]]
             items = svc.before_after(prompts)
@@ -414,6 +419,7 @@ def build_demo(svc: AppService) -> gr.Blocks:
         cancel_btn.click(on_cancel, None, [train_status], api_name="train_cancel")
         resume_btn.click(on_resume, None, [train_status], api_name="train_resume")
         load_btn.click(on_load, None, [train_status], api_name="load_trained")
+        unload_btn.click(on_unload, None, [train_status], api_name="unload_trained")
         compare_btn.click(on_compare, None, [before_after], api_name="before_after")
         timer.tick(on_tick, None, [train_status, train_progress, train_plot], api_name="train_status")
         abl_btn.click(on_ablate, [state], [abl_gallery, abl_plot], api_name="ablation")

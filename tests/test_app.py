@@ -16,6 +16,8 @@ def app_url(sd1, tmp_path_factory):
     url, demo = launch_app(svc)
     yield url, svc
     demo.close()
+    if "+lora:" in svc.model.model_id:  # sd1 is shared by the whole session: hand it back untuned
+        svc.unload_trained()
 
 
 def _fuse_args(base="0", ref="1", mode="auto", thr=0.5, start=2, end=4, use_mask=True, keywords=("red", "dog")):
@@ -116,3 +118,8 @@ def test_ablation_export_import_and_a_background_fine_tune(app_url, tmp_path):
     assert "loaded" in c.predict(api_name="/load_trained")
     assert "+lora:" in svc.model.model_id
     assert c.predict(*_fuse_args("5", "6"), api_name="/fuse")[-1].startswith("fused in one batched run")  # cache cleared
+    assert c.predict(api_name="/unload_trained").startswith("back to ")
+    assert svc.model.model_id == svc.model_source and not svc.model.pipe.get_list_adapters().get("unet")
+    assert c.predict(*_fuse_args("5", "6"), api_name="/fuse")[-1].startswith("fused in one batched run")  # cache cleared
+    with pytest.raises(Exception, match="no fine-tuned weights are loaded"):
+        c.predict(api_name="/unload_trained")
