@@ -196,7 +196,7 @@ class AppService:
         try:
             res = self.model_thread.run(fuse, self.model, prompt, b, r, sampling, fusion,
                                         base=cand.trajectory if cand else None, cache=self.cache,
-                                        base_image=cand.image if cand else None)
+                                        base_image=cand.image if cand else None, previous=session.result)
         except ValueError as e:
             raise UserError(str(e)) from None
         if not same:

@@ -261,7 +261,11 @@ def build_demo(svc: AppService) -> gr.Blocks:
             r = sess.result
             heat_im, mask_im = _render(sess, word)
             cov = float(r.masks[start - 1:end].mean())
-            msg = (f"fused in {'cache (target branch only)' if r.from_cache else 'one batched run'} · "
+            how = "one batched run"
+            if r.from_cache:
+                how = "cache (target branch only" + (f", {r.steps_reused} of {r.sampling.num_steps} steps reused)"
+                                                     if r.steps_reused else ")")
+            msg = (f"fused in {how} · "
                    f"keywords {', '.join(r.keywords)} · mask covers {cov:.0%} · layers {lay} · steps {start}-{end} · "
                    f"{took:.2f} s")
             return (sess, enlarge(r.base_image), enlarge(r.reference_image), enlarge(r.target_image),

@@ -2,7 +2,8 @@
 
 Consistency is measured against the base: the mean absolute pixel change inside the reference's mask
 versus outside it. D-Fusion should change the inside (where alignment lives) and keep the outside; global
-fusion (no mask) changes both. All cells after the first come from the reference cache.
+fusion (no mask) changes both. All cells after the first come from the reference cache, and the cells that
+differ from the first only in their end step reuse its leading target steps.
 """
 from __future__ import annotations
 
@@ -72,7 +73,8 @@ def run_ablation(model: LoadedModel, prompt: str, base_seed: int, ref_seed: int,
     variants.append((f"keywords {other}", replace(fusion, mask=replace(fusion.mask, combine=other))))
     cells = []
     for label, f in variants:
-        r = fuse(model, prompt, base_seed, ref_seed, sampling, f, base=base, cache=cache, base_image=ref_run.base_image)
+        r = fuse(model, prompt, base_seed, ref_seed, sampling, f, base=base, cache=cache, base_image=ref_run.base_image,
+                 previous=ref_run)  # cells differing from it only in the end step reuse its leading steps
         cells.append(AblationCell(label, f, r.target_image, *change_inside_outside(r.target_image, ref_run.base_image,
                                                                                    inside)))
     if scorer is not None:

@@ -5,11 +5,12 @@ One batched UNet call per step: the reference runs one step ahead of the target,
 the reference's step s+1 also computes the target's step s from the reference's step-s keys, values and
 attention maps recorded one call earlier (exact, no stale masks). The base is never replayed unless its
 trajectory is unknown or its own mask is wanted (union_base). With a ReferenceCache the reference's K/V
-and maps are kept, and a new threshold / step range / layer choice re-runs the target branch alone.
+and maps are kept, and a new threshold / step range / layer choice re-runs the target branch alone. Given
+the previous result of the same pair, a new end step re-runs only the steps after the two ranges part.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -45,7 +46,22 @@ class FusionResult:
     keyword_masks: torch.Tensor  # [K, h, w] per-keyword thresholded mask, mean over the fused steps
     mask_factors: tuple[int, ...] = ()  # cross-attention downsampling factors the masks were read at
     from_cache: bool = False  # the reference came from the cache (target branch only)
+    model_id: str = ""  # the weights it was computed with (a later LoRA makes it stale)
+    steps_reused: int = 0  # target steps taken from a previous result instead of computed
     extra: dict = field(default_factory=dict)
+
+
+def shared_target_steps(previous: "FusionResult | None", model_id: str, prompt: str, base_seed: int, ref_seed: int,
+                        sampling: SamplingParams, fusion: FusionParams) -> int:
+    """How many leading target steps a new fusion shares with `previous`: the masks of a step do not depend
+    on the range, so when only the end step moved, every step before the earlier of the two ends is the same."""
+    if previous is None or (previous.model_id, previous.prompt, previous.base_seed, previous.ref_seed,
+                            previous.sampling) != (model_id, prompt, base_seed, ref_seed, sampling):
+        return 0
+    n = sampling.num_steps
+    if replace(previous.fusion, end_step=None) != replace(fusion, end_step=None):
+        return 0
+    return min(previous.fusion.step_range(n)[1], fusion.step_range(n)[1])
 
 
 class _ChainStore:
@@ -86,10 +102,13 @@ def resolve_keywords(model: LoadedModel, prompt: str, fusion: FusionParams) -> t
 
 def fuse_batch(model: LoadedModel, prompt: str, pairs: list[tuple[int, int]], sampling: SamplingParams | None = None,
                fusion: FusionParams | None = None, bases: dict[int, Trajectory] | None = None,
-               cache: ReferenceCache | None = None, base_images: dict | None = None) -> list[FusionResult]:
+               cache: ReferenceCache | None = None, base_images: dict | None = None,
+               previous: dict[tuple[int, int], FusionResult] | None = None) -> list[FusionResult]:
     """Fuse several (base_seed, ref_seed) pairs of one prompt in one batched run.
 
     bases / base_images: trajectories and images of bases already sampled (not replayed, not re-decoded).
+    previous: earlier results of these pairs; on a cached run the steps a target shares with its previous
+    result (same everything but the end step) are taken from it, not computed.
     """
     sampling = (sampling or SamplingParams()).validate()
     fusion = (fusion or FusionParams()).validate(sampling.num_steps)
@@ -131,11 +150,19 @@ def fuse_batch(model: LoadedModel, prompt: str, pairs: list[tuple[int, int]], sa
     # starts there (same latent, generator advanced past those steps' noise) instead of recomputing them.
     skip = fusion.step_range(n)[0] - 1
 
+    reused = {(b, r): shared_target_steps((previous or {}).get((b, r)), model.model_id, prompt, b, r, sampling,
+                                          fusion) if from_cache else 0 for b, r in pairs}
+
     def target(b, r, lagged: bool):
         k = skip if b in bases and b not in replay_bases else 0
+        prefix = bases.get(b)
+        if reused[(b, r)] > k:  # the previous target's steps (its first `skip` are the base's as well)
+            k, prefix = reused[(b, r)], previous[(b, r)].target
+        else:
+            reused[(b, r)] = 0
         # lagged: the reference computes step k at call k, the target one call later
         return Stream(seed=b, role=ROLE_TARGET, ref=r, base=b, offset=k + 1 if lagged else 0, first_step=k,
-                      prefix=bases.get(b))
+                      prefix=prefix)
 
     if from_cache:
         store = _ChainStore([entries[r].store for r in ref_seeds])
@@ -221,7 +248,8 @@ def fuse_batch(model: LoadedModel, prompt: str, pairs: list[tuple[int, int]], sa
             prompt=prompt, base_seed=b, ref_seed=r, sampling=sampling, fusion=fusion, keywords=keywords,
             token_groups=groups, target_image=timg, reference_image=ref_images[r], base_image=base_images[b],
             target=tgt, reference=refs[r], base=bases[b], masks=masks, token_maps=token_maps.cpu(),
-            keyword_masks=kw_masks, mask_factors=factors, from_cache=from_cache))
+            keyword_masks=kw_masks, mask_factors=factors, from_cache=from_cache, model_id=model.model_id,
+            steps_reused=reused[(b, r)]))
     return results
 
 
@@ -236,11 +264,13 @@ def _substore(store: ReferenceStore, ref: int, base_seeds: list[int]) -> Referen
 
 def fuse(model: LoadedModel, prompt: str, base_seed: int, ref_seed: int, sampling: SamplingParams | None = None,
          fusion: FusionParams | None = None, base: Trajectory | None = None,
-         cache: ReferenceCache | None = None, base_image=None) -> FusionResult:
-    """Fuse one pair: the target starts from base_seed and borrows from the reference drawn with ref_seed."""
+         cache: ReferenceCache | None = None, base_image=None, previous: FusionResult | None = None) -> FusionResult:
+    """Fuse one pair: the target starts from base_seed and borrows from the reference drawn with ref_seed.
+    previous: this pair's last result, whose leading steps a new end step can reuse (with a cache)."""
     bases = {base_seed: base} if base is not None else None
     images = {base_seed: base_image} if base is not None and base_image is not None else None
-    return fuse_batch(model, prompt, [(base_seed, ref_seed)], sampling, fusion, bases, cache, images)[0]
+    prev = {(base_seed, ref_seed): previous} if previous is not None else None
+    return fuse_batch(model, prompt, [(base_seed, ref_seed)], sampling, fusion, bases, cache, images, prev)[0]
 
 
 @dataclass

@@ -38,6 +38,8 @@ def test_sample_fuse_refuse_label_undo(app_url):
     assert took and 0 < float(took.group(1)) < 60, out[-1]
     out = c.predict(*_fuse_args(base, ref, mode="relative", thr=0.4), "union", api_name="/refuse_combine")
     assert "cache (target branch only)" in out[-1] and svc.store is not None
+    out = c.predict(*_fuse_args(base, ref, mode="relative", thr=0.4, end=3), "union", api_name="/refuse_end_step")
+    assert "3 of 4 steps reused" in out[-1], out[-1]  # only the end moved: the last step alone is computed
     n0 = len(svc.store)
     assert "saved pair" in c.predict(api_name="/label_target")
     assert len(svc.store) == n0 + 1

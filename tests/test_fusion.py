@@ -150,3 +150,33 @@ def test_ablation_grid_global_fusion_changes_the_outside_more(sd1):
     by = {c.label: c for c in cells}
     assert by["all 3-8 no mask"].change_outside > by["all 3-8 mask"].change_outside
     assert all(c.score == 0.5 for c in cells)
+
+
+def test_a_new_end_step_reuses_the_previous_targets_shared_steps(sd1):
+    """Only the end step moved: the steps before the earlier end are the previous target's, the rest computed."""
+    base = sample(sd1, PROMPT, [11], SP).trajectories[0]
+    cache = ReferenceCache()
+    fuse(sd1, PROMPT, 11, 22, SP, FusionParams(), base=base, cache=cache)  # fills the cache
+    prev = fuse(sd1, PROMPT, 11, 22, SP, FusionParams(end_step=5), base=base, cache=cache)
+    calls = []
+    hook = sd1.unet.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        for end, shared in ((3, 3), (6, 5)):
+            calls.clear()
+            params = FusionParams(end_step=end)
+            reused = fuse(sd1, PROMPT, 11, 22, SP, params, base=base, cache=cache, previous=prev)
+            assert reused.steps_reused == shared and len(calls) == SP.num_steps - shared
+            full = fuse(sd1, PROMPT, 11, 22, SP, params, base=base, cache=cache)
+            assert full.steps_reused == 0
+            torch.testing.assert_close(reused.target.latents, full.target.latents, atol=1e-5, rtol=0)
+            torch.testing.assert_close(reused.target.log_probs, full.target.log_probs, atol=1e-4, rtol=0)
+            torch.testing.assert_close(reused.masks, full.masks)
+        # anything else changed (here the threshold), or other weights: nothing is reused
+        other = FusionParams(end_step=3, mask=MaskParams(threshold_mode="relative", threshold=0.3))
+        assert fuse(sd1, PROMPT, 11, 22, SP, other, base=base, cache=cache, previous=prev).steps_reused == 0
+        from dataclasses import replace
+        stale = replace(prev, model_id=prev.model_id + "+lora:x")
+        assert fuse(sd1, PROMPT, 11, 22, SP, FusionParams(end_step=3), base=base, cache=cache,
+                    previous=stale).steps_reused == 0
+    finally:
+        hook.remove()
