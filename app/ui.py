@@ -360,22 +360,6 @@ def build_demo(svc: AppService) -> gr.Blocks:
             return msg, frac, (training_plot(rows) if rows else None)
 
         @guarded
-        def on_cancel():
-            return svc.train_cancel()
-
-        @guarded
-        def on_resume():
-            return svc.train_resume()
-
-        @guarded
-        def on_load():
-            return svc.load_trained()
-
-        @guarded
-        def on_unload():
-            return svc.unload_trained()
-
-        @guarded
         def on_compare():
             prompts = [p for p in example_prompts()[:3]]
             items = svc.before_after(prompts)
@@ -420,10 +404,9 @@ def build_demo(svc: AppService) -> gr.Blocks:
         export_btn.click(on_export, [export_dir], [ds_status], api_name="export")
         import_btn.click(on_import, [import_dir, filt, label_filt], [ds_status, table], api_name="import")
         train_btn.click(on_train, [algo, rank, lr, beta, tsteps], [train_status], api_name="train")
-        cancel_btn.click(on_cancel, None, [train_status], api_name="train_cancel")
-        resume_btn.click(on_resume, None, [train_status], api_name="train_resume")
-        load_btn.click(on_load, None, [train_status], api_name="load_trained")
-        unload_btn.click(on_unload, None, [train_status], api_name="unload_trained")
+        for btn, action, name in [(cancel_btn, svc.train_cancel, "train_cancel"), (resume_btn, svc.train_resume, "train_resume"),
+                                  (load_btn, svc.load_trained, "load_trained"), (unload_btn, svc.unload_trained, "unload_trained")]:
+            btn.click(guarded(action), None, [train_status], api_name=name)
         compare_btn.click(on_compare, None, [before_after], api_name="before_after")
         timer.tick(on_tick, None, [train_status, train_progress, train_plot], api_name="train_status")
         abl_btn.click(on_ablate, [state], [abl_gallery, abl_plot], api_name="ablation")
