@@ -23,7 +23,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..atomic import move_files_into, replace_folder, temp_name_for, write_atomic, write_text_atomic
+from ..atomic import (move_files_into, replace_folder, temp_file_is_stale, temp_name_for, write_atomic,
+                      write_text_atomic)
 from ..ddim import ddim_step, make_schedule, step_log_prob
 from ..loading import LoadedModel
 from ..sampling import recompute_log_probs
@@ -354,7 +355,8 @@ class Trainer:
         dest.mkdir(parents=True, exist_ok=True)
         # built beside and moved in file by file: the app may load dest while a checkpoint is being written
         built = temp_name_for(dest / "export")
-        shutil.rmtree(built, ignore_errors=True)
+        for left in [built, *(d for d in dest.glob("export.*.tmp") if temp_file_is_stale(d))]:  # killed exports
+            shutil.rmtree(left, ignore_errors=True)
         if self.cfg.lora_rank > 0:
             from diffusers import StableDiffusionPipeline
             from diffusers.utils import convert_state_dict_to_diffusers
