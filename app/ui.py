@@ -404,8 +404,10 @@ def build_demo(svc: AppService) -> gr.Blocks:
         export_btn.click(on_export, [export_dir], [ds_status], api_name="export")
         import_btn.click(on_import, [import_dir, filt, label_filt], [ds_status, table], api_name="import")
         train_btn.click(on_train, [algo, rank, lr, beta, tsteps], [train_status], api_name="train")
-        for btn, action, name in [(cancel_btn, svc.train_cancel, "train_cancel"), (resume_btn, svc.train_resume, "train_resume"),
-                                  (load_btn, svc.load_trained, "load_trained"), (unload_btn, svc.unload_trained, "unload_trained")]:
+        for btn, action, name in [(cancel_btn, svc.train_cancel, "train_cancel"),
+                                  (resume_btn, svc.train_resume, "train_resume"),
+                                  (load_btn, svc.load_trained, "load_trained"),
+                                  (unload_btn, svc.unload_trained, "unload_trained")]:
             btn.click(guarded(action), None, [train_status], api_name=name)
         compare_btn.click(on_compare, None, [before_after], api_name="before_after")
         timer.tick(on_tick, None, [train_status, train_progress, train_plot], api_name="train_status")

@@ -150,16 +150,18 @@ def fuse_batch(model: LoadedModel, prompt: str, pairs: list[tuple[int, int]], sa
     # starts there (same latent, generator advanced past those steps' noise) instead of recomputing them.
     skip = fusion.step_range(n)[0] - 1
 
-    reused = {(b, r): shared_target_steps((previous or {}).get((b, r)), model.model_id, prompt, b, r, sampling,
-                                          fusion) if from_cache else 0 for b, r in pairs}
+    def from_base(b):  # steps a target takes from its known base
+        return skip if b in bases and b not in replay_bases else 0
+
+    # steps a target takes from its previous result instead (its first `skip` are the base's as well)
+    reused = {}
+    for b, r in pairs:
+        shared = shared_target_steps((previous or {}).get((b, r)), model.model_id, prompt, b, r, sampling,
+                                     fusion) if from_cache else 0
+        reused[(b, r)] = shared if shared > from_base(b) else 0
 
     def target(b, r, lagged: bool):
-        k = skip if b in bases and b not in replay_bases else 0
-        prefix = bases.get(b)
-        if reused[(b, r)] > k:  # the previous target's steps (its first `skip` are the base's as well)
-            k, prefix = reused[(b, r)], previous[(b, r)].target
-        else:
-            reused[(b, r)] = 0
+        k, prefix = (reused[(b, r)], previous[(b, r)].target) if reused[(b, r)] else (from_base(b), bases.get(b))
         # lagged: the reference computes step k at call k, the target one call later
         return Stream(seed=b, role=ROLE_TARGET, ref=r, base=b, offset=k + 1 if lagged else 0, first_step=k,
                       prefix=prefix)

@@ -3,7 +3,8 @@
 A folder with `store.sqlite` (WAL journal, schema version in PRAGMA user_version) indexing pair files in
 `files/`. A pair's files are written atomically first and its row is inserted last, in one transaction:
 a process killed at any moment leaves either a whole pair or none (orphan files of an unfinished save are
-swept on open; a temp file is swept only once its writer is gone). Several threads or processes may use one store; SQLite serialises the writes.
+swept on open; a temp file is swept only once its writer is gone). Several threads or processes may use one
+store; SQLite serialises the writes.
 """
 from __future__ import annotations
 

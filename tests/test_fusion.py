@@ -1,4 +1,6 @@
 """D-Fusion read as a specification (METHOD.md steps 4-6)."""
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -174,7 +176,6 @@ def test_a_new_end_step_reuses_the_previous_targets_shared_steps(sd1):
         # anything else changed (here the threshold), or other weights: nothing is reused
         other = FusionParams(end_step=3, mask=MaskParams(threshold_mode="relative", threshold=0.3))
         assert fuse(sd1, PROMPT, 11, 22, SP, other, base=base, cache=cache, previous=prev).steps_reused == 0
-        from dataclasses import replace
         stale = replace(prev, model_id=prev.model_id + "+lora:x")
         assert fuse(sd1, PROMPT, 11, 22, SP, FusionParams(end_step=3), base=base, cache=cache,
                     previous=stale).steps_reused == 0
