@@ -87,8 +87,8 @@ def _exact_velocity(x, sigma, mu, s0):
 @pytest.mark.parametrize("sampler,level", [("ode", 0.0), ("sde", 0.7), ("ddim", 0.7), ("ddim", 1.0), ("sde", 1.0)])
 def test_samplers_reach_the_data_distribution(sampler, level):
     """With the exact velocity field and small steps, every sampler keeps the ODE's marginals: N(mu, s0^2)."""
-    mu, s0, n = 1.5, 0.4, 20000
-    sch = _schedule(1000)
+    mu, s0, n = 1.5, 0.4, 8000
+    sch = _schedule(600)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(n, 1, 1, 1, generator=g)
     for k in range(sch.num_steps):
@@ -96,7 +96,7 @@ def test_samplers_reach_the_data_distribution(sampler, level):
         v = _exact_velocity(x, sigma, mu, s0)
         x = flow_step(sch, v, x, torch.full((n,), k), level, torch.randn(n, 1, 1, 1, generator=g), sampler).prev_sample
     assert x.mean().item() == pytest.approx(mu, abs=0.02)
-    assert x.std().item() == pytest.approx(s0, abs=0.01)
+    assert x.std().item() == pytest.approx(s0, abs=0.012)
 
 
 def test_flow_noised_and_velocity_target():
