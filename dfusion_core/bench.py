@@ -83,3 +83,10 @@ def run_bench(model: LoadedModel, prompt: str, sampling: SamplingParams, fusion:
         "cache_mib": round(cache.nbytes() / 2 ** 20, 1),
     }
 
+
+def format_report(res: dict) -> str:
+    """The bench result for a reader: one `key  value` line each (`--json` prints the dict itself)."""
+    def show(v):
+        return "  ".join(f"{k}={x}" for k, x in v.items()) if isinstance(v, dict) else str(v)
+    width = max(map(len, res), default=0)
+    return "\n".join(f"{k:<{width}}  {show(v)}" for k, v in res.items())

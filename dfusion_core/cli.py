@@ -1,8 +1,8 @@
 """Command line: `python -m dfusion_core <command> --help`.
 
 Commands: sample, fuse, build-pairs, train, tokens, eval, bench. Every command takes --model (a diffusers pipeline
-folder or hub id; default: the embedded ShapesWorld model) and prints JSON on stdout. Bad input exits
-with status 2 and a one-line message, never a traceback.
+folder or hub id; default: the embedded ShapesWorld model) and prints JSON on stdout (bench: a readable
+table unless --json). Bad input exits with status 2 and a one-line message, never a traceback.
 """
 from __future__ import annotations
 
@@ -322,7 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="plain vs fused vs cached re-fusion timings")
     p.add_argument("--prompt", default="a red circle above a blue square")
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--json", action="store_true", help="print one JSON object (the default output)")
+    p.add_argument("--json", action="store_true", help="print one JSON object on one line (default: a table)")
     _add_model(p), _add_sampling(p), _add_fusion(p)
     p.set_defaults(fn=cmd_bench)
     return ap
@@ -338,6 +338,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if result is not None:
+    if result is not None and a.command == "bench" and not a.json:
+        from .bench import format_report
+        print(format_report(result))
+    elif result is not None:
         print(json.dumps(result, indent=None if a.command == "bench" else 2))
     return 0

@@ -119,11 +119,6 @@ class FusionParams:
         return self
 
 
-def with_overrides(obj, **changes):
-    """dataclasses.replace that ignores None values (handy for CLI flags left unset)."""
-    return replace(obj, **{k: v for k, v in changes.items() if v is not None})
-
-
 def model_defaults(model_dir: str | Path | None) -> dict:
     """Per-model defaults shipped as dfusion.json inside a pipeline folder (e.g. a small model's lower CFG)."""
     if model_dir is None:

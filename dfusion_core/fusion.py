@@ -10,7 +10,7 @@ the previous result of the same pair, a new end step re-runs only the steps afte
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -48,7 +48,6 @@ class FusionResult:
     from_cache: bool = False  # the reference came from the cache (target branch only)
     model_id: str = ""  # the weights it was computed with (a later LoRA makes it stale)
     steps_reused: int = 0  # target steps taken from a previous result instead of computed
-    extra: dict = field(default_factory=dict)
 
 
 def shared_target_steps(previous: "FusionResult | None", model_id: str, prompt: str, base_seed: int, ref_seed: int,

@@ -8,7 +8,7 @@ threshold / step range / layer choice by running the target branch alone.
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -73,7 +73,6 @@ class CachedReference:
     reference_image: object  # PIL image
     base: object | None = None  # Trajectory of the base, when it was replayed
     base_image: object | None = None
-    extra: dict = field(default_factory=dict)
 
 
 class ReferenceCache:

@@ -76,18 +76,16 @@ def _check_seed(seed) -> int:
     return seed
 
 
-def _rows(t: torch.Tensor, idx: list[int]) -> torch.Tensor:
-    return t[idx]
-
-
 def denoise(model: LoadedModel, cond: Conditioning, streams: list[Stream], sampling: SamplingParams,
-            schedule: DDIMSchedule | None = None, on_call: Callable | None = None,
+            schedule: DDIMSchedule | None = None,
+            on_call: Callable[[int, list[Stream], list[int]], None] | None = None,
             row_info: Callable[[Stream, int], RowInfo] | None = None) -> list[Trajectory]:
     """Run all streams to x_0; one UNet call per loop iteration covers every stream active at that call.
 
-    on_call(call_index, streams_finished_step) runs after each call (the fusion code uses it to drop
-    K/V that are no longer needed). row_info maps (stream, step) to the controller's RowInfo; without it
-    the D-Fusion processors stay inactive (plain sampling).
+    on_call(call_index, active, steps) runs after each call: `active` are the streams that call advanced and
+    `steps[i]` is the 0-based step `active[i]` just took (the fusion code uses it to drop K/V that are no
+    longer needed). row_info maps (stream, step) to the controller's RowInfo; without it the D-Fusion
+    processors stay inactive (plain sampling).
     """
     sampling.validate()
     schedule = schedule or make_schedule(model.pipe.scheduler, sampling.num_steps)
@@ -118,13 +116,13 @@ def denoise(model: LoadedModel, cond: Conditioning, streams: list[Stream], sampl
         x = torch.stack([s.latent for s in active])
         t = torch.tensor([schedule.timesteps[k] for k in steps], dtype=torch.long)
         rows = [s.cond_row for s in active]
-        emb = _rows(cond.cond, rows)
-        added = {k: _rows(v, rows) for k, v in cond.added_cond.items()} if cond.added_cond else None
+        emb = cond.cond[rows]
+        added = {k: v[rows] for k, v in cond.added_cond.items()} if cond.added_cond else None
         x_in, t_in = x, t
         if cfg:
-            emb = torch.cat([_rows(cond.uncond, rows), emb])
+            emb = torch.cat([cond.uncond[rows], emb])
             if added:
-                added = {k: torch.cat([_rows(cond.added_uncond[k], rows), added[k]]) for k in added}
+                added = {k: torch.cat([cond.added_uncond[k][rows], added[k]]) for k in added}
             x_in, t_in = torch.cat([x, x]), torch.cat([t, t])
         if row_info is not None:
             ctl.begin_call([row_info(s, k) for s, k in zip(active, steps)], cfg)

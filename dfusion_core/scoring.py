@@ -17,7 +17,6 @@ from . import offline  # noqa: F401
 from .loading import ASSETS, to_pil
 
 DEFAULT_SCORER = ASSETS / "shapesworld-clip"
-PAPER_SCORER = "ViT-H-14:laion2b_s32b_b79k"
 
 
 class Scorer(Protocol):
@@ -94,7 +93,7 @@ def _openclip(arg: str, device: str | None = None) -> Scorer:
 
 
 def make_scorer(spec: str | None = None, device: str | None = None) -> Scorer:
-    """A scorer from a spec: None = ShapesWorld's CLIP; 'openclip:...'; 'checker' (ShapesWorld ground truth)."""
+    """A scorer from a spec: None = ShapesWorld's CLIP; 'openclip:NAME:TAG_OR_FILE'; an OpenCLIP folder."""
     if spec is None:
         if not DEFAULT_SCORER.is_dir():
             raise ValueError(f"the default scorer {DEFAULT_SCORER} is missing; pass --scorer openclip:NAME:CKPT")

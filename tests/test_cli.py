@@ -41,3 +41,18 @@ def test_bad_input_is_one_clear_line(pipelines_dir, sd1):
         assert p.returncode == 2 and msg in p.stderr and "Traceback" not in p.stderr
     p = run("sample", "--model", "/no/such/folder", "--prompt", "x")
     assert p.returncode == 2 and "does not exist" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_bench_prints_a_table_and_with_json_one_json_line(monkeypatch, capsys):
+    """--json is read: one JSON object on one line for scripts (benchmarks/*.sh), a `key  value` table otherwise."""
+    from dfusion_core import cli
+
+    result = {"plain_sample_s": 0.5, "fused_pair_over_plain": 1.9, "peak_mem_mib": {"plain": 0, "fused_pair": 0}}
+    monkeypatch.setattr(cli, "cmd_bench", lambda a: result)
+    assert cli.main(["bench", "--json"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("\n") == 1 and json.loads(out) == result
+    assert cli.main(["bench"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [ln.split()[0] for ln in lines] == list(result)
+    assert lines[1].split() == ["fused_pair_over_plain", "1.9"] and lines[2].split()[1:] == ["plain=0", "fused_pair=0"]

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from dfusion_core.config import SamplingParams
-from dfusion_core.sampling import recompute_log_probs, sample
+from dfusion_core.sampling import Stream, denoise, recompute_log_probs, sample
 
 SP = SamplingParams(num_steps=5)
 
@@ -62,3 +62,13 @@ def test_invalid_sampling_params(sd1, kwargs, msg):
 def test_invalid_prompt_and_seeds(sd1, prompt, seeds, msg):
     with pytest.raises(ValueError, match=msg):
         sample(sd1, prompt, seeds, SP)
+
+
+def test_denoise_calls_back_with_the_call_its_streams_and_their_steps(sd1):
+    """on_call(call_index, active, steps), as documented: a stream starting one call later is one step behind."""
+    early, late = Stream(seed=1), Stream(seed=2, offset=1)
+    cond = sd1.encode(["a red dog"], "", True, 32, 32)
+    calls = []
+    denoise(sd1, cond, [early, late], SamplingParams(num_steps=3, height=32, width=32),
+            on_call=lambda call, active, steps: calls.append((call, [s.seed for s in active], list(steps))))
+    assert calls == [(0, [1], [0]), (1, [1, 2], [1, 0]), (2, [1, 2], [2, 1]), (3, [2], [2])]

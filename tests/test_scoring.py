@@ -61,6 +61,8 @@ def test_scorer_errors(tmp_path):
         OpenCLIPScorer(tmp_path, None)
     with pytest.raises(ValueError, match="unknown scorer"):
         make_scorer("magic:thing")
+    with pytest.raises(ValueError, match="unknown scorer 'checker'"):  # the checker judges eval, it scores no pairs
+        make_scorer("checker")
 
 
 def test_paper_scorer_without_network_is_a_clear_error():

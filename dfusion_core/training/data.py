@@ -1,13 +1,10 @@
-"""Training data in one format, whatever the source: the app's preference store, a pair folder written by
-build-pairs, or random pairs (the paper's baseline: winner and loser from different seeds, ranked by score).
+"""Training data in one format, whatever the source: the app's preference store or a pair folder written by
+build-pairs (D-Fusion pairs, or with --random the paper's baseline: winner and loser from different seeds).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-
-import numpy as np
-import torch
 
 from ..pairs import PairRecord, load_pairs
 
@@ -67,25 +64,3 @@ def check_pairs(pairs: list[PreferencePair]) -> None:
                          "models, sizes or step counts; train on one kind at a time")
     if len({(p.num_steps, p.eta, p.guidance_scale) for p in pairs}) != 1:
         raise ValueError("pairs were sampled with different steps / eta / guidance; train on one setting at a time")
-
-
-def random_pairs(samples: list[tuple[str, object, float]], rng: np.random.Generator, num_steps: int, eta: float,
-                 guidance_scale: float, negative_prompt: str = "") -> list[PreferencePair]:
-    """The paper's baseline: per prompt, shuffle the samples and pair them up; the higher score wins."""
-    by_prompt: dict[str, list] = {}
-    for prompt, traj, score in samples:
-        by_prompt.setdefault(prompt, []).append((traj, score))
-    out = []
-    for prompt, items in by_prompt.items():
-        order = rng.permutation(len(items))
-        for a, b in zip(order[0::2], order[1::2]):
-            (ta, sa), (tb, sb) = items[a], items[b]
-            if sa == sb:
-                continue
-            w, l = ((ta, sa), (tb, sb)) if sa > sb else ((tb, sb), (ta, sa))
-            out.append(PreferencePair(prompt, w[0], l[0], w[1], l[1], num_steps, eta, guidance_scale, negative_prompt))
-    return out
-
-
-def stack_final(pairs: list[PreferencePair], which: str) -> torch.Tensor:
-    return torch.stack([getattr(p, which).latents[-1] for p in pairs])
