@@ -251,6 +251,7 @@ class AppService:
 
     # ---- training ----------------------------------------------------------------------------------
     def train_start(self, algo: str, lora_rank, lr, beta, steps) -> str:
+        from dfusion_core.training.data import LOG_PROB_ALGOS, load_training_pairs
         from dfusion_core.training.trainer import ALGOS, TrainConfig
 
         from .jobs import TrainingJob
@@ -272,6 +273,11 @@ class AppService:
             raise UserError(str(e)) from None
         if rank == 0:
             raise UserError("the app trains LoRA adapters (rank >= 1); use the CLI for a full fine-tune")
+        if algo in LOG_PROB_ALGOS:  # e.g. pairs sampled with eta = 0: said here, not by a failed child process
+            try:
+                load_training_pairs(self.store.root, algo)
+            except ValueError as e:
+                raise UserError(str(e)) from None
         import time as _t
 
         out = self.runs_dir / f"{algo}-{_t.strftime('%Y%m%d-%H%M%S')}"

@@ -209,8 +209,8 @@ def cmd_train(a) -> dict:
     if isinstance(cfg.lora_targets, list):
         cfg = TrainConfig(**{**asdict(cfg), "lora_targets": tuple(cfg.lora_targets)})
     cfg.validate()
+    pairs = load_training_pairs(a.data, cfg.algo)  # refused data (e.g. eta = 0 for traj-dpo) before the model loads
     model = _load(a)
-    pairs = load_training_pairs(a.data)
     trainer = Trainer(model, pairs, cfg, a.out)
     res = trainer.run(resume=not a.no_resume)
     if not trainer.acc.is_main_process:

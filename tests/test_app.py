@@ -125,3 +125,27 @@ def test_ablation_export_import_and_a_background_fine_tune(app_url, tmp_path):
     assert c.predict(*_fuse_args("5", "6"), api_name="/fuse")[-1].startswith("fused in one batched run")  # cache cleared
     with pytest.raises(Exception, match="no fine-tuned weights are loaded"):
         c.predict(api_name="/unload_trained")
+
+
+def test_train_tab_refuses_deterministic_pairs_for_trajectory_methods(sd1, tmp_path):
+    from app.service import AppService, UserError
+    from dfusion_core.config import SamplingParams
+    from dfusion_core.pairs import PairingParams, build_pairs
+
+    svc = AppService(sd1, store_dir=tmp_path / "store", runs_dir=tmp_path / "runs")
+    scorer = lambda ims, ps: [float(i) for i in range(len(ims))]  # noqa: E731 - distinct scores, any order
+    for rec in build_pairs(sd1, ["a red dog"], scorer, SamplingParams(num_steps=3, eta=0.0),
+                           pairing=PairingParams(num_candidates=4)):
+        svc.store.add(rec, "target")
+    url, demo = launch_app(svc)
+    try:
+        with pytest.raises(UserError, match=r"ddpo .*sampled with eta = 0"):
+            svc.train_start("ddpo", 4, 1e-4, 0.1, 2)
+        with pytest.raises(Exception, match=r"traj-dpo .*sampled with eta = 0") as shown:  # the Train tab's toast
+            gradio_client.Client(url, verbose=False).predict("traj-dpo", 4, 1e-4, 0.1, 2, api_name="/train")
+        assert "Traceback" not in str(shown.value) and "internal error" not in str(shown.value)
+        assert svc.job is None  # nothing was started
+    finally:
+        if svc.job is not None:
+            svc.job.cancel()
+        demo.close()

@@ -56,3 +56,18 @@ def test_bench_prints_a_table_and_with_json_one_json_line(monkeypatch, capsys):
     lines = capsys.readouterr().out.splitlines()
     assert [ln.split()[0] for ln in lines] == list(result)
     assert lines[1].split() == ["fused_pair_over_plain", "1.9"] and lines[2].split()[1:] == ["plain=0", "fused_pair=0"]
+
+
+def test_train_refuses_deterministic_pairs_for_trajectory_methods(pipelines_dir, sd1, tmp_path):
+    from dfusion_core.config import SamplingParams
+    from dfusion_core.pairs import PairingParams, build_pairs, save_pairs
+
+    scorer = lambda ims, ps: [float(i) for i in range(len(ims))]  # noqa: E731 - distinct scores, any order
+    save_pairs(build_pairs(sd1, ["a red dog"], scorer, SamplingParams(num_steps=3, eta=0.0),
+                           pairing=PairingParams(num_candidates=4)), tmp_path / "pairs")
+    p = run("train", "--model", str(pipelines_dir / "sd1"), "--data", str(tmp_path / "pairs"), "--algo", "traj-dpo",
+            "--steps", "1", "--batch-size", "2", "--out", str(tmp_path / "run"))
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-2000:]
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: traj-dpo") and "eta = 0" in lines[0], p.stderr
+    assert not (tmp_path / "run" / "log.jsonl").exists()  # nothing trained

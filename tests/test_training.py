@@ -39,6 +39,33 @@ def test_trajectory_dpo_loss_clips_ratios():
     assert math.isclose(loss.item(), -math.log(1 / (1 + math.exp(-2.0 * math.log(1.1)))), rel_tol=1e-6)
 
 
+def test_trajectory_dpo_clipfrac_counts_exactly_the_clipped_ratios():
+    # eps = 0.1 clips log r outside [log 0.9, log 1.1] = [-0.1054, 0.0953], winner and loser alike
+    dw = torch.tensor([0.097, -0.103, 0.0, 0.2])  # clipped: 0.097 and 0.2 (-0.103 is inside log 0.9)
+    dl = torch.tensor([0.0, -0.2, 0.05, -0.104])  # clipped: -0.2
+    _, st = losses.trajectory_dpo_loss(dw, dl, torch.zeros(4), torch.zeros(4), beta=1.0, eps=0.1)
+    assert st["clipfrac"] == pytest.approx(3 / 8, abs=1e-12)
+
+
+def advantages_by_hand(scores: list[float], groups: list, clip: float = 5.0) -> list[float]:
+    """(r - group mean) / (group std + 1e-8), clipped, in Python floats (float64)."""
+    out = []
+    for r, g in zip(scores, groups):
+        rs = [s for s, k in zip(scores, groups) if k == g]
+        m = math.fsum(rs) / len(rs)
+        sd = math.sqrt(math.fsum((s - m) ** 2 for s in rs) / len(rs))
+        out.append(min(clip, max(-clip, (r - m) / (sd + 1e-8))))
+    return out
+
+
+def test_advantages_of_close_scores_with_a_large_offset_are_exact():
+    scores = [1e6 + 0.1, 1e6 + 0.2, 1e6 + 0.4, 5e7 + 0.01, 5e7 + 0.03]
+    groups = ["a", "a", "a", "b", "b"]
+    adv = losses.normalise_rewards(torch.tensor(scores, dtype=torch.float64), groups, clip=5.0)
+    for got, want in zip(adv.tolist(), advantages_by_hand(scores, groups)):
+        assert abs(got - want) < 1e-9
+
+
 def test_ppo_clip_and_advantages_by_hand():
     adv = losses.normalise_rewards(torch.tensor([1.0, 3.0, 10.0, 10.0]), ["a", "a", "b", "b"], clip=5.0)
     torch.testing.assert_close(adv, torch.tensor([-1.0, 1.0, 0.0, 0.0]))
@@ -81,6 +108,55 @@ def test_every_algorithm_trains_and_exports_a_lora(sd1, pair_dir, tmp_path, algo
     assert res.steps == 2 and all(np.isfinite(r["loss"]) for r in res.history)
     assert len((tmp_path / "log.jsonl").read_text().splitlines()) == 2
     assert _lora(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def deterministic_pair_dir(sd1, tmp_path_factory):
+    """Pairs sampled with eta = 0: deterministic DDIM, every recorded log-prob 0."""
+    d = tmp_path_factory.mktemp("pairs_eta0")
+    save_pairs(build_pairs(sd1, ["a red dog", "a blue cat"], brightness, SamplingParams(num_steps=3, eta=0.0),
+                           pairing=PairingParams(num_candidates=4)), d)
+    return d
+
+
+@pytest.mark.parametrize("algo", ["traj-dpo", "ddpo", "dpok"])
+def test_trajectory_methods_refuse_deterministic_pairs(sd1, deterministic_pair_dir, tmp_path, algo):
+    pairs = load_training_pairs(deterministic_pair_dir)
+    assert all(p.eta == 0 and not p.winner.log_probs.any() and not p.loser.log_probs.any() for p in pairs)
+    with pytest.raises(ValueError, match=rf"{algo} .*sampled with eta = 0"):
+        load_training_pairs(deterministic_pair_dir, algo=algo)
+    with pytest.raises(ValueError, match=r"eta = 0 .*dpo"):
+        Trainer(sd1, pairs, TrainConfig(algo=algo, steps=1, batch_size=2), tmp_path).unload()  # unload: not refused
+
+
+def test_trajectory_methods_refuse_pairs_whose_log_probs_are_all_zero(sd1, pair_dir, tmp_path):
+    pairs = load_training_pairs(pair_dir)
+    assert pairs[0].eta == 1.0
+    for p in pairs:
+        p.winner.log_probs.zero_(), p.loser.log_probs.zero_()
+    with pytest.raises(ValueError, match="log-probabilities are all 0"):
+        Trainer(sd1, pairs, TrainConfig(algo="ddpo", steps=1, batch_size=2), tmp_path).unload()
+
+
+def test_dpo_still_trains_on_deterministic_pairs(sd1, deterministic_pair_dir, tmp_path):
+    pairs = load_training_pairs(deterministic_pair_dir, algo="dpo")
+    tr = Trainer(sd1, pairs, TrainConfig(algo="dpo", steps=1, batch_size=2), tmp_path)
+    try:
+        res = tr.run(progress=False)
+    finally:
+        tr.unload()
+    assert res.steps == 1 and res.history[0]["grad_norm"] > 0
+
+
+def test_trainer_advantages_are_normalised_in_float64(sd1, pair_dir, tmp_path):
+    pairs = load_training_pairs(pair_dir)
+    for p in pairs:  # close scores, large offset
+        p.winner_score, p.loser_score = 1e6 + p.winner_score, 1e6 + p.loser_score
+    tr = Trainer(sd1, pairs, TrainConfig(algo="ddpo", steps=1, batch_size=2), tmp_path)
+    tr.unload()
+    want = advantages_by_hand([s for p in pairs for s in (p.winner_score, p.loser_score)],
+                              [p.prompt for p in pairs for _ in range(2)], tr.cfg.adv_clip)
+    assert max(abs(a - b) for a, b in zip(tr.advantages.tolist(), want)) < 1e-9
 
 
 def test_dpo_lowers_the_loss_on_a_fixed_batch(sd1, pair_dir, tmp_path):

@@ -39,8 +39,11 @@ def pairs_from_records(records: list[PairRecord]) -> list[PreferencePair]:
     return out
 
 
-def load_training_pairs(source: str | Path) -> list[PreferencePair]:
-    """A preference store folder (store.sqlite) or a pair folder (pairs.jsonl)."""
+LOG_PROB_ALGOS = ("traj-dpo", "ddpo", "dpok")  # learn from the sampling steps' log-probs (Diffusion-DPO does not)
+
+
+def load_training_pairs(source: str | Path, algo: str | None = None) -> list[PreferencePair]:
+    """A preference store folder (store.sqlite) or a pair folder (pairs.jsonl); `algo`: refuse data it cannot use."""
     p = Path(source).expanduser()
     if (p / "store.sqlite").is_file():
         from ..preference_store import PreferenceStore
@@ -51,11 +54,12 @@ def load_training_pairs(source: str | Path) -> list[PreferencePair]:
     else:
         raise ValueError(f"{p} is neither a preference store (store.sqlite) nor a pair folder (pairs.jsonl)")
     pairs = pairs_from_records(records)
-    check_pairs(pairs)
+    check_pairs(pairs, algo)
     return pairs
 
 
-def check_pairs(pairs: list[PreferencePair]) -> None:
+def check_pairs(pairs: list[PreferencePair], algo: str | None = None) -> None:
+    """Refuse data no algorithm, or `algo` in particular, can learn from (ValueError with the reason)."""
     if len(pairs) < 2:
         raise ValueError(f"training needs at least two labelled pairs, got {len(pairs)} (ties do not count)")
     shapes = {tuple(p.winner.latents.shape) for p in pairs} | {tuple(p.loser.latents.shape) for p in pairs}
@@ -64,3 +68,19 @@ def check_pairs(pairs: list[PreferencePair]) -> None:
                          "models, sizes or step counts; train on one kind at a time")
     if len({(p.num_steps, p.eta, p.guidance_scale) for p in pairs}) != 1:
         raise ValueError("pairs were sampled with different steps / eta / guidance; train on one setting at a time")
+    if algo in LOG_PROB_ALGOS:
+        check_log_probs(pairs, algo)
+
+
+def check_log_probs(pairs: list[PreferencePair], algo: str) -> None:
+    """The trajectory methods learn from per-step likelihood ratios: with eta = 0 (deterministic DDIM) no step has
+    noise, every log-prob is 0, and training would run with a constant loss and change nothing."""
+    eta = pairs[0].eta
+    hint = "sample the pairs with eta > 0 (the paper uses 1.0), or train them with dpo, which needs no log-probs"
+    if eta == 0:
+        raise ValueError(f"{algo} learns from the sampling steps' log-probabilities, but these pairs were sampled "
+                         f"with eta = 0 (deterministic DDIM), where every log-probability is 0: {hint}")
+    if not any(t.log_probs.any() for p in pairs for t in (p.winner, p.loser)):
+        raise ValueError(f"{algo} learns from the sampling steps' log-probabilities, but these pairs' recorded "
+                         f"log-probabilities are all 0 (sampled with eta = {eta:g}, {pairs[0].num_steps} steps): "
+                         f"{hint}")

@@ -40,22 +40,27 @@ def trajectory_dpo_loss(logp_w: torch.Tensor, logp_l: torch.Tensor, ref_logp_w: 
     ll = clipped_log_ratio(logp_l, ref_logp_l, eps)
     inside = beta * (lw - ll)
     loss = -F.logsigmoid(inside)
+    clipped = torch.cat([lw != logp_w - ref_logp_w, ll != logp_l - ref_logp_l])  # exactly what the clamp changed
     stats = {"implicit_acc": (inside > 0).float().mean().item() + 0.5 * (inside == 0).float().mean().item(),
              "reward_margin": (lw - ll).mean().item(), "ratio_w": torch.exp(logp_w - ref_logp_w).mean().item(),
-             "clipfrac": ((logp_w - ref_logp_w).abs() > eps).float().mean().item()}
+             "clipfrac": clipped.float().mean().item()}  # of winner and loser ratios together
     return loss.mean(), stats
 
 
 def normalise_rewards(rewards: torch.Tensor, groups: list, clip: float = 5.0) -> torch.Tensor:
-    """Per-prompt normalised advantages (DDPO): (r - mean_group) / (std_group + 1e-8), clipped."""
-    adv = torch.empty_like(rewards, dtype=torch.float32)
-    keys = list(dict.fromkeys(groups))
-    for k in keys:
+    """Per-prompt normalised advantages (DDPO): (r - mean_group) / (std_group + 1e-8), clipped.
+
+    Computed in float64 (close scores on a large offset lose their differences in float32); returned in the
+    rewards' floating dtype (float64 for float64 rewards: cast where used), float32 for integer rewards."""
+    out_dtype = rewards.dtype if rewards.is_floating_point() else torch.float32
+    r64 = rewards.double()
+    adv = torch.empty_like(r64)
+    for k in dict.fromkeys(groups):
         idx = torch.tensor([i for i, g in enumerate(groups) if g == k])
-        r = rewards[idx].float()
-        std = r.std(unbiased=False) if len(idx) > 1 else torch.tensor(0.0)
+        r = r64[idx]
+        std = r.std(unbiased=False) if len(idx) > 1 else torch.zeros((), dtype=torch.float64)
         adv[idx] = (r - r.mean()) / (std + 1e-8)
-    return adv.clamp(-clip, clip)
+    return adv.clamp(-clip, clip).to(out_dtype)
 
 
 def ppo_clip_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor,

@@ -96,7 +96,7 @@ class Trainer:
         from accelerate import Accelerator
 
         self.cfg = cfg.validate()
-        check_pairs(pairs)
+        check_pairs(pairs, cfg.algo)  # before touching the model: refused data leaves it as it was
         self.model, self.pairs = model, pairs
         self.out = Path(out_dir)
         self.acc = accelerator or Accelerator(mixed_precision=cfg.mixed_precision, cpu=model.device.type == "cpu")
@@ -204,7 +204,8 @@ class Trainer:
         if self.cfg.algo in ("ddpo", "dpok"):
             if any(r is None for r in self.rewards):
                 raise ValueError(f"{self.cfg.algo} needs scored pairs: build them with a scorer")
-            self.advantages = losses.normalise_rewards(torch.tensor(self.rewards), self.traj_prompts, self.cfg.adv_clip)
+            self.advantages = losses.normalise_rewards(torch.tensor(self.rewards, dtype=torch.float64),
+                                                       self.traj_prompts, self.cfg.adv_clip)  # cast at use
 
     def _policy_step(self, net, trajs, js, prompts):
         """Mean, std and log-prob of x_{t-1} at step index js[i] of each trajectory under `net`."""
@@ -305,7 +306,7 @@ class Trainer:
                 ref_mean, _, _ = self._policy_step(ref, trajs, js, prompts)
             kl = losses.gaussian_kl(mean, ref_mean, std)
             loss, stats = losses.dpok_loss(logp, old, adv, kl, self.cfg.kl_coef, self.cfg.clip_eps)
-        stats["reward_mean"] = float(torch.tensor([r for r in self.rewards if r is not None]).mean())
+        stats["reward_mean"] = math.fsum(self.rewards) / len(self.rewards)  # all scored (checked up front)
         return loss, stats
 
     def _loss_fn(self, g):
