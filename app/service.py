@@ -128,13 +128,13 @@ class AppService:
         prompt = check_prompt(prompt)
         ws = word_tokens(self.model.tokenizer, prompt, warn=False)
         choices, seen = [], set()
-        for w in ws:
-            if not w.token_indices or not w.word[0].isalnum() or w.word.lower() in seen:
+        for w in ws:  # shown as typed; a word past the 77-token limit is listed, and marked so
+            if not w.lexical or w.word.casefold() in seen:
                 continue
-            seen.add(w.word.lower())
-            toks = "·".join(t.replace("</w>", "") for t in w.tokens)
-            label = w.word.lower() if len(w.tokens) == 1 else f"{w.word.lower()} ({toks})"
-            choices.append((label, w.word.lower()))
+            seen.add(w.word.casefold())
+            pieces = [p for p in w.pieces if p]
+            label = w.word if len(pieces) <= 1 else f"{w.word} ({'·'.join(pieces)})"
+            choices.append((f"{w.word} (past the 77-token limit)" if w.truncated else label, w.word))
         return choices, default_keywords(self.model.tokenizer, prompt)
 
     def sample_candidates(self, session: Session, prompt, n, first_seed, sampling: SamplingParams) -> Session:

@@ -245,7 +245,10 @@ def build_demo(svc: AppService) -> gr.Blocks:
                 idx = groups.get(word)
                 if idx is None:
                     from dfusion_core.tokens import keyword_token_indices
-                    idx = keyword_token_indices(svc.model.tokenizer, r.prompt, [word])[0]
+                    try:  # e.g. a word past the 77-token limit: said as such, not as an internal error
+                        idx = keyword_token_indices(svc.model.tokenizer, r.prompt, [word])[0]
+                    except ValueError as e:
+                        raise UserError(str(e)) from None
                 heat_im = enlarge(heat_overlay(ref, r.token_maps[list(idx)].mean(0).numpy()))
             first, last = r.fusion.step_range(r.sampling.num_steps)
             m = r.masks[first - 1:last].mean(0).numpy()

@@ -342,5 +342,5 @@ def main(argv: list[str] | None = None) -> int:
         from .bench import format_report
         print(format_report(result))
     elif result is not None:
-        print(json.dumps(result, indent=None if a.command == "bench" else 2))
+        print(json.dumps(result, indent=None if a.command == "bench" else 2, ensure_ascii=False))  # words as typed
     return 0
