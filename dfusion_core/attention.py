@@ -42,6 +42,7 @@ class AttentionController:
     fusion_layers: frozenset[str] = frozenset()  # self-attention layers that store / fuse K,V
     store: object | None = None  # a ReferenceStore: put_kv/get_kv/put_map
     masker: object | None = None  # a FusionMasker: mask(ref, base, step, layer, n_tokens) -> Tensor | None
+    map_softmax: str = "joint"  # MMDiT maps: softmax over the joint sequence or over the text keys only
 
     def begin_call(self, rows: list[RowInfo], cfg: bool) -> None:
         self.rows, self.cfg, self.active = rows, cfg, True

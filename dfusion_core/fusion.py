@@ -14,9 +14,8 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from .attention import ROLE_BASE, ROLE_REF, ROLE_TARGET, RowInfo, select_fusion_layers, select_map_layers
+from .attention import ROLE_BASE, ROLE_REF, ROLE_TARGET, RowInfo
 from .config import FusionParams, SamplingParams
-from .ddim import make_schedule
 from .loading import LoadedModel
 from .masks import FusionMasker, aggregate_maps, threshold_maps
 from .reference_cache import CachedReference, ReferenceCache, ReferenceStore
@@ -117,9 +116,9 @@ def fuse_batch(model: LoadedModel, prompt: str, pairs: list[tuple[int, int]], sa
     for b, r in pairs:
         _check_seed(b), _check_seed(r)
     keywords, groups = resolve_keywords(model, prompt, fusion)
-    map_layers, factors = select_map_layers(model.unet, model.layer_kinds, fusion.mask.layer_factors)
-    fusion_layers = select_fusion_layers(model.layer_kinds, fusion.layers)
-    schedule = make_schedule(model.pipe.scheduler, sampling.num_steps)
+    map_layers, factors = model.family.map_layers(model.denoiser, model.layer_kinds, fusion.mask.layer_factors)
+    fusion_layers = model.family.fusion_layers(model.layer_kinds, fusion.layers)
+    schedule = model.family.schedule(model.pipe.scheduler, sampling.num_steps)
     n = len(schedule.timesteps)
     h, w = _size(model, sampling)
     _, lh, lw = model.latent_shape(sampling.height, sampling.width)
@@ -181,7 +180,7 @@ def fuse_batch(model: LoadedModel, prompt: str, pairs: list[tuple[int, int]], sa
     if from_cache:
         ctl.fusion_layers = fusion_layers
     else:  # a cached run keeps every self-attention layer, so a later layer change is a cache hit
-        ctl.fusion_layers = frozenset(k for k, v in model.layer_kinds.items() if v == "self") \
+        ctl.fusion_layers = model.family.all_fusion_layers(model.layer_kinds) \
             if cache is not None and cache.all_layers else fusion_layers
 
     def row_info(s: Stream, step: int) -> RowInfo:
@@ -293,7 +292,7 @@ def record_attention(model: LoadedModel, prompt: str, seeds: list[int], sampling
     validate_prompt(prompt)
     for s in seeds:
         _check_seed(s)
-    map_layers, factors = select_map_layers(model.unet, model.layer_kinds, layer_factors)
+    map_layers, factors = model.family.map_layers(model.denoiser, model.layer_kinds, layer_factors)
     h, w = _size(model, sampling)
     _, lh, lw = model.latent_shape(sampling.height, sampling.width)
     n = sampling.num_steps

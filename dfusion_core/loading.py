@@ -1,4 +1,4 @@
-"""Load any diffusers Stable Diffusion (1.x, 2.x) or SDXL pipeline and prepare it for D-Fusion.
+"""Load any diffusers Stable Diffusion (1.x, 2.x), SDXL or SD3 / SD3.5 pipeline and prepare it for D-Fusion.
 
 Stock diffusers does the loading (`from_pretrained` on a hub id or a folder); this module adds clear errors,
 the per-model defaults file (dfusion.json), prompt encoding for both architectures and decoding.
@@ -15,12 +15,14 @@ import torch
 from PIL import Image
 
 from . import offline  # noqa: F401  (sets the no-network environment before diffusers is imported)
-from .attention import AttentionController, install
+from .attention import AttentionController
 from .config import model_defaults
+from .families import FAMILIES, ModelFamily
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 DEFAULT_MODEL = ASSETS / "shapesworld"
-SUPPORTED = {"StableDiffusionPipeline": "sd", "StableDiffusionXLPipeline": "sdxl"}
+SUPPORTED = {"StableDiffusionPipeline": "sd", "StableDiffusionXLPipeline": "sdxl", "StableDiffusion3Pipeline": "sd3"}
+DENOISERS = {"sd": "UNet2DConditionModel", "sdxl": "UNet2DConditionModel", "sd3": "SD3Transformer2DModel"}
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
           "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
 
@@ -35,7 +37,7 @@ class Conditioning:
 
     cond: torch.Tensor  # [P, L, D]
     uncond: torch.Tensor | None  # [P, L, D] or None without CFG
-    added_cond: dict[str, torch.Tensor] | None = None  # SDXL: text_embeds, time_ids
+    added_cond: dict[str, torch.Tensor] | None = None  # SDXL: text_embeds, time_ids; SD3: pooled_projections
     added_uncond: dict[str, torch.Tensor] | None = None
 
 
@@ -45,16 +47,25 @@ class LoadedModel:
 
     pipe: object
     model_id: str
-    kind: str  # sd | sdxl
+    kind: str  # sd | sdxl | sd3
     device: torch.device
     dtype: torch.dtype
     defaults: dict = field(default_factory=dict)
     controller: AttentionController = field(default_factory=AttentionController)
-    layer_kinds: dict[str, str] = field(default_factory=dict)  # layer path -> 'self' | 'cross'
+    layer_kinds: dict[str, str] = field(default_factory=dict)  # layer path -> 'self' | 'cross' | 'joint'
+
+    @property
+    def family(self) -> ModelFamily:
+        return FAMILIES[self.kind]
+
+    @property
+    def denoiser(self):
+        """The UNet or the MMDiT transformer."""
+        return getattr(self.pipe, self.family.denoiser_attr)
 
     @property
     def unet(self):
-        return self.pipe.unet
+        return self.denoiser
 
     @property
     def tokenizer(self):
@@ -65,7 +76,7 @@ class LoadedModel:
         return 2 ** (len(self.pipe.vae.config.block_out_channels) - 1)
 
     def default_size(self) -> tuple[int, int]:
-        s = self.unet.config.sample_size
+        s = self.denoiser.config.sample_size
         s = s if isinstance(s, int) else s[0]
         return int(self.defaults.get("height", s * self.vae_scale_factor)), int(self.defaults.get("width", s * self.vae_scale_factor))
 
@@ -75,7 +86,7 @@ class LoadedModel:
         f = self.vae_scale_factor
         if h % f or w % f:
             raise ValueError(f"height and width must be multiples of {f} for this model, got {h}x{w}")
-        return self.unet.config.in_channels, h // f, w // f
+        return self.denoiser.config.in_channels, h // f, w // f
 
     @torch.no_grad()
     def encode(self, prompts: list[str], negative_prompt: str, cfg: bool, height: int, width: int) -> Conditioning:
@@ -89,8 +100,21 @@ class LoadedModel:
                                          text_encoder_projection_dim=proj).to(self.device).repeat(len(prompts), 1)
             return Conditioning(pe, npe if cfg else None, {"text_embeds": ppe, "time_ids": tid},
                                 {"text_embeds": nppe, "time_ids": tid} if cfg else None)
+        if self.kind == "sd3":
+            pe, npe, ppe, nppe = pipe.encode_prompt(
+                prompts, None, None, device=self.device, num_images_per_prompt=1, do_classifier_free_guidance=cfg,
+                negative_prompt=neg, max_sequence_length=self.t5_length)
+            return Conditioning(pe, npe if cfg else None, {"pooled_projections": ppe},
+                                {"pooled_projections": nppe} if cfg else None)
         pe, npe = pipe.encode_prompt(prompts, self.device, 1, cfg, negative_prompt=neg)
         return Conditioning(pe, npe if cfg else None)
+
+    @property
+    def t5_length(self) -> int:
+        """SD3: T5 tokens after the 77 CLIP tokens (0 without T5: the zeros diffusers puts there carry nothing)."""
+        if self.kind != "sd3" or getattr(self.pipe, "text_encoder_3", None) is None:
+            return 0
+        return int(self.defaults.get("max_sequence_length", 256))
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> list[Image.Image]:
@@ -102,7 +126,7 @@ class LoadedModel:
             std = torch.tensor(cfg.latents_std).view(1, -1, 1, 1).to(z)
             z = z * std / cfg.scaling_factor + mean
         else:
-            z = z / cfg.scaling_factor
+            z = z / cfg.scaling_factor + (getattr(cfg, "shift_factor", None) or 0.0)
         upcast = self.dtype == torch.float16 and getattr(cfg, "force_upcast", False)
         dtype = torch.float32 if upcast else vae.dtype
         if upcast:
@@ -161,7 +185,8 @@ def load_model(model: str | os.PathLike | None = None, device: str | None = None
     else:
         source = str(model)
     try:
-        extra = {"safety_checker": None, "requires_safety_checker": False} if not is_local or SUPPORTED[cls] == "sd" else {}
+        extra = _absent_components(target, cls) if is_local else {"safety_checker": None,
+                                                                   "requires_safety_checker": False}
         pipe = DiffusionPipeline.from_pretrained(source, dtype=dt, **extra)
     except (OSError, ValueError, json.JSONDecodeError, KeyError, RuntimeError) as e:
         where = "folder" if is_local else "hub id"
@@ -170,10 +195,10 @@ def load_model(model: str | os.PathLike | None = None, device: str | None = None
     kind = SUPPORTED.get(type(pipe).__name__)
     if kind is None:
         raise ModelLoadError(f"{source} is a {type(pipe).__name__}; supported: {', '.join(SUPPORTED)}")
-    from diffusers import UNet2DConditionModel
-
-    if not isinstance(pipe.unet, UNet2DConditionModel):
-        raise ModelLoadError(f"{source}: unsupported UNet class {type(pipe.unet).__name__}")
+    denoiser = getattr(pipe, FAMILIES[kind].denoiser_attr)
+    if type(denoiser).__name__ != DENOISERS[kind]:
+        raise ModelLoadError(f"{source}: unsupported denoiser class {type(denoiser).__name__} "
+                             f"(expected {DENOISERS[kind]})")
     if lora is not None:
         lp = Path(lora).expanduser()
         if not lp.is_dir() or not any(lp.glob("*.safetensors")):
@@ -187,10 +212,25 @@ def load_model(model: str | os.PathLike | None = None, device: str | None = None
         source_note = source
     pipe.to(dev)
     pipe.set_progress_bar_config(disable=True)
-    lm = LoadedModel(pipe=pipe, model_id=source_note, kind=kind, device=dev, dtype=dt,
-                     defaults=model_defaults(source if is_local else None))
-    lm.layer_kinds = install(pipe.unet, lm.controller)
+    defaults = {**FAMILIES[kind].defaults, **model_defaults(source if is_local else None)}
+    lm = LoadedModel(pipe=pipe, model_id=source_note, kind=kind, device=dev, dtype=dt, defaults=defaults)
+    lm.layer_kinds = lm.family.install(denoiser, lm.controller)
     return lm
+
+
+def _absent_components(folder: Path, cls: str) -> dict:
+    """Components a local folder leaves out on purpose (no safety checker; SD3 without T5), passed as None."""
+    if cls == "StableDiffusionPipeline":
+        return {"safety_checker": None, "requires_safety_checker": False}
+    if cls != "StableDiffusion3Pipeline":
+        return {}
+    index = json.loads((folder / "model_index.json").read_text())
+    absent = {}
+    for name in ("text_encoder_3", "tokenizer_3"):
+        entry = index.get(name)
+        if not entry or entry[0] is None or not (folder / name).is_dir():
+            absent[name] = None
+    return absent
 
 
 def _looks_like_hub_id(s: str) -> bool:

@@ -17,7 +17,7 @@ import torch
 
 from .attention import ROLE_PLAIN, RowInfo
 from .config import SamplingParams
-from .ddim import DDIMSchedule, ddim_step, make_schedule, step_log_prob
+from .ddim import step_log_prob
 from .loading import Conditioning, LoadedModel
 
 
@@ -66,8 +66,38 @@ class Stream:
     x0s: list = field(default_factory=list, repr=False)
 
     def trajectory(self, timesteps) -> Trajectory:
-        return Trajectory(self.seed, torch.stack(self.latents), torch.tensor(timesteps, dtype=torch.long),
+        return Trajectory(self.seed, torch.stack(self.latents), _timestep_tensor(timesteps),
                           torch.stack(self.log_probs), torch.stack(self.x0s))
+
+
+def _timestep_tensor(timesteps) -> torch.Tensor:
+    """DDIM timesteps are integers (long), flow timesteps are sigma * 1000 (float)."""
+    ints = all(isinstance(t, int) for t in timesteps)
+    return torch.tensor(timesteps, dtype=torch.long if ints else torch.float32)
+
+
+def guided_output(model: LoadedModel, cond: Conditioning, rows: list[int], x: torch.Tensor, t: torch.Tensor,
+                  guidance_scale: float, cfg: bool) -> torch.Tensor:
+    """One denoiser call for a batch of latents with their prompt rows, classifier-free guided (float32).
+
+    The one place a denoiser is called for sampling, log-prob recomputation and fusion: with CFG the batch is
+    [unconditional rows, conditional rows], which the attention processors rely on.
+    """
+    emb = cond.cond[rows]
+    added = {k: v[rows] for k, v in cond.added_cond.items()} if cond.added_cond else None
+    x_in, t_in = x, t
+    if cfg:
+        emb = torch.cat([cond.uncond[rows], emb])
+        if added:
+            added = {k: torch.cat([cond.added_uncond[k][rows], added[k]]) for k in added}
+        x_in, t_in = torch.cat([x, x]), torch.cat([t, t])
+    dev, dt = model.device, model.dtype
+    added = {k: v.to(dt) for k, v in added.items()} if added else None
+    out = model.family.forward(model.denoiser, x_in.to(dt), t_in.to(dev), emb.to(dt), added).float()
+    if not cfg:
+        return out
+    uncond_out, cond_out = out.chunk(2)
+    return uncond_out + guidance_scale * (cond_out - uncond_out)
 
 
 def _check_seed(seed) -> int:
@@ -77,7 +107,7 @@ def _check_seed(seed) -> int:
 
 
 def denoise(model: LoadedModel, cond: Conditioning, streams: list[Stream], sampling: SamplingParams,
-            schedule: DDIMSchedule | None = None,
+            schedule=None,
             on_call: Callable[[int, list[Stream], list[int]], None] | None = None,
             row_info: Callable[[Stream, int], RowInfo] | None = None) -> list[Trajectory]:
     """Run all streams to x_0; one UNet call per loop iteration covers every stream active at that call.
@@ -88,10 +118,11 @@ def denoise(model: LoadedModel, cond: Conditioning, streams: list[Stream], sampl
     processors stay inactive (plain sampling).
     """
     sampling.validate()
-    schedule = schedule or make_schedule(model.pipe.scheduler, sampling.num_steps)
+    fam = model.family
+    schedule = schedule or fam.schedule(model.pipe.scheduler, sampling.num_steps)
     n = len(schedule.timesteps)
     c, h, w = model.latent_shape(sampling.height, sampling.width)
-    dev, dt = model.device, model.dtype
+    dev = model.device
     for s in streams:
         _check_seed(s.seed)
         s.generator = torch.Generator("cpu").manual_seed(s.seed)
@@ -114,29 +145,16 @@ def denoise(model: LoadedModel, cond: Conditioning, streams: list[Stream], sampl
         if not active:
             continue
         x = torch.stack([s.latent for s in active])
-        t = torch.tensor([schedule.timesteps[k] for k in steps], dtype=torch.long)
-        rows = [s.cond_row for s in active]
-        emb = cond.cond[rows]
-        added = {k: v[rows] for k, v in cond.added_cond.items()} if cond.added_cond else None
-        x_in, t_in = x, t
-        if cfg:
-            emb = torch.cat([cond.uncond[rows], emb])
-            if added:
-                added = {k: torch.cat([cond.added_uncond[k][rows], added[k]]) for k in added}
-            x_in, t_in = torch.cat([x, x]), torch.cat([t, t])
         if row_info is not None:
             ctl.begin_call([row_info(s, k) for s, k in zip(active, steps)], cfg)
         try:
             with torch.no_grad():
-                kwargs = {"added_cond_kwargs": added} if added else {}
-                out = model.unet(x_in.to(dt), t_in.to(dev), encoder_hidden_states=emb.to(dt), **kwargs).sample.float()
+                out = guided_output(model, cond, [s.cond_row for s in active], x,
+                                    fam.model_timesteps(schedule, steps), sampling.guidance_scale, cfg)
         finally:
             ctl.end()
-        if cfg:
-            uncond_out, cond_out = out.chunk(2)
-            out = uncond_out + sampling.guidance_scale * (cond_out - uncond_out)
         noise = torch.stack([torch.randn((c, h, w), generator=s.generator) for s in active]).to(dev)
-        res = ddim_step(schedule, out, x, t, sampling.eta, noise)
+        res = fam.step(schedule, out, x, steps, sampling, noise)
         lp = step_log_prob(res.prev_sample, res.mean, res.std)
         for i, s in enumerate(active):
             s.latent = res.prev_sample[i]
@@ -207,35 +225,21 @@ def recompute_log_probs(model: LoadedModel, prompt: str, trajectory: Trajectory,
     likelihood ratios must use these values instead (METHOD.md, training methods).
     """
     sampling = sampling.validate()
-    schedule = make_schedule(model.pipe.scheduler, sampling.num_steps)
+    fam = model.family
+    schedule = fam.schedule(model.pipe.scheduler, sampling.num_steps)
     n = len(schedule.timesteps)
     if trajectory.latents.shape[0] != n + 1:
         raise ValueError(f"trajectory has {trajectory.latents.shape[0] - 1} steps, sampling params say {n}")
     h, w = _size(model, sampling)
     cond = model.encode([prompt], sampling.negative_prompt, sampling.uses_cfg, h, w)
-    cfg = sampling.uses_cfg
-    dev, dt = model.device, model.dtype
+    dev = model.device
     out_lp = []
     for i in range(0, n, batch_size):
         ks = list(range(i, min(n, i + batch_size)))
         x = trajectory.latents[ks].to(dev).float()
         x_next = trajectory.latents[[k + 1 for k in ks]].to(dev).float()
-        t = torch.tensor([schedule.timesteps[k] for k in ks], dtype=torch.long)
-        m = len(ks)
-        emb = cond.cond.expand(m, -1, -1)
-        added = {k: v.expand(m, *v.shape[1:]) for k, v in cond.added_cond.items()} if cond.added_cond else None
-        x_in, t_in = x, t
-        if cfg:
-            emb = torch.cat([cond.uncond.expand(m, -1, -1), emb])
-            if added:
-                added = {k: torch.cat([cond.added_uncond[k].expand(m, *cond.added_uncond[k].shape[1:]), added[k]])
-                         for k in added}
-            x_in, t_in = torch.cat([x, x]), torch.cat([t, t])
-        kwargs = {"added_cond_kwargs": added} if added else {}
-        out = model.unet(x_in.to(dt), t_in.to(dev), encoder_hidden_states=emb.to(dt), **kwargs).sample.float()
-        if cfg:
-            u, c_ = out.chunk(2)
-            out = u + sampling.guidance_scale * (c_ - u)
-        res = ddim_step(schedule, out, x, t, sampling.eta, None)
+        out = guided_output(model, cond, [0] * len(ks), x, fam.model_timesteps(schedule, ks),
+                            sampling.guidance_scale, sampling.uses_cfg)
+        res = fam.step(schedule, out, x, ks, sampling, None)
         out_lp.append(step_log_prob(x_next, res.mean, res.std).cpu())
     return torch.cat(out_lp)

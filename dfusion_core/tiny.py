@@ -1,17 +1,19 @@
 """Small random-weight pipelines in the exact folder format of real checkpoints.
 
-Used by the tests (SD 1.x-, SD 2.x- and SDXL-shaped configs, saved with save_pretrained and loaded back
-with from_pretrained) and by the GPU benchmark (an SD 1.5-shaped UNet at 512 px, no download needed).
+Used by the tests (SD 1.x-, SD 2.x-, SDXL- and SD3-shaped configs, saved with save_pretrained and loaded
+back with from_pretrained) and by the GPU benchmarks (an SD 1.5-shaped UNet at 512 px, an SD3.5-medium-shaped
+MMDiT at 1024 px; no download needed).
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
 
 from .tokenizer_build import write_clip_tokenizer
 
-KINDS = ("sd1", "sd2", "sdxl", "sd15-full")
+KINDS = ("sd1", "sd2", "sdxl", "sd3", "sd15-full", "sd35m-full")
 
 
 def _text_encoder(hidden: int, projection: bool = False, seed: int = 0):
@@ -24,14 +26,14 @@ def _text_encoder(hidden: int, projection: bool = False, seed: int = 0):
     return (CLIPTextModelWithProjection if projection else CLIPTextModel)(cfg)
 
 
-def _vae(latent_channels: int = 4, blocks=(32, 64)):
+def _vae(latent_channels: int = 4, blocks=(32, 64), **extra):
     from diffusers import AutoencoderKL
 
     torch.manual_seed(0)
     return AutoencoderKL(block_out_channels=blocks, in_channels=3, out_channels=3,
                          down_block_types=("DownEncoderBlock2D",) * len(blocks),
                          up_block_types=("UpDecoderBlock2D",) * len(blocks), latent_channels=latent_channels,
-                         norm_num_groups=32 if min(blocks) >= 32 else min(blocks))
+                         norm_num_groups=32 if min(blocks) >= 32 else min(blocks), **extra)
 
 
 def build_tiny_pipeline(kind: str, out_dir: str | Path) -> Path:
@@ -73,6 +75,8 @@ def build_tiny_pipeline(kind: str, out_dir: str | Path) -> Path:
             vae=_vae(), text_encoder=_text_encoder(32), text_encoder_2=_text_encoder(32, projection=True, seed=1),
             tokenizer=tokenizer, tokenizer_2=CLIPTokenizer.from_pretrained(tok_dir), unet=unet,
             scheduler=DDIMScheduler(**sched))
+    elif kind in ("sd3", "sd35m-full"):
+        pipe = _sd3_pipeline(kind, tokenizer, tok_dir)
     else:  # "sd15-full": the real SD 1.5 UNet shape with random weights (benchmarks)
         unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8,
                                     block_out_channels=(320, 640, 1280, 1280), layers_per_block=2)
@@ -81,4 +85,37 @@ def build_tiny_pipeline(kind: str, out_dir: str | Path) -> Path:
                                        unet=unet, scheduler=DDIMScheduler(**sched), safety_checker=None,
                                        feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(out)
+    if kind in ("sd3", "sd35m-full"):  # diffusers leaves absent components out; SD3 folders name them null
+        index = out / "model_index.json"
+        data = json.loads(index.read_text())
+        data.update({"text_encoder_3": [None, None], "tokenizer_3": [None, None]})
+        index.write_text(json.dumps(data, indent=2))
     return out
+
+
+def _sd3_pipeline(kind: str, tokenizer, tok_dir):
+    """SD3-layout pipeline: MMDiT transformer, flow-matching scheduler, two CLIP encoders, no T5 (optional in
+    SD3). "sd3" is tiny (patch 2, 2 blocks, one SD3.5-style dual-attention block); "sd35m-full" has the
+    SD3.5-medium transformer shape (24 blocks of 24 x 64, dual attention in the first 13) for GPU benchmarks."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTokenizer
+
+    torch.manual_seed(0)
+    if kind == "sd3":
+        tf = SD3Transformer2DModel(sample_size=16, patch_size=2, in_channels=4, out_channels=4, num_layers=2,
+                                   attention_head_dim=8, num_attention_heads=4, joint_attention_dim=64,
+                                   caption_projection_dim=32, pooled_projection_dim=64, pos_embed_max_size=16,
+                                   dual_attention_layers=(0,), qk_norm="rms_norm")
+        vae, hidden = _vae(latent_channels=4, shift_factor=0.0609, scaling_factor=1.5305), 32
+    else:
+        tf = SD3Transformer2DModel(sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24,
+                                   attention_head_dim=64, num_attention_heads=24, joint_attention_dim=4096,
+                                   caption_projection_dim=1536, pooled_projection_dim=2048, pos_embed_max_size=384,
+                                   dual_attention_layers=tuple(range(13)), qk_norm="rms_norm")
+        vae, hidden = _vae(latent_channels=16, blocks=(128, 256, 512, 512), shift_factor=0.0609,
+                           scaling_factor=1.5305), 1024
+    return StableDiffusion3Pipeline(
+        transformer=tf, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
+        text_encoder=_text_encoder(hidden, projection=True), tokenizer=tokenizer,
+        text_encoder_2=_text_encoder(hidden, projection=True, seed=1), tokenizer_2=CLIPTokenizer.from_pretrained(tok_dir),
+        text_encoder_3=None, tokenizer_3=None)

@@ -42,8 +42,20 @@ def sdxl(pipelines_dir):
     return _load("sdxl", pipelines_dir)
 
 
+@pytest.fixture(scope="session")
+def sd3(pipelines_dir):
+    return _load("sd3", pipelines_dir)
+
+
 @pytest.fixture(scope="session", params=["sd1", "sd2", "sdxl"])
 def any_model(request, pipelines_dir):
+    """Every UNet shape."""
+    return _load(request.param, pipelines_dir)
+
+
+@pytest.fixture(scope="session", params=["sd1", "sd2", "sdxl", "sd3"])
+def every_family(request, pipelines_dir):
+    """Every supported shape, UNets and the SD3-shaped MMDiT: for behaviour the family seam must keep."""
     return _load(request.param, pipelines_dir)
 
 

@@ -15,19 +15,19 @@ NOTHING = MaskParams(threshold_mode="absolute", threshold=1.0)  # no attention p
 
 
 @pytest.fixture(scope="module")
-def plain(any_model):
-    res = sample(any_model, PROMPT, [11, 22], SP)
+def plain(every_family):
+    res = sample(every_family, PROMPT, [11, 22], SP)
     return dict(zip([11, 22], res.trajectories))
 
 
-def test_empty_mask_gives_the_base(any_model, plain):
-    r = fuse(any_model, PROMPT, 11, 22, SP, FusionParams(mask=NOTHING), base=plain[11])
+def test_empty_mask_gives_the_base(every_family, plain):
+    r = fuse(every_family, PROMPT, 11, 22, SP, FusionParams(mask=NOTHING), base=plain[11])
     assert r.masks.sum() == 0
     torch.testing.assert_close(r.target.latents, plain[11].latents, atol=1e-4, rtol=0)
 
 
-def test_target_starts_from_the_base_noise_and_differs_where_fused(any_model, plain):
-    r = fuse(any_model, PROMPT, 11, 22, SP, FusionParams(), base=plain[11])
+def test_target_starts_from_the_base_noise_and_differs_where_fused(every_family, plain):
+    r = fuse(every_family, PROMPT, 11, 22, SP, FusionParams(), base=plain[11])
     assert torch.equal(r.target.latents[0], plain[11].latents[0])  # same x_T
     assert 0 < r.masks[2:].mean() < 1
     assert (r.target.final - plain[11].final).abs().max() > 1e-3
@@ -53,14 +53,14 @@ def test_global_fusion_changes_more_than_masked(sd1):
     assert d_global > d_masked
 
 
-def test_cached_refusion_equals_a_full_run(any_model, plain):
+def test_cached_refusion_equals_a_full_run(every_family, plain):
     cache = ReferenceCache()
-    first = fuse(any_model, PROMPT, 11, 22, SP, FusionParams(), base=plain[11], cache=cache)
+    first = fuse(every_family, PROMPT, 11, 22, SP, FusionParams(), base=plain[11], cache=cache)
     assert not first.from_cache and len(cache) == 1
     for params in (FusionParams(mask=MaskParams(threshold_mode="relative", threshold=0.3)),
                    FusionParams(start_step=2, end_step=5), FusionParams(layers="up")):
-        cached = fuse(any_model, PROMPT, 11, 22, SP, params, base=plain[11], cache=cache)
-        full = fuse(any_model, PROMPT, 11, 22, SP, params, base=plain[11])
+        cached = fuse(every_family, PROMPT, 11, 22, SP, params, base=plain[11], cache=cache)
+        full = fuse(every_family, PROMPT, 11, 22, SP, params, base=plain[11])
         assert cached.from_cache
         torch.testing.assert_close(cached.target.latents, full.target.latents, atol=1e-4, rtol=0)
         torch.testing.assert_close(cached.masks, full.masks)

@@ -8,9 +8,9 @@ from dfusion_core.sampling import Stream, denoise, recompute_log_probs, sample
 SP = SamplingParams(num_steps=5)
 
 
-def test_same_seed_replays_bit_identically(any_model):
-    a = sample(any_model, "a red dog", [3, 4], SP)
-    b = sample(any_model, "a red dog", [3, 4], SP)
+def test_same_seed_replays_bit_identically(every_family):
+    a = sample(every_family, "a red dog", [3, 4], SP)
+    b = sample(every_family, "a red dog", [3, 4], SP)
     assert torch.equal(a.trajectories[0].latents, b.trajectories[0].latents)
     assert torch.equal(a.trajectories[1].log_probs, b.trajectories[1].log_probs)
     assert not torch.equal(a.trajectories[0].latents[-1], a.trajectories[1].latents[-1])
@@ -31,9 +31,9 @@ def test_trajectory_shapes(sd2):
     assert tr.x0_preds.shape == (5, 4, 16, 16) and tr.log_probs.shape == (5,)
 
 
-def test_recomputed_log_probs_match_a_plain_trajectory(any_model):
-    tr = sample(any_model, "a red dog", [5], SP).trajectories[0]
-    lp = recompute_log_probs(any_model, "a red dog", tr, SP, batch_size=3)
+def test_recomputed_log_probs_match_a_plain_trajectory(every_family):
+    tr = sample(every_family, "a red dog", [5], SP).trajectories[0]
+    lp = recompute_log_probs(every_family, "a red dog", tr, SP, batch_size=3)
     torch.testing.assert_close(lp, tr.log_probs, atol=2e-3, rtol=1e-4)
 
 

@@ -1,0 +1,128 @@
+"""D-Fusion's attention control for MMDiT blocks (SD3 / SD3.5 `SD3Transformer2DModel`).
+
+An MMDiT block runs ONE attention over [image tokens ; text tokens], so every block is both the place where a
+keyword's map is read and the place where content is fused (METHOD.md, "Beyond the paper"):
+  * map: the image queries' attention to the keyword's text keys (head-averaged), the softmax taken over
+    the whole joint sequence ("joint") or over the text keys alone ("text"), for the rows that need maps;
+  * fusion: the target's IMAGE keys/values are replaced by the reference's inside the mask,
+    K* = M K_ref + (1 - M) K_tgt (V alike); text tokens keep the target's own, queries are untouched.
+While the controller is inactive the processor computes exactly what diffusers' JointAttnProcessor2_0 does.
+SD3.5's extra image-only attention (`attn2` of its dual-attention blocks) is a plain self-attention: it
+can fuse but has no text keys to read maps from. Blocks are addressed by module path
+("transformer_blocks.3.attn"), as UNet layers are.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .attention import ROLE_REF, ROLE_TARGET, AttentionController
+
+MAP_SOFTMAX = ("joint", "text")
+
+
+def _heads(t: torch.Tensor, batch: int, heads: int) -> torch.Tensor:
+    return t.view(batch, -1, heads, t.shape[-1] // heads).transpose(1, 2)
+
+
+class JointDFusionProcessor:
+    """JointAttnProcessor2_0 plus D-Fusion's map recording (image -> text) and image-token K/V fusion."""
+
+    def __init__(self, controller: AttentionController, name: str):
+        self.controller, self.name = controller, name
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
+        batch, n_img = hidden_states.shape[0], hidden_states.shape[1]
+        query = _heads(attn.to_q(hidden_states), batch, attn.heads)
+        key = _heads(attn.to_k(hidden_states), batch, attn.heads)
+        value = _heads(attn.to_v(hidden_states), batch, attn.heads)
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        ctl = self.controller
+        if ctl.active and self.name in ctl.fusion_layers:
+            key, value = self._fuse(key, value)
+        has_text = encoder_hidden_states is not None
+        if has_text:
+            tq = _heads(attn.add_q_proj(encoder_hidden_states), batch, attn.heads)
+            tk = _heads(attn.add_k_proj(encoder_hidden_states), batch, attn.heads)
+            tv = _heads(attn.add_v_proj(encoder_hidden_states), batch, attn.heads)
+            if attn.norm_added_q is not None:
+                tq = attn.norm_added_q(tq)
+            if attn.norm_added_k is not None:
+                tk = attn.norm_added_k(tk)
+            query, key, value = torch.cat([query, tq], 2), torch.cat([key, tk], 2), torch.cat([value, tv], 2)
+        out = F.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False)
+        if has_text and ctl.active and self.name in ctl.map_layers:
+            rows = [b for b, half, r in ctl.batch_rows() if half == 1 and r.role in ctl.map_roles]
+            if rows:
+                out = self._record(attn, query, key, value, rows, n_img, out)
+        out = out.transpose(1, 2).reshape(batch, -1, attn.heads * out.shape[-1]).to(query.dtype)
+        img, txt = out[:, :n_img], out[:, n_img:]
+        img = attn.to_out[1](attn.to_out[0](img))
+        if not has_text:
+            return img
+        if not attn.context_pre_only:
+            txt = attn.to_add_out(txt)
+        return img, txt
+
+    def _record(self, attn, query, key, value, rows, n_img, sdpa_out):
+        """Explicit softmax for the rows whose maps are read; their output comes from the same probs."""
+        ctl = self.controller
+        idx = torch.tensor(rows, device=query.device)
+        scores = torch.matmul(query[idx], key[idx].transpose(-1, -2)) * attn.scale
+        probs = scores.float().softmax(dim=-1)
+        out = sdpa_out.clone()
+        out[idx] = torch.matmul(probs.to(value.dtype), value[idx])
+        img_to_text = scores[:, :, :n_img, n_img:].float().softmax(-1) if ctl.map_softmax == "text" \
+            else probs[:, :, :n_img, n_img:]
+        head_mean = img_to_text.mean(dim=1)  # [rows, N_img, T_text]
+        n = len(ctl.rows)
+        for j, b in enumerate(rows):
+            r = ctl.rows[b % n]
+            ctl.store.put_map(r.role, r.ref if r.role == ROLE_REF else r.base, r.step, self.name, head_mean[j])
+        return out
+
+    def _fuse(self, key, value):
+        """Store the reference rows' image K/V; blend them into target rows where the mask says so."""
+        ctl = self.controller
+        targets = []
+        for b, half, r in ctl.batch_rows():
+            if r.role == ROLE_REF:
+                ctl.store.put_kv(r.ref, r.step, self.name, half, key[b], value[b])
+            elif r.role == ROLE_TARGET:
+                targets.append((b, half, r))
+        if not targets:
+            return key, value
+        key, value = key.clone(), value.clone()
+        n_tokens = key.shape[2]
+        for b, half, r in targets:
+            m = ctl.masker.mask(r.ref, r.base, r.step, self.name, n_tokens)
+            if m is None:
+                continue
+            k_ref, v_ref = ctl.store.get_kv(r.ref, r.step, self.name, half)
+            m = m.to(key.device, key.dtype).view(1, n_tokens, 1)
+            key[b] = torch.lerp(key[b], k_ref.to(key.device, key.dtype), m)
+            value[b] = torch.lerp(value[b], v_ref.to(value.device, value.dtype), m)
+        return key, value
+
+
+def install_joint(transformer, controller: AttentionController) -> dict[str, str]:
+    """Put a JointDFusionProcessor in every MMDiT attention; returns {layer: 'joint' | 'self'}.
+
+    'joint' layers see text keys (maps + fusion); 'self' layers (SD3.5's image-only attn2) fuse only.
+    Layers whose processor is not diffusers' default joint processor keep theirs.
+    """
+    from diffusers.models.attention_processor import JointAttnProcessor2_0
+
+    procs, kinds = {}, {}
+    for key, proc in transformer.attn_processors.items():
+        name = key[: -len(".processor")]
+        if isinstance(proc, (JointAttnProcessor2_0, JointDFusionProcessor)):
+            procs[key] = JointDFusionProcessor(controller, name)
+            kinds[name] = "self" if name.endswith("attn2") else "joint"
+        else:
+            procs[key] = proc
+    transformer.set_attn_processor(procs)
+    return kinds

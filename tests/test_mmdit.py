@@ -1,0 +1,134 @@
+"""The SD3-family (MMDiT + flow matching) path through the family seam: loading without T5, the joint
+attention processor (default when idle, maps image -> text, image-token K/V fusion), sampling and fusion."""
+import pytest
+import torch
+from diffusers.models.attention_processor import JointAttnProcessor2_0
+
+from dfusion_core import FusionParams, fuse, sample
+from dfusion_core.attention import ROLE_PLAIN, ROLE_REF, ROLE_TARGET, AttentionController, RowInfo
+from dfusion_core.config import SamplingParams
+from dfusion_core.joint_attention import JointDFusionProcessor
+from dfusion_core.reference_cache import ReferenceStore
+
+SP = SamplingParams(num_steps=4, eta=0.7, guidance_scale=3.0)
+
+
+def _inputs(model, b=2):
+    g = torch.Generator().manual_seed(0)
+    c, h, w = model.latent_shape(None, None)
+    cond = model.encode(["a red dog", "a blue cat"][:b], "", False, *model.default_size())
+    return torch.randn(b, c, h, w, generator=g), torch.tensor([900.0, 400.0][:b]), cond
+
+
+def _out(model, x, t, cond):
+    return model.denoiser(hidden_states=x, timestep=t, encoder_hidden_states=cond.cond,
+                          pooled_projections=cond.added_cond["pooled_projections"]).sample
+
+
+def test_sd3_folder_without_t5_loads_as_an_mmdit(sd3):
+    assert sd3.kind == "sd3" and sd3.family.name == "mmdit-flow" and sd3.pipe.text_encoder_3 is None
+    assert sd3.layer_kinds == {"transformer_blocks.0.attn": "joint", "transformer_blocks.0.attn2": "self",
+                               "transformer_blocks.1.attn": "joint"}
+    assert sd3.defaults["eta"] == 0.7  # Flow-GRPO's noise level unless the folder's dfusion.json says otherwise
+
+
+@pytest.mark.parametrize("softmax", ["joint", "text"])
+def test_joint_processor_equals_diffusers_default_and_records_maps(sd3, softmax):
+    x, t, cond = _inputs(sd3)
+    ctl = sd3.controller
+    joint = frozenset(n for n, k in sd3.layer_kinds.items() if k == "joint")
+    with torch.no_grad():
+        idle = _out(sd3, x, t, cond)
+        ctl.store, ctl.map_layers, ctl.map_softmax = ReferenceStore(), joint, softmax
+        ctl.begin_call([RowInfo(ROLE_REF, 0, ref=1), RowInfo(ROLE_PLAIN, 0)], cfg=False)
+        try:
+            recorded = _out(sd3, x, t, cond)
+        finally:
+            ctl.end()
+        maps = ctl.store.maps(ROLE_REF, 1, 0)
+        ctl.store, ctl.map_layers, ctl.map_softmax = None, frozenset(), "joint"
+        procs = sd3.denoiser.attn_processors
+        sd3.denoiser.set_attn_processor(JointAttnProcessor2_0())
+        try:
+            default = _out(sd3, x, t, cond)
+        finally:
+            sd3.denoiser.set_attn_processor(procs)
+    torch.testing.assert_close(idle, default, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(recorded, default, atol=1e-5, rtol=1e-5)
+    assert set(maps) == set(joint)
+    n_img = (x.shape[-1] // 2) * (x.shape[-2] // 2)
+    for m in maps.values():
+        assert m.shape == (n_img, 77)
+        sums = m.sum(-1)
+        if softmax == "text":  # a distribution over the 77 text keys
+            torch.testing.assert_close(sums, torch.ones(n_img), atol=1e-5, rtol=0)
+        else:  # the text share of a softmax over image + text keys
+            assert bool((sums < 1).all()) and bool((sums > 0).all())
+
+
+def test_global_swap_makes_target_image_tokens_read_the_references_keys(sd3):
+    """With M = 1 a target row's image tokens attend over [reference image K/V ; its own text K/V]."""
+    attn = sd3.denoiser.transformer_blocks[1].attn
+    torch.manual_seed(0)
+    img, txt = torch.randn(2, 6, attn.query_dim), torch.randn(2, 5, attn.query_dim)
+    txt[1] = txt[0]  # same prompt, different images
+    ctl = AttentionController()
+    ctl.store = ReferenceStore()
+
+    class AllOnes:
+        def mask(self, ref, base, step, layer, n):
+            return torch.ones(n)
+
+    ctl.masker, ctl.fusion_layers = AllOnes(), frozenset({"blk"})
+    proc = JointDFusionProcessor(ctl, "blk")
+    ctl.begin_call([RowInfo(ROLE_REF, 0, ref=7), RowInfo(ROLE_TARGET, 0, ref=7, base=3)], cfg=False)
+    with torch.no_grad():
+        fused_img, fused_txt = proc(attn, img, txt)
+        ctl.end()
+        plain_img, _ = JointAttnProcessor2_0()(attn, img, txt)
+        # the target's queries against the reference's image keys/values: swap only what K/V see
+        q_from_tgt = proc(attn, img[1:], txt[1:])  # idle: the plain target
+    torch.testing.assert_close(fused_img[0], plain_img[0])  # the reference row is untouched
+    assert not torch.allclose(fused_img[1], plain_img[1], atol=1e-4)
+    torch.testing.assert_close(q_from_tgt[0][0], plain_img[1])
+    # by hand: softmax(Q_tgt [K_ref_img; K_tgt_txt]^T / sqrt(d)) [V_ref_img; V_tgt_txt]
+    h = attn.heads
+
+    def split(v):
+        return v.view(1, -1, h, v.shape[-1] // h).transpose(1, 2)
+
+    with torch.no_grad():
+        q = attn.norm_q(split(attn.to_q(img[1:])))
+        k = torch.cat([attn.norm_k(split(attn.to_k(img[:1]))), attn.norm_added_k(split(attn.add_k_proj(txt[1:])))], 2)
+        v = torch.cat([split(attn.to_v(img[:1])), split(attn.add_v_proj(txt[1:]))], 2)
+        o = torch.softmax(q @ k.transpose(-1, -2) * attn.scale, -1) @ v
+        o = attn.to_out[0](o.transpose(1, 2).reshape(1, 6, -1))
+    torch.testing.assert_close(fused_img[1], o[0], atol=1e-5, rtol=1e-5)
+
+
+def test_fusion_on_an_mmdit_reports_per_token_maps_and_masks(sd3):
+    res = fuse(sd3, "a red dog next to a blue cat", 1, 2, SP, FusionParams(start_step=1, layers="all"))
+    _, lh, lw = sd3.latent_shape(None, None)
+    assert res.token_maps.shape == (77, lh // 2, lw // 2)  # one map per text token on the patch grid
+    assert res.masks.shape == (SP.num_steps, lh // 2, lw // 2)
+    assert 0 < float(res.masks.mean()) < 1
+    kw = res.token_groups[res.keywords.index("dog")]
+    assert float(res.token_maps[list(kw)].sum()) > 0
+
+
+def test_mmdit_layer_presets_and_paths(sd3):
+    fam, kinds = sd3.family, sd3.layer_kinds
+    assert fam.fusion_layers(kinds, "all") == frozenset(kinds)
+    assert fam.fusion_layers(kinds, "mid+up") == {"transformer_blocks.1.attn"}
+    assert fam.fusion_layers(kinds, ["transformer_blocks.0"]) == {"transformer_blocks.0.attn",
+                                                                 "transformer_blocks.0.attn2"}
+    with pytest.raises(ValueError, match="no attention block matches"):
+        fam.fusion_layers(kinds, ["transformer_blocks.9"])
+
+
+def test_flow_samples_replay_from_their_seed_in_any_batch(sd3):
+    a = sample(sd3, "a red dog", [4, 5, 6], SP).trajectories[1]
+    b = sample(sd3, "a red dog", [5], SP).trajectories[0]
+    torch.testing.assert_close(a.latents, b.latents, atol=1e-5, rtol=1e-5)
+    assert a.timesteps.dtype == torch.float32 and float(a.timesteps[0]) == 1000.0
+    assert bool((a.log_probs[:-1] != 0).all())  # every SDE step is a Gaussian with a density
