@@ -12,6 +12,7 @@ import gradio as gr
 import numpy as np
 
 from dfusion_core.config import COMBINE_MODES, FUSION_LAYER_PRESETS, RESIZE_MODES, THRESHOLD_MODES
+import dfusion_core.shapesworld  # noqa: F401  (registers the shipped world's prompt lists)
 from dfusion_core.prompt_sets import load_prompt_set
 
 from .service import AppService, Session, UserError

@@ -162,6 +162,7 @@ def cmd_fuse(a) -> dict:
 
 
 def cmd_build_pairs(a) -> dict:
+    from . import shapesworld  # noqa: F401  (registers the shipped world's shapesworld:FAMILY:SPLIT lists)
     from .pairs import PairingParams, build_pairs, save_pairs
     from .prompt_sets import load_prompt_set
     from .scoring import make_scorer

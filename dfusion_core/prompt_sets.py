@@ -2,8 +2,11 @@
 
 Spec strings (CLI --prompt-set, app examples):
   paper:action:train    paper:attribute:test    paper:spatial:train     (the release's 40-prompt lists)
-  shapesworld:spatial:test                                                (ShapesWorld's shipped lists)
+  WORLD:FAMILY:SPLIT                                                      (a registered world's lists,
+                                                                           e.g. shapesworld:spatial:test)
   path/to/file.txt | .json                                                (one prompt a line / a JSON list)
+Worlds are plug-ins: a world registers its source with `register_prompt_source` when its package is imported
+(the CLI and the app import the worlds they ship), so this module never imports a world.
 The release's *_item.json gives keyword positions as whitespace word indices; they are turned into the
 words themselves here, and dfusion_core.tokens maps words to ALL their BPE tokens.
 """
@@ -16,7 +19,6 @@ from pathlib import Path
 from .loading import ASSETS
 
 PAPER_DIR = ASSETS / "prompts" / "paper"
-SHAPESWORLD_DIR = ASSETS / "prompts" / "shapesworld"
 PAPER_FAMILIES = {"action": "template1", "attribute": "template2", "spatial": "template3"}
 
 
@@ -53,25 +55,25 @@ def paper_prompts(family: str, split: str) -> list[PromptEntry]:
     return out
 
 
-def shapesworld_prompts(family: str, split: str) -> list[PromptEntry]:
-    p = SHAPESWORLD_DIR / f"{family}_{split}.json"
-    if not p.is_file():
-        from .shapesworld.world import prompt_list
+PROMPT_SOURCES: dict = {"paper": paper_prompts}  # name -> (family, split) -> list[PromptEntry]
 
-        specs = prompt_list(family, split)
-        return [PromptEntry(s.text, tuple(dict.fromkeys(w for ws in s.object_words() for w in ws)), None, family)
-                for s in specs]
-    return [PromptEntry(e["prompt"], tuple(e["keywords"]), None, family) for e in _read_json(p)]
+
+def register_prompt_source(name: str, source) -> None:
+    """Make NAME:FAMILY:SPLIT specs resolve through `source(family, split)` (a world plug-in's lists)."""
+    if not name or ":" in name:
+        raise ValueError(f"a prompt source needs a name without ':', got {name!r}")
+    PROMPT_SOURCES[name] = source
 
 
 def load_prompt_set(spec: str) -> list[PromptEntry]:
     """Prompts from a spec string (see the module docstring)."""
     parts = spec.split(":")
-    if parts[0] in ("paper", "shapesworld") and len(parts) == 3:
-        return (paper_prompts if parts[0] == "paper" else shapesworld_prompts)(parts[1], parts[2])
+    if parts[0] in PROMPT_SOURCES and len(parts) == 3:
+        return PROMPT_SOURCES[parts[0]](parts[1], parts[2])
     path = Path(spec).expanduser()
     if not path.is_file():
-        raise ValueError(f"prompt set {spec!r} is neither paper:FAMILY:SPLIT, shapesworld:FAMILY:SPLIT nor a file")
+        names = ", ".join(f"{n}:FAMILY:SPLIT" for n in PROMPT_SOURCES)
+        raise ValueError(f"prompt set {spec!r} is neither one of {names} nor a file")
     if path.suffix == ".json":
         data = _read_json(path)
         if not isinstance(data, list) or not all(isinstance(x, str) for x in data):

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from dfusion_core.config import SamplingParams
-from dfusion_core.experiment import Experiment, ExperimentConfig, paired_difference, report_markdown
+from dfusion_core.shapesworld.experiment import Experiment, ExperimentConfig, paired_difference, report_markdown
 
 
 def brightness(images, prompts):
@@ -43,7 +43,7 @@ def test_smoke_experiment_runs_every_arm_and_resumes(sd1, tmp_path):
     assert summary["pair_sets"]["dfusion"]["change_whole"] is not None
     assert set(summary["comparisons"]) == {"dpo", "ddpo", "dpok"}
     assert (tmp_path / "accuracy.png").stat().st_size > 0 and (tmp_path / "triplets.png").stat().st_size > 0
-    md = report_markdown(summary, "python -m dfusion_core.experiment --smoke", ".")
+    md = report_markdown(summary, "python -m dfusion_core.shapesworld.experiment --smoke", ".")
     assert "**Headline:**" in md and "| dpo | spatial |" in md
     # a re-run reuses pair sets and finished arms: the same numbers, no retraining
     again = Experiment(sd1, brightness, cfg, tmp_path, sampling=sampling, log=lambda *_: None).run()
@@ -53,7 +53,7 @@ def test_smoke_experiment_runs_every_arm_and_resumes(sd1, tmp_path):
 @pytest.mark.parametrize("flags,msg", [(["--algos", "sft"], "unknown"), (["--ablations", "nomask"], "unknown ablation"),
                                        (["--extra", "/no/such/file.md"], "no such file")])
 def test_bad_flags_are_one_line_errors(flags, msg, capsys):
-    from dfusion_core.experiment import main
+    from dfusion_core.shapesworld.experiment import main
 
     with pytest.raises(SystemExit) as e:
         main(["--out", "/tmp/never", *flags])

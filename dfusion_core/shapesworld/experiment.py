@@ -1,7 +1,7 @@
 """The paper's claim, checked with ground truth: do D-Fusion pairs align a model better than random pairs?
 
-    python -m dfusion_core.experiment --out runs/experiment --report docs/RESULTS.md     # the full comparison
-    python -m dfusion_core.experiment --out /tmp/smoke --smoke                            # minutes, same code
+    python -m dfusion_core.shapesworld.experiment --out runs/experiment --report docs/RESULTS.md     # the full comparison
+    python -m dfusion_core.shapesworld.experiment --out /tmp/smoke --smoke                            # minutes, same code
 
 Every arm gets the same budget: pairs built by the CLIP scorer from the same candidates of the same TRAIN
 prompts (equal pair counts), the same training steps, learning rate, LoRA and seeds. Arms: the base model;
@@ -24,12 +24,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .ablation import change_inside_outside, default_ranges, mask_region
-from .config import FusionParams, MaskParams, SamplingParams, apply_model_defaults
-from .loading import LoadedModel
-from .pairs import PairingParams, PairRecord, build_pairs, build_random_pairs, load_pairs, save_pairs
-from .shapesworld.evaluate import evaluate, grouped_bootstrap
-from .shapesworld.world import FAMILIES, prompt_list
+from ..ablation import change_inside_outside, default_ranges, mask_region
+from ..config import FusionParams, MaskParams, SamplingParams, apply_model_defaults
+from ..loading import LoadedModel
+from ..pairs import PairingParams, PairRecord, build_pairs, build_random_pairs, load_pairs, save_pairs
+from .evaluate import evaluate, grouped_bootstrap
+from .world import FAMILIES, prompt_list
 
 
 @dataclass(frozen=True)
@@ -160,8 +160,8 @@ class Experiment:
                         seed=self.cfg.seed)
 
     def run_arm(self, name: str, algo: str | None, records: list[PairRecord] | None) -> dict:
-        from .training.data import pairs_from_records
-        from .training.trainer import TrainConfig, Trainer
+        from ..training.data import pairs_from_records
+        from ..training.trainer import TrainConfig, Trainer
 
         path = self._arm_path(name)
         if path.is_file():
@@ -365,7 +365,7 @@ def main(argv=None) -> None:
     base = ExperimentConfig.smoke() if a.smoke else ExperimentConfig()
     cfg = replace(base, **{f: tuple(v) if isinstance(v, list) else v for f in asdict(base)
                            if (v := getattr(a, f, None)) is not None})
-    from .training.trainer import ALGOS
+    from ..training.trainer import ALGOS
 
     bad = [x for x in cfg.algos if x not in ALGOS]
     if bad:
@@ -374,12 +374,12 @@ def main(argv=None) -> None:
         fusion_variants(FusionParams(), cfg.num_steps, cfg.ablations)
     except ValueError as e:
         ap.error(f"--ablations: {e}")
-    from .loading import load_model
-    from .scoring import make_scorer
+    from ..loading import load_model
+    from ..scoring import make_scorer
 
     model = load_model(a.model, device="cpu" if not torch.cuda.is_available() else None)
     summary = Experiment(model, make_scorer(a.scorer), cfg, a.out).run(finished_only=a.finished_only)
-    command = "python -m dfusion_core.experiment " + " ".join(argv if argv is not None else __import__("sys").argv[1:])
+    command = "python -m dfusion_core.shapesworld.experiment " + " ".join(argv if argv is not None else __import__("sys").argv[1:])
     out = Path(a.out)
     (out / "RESULTS.md").write_text(report_markdown(summary, command, "."))
     if a.report:
