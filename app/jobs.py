@@ -1,6 +1,7 @@
 """A fine-tune running in a child process, so the UI stays responsive; watched through its log.jsonl.
 
-The child is the CLI (`python -m dfusion_core train ... --out DIR`): it checkpoints every few steps, so
+The child is the CLI (`python -m dfusion_core train ... --out DIR`), given a TrainConfig: each field that
+differs from its default becomes the CLI's flag of the same name. It checkpoints every few steps, so
 cancelling loses at most those steps and starting again with the same folder resumes.
 """
 from __future__ import annotations
@@ -11,14 +12,31 @@ import signal
 import subprocess
 import sys
 import threading
+from dataclasses import fields
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def config_flags(cfg) -> list[str]:
+    """The CLI flags that give a train child this TrainConfig: `--lora-rank 4` for each non-default field."""
+    default, flags = type(cfg)(), []
+    for f in fields(cfg):
+        value = getattr(cfg, f.name)
+        if value == getattr(default, f.name):
+            continue
+        if value is None:
+            raise ValueError(f"{f.name} = None has no CLI flag; leave it at its default")
+        values = value if isinstance(value, (tuple, list)) else [value]
+        flags += ["--" + f.name.replace("_", "-"), *map(str, values)]
+    return flags
+
+
 class TrainingJob:
-    def __init__(self, args: list[str], out_dir: Path, total_steps: int):
-        self.args, self.out, self.total = args, Path(out_dir), total_steps
+    def __init__(self, model: str, data: Path, cfg, out_dir: Path):
+        """Train `model` (its folder or id) on the store or pair folder `data` with the TrainConfig `cfg`."""
+        self.cfg, self.out, self.total = cfg, Path(out_dir), cfg.steps
+        self.args = ["--model", str(model), "--data", str(data), *config_flags(cfg)]
         self.proc: subprocess.Popen | None = None
         self.cancelled = False
         self._stderr: list[str] = []

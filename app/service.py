@@ -1,31 +1,41 @@
 """What the app does, without the UI: validation, one thread for the model, the reference cache, the store.
 
-Every public method takes plain values (as widgets deliver them), validates them and raises UserError with
-a message meant for the screen. The UI turns UserError into a toast; nothing here imports gradio.
+Every public method takes plain values (as widgets deliver them) or the parameter objects built from them
+(`sampling`, `fusion`, `train_config`), validates them and raises UserError with a message meant for the
+screen. The UI turns UserError into a toast; nothing here imports gradio. The UI never touches the store or
+a tensor: every read of the pairs, the masks and the attention maps goes through a method here.
 """
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
+import dfusion_core.shapesworld  # noqa: F401  (registers the shipped world's prompt lists)
 from dfusion_core.config import FUSION_LAYER_PRESETS, FusionParams, MaskParams, SamplingParams, apply_model_defaults
 from dfusion_core.fusion import FusionResult, fuse
 from dfusion_core.loading import LoadedModel, load_model
 from dfusion_core.pairs import record_from_result
 from dfusion_core.preference_store import LABELS, PreferenceStore
+from dfusion_core.prompt_sets import load_prompt_set
 from dfusion_core.reference_cache import ReferenceCache
 from dfusion_core.sampling import MAX_PROMPT_CHARS, Trajectory, sample
-from dfusion_core.tokens import default_keywords, word_tokens
+from dfusion_core.tokens import default_keywords, keyword_token_indices, word_tokens
 
 from .model_thread import ModelThread
+
+if TYPE_CHECKING:
+    from dfusion_core.training.trainer import TrainConfig
 
 log = logging.getLogger("dfusion.app")
 MAX_CANDIDATES = 32
 MAX_SEED = 2 ** 31 - 1
 TUNED_ADAPTER = "dfusion_tuned"  # the fine-tuned LoRA loaded into the Fuse view
+PAIR_COLUMNS = ["pair_id", "prompt", "label", "base_seed", "ref_seed", "score_base", "score_target"]  # list_pairs rows
 
 
 class UserError(ValueError):
@@ -69,6 +79,18 @@ def parse_seed(value, name: str) -> int:
     if not 0 <= seed <= MAX_SEED:
         raise UserError(f"{name} must be between 0 and {MAX_SEED}, got {seed}")
     return seed
+
+
+def example_prompts() -> list[str]:
+    """A few prompts of each shipped prompt set: the Fuse tab's examples and the before / after prompts."""
+    out = []
+    for spec in ("shapesworld:attribute:test", "shapesworld:spatial:test", "shapesworld:action:test",
+                 "paper:action:train", "paper:attribute:train", "paper:spatial:train"):
+        try:
+            out += [e.prompt for e in load_prompt_set(spec)[:4]]
+        except ValueError:
+            continue
+    return out
 
 
 def check_prompt(prompt) -> str:
@@ -153,6 +175,19 @@ class AppService:
                                               None if verdicts is None else verdicts[i])
         return session
 
+    @staticmethod
+    def suggested_seeds(session: Session) -> tuple[int, int]:
+        """(base, reference) to fuse first: the lowest- and highest-scored candidates (else the first and last)."""
+        cands = list(session.candidates.values())
+        if all(c.score is not None for c in cands):
+            best = max(cands, key=lambda c: c.score).seed
+            worst = min(cands, key=lambda c: c.score).seed
+        else:
+            best, worst = cands[-1].seed, cands[0].seed
+        if best == worst:
+            best = cands[-1].seed
+        return worst, best
+
     def check(self, images, prompt: str) -> list[bool] | None:
         """The ground-truth checker's verdicts on a ShapesWorld model and caption; None elsewhere."""
         if self.model.defaults.get("world") != "shapesworld":
@@ -226,6 +261,37 @@ class AppService:
                                      r.fusion, cache=self.cache, base=r.base, base_image=r.base_image,
                                      scorer=self.scorer, thresholds=[(f"relative {t}", t) for t in thresholds])
 
+    # ---- views of the fused pair (arrays for the UI's overlays) ----------------------------------------
+    def word_map(self, session: Session, word: str) -> np.ndarray:
+        """[h, w] attention of the reference on one word (its tokens' mean), as the word picker shows it."""
+        r = session.result
+        idx = dict(zip(r.keywords, r.token_groups)).get(word)
+        if idx is None:
+            try:  # e.g. a word past the 77-token limit: said as such, not as an internal error
+                idx = keyword_token_indices(self.model.tokenizer, r.prompt, [word])[0]
+            except ValueError as e:
+                raise UserError(str(e)) from None
+        return r.token_maps[list(idx)].mean(0).numpy()
+
+    @staticmethod
+    def fused_mask(session: Session) -> np.ndarray:
+        """[h, w] fusion mask, mean over the fused steps."""
+        r = session.result
+        first, last = r.fusion.step_range(r.sampling.num_steps)
+        return r.masks[first - 1:last].mean(0).numpy()
+
+    @staticmethod
+    def mask_coverage(session: Session) -> float:
+        """Fraction of the image the mask covers over the fused steps."""
+        r = session.result
+        first, last = r.fusion.step_range(r.sampling.num_steps)
+        return float(r.masks[first - 1:last].mean())
+
+    def x0_image(self, session: Session, step) -> object:
+        """The target's decoded x0 prediction at a 1-based step (clamped to the trajectory)."""
+        ims = self.x0_images(session)
+        return ims[int(np.clip(int(step), 1, len(ims))) - 1]
+
     def x0_images(self, session: Session) -> list:
         """Decoded x0 predictions of the target, one per step (the trajectory viewer)."""
         if session.result is None:
@@ -250,47 +316,43 @@ class AppService:
         return f"saved pair {rec.pair_id} as '{label}' ({len(self.store)} in the set)"
 
     # ---- training ----------------------------------------------------------------------------------
-    def train_start(self, algo: str, lora_rank, lr, beta, steps) -> str:
-        from dfusion_core.training.data import LOG_PROB_ALGOS, load_training_pairs
+    def train_config(self, algo: str, lora_rank, lr, beta, steps) -> TrainConfig:
+        """The Train tab's values as a checked TrainConfig (beta is dpo_beta or traj_beta, by algorithm)."""
         from dfusion_core.training.trainer import ALGOS, TrainConfig
+
+        if algo not in ALGOS:
+            raise UserError(f"algorithm must be one of {', '.join(ALGOS)}")
+        try:
+            rank, steps, lr, beta = int(lora_rank), int(steps), float(lr), float(beta)
+            betas = {"dpo": {"dpo_beta": beta}, "traj-dpo": {"traj_beta": beta}}.get(algo, {})
+            return TrainConfig(algo=algo, lora_rank=rank, lr=lr, steps=steps, ckpt_every=max(1, min(10, steps)),
+                               **betas).validate()
+        except (TypeError, ValueError) as e:
+            raise UserError(str(e)) from None
+
+    def train_start(self, cfg: TrainConfig) -> str:
+        """Fine-tune a LoRA on the labelled pairs in a child process (batches capped at the number of pairs)."""
+        from dfusion_core.training.data import LOG_PROB_ALGOS, load_training_pairs
 
         from .jobs import TrainingJob
 
         if self.job is not None and self.job.state == "running":
             raise UserError("a fine-tune is already running: cancel it or wait for it to finish")
-        if algo not in ALGOS:
-            raise UserError(f"algorithm must be one of {', '.join(ALGOS)}")
         labelled = [s for s in self.store.summaries() if s.label != "tie"]
         if len(labelled) < 2:
             raise UserError(f"training needs at least two labelled pairs (ties do not count); the set has {len(labelled)}")
-        try:
-            rank, steps, lr, beta = int(lora_rank), int(steps), float(lr), float(beta)
-            cfg = TrainConfig(algo=algo, lora_rank=rank, lr=lr, steps=steps, ckpt_every=max(1, min(10, steps)),
-                              batch_size=min(4, len(labelled)),
-                              **({"dpo_beta": beta} if algo == "dpo" else {"traj_beta": beta} if algo == "traj-dpo" else {}))
-            cfg.validate()
-        except (TypeError, ValueError) as e:
-            raise UserError(str(e)) from None
-        if rank == 0:
+        if cfg.lora_rank == 0:
             raise UserError("the app trains LoRA adapters (rank >= 1); use the CLI for a full fine-tune")
-        if algo in LOG_PROB_ALGOS:  # e.g. pairs sampled with eta = 0: said here, not by a failed child process
+        cfg = replace(cfg, batch_size=min(cfg.batch_size, len(labelled)))
+        if cfg.algo in LOG_PROB_ALGOS:  # e.g. pairs sampled with eta = 0: said here, not by a failed child process
             try:
-                load_training_pairs(self.store.root, algo)
+                load_training_pairs(self.store.root, cfg.algo)
             except ValueError as e:
                 raise UserError(str(e)) from None
-        import time as _t
-
-        out = self.runs_dir / f"{algo}-{_t.strftime('%Y%m%d-%H%M%S')}"
-        args = ["--model", self.model_source, "--data", str(self.store.root), "--algo", algo, "--lora-rank", str(rank),
-                "--lr", str(lr), "--steps", str(steps), "--ckpt-every", str(cfg.ckpt_every),
-                "--batch-size", str(cfg.batch_size)]
-        if algo == "dpo":
-            args += ["--dpo-beta", str(beta)]
-        elif algo == "traj-dpo":
-            args += ["--traj-beta", str(beta)]
-        self.job = TrainingJob(args, out, steps)
+        out = self.runs_dir / f"{cfg.algo}-{time.strftime('%Y%m%d-%H%M%S')}"
+        self.job = TrainingJob(self.model_source, self.store.root, cfg, out)
         self.job.start()
-        return f"started {algo} on {len(labelled)} pairs → {out}"
+        return f"started {cfg.algo} on {len(labelled)} pairs → {out}"
 
     def train_status(self) -> tuple[str, list[dict], float]:
         """(message, log rows, fraction done)."""
@@ -357,6 +419,50 @@ class AppService:
                         cap += " ✓" if ok[i] else " ✗"
                     items.append((im, cap))
         return items
+
+    # ---- the labelled set (the Dataset tab) -----------------------------------------------------------
+    def list_pairs(self, prompt_contains, label) -> list[list]:
+        """Rows of PAIR_COLUMNS: pairs whose prompt contains the text, with the label ('any' = all), up to 500."""
+        rows = self.store.summaries(prompt_contains or None, None if label == "any" else label, limit=500)
+        return [[r.pair_id, r.prompt, r.label, r.base_seed, r.ref_seed, r.scores.get("base"), r.scores.get("target")]
+                for r in rows]
+
+    def pair_images(self, pair_id: str) -> tuple[object, object]:
+        """(base, target) images of a stored pair."""
+        rec = self.store.get(pair_id)
+        return rec.images.get("base"), rec.images.get("target")
+
+    def relabel(self, pair_id, label: str) -> str:
+        if not pair_id:
+            raise UserError("click a row first")
+        try:
+            self.store.relabel(pair_id, label)
+        except KeyError as e:
+            raise UserError(str(e)) from None
+        return f"pair {pair_id} relabelled '{label}'"
+
+    def delete_pair(self, pair_id) -> str:
+        if not pair_id:
+            raise UserError("click a row first")
+        try:
+            self.store.delete(pair_id)
+        except KeyError as e:
+            raise UserError(str(e)) from None
+        return f"pair {pair_id} deleted"
+
+    def export(self, folder) -> str:
+        """The set as Parquet (caption / jpg_0 / jpg_1 / label_0 + trajectories) in a new folder."""
+        try:
+            info = self.store.export(folder)
+        except OSError as e:
+            raise UserError(f"cannot write {folder}: {e}") from None
+        return f"exported {info['pairs']} pairs to {info['out']}"
+
+    def import_pairs(self, folder) -> str:
+        """Pairs from an export or a build-pairs folder, added to the set."""
+        if not folder or not folder.strip():
+            raise UserError("type the folder to import")
+        return f"imported {self.store.import_pairs(folder.strip())} pairs"
 
     def undo(self, session: Session) -> str:
         if not session.history:

@@ -127,6 +127,43 @@ def test_ablation_export_import_and_a_background_fine_tune(app_url, tmp_path):
         c.predict(api_name="/unload_trained")
 
 
+def test_dataset_tab_lists_relabels_and_deletes_through_the_service(app_url):
+    url, svc = app_url
+    c = gradio_client.Client(url, verbose=False)
+    c.predict("a red dog", api_name="/words")
+    c.predict(*_fuse_args("30", "31"), api_name="/fuse")
+    pid = c.predict(api_name="/label_base").split()[2]
+    table = c.predict("red dog", "base", api_name="/list_pairs")
+    assert table["headers"][:3] == ["pair_id", "prompt", "label"] and [pid, "a red dog", "base"] in [
+        r[:3] for r in table["data"]]
+    msg, table = c.predict(pid, "tie", "red dog", "base", api_name="/relabel")
+    assert msg == f"pair {pid} relabelled 'tie'" and pid not in [r[0] for r in table["data"]]
+    assert svc.store.get(pid, with_images=False).label == "tie"
+    msg, table, _, _ = c.predict(pid, "", "any", api_name="/delete_pair")
+    assert msg == f"pair {pid} deleted" and pid not in [r[0] for r in table["data"]]
+    for args, name in (((pid, "target", "", "any"), "/relabel"), ((pid, "", "any"), "/delete_pair")):
+        with pytest.raises(Exception, match="no pair"):
+            c.predict(*args, api_name=name)
+    with pytest.raises(Exception, match="click a row first"):
+        c.predict("", "", "any", api_name="/delete_pair")
+
+
+@pytest.mark.parametrize("values", [("dpo", 4, 1e-3, 5000, 3), ("traj-dpo", 8, 1e-4, 0.2, 100), ("ddpo", 2, 1e-4, 1, 20)])
+def test_the_train_tab_config_reaches_the_trainer_child_unchanged(sd1, tmp_path, values):
+    """The job hands the child the TrainConfig as CLI flags; the CLI reads them back into the same config."""
+    from dataclasses import fields
+
+    from app.jobs import config_flags
+    from app.service import AppService
+    from dfusion_core.cli import build_parser
+    from dfusion_core.training.trainer import TrainConfig
+
+    cfg = AppService(sd1, store_dir=tmp_path / "store").train_config(*values)
+    a = build_parser().parse_args(["train", "--data", "d", "--out", "o", *config_flags(cfg)])
+    assert TrainConfig(**{f.name: getattr(a, f.name) for f in fields(TrainConfig)
+                          if getattr(a, f.name, None) is not None}) == cfg
+
+
 def test_train_tab_refuses_deterministic_pairs_for_trajectory_methods(sd1, tmp_path):
     from app.service import AppService, UserError
     from dfusion_core.config import SamplingParams
@@ -140,7 +177,7 @@ def test_train_tab_refuses_deterministic_pairs_for_trajectory_methods(sd1, tmp_p
     url, demo = launch_app(svc)
     try:
         with pytest.raises(UserError, match=r"ddpo .*sampled with eta = 0"):
-            svc.train_start("ddpo", 4, 1e-4, 0.1, 2)
+            svc.train_start(svc.train_config("ddpo", 4, 1e-4, 0.1, 2))
         with pytest.raises(Exception, match=r"traj-dpo .*sampled with eta = 0") as shown:  # the Train tab's toast
             gradio_client.Client(url, verbose=False).predict("traj-dpo", 4, 1e-4, 0.1, 2, api_name="/train")
         assert "Traceback" not in str(shown.value) and "internal error" not in str(shown.value)
