@@ -3,7 +3,8 @@
 Sampling, fusion, masks, the reference cache and pairs talk to a `ModelFamily` and never to a UNet or a
 transformer directly. A family knows its schedule and step (with the step's mean, std and log-prob), one raw
 denoiser call, how a prompt is encoded, which attention layers exist and which processor serves them, how
-layer presets and mask layers are chosen, and its sampling defaults.
+layer presets and mask layers are chosen, its sampling defaults, and for training: how a clean latent is
+noised with its regression target (`train_noised`) and which projections LoRA adapts (`lora_targets`).
   * `UNetDDIM`: SD 1.x / 2.x / SDXL (epsilon or v-prediction), stochastic DDIM (ddim.py), attention.py;
   * `MMDiTFlow`: SD3 / SD3.5 (rectified flow), Flow-GRPO's SDE or DDIM-for-flow (flow.py), joint_attention.py.
 """
@@ -15,7 +16,7 @@ import torch
 
 from .attention import install, select_fusion_layers, select_map_layers
 from .ddim import ddim_step, make_schedule
-from .flow import flow_step, make_flow_schedule
+from .flow import flow_noised, flow_step, make_flow_schedule
 from .joint_attention import install_joint
 
 
@@ -25,6 +26,7 @@ class ModelFamily:
     name = ""
     denoiser_attr = ""  # the pipeline attribute holding the denoiser
     defaults: dict = {}  # sampling / mask defaults of the family, under a model folder's dfusion.json
+    lora_targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")  # attention projections LoRA adapts
 
     def schedule(self, scheduler, num_steps: int):
         raise NotImplementedError
@@ -39,6 +41,17 @@ class ModelFamily:
 
     def forward(self, denoiser, x, t, emb, added: dict | None) -> torch.Tensor:
         """One raw denoiser call on a batch (no guidance)."""
+        raise NotImplementedError
+
+    def train_noised(self, schedule, x0: torch.Tensor, noise: torch.Tensor,
+                     step_or_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Training: (noised latent, regression target, denoiser timestep) per row. `step_or_t` is an integer
+        in [0, schedule.num_train_timesteps) per row, drawn uniformly by the trainer for every family."""
+        raise NotImplementedError
+
+    def lora_export(self, peft_state: dict) -> dict:
+        """A trained LoRA (peft state dict) as the pipeline's `save_lora_weights` takes it, so that
+        `load_lora_weights` / `load_model(..., lora=DIR)` load it back."""
         raise NotImplementedError
 
     def install(self, denoiser, controller) -> dict[str, str]:
@@ -71,6 +84,22 @@ class UNetDDIM(ModelFamily):
         kwargs = {"added_cond_kwargs": added} if added else {}
         return denoiser(x, t, encoder_hidden_states=emb, **kwargs).sample
 
+    def train_noised(self, schedule, x0, noise, step_or_t):
+        """DDPM noising x_t = sqrt(a_t) x0 + sqrt(1 - a_t) noise; the target is what the UNet predicts
+        (epsilon: the noise; v_prediction: sqrt(a_t) noise - sqrt(1 - a_t) x0; sample: x0)."""
+        t = step_or_t.to(x0.device)
+        ac = schedule.alphas_cumprod.to(x0.device, torch.float32)[t].view(-1, *([1] * (x0.ndim - 1)))
+        x_t = ac.sqrt() * x0 + (1 - ac).sqrt() * noise
+        pred = schedule.prediction_type
+        target = noise if pred == "epsilon" else (ac.sqrt() * noise - (1 - ac).sqrt() * x0) \
+            if pred == "v_prediction" else x0
+        return x_t, target, t
+
+    def lora_export(self, peft_state):
+        from diffusers.utils import convert_state_dict_to_diffusers
+
+        return {"unet_lora_layers": convert_state_dict_to_diffusers(peft_state)}
+
     def install(self, denoiser, controller):
         return install(denoiser, controller)
 
@@ -88,6 +117,7 @@ class MMDiTFlow(ModelFamily):
 
     name, denoiser_attr = "mmdit-flow", "transformer"
     defaults = {"eta": 0.7}
+    lora_targets = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
 
     def schedule(self, scheduler, num_steps):
         return make_flow_schedule(scheduler, num_steps)
@@ -102,6 +132,20 @@ class MMDiTFlow(ModelFamily):
     def forward(self, denoiser, x, t, emb, added):
         return denoiser(hidden_states=x, timestep=t, encoder_hidden_states=emb,
                         pooled_projections=added["pooled_projections"]).sample
+
+    def train_noised(self, schedule, x0, noise, step_or_t):
+        """Rectified flow: x_sigma = (1 - sigma) x0 + sigma noise, target the velocity noise - x0. sigma is the
+        scheduler's training sigma at index `step_or_t` (with its shift), so sigma is drawn uniformly over
+        the training sigmas: diffusers' SD3 training script with its default weighting ("none"), not the
+        logit-normal option. The transformer is given sigma * num_train_timesteps, as when sampling."""
+        sigma = schedule.train_sigmas[step_or_t.long().cpu()]
+        x_t, target = flow_noised(x0, noise, sigma)
+        return x_t, target, (sigma * schedule.num_train_timesteps).to(x0.device, torch.float32)
+
+    def lora_export(self, peft_state):
+        """peft key names, as diffusers' SD3 training script saves them (converting renames to_q's keys to the
+        old lora.down form but not add_q_proj's, and the SD3 loader then drops the renamed ones)."""
+        return {"transformer_lora_layers": peft_state}
 
     def install(self, denoiser, controller):
         return install_joint(denoiser, controller)

@@ -38,6 +38,7 @@ class FlowSchedule:
     sigmas: torch.Tensor  # [S + 1] float64: noisiest first, last = 0
     timesteps: tuple[float, ...]  # [S] what the transformer is given (sigma * num_train_timesteps)
     num_train_timesteps: int
+    train_sigmas: torch.Tensor | None = None  # [num_train_timesteps] float64: the training sigmas, noisiest first
 
     @property
     def num_steps(self) -> int:
@@ -56,7 +57,9 @@ def make_flow_schedule(scheduler, num_steps: int) -> FlowSchedule:
     sigmas = sched.sigmas.double().cpu()
     if sigmas.shape[0] != num_steps + 1 or float(sigmas[-1]) != 0.0:
         raise ValueError(f"unexpected flow schedule: {sigmas.shape[0]} sigmas ending at {float(sigmas[-1])}")
-    return FlowSchedule(sigmas, tuple(float(t) for t in sched.timesteps), int(cfg.get("num_train_timesteps", 1000)))
+    train_sigmas = FlowMatchEulerDiscreteScheduler.from_config(cfg).sigmas.double().cpu()  # before set_timesteps
+    return FlowSchedule(sigmas, tuple(float(t) for t in sched.timesteps), int(cfg.get("num_train_timesteps", 1000)),
+                        train_sigmas)
 
 
 def _sigmas(schedule: FlowSchedule, step: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

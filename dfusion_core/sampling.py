@@ -77,11 +77,12 @@ def _timestep_tensor(timesteps) -> torch.Tensor:
 
 
 def guided_output(model: LoadedModel, cond: Conditioning, rows: list[int], x: torch.Tensor, t: torch.Tensor,
-                  guidance_scale: float, cfg: bool) -> torch.Tensor:
+                  guidance_scale: float, cfg: bool, denoiser=None) -> torch.Tensor:
     """One denoiser call for a batch of latents with their prompt rows, classifier-free guided (float32).
 
-    The one place a denoiser is called for sampling, log-prob recomputation and fusion: with CFG the batch is
-    [unconditional rows, conditional rows], which the attention processors rely on.
+    The one place a denoiser is called for sampling, log-prob recomputation, fusion and training: with CFG the
+    batch is [unconditional rows, conditional rows], which the attention processors rely on. `denoiser`: the
+    network to call instead of the model's own (the trainer's wrapped policy or its frozen reference).
     """
     emb = cond.cond[rows]
     added = {k: v[rows] for k, v in cond.added_cond.items()} if cond.added_cond else None
@@ -93,7 +94,8 @@ def guided_output(model: LoadedModel, cond: Conditioning, rows: list[int], x: to
         x_in, t_in = torch.cat([x, x]), torch.cat([t, t])
     dev, dt = model.device, model.dtype
     added = {k: v.to(dt) for k, v in added.items()} if added else None
-    out = model.family.forward(model.denoiser, x_in.to(dt), t_in.to(dev), emb.to(dt), added).float()
+    net = model.denoiser if denoiser is None else denoiser
+    out = model.family.forward(net, x_in.to(dt), t_in.to(dev), emb.to(dt), added).float()
     if not cfg:
         return out
     uncond_out, cond_out = out.chunk(2)
@@ -218,11 +220,11 @@ def validate_prompt(prompt) -> str:
 
 @torch.no_grad()
 def recompute_log_probs(model: LoadedModel, prompt: str, trajectory: Trajectory, sampling: SamplingParams,
-                        batch_size: int = 32) -> torch.Tensor:
+                        batch_size: int = 32, denoiser=None) -> torch.Tensor:
     """Per-step log-probs of a recorded trajectory under the plain (unfused) model, in batched passes.
 
     A fused target was drawn by the fused sampler; trajectory methods train the plain model, so its
-    likelihood ratios must use these values instead (METHOD.md, training methods).
+    likelihood ratios must use these values instead (METHOD.md, training methods). `denoiser`: see guided_output.
     """
     sampling = sampling.validate()
     fam = model.family
@@ -239,7 +241,7 @@ def recompute_log_probs(model: LoadedModel, prompt: str, trajectory: Trajectory,
         x = trajectory.latents[ks].to(dev).float()
         x_next = trajectory.latents[[k + 1 for k in ks]].to(dev).float()
         out = guided_output(model, cond, [0] * len(ks), x, fam.model_timesteps(schedule, ks),
-                            sampling.guidance_scale, sampling.uses_cfg)
+                            sampling.guidance_scale, sampling.uses_cfg, denoiser)
         res = fam.step(schedule, out, x, ks, sampling, None)
         out_lp.append(step_log_prob(x_next, res.mean, res.std).cpu())
     return torch.cat(out_lp)

@@ -1,10 +1,13 @@
-"""Fine-tune the UNet on preference pairs: Diffusion-DPO, trajectory DPO, DDPO or DPOK (METHOD.md).
+"""Fine-tune the denoiser on preference pairs: Diffusion-DPO, trajectory DPO, DDPO or DPOK (METHOD.md).
 
     python -m dfusion_core train --algo dpo --data STORE_OR_PAIR_FOLDER --out runs/dpo
     accelerate launch --num_processes N -m dfusion_core train ...        # data-parallel, same results
 
-LoRA through peft on the UNet's attention (the frozen reference = the same UNet with adapters disabled, no
-copy); rank 0 = full fine-tune (then a frozen copy is the reference). Every step's batch, timesteps and
+The denoiser is a UNet (DDPM noising, DDIM steps) or an SD3-family MMDiT (rectified-flow noising, Flow-GRPO
+SDE steps): everything that differs comes from `model.family` (train_noised, step, forward, lora_targets), and
+the denoiser is called only through sampling.guided_output. LoRA through peft on the denoiser's attention (the
+frozen reference = the same network with adapters disabled, no copy); rank 0 = full fine-tune (then a frozen
+copy is the reference). Every step's batch, timesteps and
 noise derive from (seed, step) alone, so a resumed run continues exactly, and N processes taking equal
 slices of the same global batch compute what one process computes (gradients are averaged by accelerate).
 The result is a LoRA folder that `pipe.load_lora_weights(DIR)` and `load_model(..., lora=DIR)` load.
@@ -25,9 +28,10 @@ import torch.nn.functional as F
 
 from ..atomic import (move_files_into, replace_folder, temp_file_is_stale, temp_name_for, write_atomic,
                       write_text_atomic)
-from ..ddim import ddim_step, make_schedule, step_log_prob
-from ..loading import LoadedModel
-from ..sampling import recompute_log_probs
+from ..config import SamplingParams
+from ..ddim import step_log_prob
+from ..loading import Conditioning, LoadedModel
+from ..sampling import guided_output, recompute_log_probs
 from . import losses
 from .data import PreferencePair, check_pairs
 
@@ -45,10 +49,10 @@ class TrainConfig:
     weight_decay: float = 1e-4  # AdamW weight decay
     warmup_steps: int = 0  # linear learning-rate warm-up
     max_grad_norm: float = 1.0  # gradient clipping
-    lora_rank: int = 4  # LoRA rank on the UNet's attention; 0 = full fine-tune
+    lora_rank: int = 4  # LoRA rank on the denoiser's attention; 0 = full fine-tune
     lora_alpha: float | None = None  # LoRA scaling numerator; None = the rank (scale 1)
-    lora_targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")  # attention projections adapted
-    dpo_beta: float = 5000.0  # Diffusion-DPO beta in the beta/2 convention (= 2500 without the 1/2)
+    lora_targets: tuple[str, ...] | None = None  # attention projections adapted; None = the model family's
+    dpo_beta: float = 5000.0  # Diffusion-DPO beta in the beta/2 convention (= 2500 without the 1/2; see losses)
     traj_beta: float = 0.1  # trajectory DPO beta
     clip_eps: float = 0.1  # ratio clip for traj-dpo, ddpo and dpok
     adv_clip: float = 5.0  # DDPO/DPOK advantage clip
@@ -97,68 +101,85 @@ class Trainer:
 
         self.cfg = cfg.validate()
         check_pairs(pairs, cfg.algo)  # before touching the model: refused data leaves it as it was
+        if model.kind == "sdxl":
+            raise ValueError("training SDXL pipelines is not supported yet (added conditioning)")
         self.model, self.pairs = model, pairs
+        self.family = model.family
         self.out = Path(out_dir)
         self.acc = accelerator or Accelerator(mixed_precision=cfg.mixed_precision, cpu=model.device.type == "cpu")
         if self.cfg.batch_size % self.acc.num_processes:
             raise ValueError(f"batch_size {cfg.batch_size} must be divisible by the {self.acc.num_processes} processes")
         p0 = pairs[0]
         self.num_steps, self.eta, self.cfg_scale = p0.num_steps, p0.eta, p0.guidance_scale
-        self.schedule = make_schedule(model.pipe.scheduler, self.num_steps)
-        self.pred_type = self.schedule.prediction_type
-        unet = model.unet
-        unet.requires_grad_(False)
-        model.pipe.text_encoder.requires_grad_(False)
-        self.ref_unet = None
+        self.sampling = SamplingParams(num_steps=self.num_steps, eta=self.eta, guidance_scale=self.cfg_scale,
+                                       negative_prompt=p0.negative_prompt)
+        self.schedule = self.family.schedule(model.pipe.scheduler, self.num_steps)
+        net = model.denoiser
+        net.requires_grad_(False)
+        for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
+            if getattr(model.pipe, name, None) is not None:
+                getattr(model.pipe, name).requires_grad_(False)
+        self.ref_net = None
         self._lora_layers = None
-        if cfg.lora_rank > 0:
-            from peft import LoraConfig
-
-            if "dfusion" in (getattr(unet, "peft_config", None) or {}):
-                unet.delete_adapters("dfusion")
-            with torch.random.fork_rng(devices=[]):  # the adapter's initial weights depend on the seed alone
-                torch.manual_seed(cfg.seed)
-                unet.add_adapter(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha or cfg.lora_rank,
-                                            init_lora_weights="gaussian", target_modules=list(cfg.lora_targets)),
-                                 adapter_name="dfusion")
-            params = [p for p in unet.parameters() if p.requires_grad]
-        else:  # full fine-tune: the reference must be a frozen copy
-            self.ref_unet = copy.deepcopy(unet).requires_grad_(False).eval()
-            unet.requires_grad_(True)
-            params = list(unet.parameters())
+        params = self._make_trainable(net)
         for p in params:
             p.data = p.data.float()
         self.params = params
         opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)))
-        self.unet, self.opt, self.sched = self.acc.prepare(unet, opt, sched)
-        self.unet.train()
-        self._embeds: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        self.net, self.opt, self.sched = self.acc.prepare(net, opt, sched)
+        self.net.train()
+        self._embeds: dict[str, tuple] = {}
         self.history: list[dict] = []
         self.step = 0
         if cfg.algo in ("traj-dpo", "ddpo", "dpok"):
             self._prepare_trajectories()
 
+    @property
+    def unet(self):
+        """The trained denoiser as prepared by accelerate (kept under its old name for callers)."""
+        return self.net
+
+    def _make_trainable(self, net) -> list:
+        """LoRA adapters on the family's attention projections (or the whole network at rank 0)."""
+        cfg = self.cfg
+        if cfg.lora_rank == 0:  # full fine-tune: the reference must be a frozen copy
+            self.ref_net = copy.deepcopy(net).requires_grad_(False).eval()
+            net.requires_grad_(True)
+            return list(net.parameters())
+        from peft import LoraConfig
+
+        if "dfusion" in (getattr(net, "peft_config", None) or {}):
+            net.delete_adapters("dfusion")
+        targets = list(cfg.lora_targets or self.family.lora_targets)
+        with torch.random.fork_rng(devices=[]):  # the adapter's initial weights depend on the seed alone
+            torch.manual_seed(cfg.seed)
+            net.add_adapter(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha or cfg.lora_rank,
+                                       init_lora_weights="gaussian", target_modules=targets), adapter_name="dfusion")
+        return [p for p in net.parameters() if p.requires_grad]
+
     # ---- conditioning and the frozen reference ----------------------------------------------------
-    def _embed(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _embed(self, prompts: list[str]) -> Conditioning:
+        """Conditioning with one row per entry of `prompts` (encoded once per distinct prompt)."""
         need = [p for p in dict.fromkeys(prompts) if p not in self._embeds]
         if need:
             h, w = self.model.default_size()
             c = self.model.encode(need, self.pairs[0].negative_prompt, self.cfg_scale > 1, h, w)
-            if c.added_cond:
-                raise ValueError("training SDXL pipelines is not supported yet (added conditioning)")
             for i, p in enumerate(need):
-                self._embeds[p] = (c.cond[i], None if c.uncond is None else c.uncond[i])
-        cond = torch.stack([self._embeds[p][0] for p in prompts])
-        un = [self._embeds[p][1] for p in prompts]
-        return cond, (None if un[0] is None else torch.stack(un))
+                row = lambda d: None if d is None else {k: v[i] for k, v in d.items()}
+                self._embeds[p] = (c.cond[i], None if c.uncond is None else c.uncond[i], row(c.added_cond),
+                                   row(c.added_uncond))
+        rows = [self._embeds[p] for p in prompts]
+        stack = lambda j: None if rows[0][j] is None else torch.stack([r[j] for r in rows])
+        stack_d = lambda j: None if rows[0][j] is None else {k: torch.stack([r[j][k] for r in rows]) for k in rows[0][j]}
+        return Conditioning(stack(0), stack(1), stack_d(2), stack_d(3))
 
     @contextmanager
     def reference(self):
         """The frozen pre-trained model: adapters disabled (LoRA) or the frozen copy (full fine-tune)."""
-        inner = self.acc.unwrap_model(self.unet)
-        if self.ref_unet is not None:
-            yield self.ref_unet
+        inner = self.acc.unwrap_model(self.net)
+        if self.ref_net is not None:
+            yield self.ref_net
             return
         if self._lora_layers is None:  # found once: walking every module on each step costs ~17 ms here
             from peft.tuners.tuners_utils import BaseTunerLayer
@@ -172,23 +193,16 @@ class Trainer:
             for m in self._lora_layers:
                 m.enable_adapters(True)
 
-    def _forward(self, net, x, t, cond, uncond, cfg: bool):
-        dt = self.model.dtype
+    def _forward(self, net, x, t, cond: Conditioning, cfg: bool) -> torch.Tensor:
+        """One (guided) call of `net` on rows x with cond's rows, through the family's denoiser call."""
         ctx = self.acc.autocast() if self.cfg.mixed_precision != "no" else nullcontext()
         with ctx:
-            if cfg and uncond is not None:
-                out = net(torch.cat([x, x]).to(dt), torch.cat([t, t]), encoder_hidden_states=torch.cat([uncond, cond]).to(dt)).sample
-                u, c = out.float().chunk(2)
-                return u + self.cfg_scale * (c - u)
-            return net(x.to(dt), t, encoder_hidden_states=cond.to(dt)).sample.float()
+            return guided_output(self.model, cond, list(range(x.shape[0])), x, t, self.cfg_scale,
+                                 cfg and cond.uncond is not None, denoiser=net)
 
     # ---- trajectory bookkeeping -------------------------------------------------------------------
     def _prepare_trajectories(self) -> None:
         """Per trajectory: log-probs under the plain pre-trained model (reference / behaviour policy)."""
-        from ..config import SamplingParams
-
-        sp = SamplingParams(num_steps=self.num_steps, eta=self.eta, guidance_scale=self.cfg_scale,
-                            negative_prompt=self.pairs[0].negative_prompt)
         self.trajs, self.traj_prompts, self.rewards = [], [], []
         for p in self.pairs:
             for traj, score in ((p.winner, p.winner_score), (p.loser, p.loser_score)):
@@ -196,11 +210,8 @@ class Trainer:
                 self.traj_prompts.append(p.prompt)
                 self.rewards.append(score)
         with torch.no_grad(), self.reference() as ref:
-            saved, self.model.pipe.unet = self.model.pipe.unet, ref
-            try:
-                self.plain_logp = [recompute_log_probs(self.model, pr, tr, sp) for pr, tr in zip(self.traj_prompts, self.trajs)]
-            finally:
-                self.model.pipe.unet = saved
+            self.plain_logp = [recompute_log_probs(self.model, pr, tr, self.sampling, denoiser=ref)
+                               for pr, tr in zip(self.traj_prompts, self.trajs)]
         if self.cfg.algo in ("ddpo", "dpok"):
             if any(r is None for r in self.rewards):
                 raise ValueError(f"{self.cfg.algo} needs scored pairs: build them with a scorer")
@@ -208,14 +219,14 @@ class Trainer:
                                                        self.traj_prompts, self.cfg.adv_clip)  # cast at use
 
     def _policy_step(self, net, trajs, js, prompts):
-        """Mean, std and log-prob of x_{t-1} at step index js[i] of each trajectory under `net`."""
+        """Mean, std and log-prob of the next latent at step index js[i] of each trajectory under `net`
+        (the family's sampler step: stochastic DDIM for a UNet, the Flow-GRPO SDE for an MMDiT)."""
         dev = self.model.device
         x = torch.stack([tr.latents[j] for tr, j in zip(trajs, js)]).to(dev)
         x_prev = torch.stack([tr.latents[j + 1] for tr, j in zip(trajs, js)]).to(dev)
-        t = torch.tensor([int(tr.timesteps[j]) for tr, j in zip(trajs, js)], device=dev)
-        cond, uncond = self._embed(prompts)
-        out = self._forward(net, x, t, cond, uncond, self.cfg_scale > 1)
-        res = ddim_step(self.schedule, out, x, t.cpu(), self.eta, None)
+        out = self._forward(net, x, self.family.model_timesteps(self.schedule, js), self._embed(prompts),
+                            self.cfg_scale > 1)
+        res = self.family.step(self.schedule, out, x, js, self.sampling, None)
         return res.mean, res.std, step_log_prob(x_prev, res.mean, res.std)
 
     # ---- one optimizer step per algorithm ---------------------------------------------------------
@@ -223,50 +234,33 @@ class Trainer:
         n = len(idx) // self.acc.num_processes
         return idx[self.acc.process_index * n:(self.acc.process_index + 1) * n]
 
-    def _loss_dpo(self, g):
-        idx = torch.randint(0, len(self.pairs), (self.cfg.batch_size,), generator=g)
-        t_all = torch.randint(0, self.schedule.num_train_timesteps, (self.cfg.batch_size,), generator=g)
-        x0 = self.pairs[0].winner.latents[-1]
-        noise_all = torch.randn((self.cfg.batch_size, *x0.shape), generator=g)
-        sel = self._local(torch.arange(self.cfg.batch_size))
-        pairs = [self.pairs[int(i)] for i in idx[sel]]
-        t, noise = t_all[sel].to(self.model.device), noise_all[sel].to(self.model.device)
-        w = torch.stack([p.winner.latents[-1] for p in pairs]).to(self.model.device)
-        l = torch.stack([p.loser.latents[-1] for p in pairs]).to(self.model.device)
-        ac = self.schedule.alphas_cumprod.to(self.model.device, torch.float32)[t].view(-1, 1, 1, 1)
-        noisy = lambda x0_: ac.sqrt() * x0_ + (1 - ac).sqrt() * noise
-        target = lambda x0_: noise if self.pred_type == "epsilon" else (ac.sqrt() * noise - (1 - ac).sqrt() * x0_) \
-            if self.pred_type == "v_prediction" else x0_
-        cond, _ = self._embed([p.prompt for p in pairs])
-        x_in, t_in = torch.cat([noisy(w), noisy(l)]), torch.cat([t, t])
-        tgt = torch.cat([target(w), target(l)])
-        c_in = torch.cat([cond, cond])
-        pred = self._forward(self.unet, x_in, t_in, c_in, None, False)
-        err = ((pred - tgt) ** 2).mean(dim=(1, 2, 3))
-        with torch.no_grad(), self.reference() as ref:
-            ref_err = ((self._forward(ref, x_in, t_in, c_in, None, False) - tgt) ** 2).mean(dim=(1, 2, 3))
-        n = len(pairs)
-        return losses.diffusion_dpo_loss(err[:n], err[n:], ref_err[:n], ref_err[n:], self.cfg.dpo_beta)
-
-    def _loss_sft(self, g):
-        """Plain supervised denoising loss on the same two images a DPO step sees (the cost benchmark's baseline)."""
+    def _noised_pairs(self, g):
+        """This step's pairs, noised: rows [winners; losers] share each pair's timestep and noise.
+        Returns (x_t, target, denoiser timesteps, conditioning, number of pairs here)."""
         idx = torch.randint(0, len(self.pairs), (self.cfg.batch_size,), generator=g)
         t_all = torch.randint(0, self.schedule.num_train_timesteps, (self.cfg.batch_size,), generator=g)
         noise_all = torch.randn((self.cfg.batch_size, *self.pairs[0].winner.latents[-1].shape), generator=g)
         sel = self._local(torch.arange(self.cfg.batch_size))
         pairs = [self.pairs[int(i)] for i in idx[sel]]
         dev = self.model.device
-        t, noise = t_all[sel].to(dev), noise_all[sel].to(dev)
+        t, noise = t_all[sel], noise_all[sel].to(dev)
         x0 = torch.cat([torch.stack([p.winner.latents[-1] for p in pairs]),
                         torch.stack([p.loser.latents[-1] for p in pairs])]).to(dev)
-        t2, n2 = torch.cat([t, t]), torch.cat([noise, noise])
-        ac = self.schedule.alphas_cumprod.to(dev, torch.float32)[t2].view(-1, 1, 1, 1)
-        xt = ac.sqrt() * x0 + (1 - ac).sqrt() * n2
-        tgt = n2 if self.pred_type == "epsilon" else (ac.sqrt() * n2 - (1 - ac).sqrt() * x0) \
-            if self.pred_type == "v_prediction" else x0
-        cond, _ = self._embed([p.prompt for p in pairs])
-        pred = self._forward(self.unet, xt, t2, torch.cat([cond, cond]), None, False)
-        return F.mse_loss(pred, tgt), {}
+        x_t, target, t_in = self.family.train_noised(self.schedule, x0, torch.cat([noise, noise]), torch.cat([t, t]))
+        prompts = [p.prompt for p in pairs]
+        return x_t, target, t_in, self._embed(prompts + prompts), len(pairs)
+
+    def _loss_dpo(self, g):
+        x_t, target, t_in, cond, n = self._noised_pairs(g)
+        err = ((self._forward(self.net, x_t, t_in, cond, False) - target) ** 2).mean(dim=(1, 2, 3))
+        with torch.no_grad(), self.reference() as ref:
+            ref_err = ((self._forward(ref, x_t, t_in, cond, False) - target) ** 2).mean(dim=(1, 2, 3))
+        return losses.diffusion_dpo_loss(err[:n], err[n:], ref_err[:n], ref_err[n:], self.cfg.dpo_beta)
+
+    def _loss_sft(self, g):
+        """Plain supervised denoising loss on the same two images a DPO step sees (the cost benchmark's baseline)."""
+        x_t, target, t_in, cond, _ = self._noised_pairs(g)
+        return F.mse_loss(self._forward(self.net, x_t, t_in, cond, False), target), {}
 
     def _draw_steps(self, g, count):
         k = self.cfg.steps_per_trajectory
@@ -281,7 +275,7 @@ class Trainer:
         js = [int(j) for row in js_all[sel] for j in row]
         trajs = [self.pairs[i].winner for i in pi] + [self.pairs[i].loser for i in pi]
         prompts = [self.pairs[i].prompt for i in pi] * 2
-        _, _, logp = self._policy_step(self.unet, trajs, js + js, prompts)
+        _, _, logp = self._policy_step(self.net, trajs, js + js, prompts)
         n = len(pi)
         rw = torch.stack([self.plain_logp[2 * i][j] for i, j in zip(pi, js)]).to(logp)
         rl = torch.stack([self.plain_logp[2 * i + 1][j] for i, j in zip(pi, js)]).to(logp)
@@ -296,7 +290,7 @@ class Trainer:
         ti = [int(i) for i in idx[sel] for _ in range(js_all.shape[1])]
         js = [int(j) for row in js_all[sel] for j in row]
         trajs, prompts = [self.trajs[i] for i in ti], [self.traj_prompts[i] for i in ti]
-        mean, std, logp = self._policy_step(self.unet, trajs, js, prompts)
+        mean, std, logp = self._policy_step(self.net, trajs, js, prompts)
         old = torch.stack([self.plain_logp[i][j] for i, j in zip(ti, js)]).to(logp)
         adv = self.advantages[ti].to(logp)
         if self.cfg.algo == "ddpo":
@@ -331,7 +325,7 @@ class Trainer:
 
     # ---- checkpoints ------------------------------------------------------------------------------
     def trainable_state(self) -> dict[str, torch.Tensor]:
-        inner = self.acc.unwrap_model(self.unet)
+        inner = self.acc.unwrap_model(self.net)
         if self.cfg.lora_rank > 0:
             from peft.utils import get_peft_model_state_dict
 
@@ -351,24 +345,21 @@ class Trainer:
         write_text_atomic(self.out / "latest_checkpoint", ck.name)
 
     def export(self, dest: Path) -> None:
-        """LoRA in diffusers format (pipe.load_lora_weights(dest)); full fine-tune: the UNet folder."""
-        inner = self.acc.unwrap_model(self.unet)
+        """LoRA in diffusers format (pipe.load_lora_weights(dest)); full fine-tune: the denoiser's folder."""
+        inner = self.acc.unwrap_model(self.net)
         dest.mkdir(parents=True, exist_ok=True)
         # built beside and moved in file by file: the app may load dest while a checkpoint is being written
         built = temp_name_for(dest / "export")
         for left in [built, *(d for d in dest.glob("export.*.tmp") if temp_file_is_stale(d))]:  # killed exports
             shutil.rmtree(left, ignore_errors=True)
         if self.cfg.lora_rank > 0:
-            from diffusers import StableDiffusionPipeline
-            from diffusers.utils import convert_state_dict_to_diffusers
-
-            StableDiffusionPipeline.save_lora_weights(
-                built, unet_lora_layers=convert_state_dict_to_diffusers(self.trainable_state()), safe_serialization=True)
+            layers = self.family.lora_export(self.trainable_state())  # unet_lora_layers / transformer_lora_layers
+            type(self.model.pipe).save_lora_weights(built, **layers, safe_serialization=True)
             (built / "train_config.json").write_text(json.dumps(asdict(self.cfg), indent=2))
             move_files_into(built, dest)
         else:
             inner.save_pretrained(built)
-            replace_folder(built, dest / "unet")
+            replace_folder(built, dest / self.family.denoiser_attr)
             write_text_atomic(dest / "train_config.json", json.dumps(asdict(self.cfg), indent=2))
 
     def resume(self) -> bool:
@@ -376,7 +367,7 @@ class Trainer:
         if not marker.is_file():
             return False
         st = torch.load(self.out / "checkpoints" / marker.read_text().strip() / "state.pt", weights_only=False)
-        inner = self.acc.unwrap_model(self.unet)
+        inner = self.acc.unwrap_model(self.net)
         if self.cfg.lora_rank > 0:
             from peft.utils import set_peft_model_state_dict
 
@@ -423,7 +414,7 @@ class Trainer:
 
     def unload(self) -> None:
         """Remove the adapter so the model is the plain pre-trained one again."""
-        inner = self.acc.unwrap_model(self.unet)
+        inner = self.acc.unwrap_model(self.net)
         if self.cfg.lora_rank > 0 and "dfusion" in (getattr(inner, "peft_config", None) or {}):
             inner.delete_adapters("dfusion")
         inner.requires_grad_(False)
