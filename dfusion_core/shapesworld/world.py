@@ -9,6 +9,13 @@ A fourth family, "simple" ("a red circle"), is used only while training the gene
 Test prompts use combinations never seen in training: attribute triples are held out as a whole, and
 for the two-object families whole unordered object pairs are held out (so "the A above the B" in test
 has no "the B below the A" in training either).
+
+World versions (`SceneStyle`): version 1 draws the objects on one flat light-grey background (the world of
+the shipped v1 models). Version 2 adds variation that no caption mentions: a light, low-saturation
+background running linearly between two colours, faint cloudy texture and an optional faint weave, a global
+lighting tint over the whole scene, and wider object size and position jitter that keeps every relation
+true. A random pair of v2 scenes differs in all of it; a pair that keeps it differs only where the
+caption's objects are. The caption grammar, the families and the train/test split are the same in both.
 """
 from __future__ import annotations
 
@@ -34,6 +41,39 @@ ACTIONS: tuple[str, ...] = ("containing", "stacked on")
 FAMILIES: tuple[str, ...] = ("action", "attribute", "spatial")
 TRAIN_ONLY_FAMILIES: tuple[str, ...] = ("simple",)
 IMAGE_SIZE = 64
+
+
+@dataclass(frozen=True)
+class SceneStyle:
+    """What a rendered scene varies beyond its caption; every range is used only when version >= 2."""
+
+    version: int = 1  # 1 = flat BACKGROUND, v1 layout (shipped v1 models); 2 = the variation below
+    bg_value: tuple[float, float] = (0.80, 0.96)  # background: a linear gradient between two colours of
+    bg_saturation: float = 0.22  # any hue, HSV value in bg_value and saturation up to bg_saturation
+    clouds: float = 6.0  # max amplitude of a smooth random texture (5x5 control grid, bicubic)
+    weave: float = 4.0  # max amplitude of a faint diagonal sine pattern (present in half the scenes)
+    weave_period: tuple[float, float] = (5.0, 11.0)  # its period, pixels
+    brightness: tuple[float, float] = (0.94, 1.04)  # lighting: all channels, objects included, scaled
+    cast: float = 0.04  # lighting colour cast: each channel further scaled by 1 +- this
+    size_jitter: float = 0.1  # every object's radius scaled by 1 +- this
+    lateral: float = 0.35  # spatial: offset across the relation axis, up to this x the offset along it
+    stack_offset: float = 0.3  # stacked on: horizontal offset, up to this x the narrower half-width
+    contain_offset: float = 0.5  # containing: inner object moved up to this x its free room
+    min_bg_distance: float = 100.0  # every background pixel stays this far (RGB) from every lit object colour
+
+    def __post_init__(self):
+        if self.version not in WORLD_VERSIONS:
+            raise ValueError(f"world version must be one of {WORLD_VERSIONS}, got {self.version}")
+
+
+WORLD_VERSIONS: tuple[int, ...] = (1, 2)
+V1 = SceneStyle(version=1)
+V2 = SceneStyle(version=2)
+
+
+def scene_style(version: int | SceneStyle) -> SceneStyle:
+    """The default style of a world version (a SceneStyle passes through)."""
+    return version if isinstance(version, SceneStyle) else SceneStyle(version=int(version))
 
 
 @dataclass(frozen=True)
