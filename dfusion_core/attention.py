@@ -12,6 +12,7 @@ Layers are addressed by module path ("up_blocks.1.attentions.0.transformer_block
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -43,6 +44,20 @@ class AttentionController:
     store: object | None = None  # a ReferenceStore: put_kv/get_kv/put_map
     masker: object | None = None  # a FusionMasker: mask(ref, base, step, layer, n_tokens) -> Tensor | None
     map_softmax: str = "joint"  # MMDiT maps: softmax over the joint sequence or over the text keys only
+
+    @contextmanager
+    def configured(self, store, masker=None, map_layers=frozenset(), fusion_layers=frozenset(),
+                   map_roles=frozenset({ROLE_REF})):
+        """Set up one run (fusion, or map recording) and restore the idle state afterwards, whatever happens."""
+        self.store, self.masker, self.map_roles = store, masker, frozenset(map_roles)
+        self.map_layers, self.fusion_layers = frozenset(map_layers), frozenset(fusion_layers)
+        try:
+            yield self
+        finally:
+            self.store = self.masker = None
+            self.map_layers = self.fusion_layers = frozenset()
+            self.map_roles = frozenset({ROLE_REF})
+            self.end()
 
     def begin_call(self, rows: list[RowInfo], cfg: bool) -> None:
         self.rows, self.cfg, self.active = rows, cfg, True

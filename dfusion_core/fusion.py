@@ -98,16 +98,51 @@ def resolve_keywords(model: LoadedModel, prompt: str, fusion: FusionParams) -> t
     return kws, keyword_token_indices(model.tokenizer, prompt, kws)
 
 
-def fuse_batch(model: LoadedModel, prompt: str, pairs: list[tuple[int, int]], sampling: SamplingParams | None = None,
-               fusion: FusionParams | None = None, bases: dict[int, Trajectory] | None = None,
-               cache: ReferenceCache | None = None, base_images: dict | None = None,
-               previous: dict[tuple[int, int], FusionResult] | None = None) -> list[FusionResult]:
-    """Fuse several (base_seed, ref_seed) pairs of one prompt in one batched run.
+@dataclass
+class _Plan:
+    """What one fusion run computes, decided before any denoiser call."""
 
-    bases / base_images: trajectories and images of bases already sampled (not replayed, not re-decoded).
-    previous: earlier results of these pairs; on a cached run the steps a target shares with its previous
-    result (same everything but the end step) are taken from it, not computed.
-    """
+    sampling: SamplingParams
+    fusion: FusionParams
+    keywords: list[str]
+    groups: list[tuple[int, ...]]
+    map_layers: frozenset[str]
+    factors: tuple[int, ...]
+    fusion_layers: frozenset[str]
+    schedule: object
+    latent_hw: tuple[int, int]
+    pairs: list[tuple[int, int]]
+    ref_seeds: list[int]
+    bases: dict[int, Trajectory]
+    entries: dict[int, CachedReference]  # references found in the cache
+    from_cache: bool  # every reference cached: the target branch alone runs
+    replay_bases: list[int]  # bases denoised in this run (unknown, or their own mask is wanted)
+    reused: dict[tuple[int, int], int]  # target steps taken from a previous result
+
+    @property
+    def n(self) -> int:
+        return len(self.schedule.timesteps)
+
+
+def _cached_entries(model, prompt, pairs, plan_bases, cache, sampling, map_layers, fusion_layers, union_base):
+    """References the cache holds with the layers and maps this run needs; fills in cached bases."""
+    entries: dict[int, CachedReference] = {}
+    if cache is None:
+        return entries
+    for r in dict.fromkeys(r for _, r in pairs):
+        e = cache.get(_cache_key(model, prompt, r, sampling, map_layers))
+        if e is not None and fusion_layers <= e.store.kv_layers:
+            entries[r] = e
+    for b, r in pairs:
+        if r in entries and union_base and not entries[r].store.has_maps(ROLE_BASE, b, 0):
+            entries.pop(r)
+        elif r in entries and b not in plan_bases and entries[r].base is not None and entries[r].base.seed == b:
+            plan_bases[b] = entries[r].base
+    return entries
+
+
+def plan_fusion(model: LoadedModel, prompt: str, pairs, sampling, fusion, bases, cache, previous) -> _Plan:
+    """Validate, resolve keywords and layers, look up the cache and decide which steps each target computes."""
     sampling = (sampling or SamplingParams()).validate()
     fusion = (fusion or FusionParams()).validate(sampling.num_steps)
     validate_prompt(prompt)
@@ -116,104 +151,110 @@ def fuse_batch(model: LoadedModel, prompt: str, pairs: list[tuple[int, int]], sa
     for b, r in pairs:
         _check_seed(b), _check_seed(r)
     keywords, groups = resolve_keywords(model, prompt, fusion)
-    map_layers, factors = model.family.map_layers(model.denoiser, model.layer_kinds, fusion.mask.layer_factors)
-    fusion_layers = model.family.fusion_layers(model.layer_kinds, fusion.layers)
-    schedule = model.family.schedule(model.pipe.scheduler, sampling.num_steps)
-    n = len(schedule.timesteps)
-    h, w = _size(model, sampling)
+    fam = model.family
+    map_layers, factors = fam.map_layers(model.denoiser, model.layer_kinds, fusion.mask.layer_factors)
+    fusion_layers = fam.fusion_layers(model.layer_kinds, fusion.layers)
+    schedule = fam.schedule(model.pipe.scheduler, sampling.num_steps)
     _, lh, lw = model.latent_shape(sampling.height, sampling.width)
     bases = dict(bases or {})
     ref_seeds = list(dict.fromkeys(r for _, r in pairs))
     union_base = fusion.mask.union_base
-
-    # 1. try the cache: every reference present with the layers and maps this run needs
-    entries: dict[int, CachedReference] = {}
-    if cache is not None:
-        for r in ref_seeds:
-            e = cache.get(_cache_key(model, prompt, r, sampling, map_layers))
-            if e is not None and fusion_layers <= e.store.kv_layers:
-                entries[r] = e
-        for b, r in pairs:
-            if r in entries and union_base and not entries[r].store.has_maps(ROLE_BASE, b, 0):
-                entries.pop(r)
-            elif r in entries and b not in bases and entries[r].base is not None and entries[r].base.seed == b:
-                bases[b] = entries[r].base
-    from_cache = cache is not None and len(entries) == len(ref_seeds) and all(
-        b in bases for b, _ in pairs)
-
-    cond = model.encode([prompt], sampling.negative_prompt, sampling.uses_cfg, h, w)
-    ctl = model.controller
-    replay_bases = [] if from_cache else list(dict.fromkeys(b for b, _ in pairs if union_base or b not in bases))
-    # Before the first fused step the target IS its base: with the base's trajectory known, the target
-    # starts there (same latent, generator advanced past those steps' noise) instead of recomputing them.
-    skip = fusion.step_range(n)[0] - 1
-
-    def from_base(b):  # steps a target takes from its known base
-        return skip if b in bases and b not in replay_bases else 0
-
-    # steps a target takes from its previous result instead (its first `skip` are the base's as well)
-    reused = {}
+    entries = _cached_entries(model, prompt, pairs, bases, cache, sampling, map_layers, fusion_layers, union_base)
+    from_cache = cache is not None and len(entries) == len(ref_seeds) and all(b in bases for b, _ in pairs)
+    replay = [] if from_cache else list(dict.fromkeys(b for b, _ in pairs if union_base or b not in bases))
+    plan = _Plan(sampling, fusion, keywords, groups, map_layers, factors, fusion_layers, schedule, (lh, lw),
+                 list(pairs), ref_seeds, bases, entries, from_cache, replay, {})
     for b, r in pairs:
         shared = shared_target_steps((previous or {}).get((b, r)), model.model_id, prompt, b, r, sampling,
                                      fusion) if from_cache else 0
-        reused[(b, r)] = shared if shared > from_base(b) else 0
+        plan.reused[(b, r)] = shared if shared > _steps_from_base(plan, b) else 0
+    return plan
 
+
+def _steps_from_base(plan: _Plan, b: int) -> int:
+    """Before the first fused step the target IS its base: with the base's trajectory known, the target
+    starts there (same latent, generator advanced past those steps' noise) instead of recomputing them."""
+    skip = plan.fusion.step_range(plan.n)[0] - 1
+    return skip if b in plan.bases and b not in plan.replay_bases else 0
+
+
+def _streams(plan: _Plan, previous) -> list[Stream]:
+    """Reference streams start at call 0, targets one call later (they read the reference's step-s K/V)."""
     def target(b, r, lagged: bool):
-        k, prefix = (reused[(b, r)], previous[(b, r)].target) if reused[(b, r)] else (from_base(b), bases.get(b))
-        # lagged: the reference computes step k at call k, the target one call later
+        k = plan.reused[(b, r)]
+        k, prefix = (k, previous[(b, r)].target) if k else (_steps_from_base(plan, b), plan.bases.get(b))
         return Stream(seed=b, role=ROLE_TARGET, ref=r, base=b, offset=k + 1 if lagged else 0, first_step=k,
                       prefix=prefix)
 
-    if from_cache:
-        store = _ChainStore([entries[r].store for r in ref_seeds])
-        streams = [target(b, r, False) for b, r in pairs]
+    if plan.from_cache:
+        return [target(b, r, False) for b, r in plan.pairs]
+    streams = [Stream(seed=r, role=ROLE_REF, ref=r) for r in plan.ref_seeds]
+    streams += [Stream(seed=b, role=ROLE_BASE, base=b) for b in plan.replay_bases]
+    return streams + [target(b, r, True) for b, r in plan.pairs]
+
+
+def run_fusion(model: LoadedModel, prompt: str, plan: _Plan, cache, previous):
+    """Denoise every stream of the plan with the controller set up; returns (streams, trajectories, store, masker)."""
+    if plan.from_cache:
+        store = _ChainStore([plan.entries[r].store for r in plan.ref_seeds])
     else:
         store = ReferenceStore(device=cache.device if cache is not None else None, keep_all=cache is not None)
-        streams = [Stream(seed=r, role=ROLE_REF, ref=r) for r in ref_seeds]
-        streams += [Stream(seed=b, role=ROLE_BASE, base=b) for b in replay_bases]
-        streams += [target(b, r, True) for b, r in pairs]
-    masker = FusionMasker(store, fusion.mask, groups, (lh, lw), fusion.step_range(n), fusion.use_mask,
-                          layers=fusion_layers)
-    ctl.store, ctl.masker = store, masker
-    ctl.map_layers = frozenset() if from_cache else map_layers
-    ctl.map_roles = frozenset({ROLE_REF, ROLE_BASE})
-    if from_cache:
-        ctl.fusion_layers = fusion_layers
-    else:  # a cached run keeps every self-attention layer, so a later layer change is a cache hit
-        ctl.fusion_layers = model.family.all_fusion_layers(model.layer_kinds) \
-            if cache is not None and cache.all_layers else fusion_layers
-
-    def row_info(s: Stream, step: int) -> RowInfo:
-        return RowInfo(s.role, step, s.ref, s.base)
+    streams = _streams(plan, previous)
+    fusion = plan.fusion
+    masker = FusionMasker(store, fusion.mask, plan.groups, plan.latent_hw, fusion.step_range(plan.n),
+                          fusion.use_mask, layers=plan.fusion_layers)
+    keep_all = not plan.from_cache and cache is not None and cache.all_layers
+    # a cached run keeps every fusion-capable layer, so a later layer change is a cache hit
+    layers = model.family.all_fusion_layers(model.layer_kinds) if keep_all else plan.fusion_layers
+    h, w = _size(model, plan.sampling)
+    cond = model.encode([prompt], plan.sampling.negative_prompt, plan.sampling.uses_cfg, h, w)
 
     def on_call(call, active, steps):
         done = [k for s, k in zip(active, steps) if s.role == ROLE_TARGET]
         if done and isinstance(store, ReferenceStore):
             store.finish_step(min(done))
 
-    try:
-        trajs = denoise(model, cond, streams, sampling, schedule, on_call=on_call, row_info=row_info)
-    finally:
-        ctl.store = ctl.masker = None
-        ctl.map_layers = ctl.fusion_layers = frozenset()
-    by_role = {(s.role, s.seed if s.role != ROLE_TARGET else (s.base, s.ref)): t for s, t in zip(streams, trajs)}
+    with model.controller.configured(store, masker, frozenset() if plan.from_cache else plan.map_layers, layers,
+                                     {ROLE_REF, ROLE_BASE}):
+        trajs = denoise(model, cond, streams, plan.sampling, plan.schedule, on_call=on_call,
+                        row_info=lambda s, k: RowInfo(s.role, k, s.ref, s.base))
+    return streams, trajs, store, masker
 
-    # 2. assemble the results
-    refs = {r: (entries[r].reference if from_cache else by_role[(ROLE_REF, r)]) for r in ref_seeds}
-    for b in replay_bases:
-        bases.setdefault(b, by_role[(ROLE_BASE, b)])
-    targets = [by_role[(ROLE_TARGET, (b, r))] for b, r in pairs]
-    base_seeds = list(dict.fromkeys(b for b, _ in pairs))
-    base_images = dict(base_images or {})
-    ref_images = {r: entries[r].reference_image for r in ref_seeds} if from_cache else {}
-    if from_cache:
-        for r in ref_seeds:
-            e = entries[r]
+
+def fuse_batch(model: LoadedModel, prompt: str, pairs: list[tuple[int, int]], sampling: SamplingParams | None = None,
+               fusion: FusionParams | None = None, bases: dict[int, Trajectory] | None = None,
+               cache: ReferenceCache | None = None, base_images: dict | None = None,
+               previous: dict[tuple[int, int], FusionResult] | None = None) -> list[FusionResult]:
+    """Fuse several (base_seed, ref_seed) pairs of one prompt in one batched run: plan, run, assemble.
+
+    bases / base_images: trajectories and images of bases already sampled (not replayed, not re-decoded).
+    previous: earlier results of these pairs; on a cached run the steps a target shares with its previous
+    result (same everything but the end step) are taken from it, not computed.
+    """
+    plan = plan_fusion(model, prompt, pairs, sampling, fusion, bases, cache, previous)
+    streams, trajs, store, masker = run_fusion(model, prompt, plan, cache, previous)
+    by_role = {(s.role, s.seed if s.role != ROLE_TARGET else (s.base, s.ref)): t for s, t in zip(streams, trajs)}
+    refs = {r: (plan.entries[r].reference if plan.from_cache else by_role[(ROLE_REF, r)]) for r in plan.ref_seeds}
+    for b in plan.replay_bases:
+        plan.bases.setdefault(b, by_role[(ROLE_BASE, b)])
+    targets = [by_role[(ROLE_TARGET, pair)] for pair in plan.pairs]
+    ref_images, base_images, target_images = _decode_new(model, plan, refs, targets, dict(base_images or {}))
+    if cache is not None and not plan.from_cache:
+        _cache_references(model, prompt, plan, cache, store, refs, ref_images, base_images)
+    return [_result(model, prompt, plan, store, masker, pair, refs, tgt, timg, ref_images, base_images)
+            for pair, tgt, timg in zip(plan.pairs, targets, target_images)]
+
+
+def _decode_new(model, plan: _Plan, refs, targets, base_images):
+    """One VAE call for every image not known yet; returns (reference, base, target) images."""
+    ref_images = {r: plan.entries[r].reference_image for r in plan.ref_seeds} if plan.from_cache else {}
+    if plan.from_cache:
+        for e in plan.entries.values():
             if e.base is not None and e.base_image is not None:
                 base_images.setdefault(e.base.seed, e.base_image)
-    # one VAE call for every image not known yet
-    todo = [("ref", r, refs[r].final) for r in ref_seeds if r not in ref_images]
-    todo += [("base", b, bases[b].final) for b in base_seeds if b not in base_images]
+    base_seeds = list(dict.fromkeys(b for b, _ in plan.pairs))
+    todo = [("ref", r, refs[r].final) for r in plan.ref_seeds if r not in ref_images]
+    todo += [("base", b, plan.bases[b].final) for b in base_seeds if b not in base_images]
     todo += [("tgt", i, t.final) for i, t in enumerate(targets)]
     decoded = model.decode(torch.stack([z for _, _, z in todo]))
     target_images = [None] * len(targets)
@@ -224,33 +265,37 @@ def fuse_batch(model: LoadedModel, prompt: str, pairs: list[tuple[int, int]], sa
             base_images[key] = im
         else:
             target_images[key] = im
+    return ref_images, base_images, target_images
 
-    if cache is not None and not from_cache:
-        for r in ref_seeds:
-            b0 = next((b for b, rr in pairs if rr == r), None)
-            sub = _substore(store, r, [b for b, rr in pairs if rr == r])
-            cache.put(_cache_key(model, prompt, r, sampling, map_layers),
-                      CachedReference(sub, refs[r], ref_images[r], bases.get(b0), base_images.get(b0)))
 
+def _cache_references(model, prompt, plan: _Plan, cache, store, refs, ref_images, base_images) -> None:
+    for r in plan.ref_seeds:
+        b0 = next((b for b, rr in plan.pairs if rr == r), None)
+        sub = _substore(store, r, [b for b, rr in plan.pairs if rr == r])
+        cache.put(_cache_key(model, prompt, r, plan.sampling, plan.map_layers),
+                  CachedReference(sub, refs[r], ref_images[r], plan.bases.get(b0), base_images.get(b0)))
+
+
+def _result(model, prompt, plan: _Plan, store, masker, pair, refs, tgt, timg, ref_images, base_images):
+    """The FusionResult of one pair: images, trajectories, the masks each fused step used, the token maps."""
+    b, r = pair
+    n, fusion = plan.n, plan.fusion
     first, last = fusion.step_range(n)
-    results = []
-    for (b, r), tgt, timg in zip(pairs, targets, target_images):
-        mh, mw = masker.combined_mask(r, b, first - 1).shape
-        masks = torch.zeros(n, mh, mw)
-        kw_masks = torch.zeros(len(groups), mh, mw)
-        for k in range(first - 1, last):
-            masks[k] = masker.combined_mask(r, b, k) if fusion.use_mask else 1.0
-            kw_masks += threshold_maps(masker.keyword_maps(ROLE_REF, r, k), fusion.mask.threshold_mode,
-                                       fusion.mask.threshold).float()
-        kw_masks /= (last - first + 1)
-        token_maps = torch.stack([aggregate_maps(store.maps(ROLE_REF, r, k), (lh, lw)) for k in range(n)]).mean(0)
-        results.append(FusionResult(
-            prompt=prompt, base_seed=b, ref_seed=r, sampling=sampling, fusion=fusion, keywords=keywords,
-            token_groups=groups, target_image=timg, reference_image=ref_images[r], base_image=base_images[b],
-            target=tgt, reference=refs[r], base=bases[b], masks=masks, token_maps=token_maps.cpu(),
-            keyword_masks=kw_masks, mask_factors=factors, from_cache=from_cache, model_id=model.model_id,
-            steps_reused=reused[(b, r)]))
-    return results
+    mh, mw = masker.combined_mask(r, b, first - 1).shape
+    masks = torch.zeros(n, mh, mw)
+    kw_masks = torch.zeros(len(plan.groups), mh, mw)
+    for k in range(first - 1, last):
+        masks[k] = masker.combined_mask(r, b, k) if fusion.use_mask else 1.0
+        kw_masks += threshold_maps(masker.keyword_maps(ROLE_REF, r, k), fusion.mask.threshold_mode,
+                                   fusion.mask.threshold).float()
+    kw_masks /= (last - first + 1)
+    token_maps = torch.stack([aggregate_maps(store.maps(ROLE_REF, r, k), plan.latent_hw) for k in range(n)]).mean(0)
+    return FusionResult(
+        prompt=prompt, base_seed=b, ref_seed=r, sampling=plan.sampling, fusion=fusion, keywords=plan.keywords,
+        token_groups=plan.groups, target_image=timg, reference_image=ref_images[r], base_image=base_images[b],
+        target=tgt, reference=refs[r], base=plan.bases[b], masks=masks, token_maps=token_maps.cpu(),
+        keyword_masks=kw_masks, mask_factors=plan.factors, from_cache=plan.from_cache, model_id=model.model_id,
+        steps_reused=plan.reused[pair])
 
 
 def _substore(store: ReferenceStore, ref: int, base_seeds: list[int]) -> ReferenceStore:
@@ -298,16 +343,10 @@ def record_attention(model: LoadedModel, prompt: str, seeds: list[int], sampling
     n = sampling.num_steps
     first, last = steps or (1, n)
     store = ReferenceStore(keep_all=True)
-    ctl = model.controller
-    ctl.store, ctl.masker, ctl.map_layers, ctl.fusion_layers = store, None, map_layers, frozenset()
-    ctl.map_roles = frozenset({ROLE_REF})
     streams = [Stream(seed=s, role=ROLE_REF, ref=s) for s in seeds]
-    try:
+    with model.controller.configured(store, map_layers=map_layers, map_roles={ROLE_REF}):
         trajs = denoise(model, model.encode([prompt], sampling.negative_prompt, sampling.uses_cfg, h, w), streams,
                         sampling, row_info=lambda s, k: RowInfo(s.role, k, s.ref, s.base))
-    finally:
-        ctl.store = None
-        ctl.map_layers = frozenset()
     maps = torch.stack([torch.stack([aggregate_maps(store.maps(ROLE_REF, s, k), (lh, lw))
                                      for k in range(first - 1, last)]).mean(0) for s in seeds])
     images = model.decode(torch.stack([t.final for t in trajs]))
