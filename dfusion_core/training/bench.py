@@ -2,6 +2,8 @@
 
     python -m dfusion_core.training.bench --data PAIRS [--model ...] [--steps 10]
 
+Any trainable family: a UNet pipeline or an SD3-family (MMDiT) folder for --model, with pairs built on it.
+
 Time: median seconds per optimizer step, the two kinds of step taking turns. Memory: on CUDA the peak
 allocated bytes of each kind of step; on CPU each kind runs in its own subprocess and the peak resident
 memory above the loaded model is compared (a LoRA reference costs no model copy, so the ratio stays near 1).

@@ -5,6 +5,11 @@ Conventions, stated once:
   squared error of the model's prediction (epsilon or v, whatever the model predicts). beta = 5000 here is
   the published script that writes beta/2 (Wallace et al.); the script that writes beta without the 1/2
   calls the same loss beta = 2500.
+- Diffusion-DPO for flow matching (MMDiT, SD3-family): the same function and the same beta (beta/2 form,
+  default 5000), with e = the velocity error ||(noise - x0) - v_hat||^2 at the same noised point
+  x_sigma = (1 - sigma) x0 + sigma noise for winner and loser. Since noise_hat - noise = (1 - sigma)(v_hat - v),
+  the noise error is (1 - sigma)^2 times the velocity error: a flow run at beta is an epsilon-error DPO run at
+  beta / (1 - sigma)^2 per point, i.e. the same beta weighs noisy points more than it does for a UNet.
 - Log-probabilities are per-step Gaussian log-densities averaged over latent elements (the DDPO
   convention, see dfusion_core.ddim.step_log_prob); ratios r = exp(logp - logp_other).
 """
