@@ -40,8 +40,12 @@ def _add_model(p: argparse.ArgumentParser) -> None:
 
 def _add_sampling(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("sampling (paper defaults unless the model's dfusion.json says otherwise)")
-    g.add_argument("--steps", type=int, default=None, help="DDIM steps (20)")
-    g.add_argument("--eta", type=float, default=None, help="DDIM eta (1.0)")
+    g.add_argument("--steps", type=int, default=None, help="denoising steps (20)")
+    g.add_argument("--eta", type=float, default=None,
+                   help="DDIM eta (1.0); for SD3-family models the SDE's noise level (0.7)")
+    g.add_argument("--flow-sampler", default=None, choices=["sde", "ddim", "ode"],
+                   help="SD3-family models: sde (Flow-GRPO, default), ddim (DDIM for rectified flow) or ode "
+                        "(deterministic: no log-probs)")
     g.add_argument("--cfg", type=float, default=None, help="guidance scale (5.0; ShapesWorld 2.0)")
     g.add_argument("--negative", default=None, help="negative prompt ('')")
     g.add_argument("--height", type=int, default=None)
@@ -81,7 +85,7 @@ def _params(a, model) -> tuple[SamplingParams, FusionParams]:
     s, m = apply_model_defaults(model.defaults, SamplingParams(), MaskParams())
     s = SamplingParams(**{**asdict(s), **{k: v for k, v in {
         "num_steps": a.steps, "eta": a.eta, "guidance_scale": a.cfg, "negative_prompt": a.negative,
-        "height": a.height, "width": a.width}.items() if v is not None}})
+        "height": a.height, "width": a.width, "flow_sampler": a.flow_sampler}.items() if v is not None}})
     f = FusionParams(mask=m)
     if hasattr(a, "threshold_mode"):
         mk = {k: v for k, v in {"keywords": tuple(a.keywords) if a.keywords else None,

@@ -13,6 +13,7 @@ THRESHOLD_MODES = ("auto", "absolute", "relative", "area")
 RESIZE_MODES = ("nearest", "smooth")
 COMBINE_MODES = ("mean", "union")
 FUSION_LAYER_PRESETS = ("mid+up", "up", "mid", "all")
+FLOW_SAMPLERS = ("sde", "ddim", "ode")  # dfusion_core.flow; kept here so config imports no torch
 
 
 def _check(cond: bool, msg: str) -> None:
@@ -24,17 +25,20 @@ def _check(cond: bool, msg: str) -> None:
 class SamplingParams:
     """How one image is denoised (paper: DDIM, 20 steps, eta 1.0, CFG 5.0, empty negative prompt)."""
 
-    num_steps: int = 20  # DDIM steps
-    eta: float = 1.0  # 0 = deterministic DDIM, 1 = DDPM-like stochastic steps (needed for log-probs)
+    num_steps: int = 20  # denoising steps
+    eta: float = 1.0  # DDIM: 0 deterministic, 1 DDPM-like (needed for log-probs); flow models: the SDE's noise level
     guidance_scale: float = 5.0  # classifier-free guidance; <= 1 disables the unconditional branch
     negative_prompt: str = ""  # the unconditional prompt
     height: int | None = None  # pixels; None = the model's default size
     width: int | None = None
+    flow_sampler: str = "sde"  # flow models (SD3): sde (Flow-GRPO) | ddim (DDIM for rectified flow) | ode (no log-probs)
 
     def validate(self) -> "SamplingParams":
         _check(isinstance(self.num_steps, int) and 1 <= self.num_steps <= 1000,
                f"num_steps must be an integer in 1..1000, got {self.num_steps!r}")
         _check(0.0 <= float(self.eta) <= 1.0, f"eta must be in [0, 1], got {self.eta!r}")
+        _check(self.flow_sampler in FLOW_SAMPLERS,
+               f"flow_sampler must be one of {', '.join(FLOW_SAMPLERS)}, got {self.flow_sampler!r}")
         _check(0.0 <= float(self.guidance_scale) <= 50.0,
                f"guidance_scale must be in [0, 50], got {self.guidance_scale!r}")
         for name in ("height", "width"):

@@ -127,7 +127,7 @@ class MMDiTFlow(ModelFamily):
 
     def step(self, schedule, model_output, x, steps, sampling, noise):
         return flow_step(schedule, model_output, x, torch.tensor(steps), sampling.eta, noise,
-                         getattr(sampling, "flow_sampler", "sde"))
+                         sampling.flow_sampler)
 
     def forward(self, denoiser, x, t, emb, added):
         return denoiser(hidden_states=x, timestep=t, encoder_hidden_states=emb,

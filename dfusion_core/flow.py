@@ -26,9 +26,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .ddim import StepOutput, step_log_prob  # noqa: F401  (step_log_prob: the same Gaussian log-density)
-
-FLOW_SAMPLERS = ("sde", "ddim", "ode")
+from .config import FLOW_SAMPLERS
+from .ddim import StepOutput
 
 
 @dataclass(frozen=True)

@@ -132,3 +132,27 @@ def test_flow_samples_replay_from_their_seed_in_any_batch(sd3):
     torch.testing.assert_close(a.latents, b.latents, atol=1e-5, rtol=1e-5)
     assert a.timesteps.dtype == torch.float32 and float(a.timesteps[0]) == 1000.0
     assert bool((a.log_probs[:-1] != 0).all())  # every SDE step is a Gaussian with a density
+
+
+def test_the_app_samples_fuses_and_labels_on_an_sd3_pipeline(sd3, tmp_path):
+    gradio_client = pytest.importorskip("gradio_client")
+    from conftest import launch_app
+
+    from app.service import AppService
+
+    svc = AppService(sd3, store_dir=tmp_path / "store",
+                     scorer=lambda ims, ps: [sum(im.convert("L").getdata()) / (255 * 64 * 64) for im in ims])
+    url, demo = launch_app(svc)
+    try:
+        c = gradio_client.Client(url, verbose=False)
+        gallery, base, ref, words, kws = c.predict("a red dog", 4, 2.0, 0.7, 4, 0, api_name="/sample")
+        assert len(gallery) == 4 and base != ref
+        args = ("a red dog", 4, 2.0, 0.7, base, ref, ["red", "dog"], "auto", 0.5, 1, 4, "all", "smooth", True, "red")
+        out = c.predict(*args, api_name="/fuse")
+        assert "one batched run" in out[-1], out[-1]
+        out = c.predict(*args[:7], "relative", 0.4, *args[9:], api_name="/refuse_threshold")
+        assert "cache (target branch only)" in out[-1], out[-1]
+        assert "saved pair" in c.predict(api_name="/label_target")
+        assert len(svc.store) == 1
+    finally:
+        demo.close()
