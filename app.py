@@ -23,8 +23,8 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
 
-    from dfusion_core.loading import ModelLoadError, load_model
-    from dfusion_core.scoring import DEFAULT_SCORER, make_scorer
+    from dfusion_core.engine.loading import ModelLoadError, load_model
+    from dfusion_core.engine.scoring import DEFAULT_SCORER, make_scorer
 
     try:
         model = load_model(a.model, device=a.device, dtype=a.dtype)

@@ -15,16 +15,17 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-import dfusion_core.shapesworld  # noqa: F401  (registers the shipped world's prompt lists)
-from dfusion_core.config import FUSION_LAYER_PRESETS, FusionParams, MaskParams, SamplingParams, apply_model_defaults
-from dfusion_core.fusion import FusionResult, fuse
-from dfusion_core.loading import LoadedModel, load_model
-from dfusion_core.pairs import record_from_result
-from dfusion_core.preference_store import LABELS, PreferenceStore
-from dfusion_core.prompt_sets import load_prompt_set
-from dfusion_core.reference_cache import ReferenceCache
-from dfusion_core.sampling import MAX_PROMPT_CHARS, Trajectory, sample
-from dfusion_core.tokens import default_keywords, keyword_token_indices, word_tokens
+from dfusion_core.engine.worlds import world_of
+from dfusion_core.worlds import discover as discover_worlds
+from dfusion_core.engine.config import FUSION_LAYER_PRESETS, FusionParams, MaskParams, SamplingParams, apply_model_defaults
+from dfusion_core.engine.fusion import FusionResult, fuse
+from dfusion_core.engine.loading import LoadedModel, load_model
+from dfusion_core.engine.pairs import record_from_result
+from dfusion_core.data.preference_store import LABELS, PreferenceStore
+from dfusion_core.engine.prompt_sets import load_prompt_set
+from dfusion_core.engine.reference_cache import ReferenceCache
+from dfusion_core.engine.sampling import MAX_PROMPT_CHARS, Trajectory, sample
+from dfusion_core.engine.tokens import default_keywords, keyword_token_indices, word_tokens
 
 from .model_thread import ModelThread
 
@@ -81,11 +82,15 @@ def parse_seed(value, name: str) -> int:
     return seed
 
 
-def example_prompts() -> list[str]:
-    """A few prompts of each shipped prompt set: the Fuse tab's examples and the before / after prompts."""
+def example_prompts(defaults: dict | None = None) -> list[str]:
+    """A few prompts of each prompt set that fits the model: its world's sets (a model trained on a world draws
+    only that world's grammar), else the paper's. The Fuse tab's examples and the before / after prompts."""
+    discover_worlds()
+    world = world_of(defaults or {})
+    specs = world.example_sets if world is not None else ("paper:action:train", "paper:attribute:train",
+                                                          "paper:spatial:train")
     out = []
-    for spec in ("shapesworld:attribute:test", "shapesworld:spatial:test", "shapesworld:action:test",
-                 "paper:action:train", "paper:attribute:train", "paper:spatial:train"):
+    for spec in specs:
         try:
             out += [e.prompt for e in load_prompt_set(spec)[:4]]
         except ValueError:
@@ -188,17 +193,15 @@ class AppService:
             best = cands[-1].seed
         return worst, best
 
-    def check(self, images, prompt: str) -> list[bool] | None:
-        """The ground-truth checker's verdicts on a ShapesWorld model and caption; None elsewhere."""
-        if self.model.defaults.get("world") != "shapesworld":
-            return None
-        from dfusion_core.shapesworld.checker import check
-        from dfusion_core.shapesworld.world import parse_prompt
+    def example_prompts(self) -> list[str]:
+        return example_prompts(self.model.defaults)
 
-        spec = parse_prompt(prompt)
-        if spec is None:
+    def check(self, images, prompt: str) -> list[bool] | None:
+        """The ground-truth checker's verdicts when the model was trained on a registered world; None elsewhere."""
+        world = world_of(self.model.defaults)
+        if world is None or world.check is None:
             return None
-        return [check(np.asarray(im), spec).correct for im in images]
+        return world.check(images, prompt)
 
     def score(self, images, prompt: str):
         if self.scorer is None:
@@ -206,18 +209,13 @@ class AppService:
         return np.asarray(self.model_thread.run(self.scorer, images, [prompt] * len(images)), dtype=float)
 
     def _drop_lora(self) -> bool:
-        pipe = self.model.pipe
-        if TUNED_ADAPTER not in (pipe.get_list_adapters().get("unet", []) if hasattr(pipe, "get_list_adapters") else []):
+        if not self.model.unload_lora(TUNED_ADAPTER):
             return False
-        pipe.delete_adapters(TUNED_ADAPTER)
-        self.model.model_id = self.model_source
         self.cache.clear()  # cached references belong to the old weights
         return True
 
     def _load_lora(self, folder: Path) -> None:
-        self._drop_lora()
-        self.model.pipe.load_lora_weights(str(folder), adapter_name=TUNED_ADAPTER)
-        self.model.model_id = f"{self.model_source}+lora:{folder}"
+        self.model.load_lora(folder, TUNED_ADAPTER)
         self.cache.clear()
 
     def fuse(self, session: Session, prompt, base_seed, ref_seed, sampling: SamplingParams,
@@ -252,7 +250,7 @@ class AppService:
         return session
 
     def ablation(self, session: Session, thresholds=(0.2, 0.4, 0.6)):
-        from dfusion_core.ablation import run_ablation
+        from dfusion_core.engine.ablation import run_ablation
 
         r = session.result
         if r is None:

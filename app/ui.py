@@ -14,9 +14,9 @@ from types import SimpleNamespace
 
 import gradio as gr
 
-from dfusion_core.config import COMBINE_MODES, FUSION_LAYER_PRESETS, RESIZE_MODES, THRESHOLD_MODES
+from dfusion_core.engine.config import COMBINE_MODES, FUSION_LAYER_PRESETS, RESIZE_MODES, THRESHOLD_MODES
 
-from .service import PAIR_COLUMNS, AppService, Session, UserError, example_prompts
+from .service import PAIR_COLUMNS, AppService, Session, UserError
 from .views import ablation_plot, candidate_caption, enlarge, heat_overlay, mask_overlay, score_text, training_plot
 
 log = logging.getLogger("dfusion.app")
@@ -188,7 +188,7 @@ class FuseEvents:
 
 def fuse_tab(svc: AppService, state: gr.State):
     """Sample, pick, fuse, inspect, label. Returns the event to run when a page opens: the prompt's words."""
-    examples, v = example_prompts(), SimpleNamespace()
+    examples, v = svc.example_prompts(), SimpleNamespace()
     with gr.Tab("Fuse"):
         _candidate_widgets(v, svc.default_sampling, examples)
         _mask_widgets(v, svc.default_mask, svc.default_sampling.num_steps)
@@ -376,7 +376,7 @@ class TrainEvents:
 
     @guarded
     def on_compare(self):
-        items = self.svc.before_after(example_prompts()[:3])
+        items = self.svc.before_after(self.svc.example_prompts()[:3])
         return [(enlarge(im, 128), cap) for im, cap in items]
 
 

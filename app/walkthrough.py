@@ -59,8 +59,8 @@ def main() -> None:
     import tempfile
 
     import dfusion_core  # noqa: F401
-    from dfusion_core.loading import load_model
-    from dfusion_core.scoring import DEFAULT_SCORER, make_scorer
+    from dfusion_core.engine.loading import load_model
+    from dfusion_core.engine.scoring import DEFAULT_SCORER, make_scorer
 
     from .service import AppService
     from .ui import CSS, SHORTCUTS, build_demo

@@ -14,8 +14,8 @@ import warnings
 from dataclasses import asdict
 from pathlib import Path
 
-from . import offline  # noqa: F401
-from .config import COMBINE_MODES, FUSION_LAYER_PRESETS, RESIZE_MODES, THRESHOLD_MODES, FusionParams, MaskParams, SamplingParams, \
+from .engine import offline  # noqa: F401
+from .engine.config import COMBINE_MODES, FUSION_LAYER_PRESETS, RESIZE_MODES, THRESHOLD_MODES, FusionParams, MaskParams, SamplingParams, \
     apply_model_defaults
 
 
@@ -71,10 +71,10 @@ def _add_fusion(p: argparse.ArgumentParser) -> None:
 
 
 def _load(a):
-    from .loading import load_model
+    from .engine.loading import load_model
 
     if a.model and a.model.startswith("tiny:"):
-        from .tiny import build_tiny_pipeline
+        from .engine.tiny import build_tiny_pipeline
 
         path = build_tiny_pipeline(a.model.split(":", 1)[1], Path(tempfile.mkdtemp()) / "pipe")
         return load_model(path, device=a.device, dtype=a.dtype, lora=getattr(a, "lora", None))
@@ -109,14 +109,14 @@ def _params(a, model) -> tuple[SamplingParams, FusionParams]:
 def cmd_tokens(a) -> dict | list:
     from transformers import CLIPTokenizer
 
-    from .tokens import default_keywords, word_tokens
+    from .engine.tokens import default_keywords, word_tokens
 
     if a.model and not a.model.startswith("tiny:"):
-        from .loading import load_model
+        from .engine.loading import load_model
         tok = load_model(a.model, device="cpu").tokenizer
     else:
-        from .loading import DEFAULT_MODEL
-        from .tokenizer_build import write_clip_tokenizer
+        from .engine.loading import DEFAULT_MODEL
+        from .engine.tokenizer_build import write_clip_tokenizer
         d = DEFAULT_MODEL / "tokenizer"
         tok = CLIPTokenizer.from_pretrained(d if d.is_dir() else write_clip_tokenizer(tempfile.mkdtemp()))
     words = [w.as_json() for w in word_tokens(tok, a.prompt)]
@@ -128,7 +128,7 @@ def cmd_tokens(a) -> dict | list:
 def cmd_sample(a) -> dict:
     from safetensors.torch import save_file
 
-    from .sampling import sample
+    from .engine.sampling import sample
 
     model = _load(a)
     s, _ = _params(a, model)
@@ -145,15 +145,15 @@ def cmd_sample(a) -> dict:
 
 
 def cmd_fuse(a) -> dict:
-    from .fusion import fuse
-    from .pairs import record_from_result, save_record
+    from .engine.fusion import fuse
+    from .engine.pairs import record_from_result, save_record
 
     model = _load(a)
     s, f = _params(a, model)
     res = fuse(model, a.prompt, a.base_seed, a.ref_seed, s, f)
     scores = {}
     if a.scorer:
-        from .scoring import make_scorer
+        from .engine.scoring import make_scorer
 
         sc = make_scorer(None if a.scorer == "default" else a.scorer)
         vals = sc([res.base_image, res.reference_image, res.target_image], [a.prompt] * 3)
@@ -166,10 +166,12 @@ def cmd_fuse(a) -> dict:
 
 
 def cmd_build_pairs(a) -> dict:
-    from . import shapesworld  # noqa: F401  (registers the shipped world's shapesworld:FAMILY:SPLIT lists)
-    from .pairs import PairingParams, build_pairs, save_pairs
-    from .prompt_sets import load_prompt_set
-    from .scoring import make_scorer
+    from .worlds import discover
+
+    discover()  # world plug-ins register their WORLD:FAMILY:SPLIT prompt lists
+    from .engine.pairs import PairingParams, build_pairs, save_pairs
+    from .engine.prompt_sets import load_prompt_set
+    from .engine.scoring import make_scorer
 
     model = _load(a)
     s, f = _params(a, model)
@@ -184,7 +186,7 @@ def cmd_build_pairs(a) -> dict:
     scorer = make_scorer(None if a.scorer == "default" else a.scorer)
     pairing = PairingParams(num_candidates=a.num_candidates, min_gap=a.min_gap, seed=a.seed)
     if a.random:
-        from .pairs import build_random_pairs
+        from .engine.pairs import build_random_pairs
 
         recs = build_random_pairs(model, prompts, scorer, s, pairing, batch_size=a.batch_size)
     else:
@@ -226,10 +228,17 @@ def cmd_train(a) -> dict:
 
 
 def cmd_eval(a) -> dict:
-    from .scoring import DEFAULT_SCORER, make_scorer
-    from .shapesworld.evaluate import evaluate
+    from .engine.scoring import DEFAULT_SCORER, make_scorer
+    from .engine.worlds import world_of
+    from .worlds import discover
 
+    discover()
     model = _load(a)
+    world = world_of(model.defaults)
+    if world is None or world.evaluate is None:
+        raise ValueError(f"eval needs a model trained on a registered world (its dfusion.json names one); "
+                         f"{model.model_id} names {model.defaults.get('world')!r}")
+    evaluate = world.evaluate
     s, _ = _params(a, model)
     scorer = None
     if a.scorer != "none" and (a.scorer != "default" or DEFAULT_SCORER.is_dir()):
@@ -244,7 +253,7 @@ def cmd_eval(a) -> dict:
 
 
 def cmd_bench(a) -> dict:
-    from .bench import run_bench
+    from .engine.bench import run_bench
 
     model = _load(a)
     s, f = _params(a, model)
@@ -299,7 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-resume", action="store_true", help="start over even if OUT has a checkpoint")
     from dataclasses import fields as _fields
 
-    from .config import field_comments
+    from .engine.config import field_comments
     from .training.trainer import TrainConfig
     notes = field_comments(TrainConfig)
     for fld in _fields(TrainConfig):
@@ -344,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if result is not None and a.command == "bench" and not a.json:
-        from .bench import format_report
+        from .engine.bench import format_report
         print(format_report(result))
     elif result is not None:
         print(json.dumps(result, indent=None if a.command == "bench" else 2, ensure_ascii=False))  # words as typed

@@ -18,8 +18,8 @@ def pipelines_dir(tmp_path_factory):
 
 
 def _load(kind, pipelines_dir):
-    from dfusion_core.loading import load_model
-    from dfusion_core.tiny import build_tiny_pipeline
+    from dfusion_core.engine.loading import load_model
+    from dfusion_core.engine.tiny import build_tiny_pipeline
 
     path = pipelines_dir / kind
     if not path.exists():
@@ -63,7 +63,7 @@ def every_family(request, pipelines_dir):
 def tokenizer(tmp_path_factory):
     from transformers import CLIPTokenizer
 
-    from dfusion_core.tokenizer_build import write_clip_tokenizer
+    from dfusion_core.engine.tokenizer_build import write_clip_tokenizer
 
     return CLIPTokenizer.from_pretrained(write_clip_tokenizer(tmp_path_factory.mktemp("tok")))
 

@@ -166,8 +166,8 @@ def test_the_train_tab_config_reaches_the_trainer_child_unchanged(sd1, tmp_path,
 
 def test_train_tab_refuses_deterministic_pairs_for_trajectory_methods(sd1, tmp_path):
     from app.service import AppService, UserError
-    from dfusion_core.config import SamplingParams
-    from dfusion_core.pairs import PairingParams, build_pairs
+    from dfusion_core.engine.config import SamplingParams
+    from dfusion_core.engine.pairs import PairingParams, build_pairs
 
     svc = AppService(sd1, store_dir=tmp_path / "store", runs_dir=tmp_path / "runs")
     scorer = lambda ims, ps: [float(i) for i in range(len(ims))]  # noqa: E731 - distinct scores, any order

@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from dfusion_core.atomic import move_files_into, replace_folder, temp_file_is_stale, temp_name_for, write_atomic
+from dfusion_core.data.atomic import move_files_into, replace_folder, temp_file_is_stale, temp_name_for, write_atomic
 
 
 def test_a_failing_writer_keeps_the_old_content_and_leaves_no_temp_file(tmp_path):

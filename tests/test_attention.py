@@ -3,9 +3,9 @@ import pytest
 import torch
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
-from dfusion_core.attention import (ROLE_PLAIN, ROLE_REF, ROLE_TARGET, AttentionController, DFusionAttnProcessor,
+from dfusion_core.engine.attention import (ROLE_PLAIN, ROLE_REF, ROLE_TARGET, AttentionController, DFusionAttnProcessor,
                                     RowInfo, layer_factor, layer_hw, select_fusion_layers, select_map_layers)
-from dfusion_core.reference_cache import ReferenceStore
+from dfusion_core.engine.reference_cache import ReferenceStore
 
 
 def _unet_out(model, x, t, emb, added=None):

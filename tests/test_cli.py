@@ -59,8 +59,8 @@ def test_bench_prints_a_table_and_with_json_one_json_line(monkeypatch, capsys):
 
 
 def test_train_refuses_deterministic_pairs_for_trajectory_methods(pipelines_dir, sd1, tmp_path):
-    from dfusion_core.config import SamplingParams
-    from dfusion_core.pairs import PairingParams, build_pairs, save_pairs
+    from dfusion_core.engine.config import SamplingParams
+    from dfusion_core.engine.pairs import PairingParams, build_pairs, save_pairs
 
     scorer = lambda ims, ps: [float(i) for i in range(len(ims))]  # noqa: E731 - distinct scores, any order
     save_pairs(build_pairs(sd1, ["a red dog"], scorer, SamplingParams(num_steps=3, eta=0.0),

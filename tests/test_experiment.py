@@ -4,7 +4,7 @@ import json
 import numpy as np
 import pytest
 
-from dfusion_core.config import SamplingParams
+from dfusion_core.engine.config import SamplingParams
 from dfusion_core.shapesworld.experiment import Experiment, ExperimentConfig, paired_difference, report_markdown
 
 

@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from dfusion_core.ddim import step_log_prob
-from dfusion_core.flow import FlowSchedule, flow_noised, flow_step, make_flow_schedule
+from dfusion_core.engine.ddim import step_log_prob
+from dfusion_core.engine.flow import FlowSchedule, flow_noised, flow_step, make_flow_schedule
 
 
 def _schedule(n=20, shift=3.0):

@@ -4,10 +4,10 @@ from dataclasses import replace
 import pytest
 import torch
 
-from dfusion_core.config import FusionParams, MaskParams, SamplingParams
-from dfusion_core.fusion import fuse, fuse_batch
-from dfusion_core.reference_cache import ReferenceCache
-from dfusion_core.sampling import recompute_log_probs, sample
+from dfusion_core.engine.config import FusionParams, MaskParams, SamplingParams
+from dfusion_core.engine.fusion import fuse, fuse_batch
+from dfusion_core.engine.reference_cache import ReferenceCache
+from dfusion_core.engine.sampling import recompute_log_probs, sample
 
 SP = SamplingParams(num_steps=6)
 PROMPT = "a red and woolen bus"
@@ -143,7 +143,7 @@ def test_target_reuses_the_known_base_before_the_first_fused_step(sd1):
 
 
 def test_ablation_grid_global_fusion_changes_the_outside_more(sd1):
-    from dfusion_core.ablation import run_ablation
+    from dfusion_core.engine.ablation import run_ablation
 
     cells = run_ablation(sd1, PROMPT, 11, 22, SamplingParams(num_steps=8), FusionParams(),
                          scorer=lambda ims, ps: [0.5] * len(ims), thresholds=[("0.3", 0.3)])

@@ -4,7 +4,7 @@ import shutil
 
 import pytest
 
-from dfusion_core.loading import ModelLoadError, load_model
+from dfusion_core.engine.loading import ModelLoadError, load_model
 
 
 def test_kinds_are_detected(sd1, sd2, sdxl):

@@ -3,8 +3,8 @@ import torch
 
 import pytest
 
-from dfusion_core.config import MaskParams
-from dfusion_core.masks import aggregate_maps, keyword_mask, keyword_maps, otsu_threshold, resize_mask, threshold_maps
+from dfusion_core.engine.config import MaskParams
+from dfusion_core.engine.masks import aggregate_maps, keyword_mask, keyword_maps, otsu_threshold, resize_mask, threshold_maps
 
 
 def test_aggregate_upsamples_coarse_layers_and_averages():

@@ -5,10 +5,10 @@ import torch
 from diffusers.models.attention_processor import JointAttnProcessor2_0
 
 from dfusion_core import FusionParams, fuse, sample
-from dfusion_core.attention import ROLE_PLAIN, ROLE_REF, ROLE_TARGET, AttentionController, RowInfo
-from dfusion_core.config import SamplingParams
-from dfusion_core.joint_attention import JointDFusionProcessor
-from dfusion_core.reference_cache import ReferenceStore
+from dfusion_core.engine.attention import ROLE_PLAIN, ROLE_REF, ROLE_TARGET, AttentionController, RowInfo
+from dfusion_core.engine.config import SamplingParams
+from dfusion_core.engine.joint_attention import JointDFusionProcessor
+from dfusion_core.engine.reference_cache import ReferenceStore
 
 SP = SamplingParams(num_steps=4, eta=0.7, guidance_scale=3.0)
 

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from dfusion_core.config import SamplingParams
-from dfusion_core.pairs import PairingParams, build_pairs, candidate_seeds, choose_pairs, load_pairs, save_pairs
+from dfusion_core.engine.config import SamplingParams
+from dfusion_core.engine.pairs import PairingParams, build_pairs, candidate_seeds, choose_pairs, load_pairs, save_pairs
 
 
 def brightness_scorer(images, prompts):

@@ -11,9 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
-from dfusion_core.pairs import PairRecord
-from dfusion_core.preference_store import PreferenceStore
-from dfusion_core.sampling import Trajectory
+from dfusion_core.engine.pairs import PairRecord
+from dfusion_core.data.preference_store import PreferenceStore
+from dfusion_core.engine.sampling import Trajectory
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -68,7 +68,7 @@ def test_killing_a_writer_at_any_moment_leaves_only_whole_pairs(tmp_path):
         import sys
         sys.path.insert(0, {str(ROOT)!r}); sys.path.insert(0, {str(ROOT / 'tests')!r})
         from test_preference_store import fake_record
-        from dfusion_core.preference_store import PreferenceStore
+        from dfusion_core.data.preference_store import PreferenceStore
         store = PreferenceStore({str(tmp_path)!r})
         print("ready", flush=True)
         i = 0
@@ -94,7 +94,7 @@ def test_two_processes_write_concurrently(tmp_path):
         import sys
         sys.path.insert(0, {str(ROOT)!r}); sys.path.insert(0, {str(ROOT / 'tests')!r})
         from test_preference_store import fake_record
-        from dfusion_core.preference_store import PreferenceStore
+        from dfusion_core.data.preference_store import PreferenceStore
         store = PreferenceStore({str(tmp_path)!r})
         off = int(sys.argv[1])
         for i in range(off, off + 15):
@@ -127,7 +127,7 @@ def test_export_parquet_and_import_back(tmp_path):
 
 
 def test_opening_a_store_keeps_a_live_writers_temp_file_and_sweeps_a_dead_ones(tmp_path):
-    from dfusion_core.atomic import temp_name_for
+    from dfusion_core.data.atomic import temp_name_for
     files = tmp_path / "files"
     files.mkdir()
     live = temp_name_for(files / "pair00001.target.png")  # this process: alive

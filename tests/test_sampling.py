@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from dfusion_core.config import SamplingParams
-from dfusion_core.sampling import Stream, denoise, recompute_log_probs, sample
+from dfusion_core.engine.config import SamplingParams
+from dfusion_core.engine.sampling import Stream, denoise, recompute_log_probs, sample
 
 SP = SamplingParams(num_steps=5)
 

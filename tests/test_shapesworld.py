@@ -142,7 +142,7 @@ def test_evaluation_and_model_card_run_end_to_end(sd1, tmp_path):
     """A tiny random model draws nothing right; the report still has every metric and the card every floor."""
     import json
 
-    from dfusion_core.config import SamplingParams
+    from dfusion_core.engine.config import SamplingParams
     from dfusion_core.shapesworld.evaluate import auroc, evaluate, wilson
     from dfusion_core.shapesworld.model_card import render as card
 
@@ -168,9 +168,9 @@ def test_shipped_pipeline_and_scorer_load_offline_and_work():
     """The embedded default: a StableDiffusionPipeline folder and an OpenCLIP folder, loaded without network."""
     from diffusers import StableDiffusionPipeline
 
-    from dfusion_core.loading import DEFAULT_MODEL, load_model
-    from dfusion_core.sampling import sample
-    from dfusion_core.scoring import make_scorer
+    from dfusion_core.engine.loading import DEFAULT_MODEL, load_model
+    from dfusion_core.engine.sampling import sample
+    from dfusion_core.engine.scoring import make_scorer
     from dfusion_core.shapesworld.world import parse_prompt
 
     pipe = StableDiffusionPipeline.from_pretrained(DEFAULT_MODEL)  # stock diffusers reads it as it is

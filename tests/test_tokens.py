@@ -1,8 +1,8 @@
 """Words map to the token positions the text encoder sees (METHOD.md: fix the word-index bug)."""
 import pytest
 
-from dfusion_core.prompt_sets import load_prompt_set, paper_prompts
-from dfusion_core.tokens import default_keywords, keyword_token_indices, word_tokens
+from dfusion_core.engine.prompt_sets import load_prompt_set, paper_prompts
+from dfusion_core.engine.tokens import default_keywords, keyword_token_indices, word_tokens
 
 
 def test_tokenizer_built_offline_matches_clip_ids(tokenizer):

@@ -29,8 +29,8 @@ def straight(tmp_path_factory):
 
 def test_run_writes_an_sd3_folder_that_loads_and_samples(straight):
     from dfusion_core import sample
-    from dfusion_core.config import SamplingParams
-    from dfusion_core.loading import load_model
+    from dfusion_core.engine.config import SamplingParams
+    from dfusion_core.engine.loading import load_model
 
     model = load_model(straight / "pipeline", device="cpu")
     assert model.kind == "sd3" and model.pipe.text_encoder_3 is None and model.pipe.tokenizer_3 is None
@@ -42,7 +42,7 @@ def test_run_writes_an_sd3_folder_that_loads_and_samples(straight):
 
 
 def test_pooled_vector_is_the_text_encoders_own_and_training_sees_the_engines_conditioning(straight):
-    from dfusion_core.loading import load_model
+    from dfusion_core.engine.loading import load_model
 
     model = load_model(straight / "pipeline", device="cpu")
     te = model.pipe.text_encoder

@@ -11,8 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dfusion_core.config import SamplingParams
-from dfusion_core.pairs import PairingParams, build_pairs, build_random_pairs, save_pairs
+from dfusion_core.engine.config import SamplingParams
+from dfusion_core.engine.pairs import PairingParams, build_pairs, build_random_pairs, save_pairs
 from dfusion_core.training import losses
 from dfusion_core.training.data import load_training_pairs
 from dfusion_core.training.trainer import TrainConfig, Trainer, _step_generator
@@ -199,8 +199,8 @@ def test_two_steps_resume_two_steps_equals_four(sd1, pair_dir, tmp_path):
 
 
 def test_trained_lora_loads_into_the_pipeline(pipelines_dir, pair_dir, tmp_path):
-    from dfusion_core.loading import load_model
-    from dfusion_core.sampling import sample
+    from dfusion_core.engine.loading import load_model
+    from dfusion_core.engine.sampling import sample
 
     m = load_model(pipelines_dir / "sd1", device="cpu")
     tr = Trainer(m, load_training_pairs(pair_dir), TrainConfig(algo="dpo", steps=3, batch_size=2, lr=5e-2), tmp_path)
@@ -220,7 +220,7 @@ def test_bad_configs_and_data(sd1, pair_dir, tmp_path):
         TrainConfig(batch_size=0).validate()
     with pytest.raises(ValueError, match="neither a preference store"):
         load_training_pairs(tmp_path)
-    from dfusion_core.preference_store import PreferenceStore
+    from dfusion_core.data.preference_store import PreferenceStore
     PreferenceStore(tmp_path / "empty")
     with pytest.raises(ValueError, match="at least two labelled pairs"):
         load_training_pairs(tmp_path / "empty")

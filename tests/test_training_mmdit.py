@@ -8,8 +8,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dfusion_core.config import SamplingParams
-from dfusion_core.pairs import PairingParams, build_pairs
+from dfusion_core.engine.config import SamplingParams
+from dfusion_core.engine.pairs import PairingParams, build_pairs
 from dfusion_core.training.data import pairs_from_records
 from dfusion_core.training.trainer import TrainConfig, Trainer, _step_generator
 
@@ -119,8 +119,8 @@ def test_trajectory_methods_train_on_sde_pairs(sd3, sd3_pairs, tmp_path, algo):
 def test_exported_transformer_lora_loads_back_and_changes_samples(pipelines_dir, sd3_pairs, tmp_path):
     from peft.utils import get_peft_model_state_dict
 
-    from dfusion_core.loading import load_model
-    from dfusion_core.sampling import sample
+    from dfusion_core.engine.loading import load_model
+    from dfusion_core.engine.sampling import sample
 
     m = load_model(pipelines_dir / "sd3", device="cpu")
     tr = Trainer(m, sd3_pairs, TrainConfig(algo="dpo", steps=2, batch_size=2, lr=5e-2), tmp_path)

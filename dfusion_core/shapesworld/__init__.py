@@ -1,9 +1,11 @@
-"""ShapesWorld, the embedded world, as a plug-in: importing this package registers its prompt lists
-(`shapesworld:FAMILY:SPLIT`) with dfusion_core.prompt_sets."""
+"""ShapesWorld, the embedded world, as a plug-in: importing this package registers it (its prompt lists
+`shapesworld:FAMILY:SPLIT`, its ground-truth checker for the app, its evaluation for `eval`) with
+dfusion_core.engine.worlds; dfusion_core.worlds.discover() is the one entry point that imports it."""
 from __future__ import annotations
 
-from ..loading import ASSETS
-from ..prompt_sets import PromptEntry, _read_json, register_prompt_source
+from ..engine.loading import ASSETS
+from ..engine.prompt_sets import PromptEntry, _read_json
+from ..engine.worlds import World, register_world
 
 SHAPESWORLD_DIR = ASSETS / "prompts" / "shapesworld"
 
@@ -20,4 +22,25 @@ def shapesworld_prompts(family: str, split: str) -> list[PromptEntry]:
     return [PromptEntry(e["prompt"], tuple(e["keywords"]), None, family) for e in _read_json(p)]
 
 
-register_prompt_source("shapesworld", shapesworld_prompts)
+def check_images(images, prompt: str) -> list[bool] | None:
+    """The checker's verdict per image, or None for a prompt outside ShapesWorld's grammar."""
+    import numpy as np
+
+    from .checker import check
+    from .world import parse_prompt
+
+    spec = parse_prompt(prompt)
+    if spec is None:
+        return None
+    return [check(np.asarray(im), spec).correct for im in images]
+
+
+def _evaluate(*args, **kwargs):
+    from .evaluate import evaluate
+
+    return evaluate(*args, **kwargs)
+
+
+register_world(World("shapesworld", shapesworld_prompts, check_images, _evaluate,
+                     example_sets=("shapesworld:attribute:test", "shapesworld:spatial:test", "shapesworld:action:test"),
+                     families=("action", "attribute", "spatial")))

@@ -19,11 +19,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..config import SamplingParams
-from ..fusion import record_attention
-from ..loading import LoadedModel
-from ..masks import otsu_threshold
-from ..tokens import word_tokens
+from ..engine.config import SamplingParams
+from ..engine.fusion import record_attention
+from ..engine.loading import LoadedModel
+from ..engine.masks import otsu_threshold
+from ..engine.tokens import word_tokens
 from .checker import check
 from .world import FAMILIES, IMAGE_SIZE, PromptSpec, perturbations, prompt_list
 

@@ -24,10 +24,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..ablation import change_inside_outside, default_ranges, mask_region
-from ..config import FusionParams, MaskParams, SamplingParams, apply_model_defaults
-from ..loading import LoadedModel
-from ..pairs import PairingParams, PairRecord, build_pairs, build_random_pairs, load_pairs, save_pairs
+from ..engine.ablation import change_inside_outside, default_ranges, mask_region
+from ..engine.config import FusionParams, MaskParams, SamplingParams, apply_model_defaults
+from ..engine.loading import LoadedModel
+from ..engine.pairs import PairingParams, PairRecord, build_pairs, build_random_pairs, load_pairs, save_pairs
 from .evaluate import evaluate, grouped_bootstrap
 from .world import FAMILIES, prompt_list
 
@@ -374,8 +374,8 @@ def main(argv=None) -> None:
         fusion_variants(FusionParams(), cfg.num_steps, cfg.ablations)
     except ValueError as e:
         ap.error(f"--ablations: {e}")
-    from ..loading import load_model
-    from ..scoring import make_scorer
+    from ..engine.loading import load_model
+    from ..engine.scoring import make_scorer
 
     model = load_model(a.model, device="cpu" if not torch.cuda.is_available() else None)
     summary = Experiment(model, make_scorer(a.scorer), cfg, a.out).run(finished_only=a.finished_only)

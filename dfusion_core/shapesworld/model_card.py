@@ -9,7 +9,7 @@ import argparse
 import json
 from pathlib import Path
 
-from ..loading import ASSETS
+from ..engine.loading import ASSETS
 
 
 def _size_mb(path: Path) -> float:

@@ -19,8 +19,8 @@ import os
 import shutil
 from pathlib import Path
 
-from ..atomic import replace_folder
-from ..loading import ASSETS
+from ..data.atomic import replace_folder
+from ..engine.loading import ASSETS
 
 STAGES = ("generator", "clip", "checker", "install", "eval", "card")
 
@@ -60,8 +60,8 @@ def run(out: Path, stages=STAGES, install: bool = False, unet_steps: int = 10000
         _install(gen / "pipeline", ASSETS / "shapesworld")
         _install(clip / "model", ASSETS / "shapesworld-clip")
     if "eval" in stages:
-        from ..loading import load_model
-        from ..scoring import make_scorer
+        from ..engine.loading import load_model
+        from ..engine.scoring import make_scorer
         from .evaluate import evaluate
 
         report = evaluate(load_model(str(model_dir)), make_scorer(str(scorer_dir)), "test", eval_prompts, eval_seeds)

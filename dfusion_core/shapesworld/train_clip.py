@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..atomic import replace_folder, write_atomic
+from ..data.atomic import replace_folder, write_atomic
 from .render import render
 from .validate_checker import degrade_noise
 from .world import FAMILIES, IMAGE_SIZE, perturbations, prompts

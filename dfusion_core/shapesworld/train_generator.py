@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..atomic import replace_folder, write_atomic
+from ..data.atomic import replace_folder, write_atomic
 from .render import render
 from .world import FAMILIES, IMAGE_SIZE, prompts
 
@@ -222,7 +222,7 @@ def export_pipeline(out: Path, vae, text_encoder, unet, scaling_factor: float, d
     from diffusers import DDIMScheduler, StableDiffusionPipeline
     from transformers import CLIPTokenizer
 
-    from ..tokenizer_build import write_clip_tokenizer
+    from ..engine.tokenizer_build import write_clip_tokenizer
 
     tok_dir = write_clip_tokenizer(out / "tokenizer")
     vae16 = copy.deepcopy(vae).half().requires_grad_(True)
@@ -238,7 +238,7 @@ def export_pipeline(out: Path, vae, text_encoder, unet, scaling_factor: float, d
     replace_folder(tmp, dest)
 
 
-# Per-model defaults the engine reads from a pipeline folder (see dfusion_core.config.model_defaults).
+# Per-model defaults the engine reads from a pipeline folder (see dfusion_core.engine.config.model_defaults).
 DFUSION_DEFAULTS = {
     "guidance_scale": 2.0,  # small models want low CFG (4 halves accuracy in the feasibility runs)
     "layer_factors": [1, 2],  # read masks from cross-attention at 16x16 and 8x8 (the latent is 16x16)
@@ -253,7 +253,7 @@ def train_unet(cfg: GeneratorConfig, out: Path, vae, latents: torch.Tensor, capt
     from diffusers.training_utils import EMAModel
     from transformers import CLIPTokenizer
 
-    from ..tokenizer_build import write_clip_tokenizer
+    from ..engine.tokenizer_build import write_clip_tokenizer
 
     tok = CLIPTokenizer.from_pretrained(write_clip_tokenizer(out / "tokenizer"))
     vocab = sorted(set(captions))

@@ -41,10 +41,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .. import offline  # noqa: F401  (no network before any HF import)
-from ..atomic import replace_folder, write_atomic, write_text_atomic
-from ..flow import flow_noised
-from ..loading import ASSETS
+from ..engine import offline  # noqa: F401  (no network before any HF import)
+from ..data.atomic import replace_folder, write_atomic, write_text_atomic
+from ..engine.flow import flow_noised
+from ..engine.loading import ASSETS
 from .render import render
 from .train_generator import _family_sampler, _images_to_tensor, log
 from .world import IMAGE_SIZE, scene_style
@@ -233,7 +233,7 @@ def export_pipeline(cfg: MMDiTConfig, transformer, vae, text_encoder, tokenizer,
 
 
 def dfusion_defaults(cfg: MMDiTConfig) -> dict:
-    """Per-model defaults the engine reads from the folder (dfusion_core.config.model_defaults)."""
+    """Per-model defaults the engine reads from the folder (dfusion_core.engine.config.model_defaults)."""
     return {"guidance_scale": cfg.guidance_scale, "eta": 0.7, "height": IMAGE_SIZE, "width": IMAGE_SIZE,
             "world": "shapesworld", "world_version": cfg.world_version}
 
@@ -298,7 +298,7 @@ def _run_loop(out, tr: Trainer, parts, latents, cap_idx, embeds, pooled, empty: 
 
 # ---------------------------------------------------------------- CLI
 def _parser() -> argparse.ArgumentParser:
-    from ..config import field_comments
+    from ..engine.config import field_comments
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="runs/sw2-mmdit", help="run folder (latents, state.pt, pipeline/, log.jsonl)")

@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from ..loading import load_model
+from ..engine.loading import load_model
 from .data import load_training_pairs
 from .trainer import TrainConfig, Trainer, _step_generator
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..pairs import PairRecord, load_pairs
+from ..engine.pairs import PairRecord, load_pairs
 
 
 @dataclass
@@ -46,7 +46,7 @@ def load_training_pairs(source: str | Path, algo: str | None = None) -> list[Pre
     """A preference store folder (store.sqlite) or a pair folder (pairs.jsonl); `algo`: refuse data it cannot use."""
     p = Path(source).expanduser()
     if (p / "store.sqlite").is_file():
-        from ..preference_store import PreferenceStore
+        from ..data.preference_store import PreferenceStore
 
         records = PreferenceStore(p).records()
     elif (p / "pairs.jsonl").is_file():

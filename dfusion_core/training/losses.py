@@ -11,7 +11,7 @@ Conventions, stated once:
   the noise error is (1 - sigma)^2 times the velocity error: a flow run at beta is an epsilon-error DPO run at
   beta / (1 - sigma)^2 per point, i.e. the same beta weighs noisy points more than it does for a UNet.
 - Log-probabilities are per-step Gaussian log-densities averaged over latent elements (the DDPO
-  convention, see dfusion_core.ddim.step_log_prob); ratios r = exp(logp - logp_other).
+  convention, see dfusion_core.engine.ddim.step_log_prob); ratios r = exp(logp - logp_other).
 """
 from __future__ import annotations
 

@@ -26,12 +26,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..atomic import (move_files_into, replace_folder, temp_file_is_stale, temp_name_for, write_atomic,
+from ..data.atomic import (move_files_into, replace_folder, temp_file_is_stale, temp_name_for, write_atomic,
                       write_text_atomic)
-from ..config import SamplingParams
-from ..ddim import step_log_prob
-from ..loading import Conditioning, LoadedModel
-from ..sampling import guided_output, recompute_log_probs
+from ..engine.config import SamplingParams
+from ..engine.ddim import step_log_prob
+from ..engine.loading import Conditioning, LoadedModel
+from ..engine.sampling import guided_output, recompute_log_probs
 from . import losses
 from .data import PreferencePair, check_pairs
 

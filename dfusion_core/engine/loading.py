@@ -19,7 +19,7 @@ from .attention import AttentionController
 from .config import model_defaults
 from .families import FAMILIES, ModelFamily
 
-ASSETS = Path(__file__).resolve().parent.parent / "assets"
+ASSETS = Path(__file__).resolve().parents[2] / "assets"
 DEFAULT_MODEL = ASSETS / "shapesworld"
 SUPPORTED = {"StableDiffusionPipeline": "sd", "StableDiffusionXLPipeline": "sdxl", "StableDiffusion3Pipeline": "sd3"}
 DENOISERS = {"sd": "UNet2DConditionModel", "sdxl": "UNet2DConditionModel", "sd3": "SD3Transformer2DModel"}
@@ -53,6 +53,7 @@ class LoadedModel:
     defaults: dict = field(default_factory=dict)
     controller: AttentionController = field(default_factory=AttentionController)
     layer_kinds: dict[str, str] = field(default_factory=dict)  # layer path -> 'self' | 'cross' | 'joint'
+    base_id: str = ""  # the folder / hub id of the base weights (model_id adds any LoRA on top)
 
     @property
     def family(self) -> ModelFamily:
@@ -66,6 +67,27 @@ class LoadedModel:
     @property
     def unet(self):
         return self.denoiser
+
+    def lora_adapters(self) -> list[str]:
+        """Names of the LoRA adapters loaded on the denoiser."""
+        pipe = self.pipe
+        listed = pipe.get_list_adapters() if hasattr(pipe, "get_list_adapters") else {}
+        return list(listed.get(self.family.denoiser_attr, []))
+
+    def load_lora(self, folder: str | Path, name: str) -> None:
+        """Put a LoRA folder (diffusers format, e.g. the trainer's output) on the denoiser as adapter `name`,
+        replacing an adapter of that name; model_id then names the weights that compute from now on."""
+        self.unload_lora(name)
+        self.pipe.load_lora_weights(str(folder), adapter_name=name)
+        self.model_id = f"{self.base_id}+lora:{folder}"
+
+    def unload_lora(self, name: str) -> bool:
+        """Remove adapter `name` (False if it was not loaded); model_id returns to the base weights."""
+        if name not in self.lora_adapters():
+            return False
+        self.pipe.delete_adapters(name)
+        self.model_id = self.base_id
+        return True
 
     @property
     def tokenizer(self):
@@ -213,7 +235,8 @@ def load_model(model: str | os.PathLike | None = None, device: str | None = None
     pipe.to(dev)
     pipe.set_progress_bar_config(disable=True)
     defaults = {**FAMILIES[kind].defaults, **model_defaults(source if is_local else None)}
-    lm = LoadedModel(pipe=pipe, model_id=source_note, kind=kind, device=dev, dtype=dt, defaults=defaults)
+    lm = LoadedModel(pipe=pipe, model_id=source_note, kind=kind, device=dev, dtype=dt, defaults=defaults,
+                     base_id=source)
     lm.layer_kinds = lm.family.install(denoiser, lm.controller)
     return lm
 

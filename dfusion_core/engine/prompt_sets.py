@@ -8,7 +8,7 @@ Spec strings (CLI --prompt-set, app examples):
 Worlds are plug-ins: a world registers its source with `register_prompt_source` when its package is imported
 (the CLI and the app import the worlds they ship), so this module never imports a world.
 The release's *_item.json gives keyword positions as whitespace word indices; they are turned into the
-words themselves here, and dfusion_core.tokens maps words to ALL their BPE tokens.
+words themselves here, and dfusion_core.engine.tokens maps words to ALL their BPE tokens.
 """
 from __future__ import annotations
 

@@ -148,7 +148,7 @@ class DFusionAttnProcessor:
             if self.is_cross and self.name in ctl.map_layers:
                 record_rows = [b for b, half, r in ctl.batch_rows() if half == 1 and r.role in ctl.map_roles]
             elif not self.is_cross and self.name in ctl.fusion_layers:
-                key, value = self._fuse(key, value)
+                key, value = fuse_kv(ctl, self.name, key, value)
 
         out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=0.0,
                                              is_causal=False)
@@ -180,28 +180,29 @@ class DFusionAttnProcessor:
             ctl.store.put_map(r.role, ident, r.step, self.name, head_mean[j])
         return out
 
-    def _fuse(self, key, value):
-        """Store reference rows' K/V; blend them into target rows where the mask says so."""
-        ctl = self.controller
-        targets = []
-        for b, half, r in ctl.batch_rows():
-            if r.role == ROLE_REF:
-                ctl.store.put_kv(r.ref, r.step, self.name, half, key[b], value[b])
-            elif r.role == ROLE_TARGET:
-                targets.append((b, half, r))
-        if not targets:
-            return key, value
-        key, value = key.clone(), value.clone()
-        n_tokens = key.shape[2]
-        for b, half, r in targets:
-            m = ctl.masker.mask(r.ref, r.base, r.step, self.name, n_tokens)
-            if m is None:  # step outside the fusion range
-                continue
-            k_ref, v_ref = ctl.store.get_kv(r.ref, r.step, self.name, half)
-            m = m.to(key.dtype).view(1, n_tokens, 1)
-            key[b] = torch.lerp(key[b], k_ref.to(key.device, key.dtype), m)
-            value[b] = torch.lerp(value[b], v_ref.to(value.device, value.dtype), m)
+
+def fuse_kv(ctl: AttentionController, layer: str, key: torch.Tensor, value: torch.Tensor):
+    """Store the reference rows' K/V of `layer`; blend them into target rows where the mask says so:
+    K* = M K_ref + (1 - M) K_tgt, V* alike ([batch, heads, tokens, dim]; an MMDiT passes its image tokens only)."""
+    targets = []
+    for b, half, r in ctl.batch_rows():
+        if r.role == ROLE_REF:
+            ctl.store.put_kv(r.ref, r.step, layer, half, key[b], value[b])
+        elif r.role == ROLE_TARGET:
+            targets.append((b, half, r))
+    if not targets:
         return key, value
+    key, value = key.clone(), value.clone()
+    n_tokens = key.shape[2]
+    for b, half, r in targets:
+        m = ctl.masker.mask(r.ref, r.base, r.step, layer, n_tokens)
+        if m is None:  # step outside the fusion range
+            continue
+        k_ref, v_ref = ctl.store.get_kv(r.ref, r.step, layer, half)
+        m = m.to(key.device, key.dtype).view(1, n_tokens, 1)
+        key[b] = torch.lerp(key[b], k_ref.to(key.device, key.dtype), m)
+        value[b] = torch.lerp(value[b], v_ref.to(value.device, value.dtype), m)
+    return key, value
 
 
 def install(unet, controller: AttentionController) -> dict[str, str]:

@@ -16,13 +16,18 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .attention import ROLE_REF, ROLE_TARGET, AttentionController
+from .attention import ROLE_REF, AttentionController, fuse_kv
 
 MAP_SOFTMAX = ("joint", "text")
 
 
-def _heads(t: torch.Tensor, batch: int, heads: int) -> torch.Tensor:
-    return t.view(batch, -1, heads, t.shape[-1] // heads).transpose(1, 2)
+def _qkv(x: torch.Tensor, heads: int, to_q, to_k, to_v, norm_q, norm_k):
+    """Queries, keys, values of one stream (image or text) as [batch, heads, tokens, dim], q/k normalised."""
+    def split(t):
+        return t.view(x.shape[0], -1, heads, t.shape[-1] // heads).transpose(1, 2)
+
+    q, k, v = split(to_q(x)), split(to_k(x)), split(to_v(x))
+    return (norm_q(q) if norm_q is not None else q), (norm_k(k) if norm_k is not None else k), v
 
 
 class JointDFusionProcessor:
@@ -33,25 +38,14 @@ class JointDFusionProcessor:
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
         batch, n_img = hidden_states.shape[0], hidden_states.shape[1]
-        query = _heads(attn.to_q(hidden_states), batch, attn.heads)
-        key = _heads(attn.to_k(hidden_states), batch, attn.heads)
-        value = _heads(attn.to_v(hidden_states), batch, attn.heads)
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
+        query, key, value = _qkv(hidden_states, attn.heads, attn.to_q, attn.to_k, attn.to_v, attn.norm_q, attn.norm_k)
         ctl = self.controller
         if ctl.active and self.name in ctl.fusion_layers:
-            key, value = self._fuse(key, value)
+            key, value = fuse_kv(ctl, self.name, key, value)
         has_text = encoder_hidden_states is not None
         if has_text:
-            tq = _heads(attn.add_q_proj(encoder_hidden_states), batch, attn.heads)
-            tk = _heads(attn.add_k_proj(encoder_hidden_states), batch, attn.heads)
-            tv = _heads(attn.add_v_proj(encoder_hidden_states), batch, attn.heads)
-            if attn.norm_added_q is not None:
-                tq = attn.norm_added_q(tq)
-            if attn.norm_added_k is not None:
-                tk = attn.norm_added_k(tk)
+            tq, tk, tv = _qkv(encoder_hidden_states, attn.heads, attn.add_q_proj, attn.add_k_proj, attn.add_v_proj,
+                              attn.norm_added_q, attn.norm_added_k)
             query, key, value = torch.cat([query, tq], 2), torch.cat([key, tk], 2), torch.cat([value, tv], 2)
         out = F.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False)
         if has_text and ctl.active and self.name in ctl.map_layers:
@@ -83,29 +77,6 @@ class JointDFusionProcessor:
             r = ctl.rows[b % n]
             ctl.store.put_map(r.role, r.ref if r.role == ROLE_REF else r.base, r.step, self.name, head_mean[j])
         return out
-
-    def _fuse(self, key, value):
-        """Store the reference rows' image K/V; blend them into target rows where the mask says so."""
-        ctl = self.controller
-        targets = []
-        for b, half, r in ctl.batch_rows():
-            if r.role == ROLE_REF:
-                ctl.store.put_kv(r.ref, r.step, self.name, half, key[b], value[b])
-            elif r.role == ROLE_TARGET:
-                targets.append((b, half, r))
-        if not targets:
-            return key, value
-        key, value = key.clone(), value.clone()
-        n_tokens = key.shape[2]
-        for b, half, r in targets:
-            m = ctl.masker.mask(r.ref, r.base, r.step, self.name, n_tokens)
-            if m is None:
-                continue
-            k_ref, v_ref = ctl.store.get_kv(r.ref, r.step, self.name, half)
-            m = m.to(key.device, key.dtype).view(1, n_tokens, 1)
-            key[b] = torch.lerp(key[b], k_ref.to(key.device, key.dtype), m)
-            value[b] = torch.lerp(value[b], v_ref.to(value.device, value.dtype), m)
-        return key, value
 
 
 def install_joint(transformer, controller: AttentionController) -> dict[str, str]:

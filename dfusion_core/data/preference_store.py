@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .atomic import temp_file_is_stale
-from .pairs import PairRecord, record_from_files, write_record_files
+from .records import PairRecord, record_from_files, write_record_files
 
 SCHEMA_VERSION = 1
 LABELS = ("target", "base", "tie")  # which image is preferred; 'skip' is not stored
@@ -176,7 +176,7 @@ class PreferenceStore:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        from .pairs import save_record
+        from .records import save_record
 
         out = Path(dest).expanduser()
         if out.exists() and any(out.iterdir()):
@@ -209,7 +209,7 @@ class PreferenceStore:
 
     def import_pairs(self, source: str | Path) -> int:
         """Add every pair of a pair folder (an export, or build-pairs output) with its label; returns the count."""
-        from .pairs import load_pairs
+        from .records import load_pairs
 
         n = 0
         for rec in load_pairs(source):

@@ -13,7 +13,7 @@ THRESHOLD_MODES = ("auto", "absolute", "relative", "area")
 RESIZE_MODES = ("nearest", "smooth")
 COMBINE_MODES = ("mean", "union")
 FUSION_LAYER_PRESETS = ("mid+up", "up", "mid", "all")
-FLOW_SAMPLERS = ("sde", "ddim", "ode")  # dfusion_core.flow; kept here so config imports no torch
+FLOW_SAMPLERS = ("sde", "ddim", "ode")  # dfusion_core.engine.flow; kept here so config imports no torch
 
 
 def _check(cond: bool, msg: str) -> None:

@@ -1,0 +1,1 @@
+"""The data layer: crash-safe writes and the curated preference store. Imports no model code."""
