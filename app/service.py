@@ -24,7 +24,7 @@ from dfusion_core.engine.pairs import record_from_result
 from dfusion_core.data.preference_store import LABELS, PreferenceStore
 from dfusion_core.engine.prompt_sets import load_prompt_set
 from dfusion_core.engine.reference_cache import ReferenceCache
-from dfusion_core.engine.sampling import MAX_PROMPT_CHARS, Trajectory, sample
+from dfusion_core.engine.sampling import Trajectory, sample, validate_prompt
 from dfusion_core.engine.tokens import default_keywords, keyword_token_indices, word_tokens
 
 from .model_thread import ModelThread
@@ -99,10 +99,11 @@ def example_prompts(defaults: dict | None = None) -> list[str]:
 
 
 def check_prompt(prompt) -> str:
-    if not isinstance(prompt, str) or not prompt.strip():
-        raise UserError("the prompt is empty: type what the image should show")
-    if len(prompt) > MAX_PROMPT_CHARS:
-        raise UserError(f"the prompt is {len(prompt)} characters long; the limit is {MAX_PROMPT_CHARS}")
+    """The engine's prompt rule (validate_prompt), as a UserError; whitespace runs collapsed."""
+    try:
+        validate_prompt(prompt)
+    except ValueError as e:
+        raise UserError(str(e)) from None
     return " ".join(prompt.split())
 
 
@@ -281,9 +282,7 @@ class AppService:
     @staticmethod
     def mask_coverage(session: Session) -> float:
         """Fraction of the image the mask covers over the fused steps."""
-        r = session.result
-        first, last = r.fusion.step_range(r.sampling.num_steps)
-        return float(r.masks[first - 1:last].mean())
+        return session.result.mask_coverage
 
     def x0_image(self, session: Session, step) -> object:
         """The target's decoded x0 prediction at a 1-based step (clamped to the trajectory)."""

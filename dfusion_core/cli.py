@@ -162,7 +162,7 @@ def cmd_fuse(a) -> dict:
     out = save_record(rec, a.out)
     return {"pair_id": rec.pair_id, "out": str(out), "keywords": res.keywords,
             "token_groups": [list(g) for g in res.token_groups], "mask_factors": list(res.mask_factors),
-            "mask_coverage": float(res.masks[f.step_range(s.num_steps)[0] - 1:].mean()), "scores": scores}
+            "mask_coverage": res.mask_coverage, "scores": scores}
 
 
 def cmd_build_pairs(a) -> dict:

@@ -70,15 +70,17 @@ def test_flow_dpo_loss_equals_a_hand_computed_value(sd3, sd3_pairs, tmp_path):
             cond = sd3.encode([p.prompt for p in pairs], "", False, *sd3.default_size())
             net = sd3.denoiser
 
-            def err(x0):
-                out = net(hidden_states=(1 - sigma) * x0 + sigma * noise, timestep=sigma.flatten() * 1000,
-                          encoder_hidden_states=cond.cond,
-                          pooled_projections=cond.added_cond["pooled_projections"]).sample
-                return ((out - (noise - x0)) ** 2).mean(dim=(1, 2, 3))
+            def errors(x0w, x0l):  # one call on [winners; losers], the trainer's layout (beta amplifies rounding)
+                x0, nz, sg = torch.cat([x0w, x0l]), torch.cat([noise, noise]), torch.cat([sigma, sigma])
+                out = net(hidden_states=(1 - sg) * x0 + sg * nz, timestep=sg.flatten() * 1000,
+                          encoder_hidden_states=torch.cat([cond.cond, cond.cond]),
+                          pooled_projections=torch.cat([cond.added_cond["pooled_projections"]] * 2)).sample
+                e = ((out - (nz - x0)) ** 2).mean(dim=(1, 2, 3))
+                return e[:2], e[2:]
 
-            ew, el = err(w), err(lo)
+            ew, el = errors(w, lo)
             net.disable_adapters()
-            rw, rl = err(w), err(lo)
+            rw, rl = errors(w, lo)
             net.enable_adapters()
     finally:
         tr.unload()

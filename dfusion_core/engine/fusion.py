@@ -48,6 +48,12 @@ class FusionResult:
     model_id: str = ""  # the weights it was computed with (a later LoRA makes it stale)
     steps_reused: int = 0  # target steps taken from a previous result instead of computed
 
+    @property
+    def mask_coverage(self) -> float:
+        """Fraction of the image the mask covers, averaged over the fused steps."""
+        first, last = self.fusion.step_range(self.sampling.num_steps)
+        return float(self.masks[first - 1:last].mean())
+
 
 def shared_target_steps(previous: "FusionResult | None", model_id: str, prompt: str, base_seed: int, ref_seed: int,
                         sampling: SamplingParams, fusion: FusionParams) -> int:

@@ -1,0 +1,124 @@
+"""Does fusion transfer alignment? Ground-truth pairs on ShapesWorld (issue floor of the embedded model).
+
+    python -m dfusion_core.shapesworld.fusion_transfer --model DIR --prompts 8 --candidates 16 --out table.json
+
+Per TRAIN prompt: sample N candidates, check each with the ground-truth checker, and pair every
+checker-correct candidate (reference) with a checker-wrong one (base), at most `--pairs-per-prompt`. Each
+pair is fused under several fusion forms; per family and form the table gives:
+  * accept: the share of targets the checker passes (the reference's alignment carried over);
+  * keep: |target - base| outside the fusion mask / |reference - base| there (the base kept where the mask
+    is not; the floor is <= 1/3);
+  * moved: 1 - |target - reference| / |base - reference| over the whole image (how far the target went).
+The mask is the one the fusion used: its per-step masks averaged over the fused steps, > 0.5, upsampled.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import replace
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..engine.config import FusionParams, MaskParams, SamplingParams, apply_model_defaults
+from ..engine.fusion import fuse_batch
+from ..engine.loading import LoadedModel, load_model
+from ..engine.sampling import sample
+from .checker import check
+from .world import FAMILIES, prompt_list
+
+
+def fusion_forms(mask: MaskParams) -> dict[str, FusionParams]:
+    """The forms compared: the model's default, reference-union-base (dilated), and a global swap."""
+    return {"default": FusionParams(mask=mask),
+            "union_base_dilated": FusionParams(start_step=1, layers="all", mask=replace(mask, union_base=True, dilate=1)),
+            "global_from_step1": FusionParams(start_step=1, layers="all", use_mask=False, mask=mask)}
+
+
+def _pixels(im) -> np.ndarray:
+    return np.asarray(im).astype(np.float64)
+
+
+def _pixel_mask(res, size: int) -> np.ndarray:
+    first, last = res.fusion.step_range(res.sampling.num_steps)
+    m = res.masks[first - 1:last].mean(0)[None, None].float()
+    return (F.interpolate(m, size=(size, size), mode="nearest")[0, 0] > 0.5).numpy()
+
+
+def pair_metrics(res, prompt: str) -> dict:
+    t, b, r = _pixels(res.target_image), _pixels(res.base_image), _pixels(res.reference_image)
+    out = ~_pixel_mask(res, t.shape[0]) if res.fusion.use_mask else np.zeros(t.shape[:2], bool)
+    rb_out = np.abs(r - b)[out].mean() if out.any() else float("nan")
+    return {"accept": bool(check(np.asarray(res.target_image), prompt).correct),
+            "keep": float(np.abs(t - b)[out].mean() / rb_out) if out.any() and rb_out > 0 else float("nan"),
+            "moved": float(1 - np.abs(t - r).mean() / max(np.abs(b - r).mean(), 1e-9))}
+
+
+def ground_truth_pairs(model: LoadedModel, prompt: str, seeds: list[int], sampling: SamplingParams, per_prompt: int):
+    cands = sample(model, prompt, seeds, sampling)
+    ok = [check(np.asarray(im), prompt).correct for im in cands.images]
+    good = [s for s, c in zip(seeds, ok) if c]
+    bad = [(s, tr, im) for s, c, tr, im in zip(seeds, ok, cands.trajectories, cands.images) if not c]
+    pairs = [(bad[i][0], good[i % len(good)]) for i in range(min(per_prompt, len(bad)))] if good else []
+    bases = {s: tr for s, tr, _ in bad}
+    images = {s: im for s, _, im in bad}
+    return pairs, bases, images, sum(ok) / len(ok)
+
+
+def run(model: LoadedModel, n_prompts: int, n_candidates: int, per_prompt: int, seed: int = 0) -> dict:
+    sampling, mask = apply_model_defaults(model.defaults, SamplingParams(), MaskParams())
+    forms = fusion_forms(mask)
+    rows = []
+    for family in FAMILIES:
+        for spec in prompt_list(family, "train", n=n_prompts, seed=seed):
+            seeds = list(range(seed * 1000, seed * 1000 + n_candidates))
+            pairs, bases, images, acc = ground_truth_pairs(model, spec.text, seeds, sampling, per_prompt)
+            print(f"{family}: {spec.text!r}: accuracy {acc:.2f}, {len(pairs)} pairs", file=sys.stderr, flush=True)
+            for name, fp in forms.items():
+                if not pairs:
+                    continue
+                for res in fuse_batch(model, spec.text, pairs, sampling, fp, bases=bases, base_images=images):
+                    rows.append({"family": family, "form": name, "prompt": spec.text, **pair_metrics(res, spec.text)})
+    return {"model": model.model_id, "rows": rows, "table": summarise(rows)}
+
+
+def summarise(rows: list[dict]) -> dict:
+    table: dict = {}
+    for r in rows:
+        table.setdefault(r["form"], {}).setdefault(r["family"], []).append(r)
+    out = {}
+    for form, fams in table.items():
+        out[form] = {}
+        for fam, rs in sorted(fams.items()):
+            keep = [x["keep"] for x in rs if x["keep"] == x["keep"]]
+            out[form][fam] = {"pairs": len(rs), "accept": float(np.mean([x["accept"] for x in rs])),
+                              "keep": float(np.mean(keep)) if keep else None,
+                              "moved": float(np.mean([x["moved"] for x in rs]))}
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default=None, help="pipeline folder (default: the embedded model)")
+    p.add_argument("--prompts", type=int, default=8, help="train prompts per family (8)")
+    p.add_argument("--candidates", type=int, default=16, help="candidates sampled per prompt (16)")
+    p.add_argument("--pairs-per-prompt", type=int, default=4, help="ground-truth pairs kept per prompt (4)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--out", default=None, help="write the rows and the table as JSON here")
+    a = p.parse_args(argv)
+    if min(a.prompts, a.candidates, a.pairs_per_prompt) < 1:
+        p.error("--prompts, --candidates and --pairs-per-prompt must be at least 1")
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    res = run(load_model(a.model, device="cpu"), a.prompts, a.candidates, a.pairs_per_prompt)
+    if a.out:
+        with open(a.out, "w") as f:
+            json.dump(res, f, indent=1)
+    print(json.dumps(res["table"], indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
