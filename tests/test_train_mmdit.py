@@ -7,7 +7,7 @@ import torch
 
 from dfusion_core.shapesworld import train_mmdit
 
-TINY = ["--n-scenes", "16", "--batch", "4", "--layers", "1", "--log-every", "1", "--no-bf16", "--threads", "1"]
+TINY = ["--vae-steps", "2", "--n-scenes", "16", "--batch", "4", "--layers", "1", "--log-every", "1", "--no-bf16", "--threads", "1"]
 
 
 def _state(out):

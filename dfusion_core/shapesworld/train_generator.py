@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from ..data.atomic import replace_folder, write_atomic
 from .render import render
-from .world import FAMILIES, IMAGE_SIZE, prompts
+from .world import FAMILIES, IMAGE_SIZE, V1, SceneStyle, prompts
 
 
 @dataclass
@@ -140,7 +140,8 @@ def _init_pipeline(cfg: GeneratorConfig):
     return StableDiffusionPipeline.from_pretrained(cfg.init_from, dtype=torch.float32)
 
 
-def train_vae(cfg: GeneratorConfig, out: Path):
+def train_vae(cfg: GeneratorConfig, out: Path, style: SceneStyle = V1, start=None):
+    """Train (or, from `start`, fine-tune) the autoencoder on scenes of `style`; resumable from out/vae.pt."""
     init = _init_pipeline(cfg)
     if init is not None and not (out / "vae.pt").exists():  # continue: keep the shipped autoencoder as it is
         vae = build_vae()
@@ -148,6 +149,8 @@ def train_vae(cfg: GeneratorConfig, out: Path):
         _save(out / "vae.pt", model=vae.state_dict(), opt=None, step=cfg.vae_steps, rng=random.Random(cfg.seed).getstate())
         return vae.eval().requires_grad_(False)
     vae = build_vae()
+    if start is not None:
+        vae.load_state_dict({k: v.float() for k, v in start.state_dict().items()})
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr)
     ckpt = out / "vae.pt"
     step, rng = 0, random.Random(cfg.seed)
@@ -160,7 +163,7 @@ def train_vae(cfg: GeneratorConfig, out: Path):
     sample_prompt = _family_sampler(cfg)
     t0 = time.time()
     while step < cfg.vae_steps:
-        x = _images_to_tensor([render(sample_prompt(rng), rng).image for _ in range(cfg.vae_batch)])
+        x = _images_to_tensor([render(sample_prompt(rng), rng, style).image for _ in range(cfg.vae_batch)])
         post = vae.encode(x).latent_dist
         rec = vae.decode(post.sample()).sample
         rec_loss = F.l1_loss(rec, x) + F.mse_loss(rec, x)
@@ -179,7 +182,7 @@ def train_vae(cfg: GeneratorConfig, out: Path):
     vae.eval().requires_grad_(False)
     with torch.no_grad():
         r2 = random.Random(12345)
-        x = _images_to_tensor([render(sample_prompt(r2), r2).image for _ in range(64)])
+        x = _images_to_tensor([render(sample_prompt(r2), r2, style).image for _ in range(64)])
         rec = vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
         err = ((rec - x) * 127.5).abs()
         log(out, stage="vae-eval", mean_abs_err=err.mean().item(), frac_pixels_off_20=(err.max(1).values > 20).float().mean().item())

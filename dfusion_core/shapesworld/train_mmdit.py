@@ -79,6 +79,10 @@ class MMDiTConfig:
     shift: float = 1.0  # the sampling scheduler's shift (see the module doc)
     guidance_scale: float = 3.0  # the exported dfusion.json's CFG (the prototype sampled at 3)
     threads: int = 1
+    # the shipped autoencoder was trained on v1's flat grey: it paints every v2 background grey and shifts
+    # object colours (mean error 23 grey levels on v2 scenes), so it is fine-tuned on the world version first
+    vae_steps: int = 1500  # AdamW steps of that fine-tuning (0 = keep the shipped autoencoder)
+    vae_lr: float = 3e-4
 
 
 def _log(out: Path, **row) -> None:
@@ -248,6 +252,7 @@ def train(cfg: MMDiTConfig, out: Path, resume: bool = False, export_only: bool =
     """Encode the data (once), then train until the time or step budget is spent; checkpoint and export."""
     torch.manual_seed(cfg.seed)
     vae, te, tok = load_frozen()
+    vae = tune_vae(cfg, out, vae)
     tr = Trainer(cfg, build_transformer(cfg, te.config.hidden_size, te.config.projection_dim))
     ckpt = out / "state.pt"
     if ckpt.exists() and not (resume or export_only):
@@ -267,6 +272,20 @@ def train(cfg: MMDiTConfig, out: Path, resume: bool = False, export_only: bool =
     cap_idx = torch.tensor([lookup[c] for c in captions])
     _run_loop(out, tr, parts, latents, cap_idx, embeds, pooled, len(vocab) - 1)
     return tr
+
+
+def tune_vae(cfg: MMDiTConfig, out: Path, shipped):
+    """The shipped autoencoder fine-tuned on scenes of cfg.world_version (resumable: out/vae.pt), frozen after."""
+    if cfg.vae_steps <= 0:
+        return shipped
+    from .train_generator import GeneratorConfig, train_vae
+
+    gcfg = GeneratorConfig(seed=cfg.seed, vae_steps=cfg.vae_steps, vae_lr=cfg.vae_lr, ckpt_every=250,
+                           family_weights=cfg.family_weights, threads=cfg.threads)
+    out.mkdir(parents=True, exist_ok=True)
+    vae = train_vae(gcfg, out, scene_style(cfg.world_version), start=shipped)
+    vae.register_to_config(shift_factor=0.0, scaling_factor=shipped.config.scaling_factor)
+    return vae.float().eval().requires_grad_(False)
 
 
 def _done(tr: Trainer) -> bool:
