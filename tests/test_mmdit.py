@@ -4,7 +4,7 @@ import pytest
 import torch
 from diffusers.models.attention_processor import JointAttnProcessor2_0
 
-from dfusion_core import FusionParams, fuse, sample
+from dfusion_core import FusionParams, MaskParams, fuse, sample
 from dfusion_core.engine.attention import ROLE_PLAIN, ROLE_REF, ROLE_TARGET, AttentionController, RowInfo
 from dfusion_core.engine.config import SamplingParams
 from dfusion_core.engine.joint_attention import JointDFusionProcessor
@@ -156,3 +156,25 @@ def test_the_app_samples_fuses_and_labels_on_an_sd3_pipeline(sd3, tmp_path):
         assert len(svc.store) == 1
     finally:
         demo.close()
+
+
+def test_with_t5_a_keyword_owns_its_clip_and_its_t5_tokens(pipelines_dir):
+    """CLIP (positions 0..76) and T5 (77 + i) split words differently; a keyword's map reads both."""
+    from conftest import _load
+
+    m = _load("sd3-t5", pipelines_dir)
+    assert m.t5_length == 16 and m.pipe.tokenizer_3 is not None
+    prompt = "a red dog above a blue cat"
+    groups = m.family.token_groups(m, prompt, ["red", "dog"])
+    t5 = m.pipe.tokenizer_3(prompt, return_offsets_mapping=True)
+    for (word, group) in zip(["red", "dog"], groups):
+        clip = [p for p in group if p < 77]
+        t5_pos = [p - 77 for p in group if p >= 77]
+        assert clip == [{"red": 2, "dog": 3}[word]]
+        start = prompt.index(word)
+        spelled = "".join(t5.tokens()[p] for p in t5_pos).replace("\u2581", "")
+        assert t5_pos and spelled == word, (word, t5_pos, t5.tokens())
+        assert all(t5["offset_mapping"][p][0] < start + len(word) for p in t5_pos)
+    res = fuse(m, prompt, 1, 2, SP, FusionParams(start_step=1, layers="all", mask=MaskParams(keywords=("dog",))))
+    assert res.token_maps.shape[0] == 77 + 16  # maps over CLIP and T5 text tokens
+    assert float(res.token_maps[[p for p in res.token_groups[0] if p >= 77]].sum()) > 0

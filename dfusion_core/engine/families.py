@@ -18,6 +18,7 @@ from .attention import install, select_fusion_layers, select_map_layers
 from .ddim import ddim_step, make_schedule
 from .flow import flow_noised, flow_step, make_flow_schedule
 from .joint_attention import install_joint
+from .tokens import keyword_positions, keyword_token_indices
 
 
 class ModelFamily:
@@ -62,6 +63,10 @@ class ModelFamily:
 
     def fusion_layers(self, kinds: dict[str, str], layers) -> frozenset[str]:
         raise NotImplementedError
+
+    def token_groups(self, model, prompt: str, keywords) -> list[tuple[int, ...]]:
+        """Each keyword's positions among the text tokens the attention maps are read over."""
+        return keyword_token_indices(model.tokenizer, prompt, keywords)
 
     def all_fusion_layers(self, kinds: dict[str, str]) -> frozenset[str]:
         return frozenset(n for n, k in kinds.items() if k in ("self", "joint"))
@@ -149,6 +154,16 @@ class MMDiTFlow(ModelFamily):
 
     def install(self, denoiser, controller):
         return install_joint(denoiser, controller)
+
+    def token_groups(self, model, prompt, keywords):
+        """CLIP positions (0..76, both CLIP encoders share them) united with T5's (77 + i) when T5 is loaded:
+        CLIP and T5 split words differently, a keyword owns what it maps to in each."""
+        groups = keyword_token_indices(model.tokenizer, prompt, keywords)
+        if model.t5_length == 0:
+            return groups
+        clip_len = model.tokenizer.model_max_length
+        t5 = keyword_positions(model.pipe.tokenizer_3, prompt, keywords, offset=clip_len, limit=model.t5_length)
+        return [tuple(sorted(set(c) | set(t))) for c, t in zip(groups, t5)]
 
     def map_layers(self, denoiser, kinds, factors):
         joint = frozenset(n for n, k in kinds.items() if k == "joint")

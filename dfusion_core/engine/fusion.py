@@ -20,7 +20,7 @@ from .loading import LoadedModel
 from .masks import FusionMasker, aggregate_maps, threshold_maps
 from .reference_cache import CachedReference, ReferenceCache, ReferenceStore
 from .sampling import Stream, Trajectory, _check_seed, _size, denoise, validate_prompt
-from .tokens import default_keywords, keyword_token_indices
+from .tokens import default_keywords
 
 
 @dataclass
@@ -101,7 +101,7 @@ def resolve_keywords(model: LoadedModel, prompt: str, fusion: FusionParams) -> t
     kws = list(fusion.mask.keywords) if fusion.mask.keywords else default_keywords(model.tokenizer, prompt)
     if not kws:
         raise ValueError(f"the prompt {prompt!r} has no content word to build a mask from; name keywords")
-    return kws, keyword_token_indices(model.tokenizer, prompt, kws)
+    return kws, model.family.token_groups(model, prompt, kws)
 
 
 @dataclass

@@ -13,7 +13,7 @@ import torch
 
 from .tokenizer_build import write_clip_tokenizer
 
-KINDS = ("sd1", "sd2", "sdxl", "sd3", "sd15-full", "sd35m-full")
+KINDS = ("sd1", "sd2", "sdxl", "sd3", "sd3-t5", "sd15-full", "sd35m-full")
 
 
 def _text_encoder(hidden: int, projection: bool = False, seed: int = 0):
@@ -75,7 +75,7 @@ def build_tiny_pipeline(kind: str, out_dir: str | Path) -> Path:
             vae=_vae(), text_encoder=_text_encoder(32), text_encoder_2=_text_encoder(32, projection=True, seed=1),
             tokenizer=tokenizer, tokenizer_2=CLIPTokenizer.from_pretrained(tok_dir), unet=unet,
             scheduler=DDIMScheduler(**sched))
-    elif kind in ("sd3", "sd35m-full"):
+    elif kind in ("sd3", "sd3-t5", "sd35m-full"):
         pipe = _sd3_pipeline(kind, tokenizer, tok_dir)
     else:  # "sd15-full": the real SD 1.5 UNet shape with random weights (benchmarks)
         unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8,
@@ -85,6 +85,8 @@ def build_tiny_pipeline(kind: str, out_dir: str | Path) -> Path:
                                        unet=unet, scheduler=DDIMScheduler(**sched), safety_checker=None,
                                        feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(out)
+    if kind == "sd3-t5":  # a short T5 sequence keeps the test model small
+        (out / "dfusion.json").write_text(json.dumps({"max_sequence_length": 16}))
     if kind in ("sd3", "sd35m-full"):  # diffusers leaves absent components out; SD3 folders name them null
         index = out / "model_index.json"
         data = json.loads(index.read_text())
@@ -101,7 +103,7 @@ def _sd3_pipeline(kind: str, tokenizer, tok_dir):
     from transformers import CLIPTokenizer
 
     torch.manual_seed(0)
-    if kind == "sd3":
+    if kind in ("sd3", "sd3-t5"):
         tf = SD3Transformer2DModel(sample_size=16, patch_size=2, in_channels=4, out_channels=4, num_layers=2,
                                    attention_head_dim=8, num_attention_heads=4, joint_attention_dim=64,
                                    caption_projection_dim=32, pooled_projection_dim=64, pos_embed_max_size=16,
@@ -114,8 +116,25 @@ def _sd3_pipeline(kind: str, tokenizer, tok_dir):
                                    dual_attention_layers=tuple(range(13)), qk_norm="rms_norm")
         vae, hidden = _vae(latent_channels=16, blocks=(128, 256, 512, 512), shift_factor=0.0609,
                            scaling_factor=1.5305), 1024
+    t5, t5_tok = _t5(tf.config.joint_attention_dim) if kind == "sd3-t5" else (None, None)
     return StableDiffusion3Pipeline(
         transformer=tf, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
         text_encoder=_text_encoder(hidden, projection=True), tokenizer=tokenizer,
         text_encoder_2=_text_encoder(hidden, projection=True, seed=1), tokenizer_2=CLIPTokenizer.from_pretrained(tok_dir),
-        text_encoder_3=None, tokenizer_3=None)
+        text_encoder_3=t5, tokenizer_3=t5_tok)
+
+
+def _t5(d_model: int):
+    """A one-layer T5 encoder of the transformer's joint width, with a tokenizer trained offline."""
+    from transformers import T5Config, T5EncoderModel
+
+    from .tokenizer_build import build_t5_tokenizer
+
+    words = "a an the red blue green yellow purple black circle square triangle dog cat car above below left " \
+            "right of on and striped hollow woolen café naïve décor ice-cream dog's".split()
+    corpus = [" ".join(words[i:i + 6]) for i in range(len(words))] * 10
+    tok = build_t5_tokenizer(corpus)
+    torch.manual_seed(2)
+    cfg = T5Config(vocab_size=len(tok), d_model=d_model, d_kv=16, d_ff=2 * d_model, num_layers=1, num_heads=2,
+                   feed_forward_proj="gated-gelu", is_encoder_decoder=False)
+    return T5EncoderModel(cfg), tok

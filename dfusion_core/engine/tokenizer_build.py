@@ -56,3 +56,22 @@ def write_clip_tokenizer(out_dir: str | Path, model_max_length: int = 77) -> Pat
     (out / "special_tokens_map.json").write_text(json.dumps(
         {k: config[k] for k in ("bos_token", "eos_token", "unk_token", "pad_token")}, indent=2))
     return out
+
+
+def build_t5_tokenizer(corpus: list[str], vocab_size: int = 300, model_max_length: int = 32):
+    """A T5-style tokenizer (SentencePiece Unigram, metaspace, no BOS, EOS appended) trained on `corpus`:
+    T5's own vocabulary is not on these machines, and this has the same shape (offsets, '▁' pieces), so the
+    SD3 path with a third text encoder can be tested offline. Returns a transformers T5TokenizerFast."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from tokenizers.processors import TemplateProcessing
+    from transformers import T5TokenizerFast
+
+    tok = Tokenizer(models.Unigram())
+    tok.normalizer = normalizers.NFKC()
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    tok.train_from_iterator(corpus, trainers.UnigramTrainer(vocab_size=vocab_size, unk_token="<unk>",
+                                                            special_tokens=["<pad>", "</s>", "<unk>"]))
+    tok.post_processor = TemplateProcessing(single="$A </s>", special_tokens=[("</s>", tok.token_to_id("</s>"))])
+    return T5TokenizerFast(tokenizer_object=tok, eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
+                           extra_ids=0, model_max_length=model_max_length)

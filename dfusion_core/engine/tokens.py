@@ -224,3 +224,23 @@ def keyword_token_indices(tokenizer, prompt: str, keywords: list[str] | tuple[st
             raise ValueError(f"keyword {kw!r} has no token the text encoder sees")
         result.append(tuple(sorted({i for h in usable for w in h for i in w.token_indices})))
     return result
+
+
+def keyword_positions(tokenizer, prompt: str, keywords, offset: int = 0, limit: int | None = None
+                      ) -> list[tuple[int, ...]]:
+    """Each keyword's token positions in a sequence of ANY tokenizer (T5 has no BOS, CLIP has one): the
+    tokens whose character offsets overlap the keyword's occurrences in the prompt, shifted by `offset` (where
+    that sequence starts among the text tokens) and cut at `limit` tokens. Keywords match as in
+    keyword_token_indices; a keyword with no token within the limit gets an empty tuple."""
+    spans = split_words(prompt)
+    keys = [_key(prompt[s:e]) for s, e in spans]
+    _, offsets = _encode(tokenizer, prompt)
+    limit = len(offsets) if limit is None else limit
+    out = []
+    for kw in keywords:
+        parts = [_key(kw[s:e]) for s, e in split_words(kw)]
+        n = len(parts)
+        chars = [(spans[i][0], spans[i + n - 1][1]) for i in range(len(spans) - n + 1) if n and keys[i:i + n] == parts]
+        out.append(tuple(offset + p for p, (s, e) in enumerate(offsets[:limit])
+                         if e > s and any(s < ce and e > cs for cs, ce in chars)))
+    return out
