@@ -181,3 +181,12 @@ def test_a_new_end_step_reuses_the_previous_targets_shared_steps(sd1):
                     previous=stale).steps_reused == 0
     finally:
         hook.remove()
+
+
+def test_a_models_dfusion_json_can_set_fusion_fields():
+    from dfusion_core.engine.config import MaskParams, fusion_defaults
+
+    mask = MaskParams(union_base=True, dilate=1)
+    f = fusion_defaults({"start_step": 1, "layers": "all", "hold_outside": True, "guidance_scale": 3.0}, mask)
+    assert (f.start_step, f.layers, f.hold_outside, f.mask) == (1, "all", True, mask)
+    assert fusion_defaults({}, mask) == FusionParams(mask=mask)

@@ -178,3 +178,21 @@ def test_with_t5_a_keyword_owns_its_clip_and_its_t5_tokens(pipelines_dir):
     res = fuse(m, prompt, 1, 2, SP, FusionParams(start_step=1, layers="all", mask=MaskParams(keywords=("dog",))))
     assert res.token_maps.shape[0] == 77 + 16  # maps over CLIP and T5 text tokens
     assert float(res.token_maps[[p for p in res.token_groups[0] if p >= 77]].sum()) > 0
+
+
+def test_holding_the_base_outside_the_mask_keeps_the_base_there(sd3):
+    """hold_outside: after every fused step the target's latent outside the mask is the base's, so the final
+    latent equals the base's outside the last step's mask; log-probs are the plain model's for that path."""
+    from dfusion_core.engine.masks import resize_mask
+    from dfusion_core.engine.sampling import recompute_log_probs
+
+    mask = MaskParams(keywords=("dog",), resize="nearest")
+    res = fuse(sd3, "a red dog", 1, 2, SP, FusionParams(start_step=1, layers="all", hold_outside=True, mask=mask))
+    free = fuse(sd3, "a red dog", 1, 2, SP, FusionParams(start_step=1, layers="all", mask=mask))
+    _, lh, lw = sd3.latent_shape(None, None)
+    m = resize_mask(res.masks[-1], (lh, lw), "nearest") > 0.5
+    assert 0 < float(m.float().mean()) < 1
+    out = ~m.expand_as(res.target.final)
+    torch.testing.assert_close(res.target.final[out], res.base.final[out])
+    assert not torch.allclose(free.target.final[out], free.base.final[out])  # without holding, fusion leaks
+    torch.testing.assert_close(res.target.log_probs, recompute_log_probs(sd3, "a red dog", res.target, SP))

@@ -99,6 +99,10 @@ class FusionParams:
     end_step: int | None = None  # last fused step, inclusive; None = the last step
     layers: str | tuple[str, ...] = "mid+up"  # preset (mid+up = paper, up, mid, all) or module-path prefixes
     use_mask: bool = True  # False = global fusion (the ablation that destroys consistency)
+    # after each fused step, set the target's latent outside the mask to the base's latent of that step, so
+    # the base is kept where the mask is not (an MMDiT's fusion otherwise leaks there); the target's
+    # log-probs are then recomputed under the plain model, since the held latent is not the sampler's draw
+    hold_outside: bool = False
     mask: MaskParams = field(default_factory=MaskParams)
 
     def step_range(self, num_steps: int) -> tuple[int, int]:
@@ -144,6 +148,13 @@ def apply_model_defaults(defaults: dict, sampling: SamplingParams, mask: MaskPar
     s = replace(sampling, **{k: v for k, v in defaults.items() if k in s_names})
     m_changes = {k: (tuple(v) if isinstance(v, list) else v) for k, v in defaults.items() if k in m_names}
     return s, replace(mask, **m_changes)
+
+
+def fusion_defaults(defaults: dict, mask: MaskParams) -> FusionParams:
+    """The paper's fusion parameters with a model's dfusion.json overlay (only FusionParams fields it names)."""
+    f_names = {f.name for f in fields(FusionParams)} - {"mask"}
+    changes = {k: (tuple(v) if isinstance(v, list) else v) for k, v in defaults.items() if k in f_names}
+    return replace(FusionParams(mask=mask), **changes)
 
 
 def field_comments(cls) -> dict[str, str]:

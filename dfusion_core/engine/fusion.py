@@ -17,9 +17,9 @@ import torch
 from .attention import ROLE_BASE, ROLE_REF, ROLE_TARGET, RowInfo
 from .config import FusionParams, SamplingParams
 from .loading import LoadedModel
-from .masks import FusionMasker, aggregate_maps, threshold_maps
+from .masks import FusionMasker, aggregate_maps, resize_mask, threshold_maps
 from .reference_cache import CachedReference, ReferenceCache, ReferenceStore
-from .sampling import Stream, Trajectory, _check_seed, _size, denoise, validate_prompt
+from .sampling import Stream, Trajectory, _check_seed, _size, denoise, recompute_log_probs, validate_prompt
 from .tokens import default_keywords
 
 
@@ -216,6 +216,8 @@ def run_fusion(model: LoadedModel, prompt: str, plan: _Plan, cache, previous):
     cond = model.encode([prompt], plan.sampling.negative_prompt, plan.sampling.uses_cfg, h, w)
 
     def on_call(call, active, steps):
+        if fusion.hold_outside and fusion.use_mask:
+            _hold_outside(plan, masker, streams, active, steps)
         done = [k for s, k in zip(active, steps) if s.role == ROLE_TARGET]
         if done and isinstance(store, ReferenceStore):
             store.finish_step(min(done))
@@ -225,6 +227,20 @@ def run_fusion(model: LoadedModel, prompt: str, plan: _Plan, cache, previous):
         trajs = denoise(model, cond, streams, plan.sampling, plan.schedule, on_call=on_call,
                         row_info=lambda s, k: RowInfo(s.role, k, s.ref, s.base))
     return streams, trajs, store, masker
+
+
+def _hold_outside(plan: _Plan, masker: FusionMasker, streams: list[Stream], active, steps) -> None:
+    """Targets that just took fused step k: outside the step's mask (at latent resolution), the base's latent."""
+    replayed = {s.base: s for s in streams if s.role == ROLE_BASE}
+    p = plan.fusion.mask
+    for s, k in zip(active, steps):
+        if s.role != ROLE_TARGET or not masker.active(k):
+            continue
+        base = plan.bases[s.base].latents if s.base in plan.bases else replayed[s.base].latents
+        m = resize_mask(masker.combined_mask(s.ref, s.base, k), plan.latent_hw, p.resize, p.dilate, p.feather)
+        m = m.to(s.latent.device, s.latent.dtype)
+        s.latent = torch.lerp(base[k + 1].to(s.latent), s.latent, m)
+        s.latents[-1] = s.latent.cpu()
 
 
 def fuse_batch(model: LoadedModel, prompt: str, pairs: list[tuple[int, int]], sampling: SamplingParams | None = None,
@@ -244,6 +260,9 @@ def fuse_batch(model: LoadedModel, prompt: str, pairs: list[tuple[int, int]], sa
     for b in plan.replay_bases:
         plan.bases.setdefault(b, by_role[(ROLE_BASE, b)])
     targets = [by_role[(ROLE_TARGET, pair)] for pair in plan.pairs]
+    if plan.fusion.hold_outside and plan.fusion.use_mask:  # the held latents are not the sampler's draws
+        for t in targets:
+            t.log_probs = recompute_log_probs(model, prompt, t, plan.sampling)
     ref_images, base_images, target_images = _decode_new(model, plan, refs, targets, dict(base_images or {}))
     if cache is not None and not plan.from_cache:
         _cache_references(model, prompt, plan, cache, store, refs, ref_images, base_images)
