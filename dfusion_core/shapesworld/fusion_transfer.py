@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..engine.config import FusionParams, MaskParams, SamplingParams, apply_model_defaults
+from ..engine.config import FusionParams, MaskParams, SamplingParams, apply_model_defaults, fusion_defaults
 from ..engine.fusion import fuse_batch
 from ..engine.loading import LoadedModel, load_model
 from ..engine.sampling import sample
@@ -30,10 +30,14 @@ from .checker import check
 from .world import FAMILIES, prompt_list
 
 
-def fusion_forms(mask: MaskParams) -> dict[str, FusionParams]:
-    """The forms compared: the model's default, reference-union-base (dilated), and a global swap."""
-    return {"default": FusionParams(mask=mask),
-            "union_base_dilated": FusionParams(start_step=1, layers="all", mask=replace(mask, union_base=True, dilate=1)),
+def fusion_forms(defaults: dict, mask: MaskParams) -> dict[str, FusionParams]:
+    """The forms compared: the model's default, reference-union-base (dilated one cell) with and without the
+    base held outside the mask, the reference-only mask, and a global swap from step 1."""
+    union = replace(mask, union_base=True, dilate=1)
+    return {"default": fusion_defaults(defaults, mask),
+            "reference_only": FusionParams(start_step=1, layers="all", mask=replace(mask, union_base=False)),
+            "union_base_dilated": FusionParams(start_step=1, layers="all", mask=union),
+            "union_base_dilated_held": FusionParams(start_step=1, layers="all", hold_outside=True, mask=union),
             "global_from_step1": FusionParams(start_step=1, layers="all", use_mask=False, mask=mask)}
 
 
@@ -69,7 +73,7 @@ def ground_truth_pairs(model: LoadedModel, prompt: str, seeds: list[int], sampli
 
 def run(model: LoadedModel, n_prompts: int, n_candidates: int, per_prompt: int, seed: int = 0) -> dict:
     sampling, mask = apply_model_defaults(model.defaults, SamplingParams(), MaskParams())
-    forms = fusion_forms(mask)
+    forms = fusion_forms(model.defaults, mask)
     rows = []
     for family in FAMILIES:
         for spec in prompt_list(family, "train", n=n_prompts, seed=seed):
