@@ -198,3 +198,33 @@ def test_retrain_installs_a_folder_atomically(tmp_path):
     assert [p.name for p in dest.iterdir()] == ["a.txt"] and not (tmp_path / "dest.old").exists()
     with pytest.raises(SystemExit):
         main(["--stages", "generator,bogus"])
+
+
+def test_fusion_transfer_metrics_on_known_images():
+    """keep = |T-B| / |R-B| outside the fusion mask; moved = how far T went from B to R over the image."""
+    from types import SimpleNamespace
+
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from dfusion_core.engine.config import FusionParams, SamplingParams
+    from dfusion_core.shapesworld.fusion_transfer import pair_metrics, summarise
+
+    base = np.full((64, 64, 3), 200, np.uint8)
+    ref = base.copy()
+    ref[:32] = 0  # the reference differs from the base in the top half...
+    ref[32:, :8] = 100  # ...and a little outside it
+    tgt = base.copy()
+    tgt[:32] = 0  # the target took the top half and kept the base elsewhere
+    masks = torch.zeros(4, 8, 8)
+    masks[:, :4] = 1  # the fusion mask: the top half
+    res = SimpleNamespace(target_image=Image.fromarray(tgt), base_image=Image.fromarray(base),
+                          reference_image=Image.fromarray(ref), masks=masks,
+                          fusion=FusionParams(start_step=1), sampling=SamplingParams(num_steps=4))
+    m = pair_metrics(res, "a red circle")
+    assert m["keep"] == 0.0 and not m["accept"]
+    full_gap = np.abs(ref.astype(float) - base).mean()
+    assert abs(m["moved"] - (1 - np.abs(tgt.astype(float) - ref).mean() / full_gap)) < 1e-12
+    table = summarise([{"form": "f", "family": "spatial", **m}, {"form": "f", "family": "spatial", **m}])
+    assert table["f"]["spatial"]["pairs"] == 2 and table["f"]["spatial"]["keep"] == 0.0
