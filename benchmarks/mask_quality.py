@@ -36,6 +36,8 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=2)
     ap.add_argument("--split", default="train", choices=["train", "test"])
     ap.add_argument("--model", default=None)
+    ap.add_argument("--map-softmax", default="joint", choices=["joint", "text"],
+                    help="MMDiT models: softmax over the joint sequence or over the text keys (default: joint)")
     a = ap.parse_args()
     model = load_model(a.model)
     sampling, _ = apply_model_defaults(model.defaults, SamplingParams(), MaskParams())
@@ -46,7 +48,7 @@ def main() -> None:
             groups = keyword_token_indices(model.tokenizer, spec.text, default_keywords(model.tokenizer, spec.text))
             seeds = list(range(1000, 1000 + a.seeds))
             rec = record_attention(model, spec.text, seeds, sampling, layer_factors=factors,
-                                   steps=(min(3, sampling.num_steps), sampling.num_steps))
+                                   steps=(min(3, sampling.num_steps), sampling.num_steps), map_softmax=a.map_softmax)
             for k, image in enumerate(rec.images):
                 found = check(np.asarray(image), spec).objects
                 objects = np.zeros(image.size[::-1], dtype=bool)

@@ -196,3 +196,20 @@ def test_holding_the_base_outside_the_mask_keeps_the_base_there(sd3):
     torch.testing.assert_close(res.target.final[out], res.base.final[out])
     assert not torch.allclose(free.target.final[out], free.base.final[out])  # without holding, fusion leaks
     torch.testing.assert_close(res.target.log_probs, recompute_log_probs(sd3, "a red dog", res.target, SP))
+
+
+def test_text_softmax_maps_are_a_fusion_option_and_a_cache_key(sd3):
+    from dfusion_core.engine.reference_cache import ReferenceCache
+
+    cache = ReferenceCache()
+    mask = MaskParams(keywords=("dog",))
+    joint = fuse(sd3, "a red dog", 1, 2, SP, FusionParams(start_step=1, layers="all", mask=mask), cache=cache)
+    text = fuse(sd3, "a red dog", 1, 2, SP, FusionParams(start_step=1, layers="all",
+                                                         mask=MaskParams(keywords=("dog",), map_softmax="text")),
+                cache=cache)
+    assert not text.from_cache  # other maps: not the joint run's cache entry
+    assert not torch.allclose(joint.token_maps, text.token_maps)
+    t = text.token_maps.sum(0)  # over the text keys alone each image position's map sums to 1 (averaged)
+    torch.testing.assert_close(t, torch.ones_like(t), atol=1e-4, rtol=0)
+    with pytest.raises(ValueError, match="map_softmax"):
+        MaskParams(map_softmax="image").validate()

@@ -47,16 +47,17 @@ class AttentionController:
 
     @contextmanager
     def configured(self, store, masker=None, map_layers=frozenset(), fusion_layers=frozenset(),
-                   map_roles=frozenset({ROLE_REF})):
+                   map_roles=frozenset({ROLE_REF}), map_softmax: str = "joint"):
         """Set up one run (fusion, or map recording) and restore the idle state afterwards, whatever happens."""
         self.store, self.masker, self.map_roles = store, masker, frozenset(map_roles)
+        self.map_softmax = map_softmax
         self.map_layers, self.fusion_layers = frozenset(map_layers), frozenset(fusion_layers)
         try:
             yield self
         finally:
             self.store = self.masker = None
             self.map_layers = self.fusion_layers = frozenset()
-            self.map_roles = frozenset({ROLE_REF})
+            self.map_roles, self.map_softmax = frozenset({ROLE_REF}), "joint"
             self.end()
 
     def begin_call(self, rows: list[RowInfo], cfg: bool) -> None:

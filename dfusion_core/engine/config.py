@@ -69,6 +69,7 @@ class MaskParams:
     feather: float = 0.0  # soften edges: Gaussian sigma in cells of the fusion layer (0 = hard)
     accumulate_steps: bool = False  # average maps over the steps so far instead of the current step only
     union_base: bool = False  # also include the base's own keyword mask (reference-union-base)
+    map_softmax: str = "joint"  # MMDiT maps: softmax over the joint image+text sequence, or over text keys only
 
     def validate(self) -> "MaskParams":
         _check(self.threshold_mode in THRESHOLD_MODES,
@@ -79,6 +80,7 @@ class MaskParams:
         elif self.threshold_mode in ("relative", "area"):
             _check(0.0 < t <= 1.0, f"a {self.threshold_mode} threshold must be in (0, 1], got {t}")
         _check(self.combine in COMBINE_MODES, f"combine must be one of {COMBINE_MODES}, got {self.combine!r}")
+        _check(self.map_softmax in ("joint", "text"), f"map_softmax must be joint or text, got {self.map_softmax!r}")
         _check(self.resize in RESIZE_MODES, f"resize must be one of {RESIZE_MODES}, got {self.resize!r}")
         _check(isinstance(self.dilate, int) and 0 <= self.dilate <= 16, f"dilate must be 0..16, got {self.dilate!r}")
         _check(0.0 <= float(self.feather) <= 16.0, f"feather must be in [0, 16], got {self.feather!r}")

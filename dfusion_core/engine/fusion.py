@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from .attention import ROLE_BASE, ROLE_REF, ROLE_TARGET, RowInfo
-from .config import FusionParams, SamplingParams
+from .config import FusionParams, MaskParams, SamplingParams
 from .loading import LoadedModel
 from .masks import FusionMasker, aggregate_maps, resize_mask, threshold_maps
 from .reference_cache import CachedReference, ReferenceCache, ReferenceStore
@@ -93,8 +93,9 @@ class _ChainStore:
         raise RuntimeError("read-only store")
 
 
-def _cache_key(model: LoadedModel, prompt: str, ref_seed: int, sampling: SamplingParams, map_layers) -> tuple:
-    return (model.model_id, prompt, ref_seed, sampling, tuple(sorted(map_layers)))
+def _cache_key(model: LoadedModel, prompt: str, ref_seed: int, sampling: SamplingParams, map_layers,
+               map_softmax: str) -> tuple:
+    return (model.model_id, prompt, ref_seed, sampling, tuple(sorted(map_layers)), map_softmax)
 
 
 def resolve_keywords(model: LoadedModel, prompt: str, fusion: FusionParams) -> tuple[list[str], list[tuple[int, ...]]]:
@@ -130,17 +131,17 @@ class _Plan:
         return len(self.schedule.timesteps)
 
 
-def _cached_entries(model, prompt, pairs, plan_bases, cache, sampling, map_layers, fusion_layers, union_base):
+def _cached_entries(model, prompt, pairs, plan_bases, cache, sampling, map_layers, fusion_layers, mask: MaskParams):
     """References the cache holds with the layers and maps this run needs; fills in cached bases."""
     entries: dict[int, CachedReference] = {}
     if cache is None:
         return entries
     for r in dict.fromkeys(r for _, r in pairs):
-        e = cache.get(_cache_key(model, prompt, r, sampling, map_layers))
+        e = cache.get(_cache_key(model, prompt, r, sampling, map_layers, mask.map_softmax))
         if e is not None and fusion_layers <= e.store.kv_layers:
             entries[r] = e
     for b, r in pairs:
-        if r in entries and union_base and not entries[r].store.has_maps(ROLE_BASE, b, 0):
+        if r in entries and mask.union_base and not entries[r].store.has_maps(ROLE_BASE, b, 0):
             entries.pop(r)
         elif r in entries and b not in plan_bases and entries[r].base is not None and entries[r].base.seed == b:
             plan_bases[b] = entries[r].base
@@ -165,7 +166,7 @@ def plan_fusion(model: LoadedModel, prompt: str, pairs, sampling, fusion, bases,
     bases = dict(bases or {})
     ref_seeds = list(dict.fromkeys(r for _, r in pairs))
     union_base = fusion.mask.union_base
-    entries = _cached_entries(model, prompt, pairs, bases, cache, sampling, map_layers, fusion_layers, union_base)
+    entries = _cached_entries(model, prompt, pairs, bases, cache, sampling, map_layers, fusion_layers, fusion.mask)
     from_cache = cache is not None and len(entries) == len(ref_seeds) and all(b in bases for b, _ in pairs)
     replay = [] if from_cache else list(dict.fromkeys(b for b, _ in pairs if union_base or b not in bases))
     plan = _Plan(sampling, fusion, keywords, groups, map_layers, factors, fusion_layers, schedule, (lh, lw),
@@ -223,7 +224,7 @@ def run_fusion(model: LoadedModel, prompt: str, plan: _Plan, cache, previous):
             store.finish_step(min(done))
 
     with model.controller.configured(store, masker, frozenset() if plan.from_cache else plan.map_layers, layers,
-                                     {ROLE_REF, ROLE_BASE}):
+                                     {ROLE_REF, ROLE_BASE}, fusion.mask.map_softmax):
         trajs = denoise(model, cond, streams, plan.sampling, plan.schedule, on_call=on_call,
                         row_info=lambda s, k: RowInfo(s.role, k, s.ref, s.base))
     return streams, trajs, store, masker
@@ -297,7 +298,7 @@ def _cache_references(model, prompt, plan: _Plan, cache, store, refs, ref_images
     for r in plan.ref_seeds:
         b0 = next((b for b, rr in plan.pairs if rr == r), None)
         sub = _substore(store, r, [b for b, rr in plan.pairs if rr == r])
-        cache.put(_cache_key(model, prompt, r, plan.sampling, plan.map_layers),
+        cache.put(_cache_key(model, prompt, r, plan.sampling, plan.map_layers, plan.fusion.mask.map_softmax),
                   CachedReference(sub, refs[r], ref_images[r], plan.bases.get(b0), base_images.get(b0)))
 
 
@@ -355,7 +356,8 @@ class AttentionRecording:
 
 
 def record_attention(model: LoadedModel, prompt: str, seeds: list[int], sampling: SamplingParams | None = None,
-                     layer_factors: tuple[int, ...] = (4,), steps: tuple[int, int] | None = None) -> AttentionRecording:
+                     layer_factors: tuple[int, ...] = (4,), steps: tuple[int, int] | None = None,
+                     map_softmax: str = "joint") -> AttentionRecording:
     """Sample `seeds` while recording their cross-attention maps (no fusion): for mask inspection and the
     localisation metrics. `steps` (1-based, inclusive) limits the steps averaged (default: all)."""
     sampling = (sampling or SamplingParams()).validate()
@@ -369,7 +371,7 @@ def record_attention(model: LoadedModel, prompt: str, seeds: list[int], sampling
     first, last = steps or (1, n)
     store = ReferenceStore(keep_all=True)
     streams = [Stream(seed=s, role=ROLE_REF, ref=s) for s in seeds]
-    with model.controller.configured(store, map_layers=map_layers, map_roles={ROLE_REF}):
+    with model.controller.configured(store, map_layers=map_layers, map_roles={ROLE_REF}, map_softmax=map_softmax):
         trajs = denoise(model, model.encode([prompt], sampling.negative_prompt, sampling.uses_cfg, h, w), streams,
                         sampling, row_info=lambda s, k: RowInfo(s.role, k, s.ref, s.base))
     maps = torch.stack([torch.stack([aggregate_maps(store.maps(ROLE_REF, s, k), (lh, lw))
