@@ -24,7 +24,7 @@ from dfusion_core.engine.pairs import record_from_result
 from dfusion_core.data.preference_store import LABELS, PreferenceStore
 from dfusion_core.engine.prompt_sets import load_prompt_set
 from dfusion_core.engine.reference_cache import ReferenceCache
-from dfusion_core.engine.sampling import Trajectory, sample, validate_prompt
+from dfusion_core.engine.sampling import MAX_SEED, Trajectory, check_pair_seeds, sample, validate_prompt
 from dfusion_core.engine.tokens import default_keywords, keyword_token_indices, word_tokens
 
 from .model_thread import ModelThread
@@ -34,7 +34,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("dfusion.app")
 MAX_CANDIDATES = 32
-MAX_SEED = 2 ** 31 - 1
 TUNED_ADAPTER = "dfusion_tuned"  # the fine-tuned LoRA loaded into the Fuse view
 PAIR_COLUMNS = ["pair_id", "prompt", "label", "base_seed", "ref_seed", "score_base", "score_target"]  # list_pairs rows
 
@@ -67,7 +66,7 @@ class Session:
 
 
 def parse_seed(value, name: str) -> int:
-    """A seed from a widget value: integer text or number in [0, 2^31)."""
+    """A seed from a widget value: integer text or number in 0..MAX_SEED (the engine's seed range)."""
     if value is None or (isinstance(value, str) and not value.strip()):
         raise UserError(f"{name} is empty: type an integer seed or pick a candidate")
     try:
@@ -223,8 +222,10 @@ class AppService:
              fusion: FusionParams) -> Session:
         prompt = check_prompt(prompt)
         b, r = parse_seed(base_seed, "base seed"), parse_seed(ref_seed, "reference seed")
-        if b == r:
-            raise UserError("base and reference are the same seed: pick two different images")
+        try:
+            check_pair_seeds(b, r)  # the engine's rule, the CLI's too
+        except ValueError as e:
+            raise UserError(str(e)) from None
         same = session.prompt == prompt and session.sampling == sampling
         cand = session.candidates.get(b) if same else None
         try:

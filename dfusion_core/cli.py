@@ -2,7 +2,9 @@
 
 Commands: sample, fuse, build-pairs, train, tokens, eval, bench. Every command takes --model (a diffusers pipeline
 folder or hub id; default: the embedded ShapesWorld model) and prints JSON on stdout (bench: a readable
-table unless --json). Bad input exits with status 2 and a one-line message, never a traceback.
+table unless --json). Bad input exits with status 2 and one line starting with `error:`, never a traceback;
+flags are checked before a model loads where they alone show the mistake. Seeds and pairs follow the engine's
+rules (engine.sampling.check_seed / check_pair_seeds), which the app uses too.
 """
 from __future__ import annotations
 
@@ -15,59 +17,130 @@ from dataclasses import asdict
 from pathlib import Path
 
 from .engine import offline  # noqa: F401
-from .engine.config import COMBINE_MODES, FUSION_LAYER_PRESETS, RESIZE_MODES, THRESHOLD_MODES, FusionParams, MaskParams, SamplingParams, \
-    apply_model_defaults
+from .engine.config import COMBINE_MODES, FUSION_LAYER_PRESETS, RESIZE_MODES, THRESHOLD_MODES, FusionParams, MaskParams, \
+    SamplingParams, apply_model_defaults, field_comments, model_defaults
+
+# engine.loading.DEFAULT_MODEL without importing torch (the help must not wait for it); tests check they agree
+SHIPPED_MODEL = Path(__file__).resolve().parent.parent / "assets" / "shapesworld"
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with the CLI's contract for bad input: status 2 and one line starting with `error:`."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see: {self.prog} --help)\n")
+
+
+def _int_at_least(lo: int, hi: int | None = None):
+    """An argparse type: an integer in lo..hi (hi: no upper bound when None)."""
+    def integer(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if v < lo or (hi is not None and v > hi):
+            raise argparse.ArgumentTypeError(f"must be {f'in {lo}..{hi}' if hi is not None else f'at least {lo}'}, "
+                                             f"got {v}")
+        return v
+    return integer
+
+
+def _seed(text: str) -> int:
+    """An argparse type: one seed, checked by the engine's seed rule (the app's too)."""
+    from .engine.sampling import check_seed
+
+    try:
+        return check_seed(int(text), "a seed")
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e) if text.strip().lstrip("-").isdigit()
+                                         else f"{text!r} is not an integer seed") from None
 
 
 def _seed_list(s: str) -> list[int]:
+    """'0 1 2', '0,3,7' or '0-15' (inclusive) -> seeds, each checked by the engine's seed rule."""
     out = []
     for part in s.replace(",", " ").split():
         if "-" in part[1:]:
             a, b = part.split("-", 1)
-            out += list(range(int(a), int(b) + 1))
+            lo, hi = _seed(a), _seed(b)
+            if hi < lo:
+                raise argparse.ArgumentTypeError(f"the range {part} is empty: write it low-high, e.g. {hi}-{lo}")
+            out += list(range(lo, hi + 1))
         else:
-            out.append(int(part))
+            out.append(_seed(part))
+    if not out:
+        raise argparse.ArgumentTypeError("no seeds given: e.g. '0 1 2' or '0-15'")
     return out
 
 
+def _fmt(v) -> str:
+    return " ".join(map(str, v)) if isinstance(v, (tuple, list)) else repr(v) if v == "" else str(v)
+
+
+def _doc(cls, name: str, text: str | None = None) -> str:
+    """A config field's help: its comment (or `text`) and its default, and where the shipped model's dfusion.json
+    sets another value, that too (the default --model uses it)."""
+    default = cls.__dataclass_fields__[name].default
+    shipped = model_defaults(SHIPPED_MODEL).get(name)
+    note = f"; the model's dfusion.json may set another: the shipped model's is {_fmt(shipped)}" \
+        if shipped is not None and _fmt(shipped) != _fmt(default) else ""
+    return f"{text or field_comments(cls)[name]} (default: {_fmt(default)}{note})"
+
+
 def _add_model(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help="pipeline folder or hub id (default: assets/shapesworld); "
-                   "'tiny:sd15-full' builds a random SD 1.5-shaped UNet for benchmarks")
-    p.add_argument("--lora", default=None, help="LoRA folder to load on top (e.g. the output of train)")
-    p.add_argument("--device", default=None, help="cpu | cuda (default: cuda if available)")
-    p.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"], help="default fp32 on CPU, fp16 on CUDA")
+    p.add_argument("--model", default=None, help="pipeline folder or hub id; 'tiny:KIND' builds a random pipeline "
+                   "(tiny:sd1, tiny:sd15-full for benchmarks, ...) (default: the shipped ShapesWorld model, "
+                   "assets/shapesworld)")
+    p.add_argument("--lora", default=None, help="LoRA folder to load on top, e.g. the output of train "
+                   "(default: none)")
+    p.add_argument("--device", default=None, help="cpu | cuda (default: cuda if available, else cpu)")
+    p.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"],
+                   help="weights' precision (default: fp32 on CPU, fp16 on CUDA)")
 
 
 def _add_sampling(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("sampling (paper defaults unless the model's dfusion.json says otherwise)")
-    g.add_argument("--steps", type=int, default=None, help="denoising steps (20)")
-    g.add_argument("--eta", type=float, default=None,
-                   help="DDIM eta (1.0); for SD3-family models the SDE's noise level (0.7)")
-    g.add_argument("--flow-sampler", default=None, choices=["sde", "ddim", "ode"],
-                   help="SD3-family models: sde (Flow-GRPO, default), ddim (DDIM for rectified flow) or ode "
-                        "(deterministic: no log-probs)")
-    g.add_argument("--cfg", type=float, default=None, help="guidance scale (5.0; ShapesWorld 2.0)")
-    g.add_argument("--negative", default=None, help="negative prompt ('')")
-    g.add_argument("--height", type=int, default=None)
-    g.add_argument("--width", type=int, default=None)
+    g.add_argument("--steps", type=int, default=None, help=_doc(SamplingParams, "num_steps"))
+    g.add_argument("--eta", type=float, default=None, help=_doc(
+        SamplingParams, "eta", "DDIM eta: 0 deterministic, 1 DDPM-like (log-probs need > 0); SD3-family models: "
+                               "the SDE's noise level, whose default is 0.7"))
+    g.add_argument("--flow-sampler", default=None, choices=["sde", "ddim", "ode"], help=_doc(
+        SamplingParams, "flow_sampler", "SD3-family models: sde (Flow-GRPO), ddim (DDIM for rectified flow) or ode "
+                                        "(deterministic: no log-probs)"))
+    g.add_argument("--cfg", type=float, default=None, help=_doc(SamplingParams, "guidance_scale"))
+    g.add_argument("--negative", default=None, help=_doc(SamplingParams, "negative_prompt"))
+    for name in ("height", "width"):
+        shipped = model_defaults(SHIPPED_MODEL).get(name)
+        g.add_argument(f"--{name}", type=int, default=None,
+                       help=f"image {name} in pixels, a multiple of 8 (default: the model's size"
+                            f"{f'; the shipped model: {shipped}' if shipped else ''})")
 
 
 def _add_fusion(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("fusion")
-    g.add_argument("--keywords", nargs="+", default=None, help="words to mask (default: content words)")
-    g.add_argument("--threshold-mode", choices=THRESHOLD_MODES, default=None)
-    g.add_argument("--threshold", type=float, default=None)
-    g.add_argument("--start-step", type=int, default=None, help="first fused step, 1-based (3)")
-    g.add_argument("--end-step", type=int, default=None, help="last fused step (last)")
-    g.add_argument("--layers", nargs="+", default=None, help=f"preset {FUSION_LAYER_PRESETS} or module-path prefixes")
-    g.add_argument("--mask-factors", type=int, nargs="+", default=None, help="cross-attention downsampling factors (4)")
-    g.add_argument("--combine", choices=COMBINE_MODES, default=None,
-                   help="keywords' maps: mean then threshold (default) | threshold each, OR them (paper)")
-    g.add_argument("--resize", choices=RESIZE_MODES, default=None)
-    g.add_argument("--dilate", type=int, default=None)
-    g.add_argument("--feather", type=float, default=None)
-    g.add_argument("--no-mask", action="store_true", help="global fusion (ablation)")
-    g.add_argument("--union-base", action="store_true", help="mask = reference's OR base's")
+    g = p.add_argument_group("fusion (paper defaults unless the model's dfusion.json says otherwise)")
+    g.add_argument("--keywords", nargs="+", default=None,
+                   help="prompt words whose attention makes the mask (default: the prompt's content words)")
+    g.add_argument("--threshold-mode", choices=THRESHOLD_MODES, default=None, help="how the map is cut into the mask: "
+                   + _doc(MaskParams, "threshold_mode"))
+    g.add_argument("--threshold", type=float, default=None, help=_doc(
+        MaskParams, "threshold", "absolute: attention probability; relative: fraction of the map's max; area: "
+                                 "fraction of the image kept; auto ignores it"))
+    g.add_argument("--start-step", type=int, default=None, help=_doc(FusionParams, "start_step"))
+    g.add_argument("--end-step", type=int, default=None, help="last fused step, 1-based inclusive "
+                   "(default: the last step)")
+    g.add_argument("--layers", nargs="+", default=None,
+                   help=_doc(FusionParams, "layers", f"fusion layers: a preset {'|'.join(FUSION_LAYER_PRESETS)} "
+                                                     "(mid+up = paper) or module-path prefixes"))
+    g.add_argument("--mask-factors", type=int, nargs="+", default=None, help=_doc(
+        MaskParams, "layer_factors", "read cross-attention at latent/F for each factor F (powers of two)"))
+    g.add_argument("--combine", choices=COMBINE_MODES, default=None, help=_doc(
+        MaskParams, "combine", "keywords' maps: mean = threshold their mean | union = threshold each, OR them "
+                               "(paper)"))
+    g.add_argument("--resize", choices=RESIZE_MODES, default=None, help=_doc(MaskParams, "resize"))
+    g.add_argument("--dilate", type=int, default=None, help=_doc(MaskParams, "dilate"))
+    g.add_argument("--feather", type=float, default=None, help=_doc(MaskParams, "feather"))
+    g.add_argument("--no-mask", action="store_true", help="global fusion, no mask (the ablation)")
+    g.add_argument("--union-base", action="store_true", help="mask = the reference's OR the base's")
 
 
 def _load(a):
@@ -109,8 +182,10 @@ def _params(a, model) -> tuple[SamplingParams, FusionParams]:
 def cmd_tokens(a) -> dict | list:
     from transformers import CLIPTokenizer
 
+    from .engine.sampling import validate_prompt
     from .engine.tokens import default_keywords, word_tokens
 
+    validate_prompt(a.prompt)
     if a.model and not a.model.startswith("tiny:"):
         from .engine.loading import load_model
         tok = load_model(a.model, device="cpu").tokenizer
@@ -128,11 +203,12 @@ def cmd_tokens(a) -> dict | list:
 def cmd_sample(a) -> dict:
     from safetensors.torch import save_file
 
-    from .engine.sampling import sample
+    from .engine.sampling import sample, validate_prompt
 
+    validate_prompt(a.prompt)  # before the model loads
     model = _load(a)
     s, _ = _params(a, model)
-    seeds = _seed_list(a.seeds)
+    seeds = a.seeds  # parsed and range-checked by _seed_list
     res = sample(model, a.prompt, seeds, s)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -144,37 +220,40 @@ def cmd_sample(a) -> dict:
     return {"prompt": a.prompt, "seeds": seeds, "images": files, "sampling": asdict(s)}
 
 
+def _scorer(spec: str):
+    """--scorer: 'default' (ShapesWorld CLIP), 'none' (None) or a make_scorer spec."""
+    from .engine.scoring import make_scorer
+
+    return None if spec == "none" else make_scorer(None if spec == "default" else spec)
+
+
 def cmd_fuse(a) -> dict:
     from .engine.fusion import fuse
-    from .engine.pairs import record_from_result, save_record
+    from .engine.pairs import record_from_result, save_new_pairs, verdict
+    from .engine.sampling import check_pair_seeds, validate_prompt
 
+    validate_prompt(a.prompt)
+    check_pair_seeds(a.base_seed, a.ref_seed)  # the app's rule: in range and two different images
+    scorer = _scorer(a.scorer)
     model = _load(a)
     s, f = _params(a, model)
     res = fuse(model, a.prompt, a.base_seed, a.ref_seed, s, f)
     scores = {}
-    if a.scorer:
-        from .engine.scoring import make_scorer
-
-        sc = make_scorer(None if a.scorer == "default" else a.scorer)
-        vals = sc([res.base_image, res.reference_image, res.target_image], [a.prompt] * 3)
+    if scorer is not None:
+        vals = scorer([res.base_image, res.reference_image, res.target_image], [a.prompt] * 3)
         scores = dict(zip(("base", "reference", "target"), map(float, vals)))
     rec = record_from_result(res, model.model_id, scores)
-    out = save_record(rec, a.out)
-    return {"pair_id": rec.pair_id, "out": str(out), "keywords": res.keywords,
-            "token_groups": [list(g) for g in res.token_groups], "mask_factors": list(res.mask_factors),
-            "mask_coverage": res.mask_coverage, "scores": scores}
+    if scores:  # the scorer's verdict; unscored, the paper's assumption (the fused target wins)
+        rec.label = verdict(scores["base"], scores["target"]) or "tie"
+    saved, _ = save_new_pairs([rec], a.out)
+    return {"pair_id": rec.pair_id, "out": str(a.out), "stored": bool(saved), "label": rec.label,
+            "keywords": res.keywords, "token_groups": [list(g) for g in res.token_groups],
+            "mask_factors": list(res.mask_factors), "mask_coverage": res.mask_coverage, "scores": scores}
 
 
-def cmd_build_pairs(a) -> dict:
-    from .worlds import discover
-
-    discover()  # world plug-ins register their WORLD:FAMILY:SPLIT prompt lists
-    from .engine.pairs import PairingParams, build_pairs, save_pairs
+def _prompts(a) -> list[str]:
     from .engine.prompt_sets import load_prompt_set
-    from .engine.scoring import make_scorer
 
-    model = _load(a)
-    s, f = _params(a, model)
     entries = []
     for spec in a.prompt_set or []:
         entries += load_prompt_set(spec)
@@ -183,17 +262,35 @@ def cmd_build_pairs(a) -> dict:
         prompts = prompts[:a.limit]
     if not prompts:
         raise ValueError("give prompts with --prompt or --prompt-set")
-    scorer = make_scorer(None if a.scorer == "default" else a.scorer)
-    pairing = PairingParams(num_candidates=a.num_candidates, min_gap=a.min_gap, seed=a.seed)
-    if a.random:
-        from .engine.pairs import build_random_pairs
+    return prompts
 
-        recs = build_random_pairs(model, prompts, scorer, s, pairing, batch_size=a.batch_size)
+
+def cmd_build_pairs(a) -> dict:
+    from .worlds import discover
+
+    discover()  # world plug-ins register their WORLD:FAMILY:SPLIT prompt lists
+    from .engine.pairs import PairingParams, build_pairs, build_random_pairs, save_new_pairs
+
+    prompts = _prompts(a)
+    pairing = PairingParams(num_candidates=a.num_candidates, min_gap=a.min_gap, seed=a.seed, label=a.label).validate()
+    scorer = _scorer(a.scorer)
+    if scorer is None:
+        raise ValueError("build-pairs needs a scorer: pairs are chosen and labelled by score")
+    model = _load(a)
+    s, f = _params(a, model)
+    stats: dict = {}
+    if a.random:
+        recs = build_random_pairs(model, prompts, scorer, s, pairing, batch_size=a.batch_size, stats=stats)
     else:
-        recs = build_pairs(model, prompts, scorer, s, f, pairing, batch_size=a.batch_size,
+        recs = build_pairs(model, prompts, scorer, s, f, pairing, batch_size=a.batch_size, stats=stats,
                            progress=lambda i, n: print(f"[{i}/{n}] prompts", file=sys.stderr, flush=True))
-    save_pairs(recs, a.out)
-    return {"pairs": len(recs), "prompts": len(prompts), "out": a.out}
+    saved, skipped = save_new_pairs(recs, a.out)
+    dropped = {"tie": stats.get("dropped_tie", 0), "gap": stats.get("dropped_gap", 0)}
+    print(f"kept {len(recs)} pairs; dropped {dropped['tie']} ties (scores closer than --min-gap {a.min_gap}) and "
+          f"{dropped['gap']} pairs whose reference was under --min-gap above its base; {skipped} already stored",
+          file=sys.stderr, flush=True)
+    return {"pairs": len(recs), "labels": {k: sum(r.label == k for r in recs) for k in ("target", "base")},
+            "dropped": dropped, "saved": saved, "already_stored": skipped, "prompts": len(prompts), "out": a.out}
 
 
 def cmd_train(a) -> dict:
@@ -260,59 +357,83 @@ def cmd_bench(a) -> dict:
     return run_bench(model, a.prompt, s, f, repeats=a.repeats)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m dfusion_core", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = ap.add_subparsers(dest="command", required=True)
+SEED_RANGE = "0..2147483647"  # engine.sampling.MAX_SEED, spelled out so --help needs no torch (a test checks)
+SCORER_HELP = "'default' (the shipped ShapesWorld CLIP), openclip:NAME:TAG_OR_FILE or an OpenCLIP folder"
 
+
+def _add_tokens_sample(sub) -> None:
     p = sub.add_parser("tokens", help="prompt words -> token positions (JSON)")
-    p.add_argument("--prompt", required=True)
+    p.add_argument("--prompt", required=True, help="the prompt to split into words and tokens (required)")
     p.add_argument("--with-keywords", action="store_true", help="also print the default keywords")
-    p.add_argument("--model", default=None)
+    p.add_argument("--model", default=None, help="pipeline folder or hub id whose tokenizer to use "
+                   "(default: the shipped model's CLIP tokenizer)")
     p.set_defaults(fn=cmd_tokens)
 
     p = sub.add_parser("sample", help="sample images with trajectories")
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--seeds", default="0", help="e.g. '0 1 2' or '0-15'")
-    p.add_argument("--out", default="out/sample")
+    p.add_argument("--prompt", required=True, help="what the images should show (required)")
+    p.add_argument("--seeds", type=_seed_list, default="0", help="one image per seed, e.g. '0 1 2', '0,3,7' or "
+                   "'0-15' (inclusive), each in " + SEED_RANGE + " (default: %(default)s)")
+    p.add_argument("--out", default="out/sample", help="folder for seedN.png and seedN.safetensors (the "
+                   "trajectory) (default: %(default)s)")
     _add_model(p), _add_sampling(p)
     p.set_defaults(fn=cmd_sample)
 
-    p = sub.add_parser("fuse", help="fuse one (base, reference) pair and store it")
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--base-seed", type=int, required=True)
-    p.add_argument("--ref-seed", type=int, required=True)
-    p.add_argument("--scorer", default=None, help="'default' (ShapesWorld CLIP) or openclip:NAME:CKPT")
-    p.add_argument("--out", default="out/pairs")
+
+def _add_fuse_build(sub) -> None:
+    out_help = "pair folder: pairs.jsonl plus each pair's files; a pair it already lists is not added again " \
+               "(default: %(default)s)"
+    p = sub.add_parser("fuse", help="fuse one (base, reference) pair, score it and store it")
+    p.add_argument("--prompt", required=True, help="what the images should show (required)")
+    p.add_argument("--base-seed", type=_seed, required=True, help=f"the base image's seed, {SEED_RANGE} (required)")
+    p.add_argument("--ref-seed", type=_seed, required=True,
+                   help=f"the reference image's seed, {SEED_RANGE}, not the base's (required)")
+    p.add_argument("--scorer", default="default", help=f"{SCORER_HELP}; the label is its verdict (the higher of "
+                   "base and target wins, equal scores: tie); 'none' stores no scores and labels the target the "
+                   "winner, the paper's assumption (default: %(default)s)")
+    p.add_argument("--out", default="out/pairs", help=out_help)
     _add_model(p), _add_sampling(p), _add_fusion(p)
     p.set_defaults(fn=cmd_fuse)
 
-    p = sub.add_parser("build-pairs", help="sample N per prompt, score, pair and fuse")
-    p.add_argument("--prompt", action="append", help="a prompt (repeatable)")
-    p.add_argument("--prompt-set", action="append", help="paper:FAMILY:SPLIT, shapesworld:FAMILY:SPLIT or a file")
-    p.add_argument("--limit", type=int, default=None, help="use only the first N prompts")
-    p.add_argument("--scorer", default="default")
-    p.add_argument("--num-candidates", type=int, default=16)
-    p.add_argument("--min-gap", type=float, default=0.0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=16)
+    p = sub.add_parser("build-pairs", help="sample N per prompt, score, pair, fuse, label by score")
+    p.add_argument("--prompt", action="append", help="a prompt, repeatable (default: none; give --prompt or "
+                   "--prompt-set)")
+    p.add_argument("--prompt-set", action="append", help="paper:FAMILY:SPLIT, shapesworld:FAMILY:SPLIT or a file, "
+                   "repeatable (default: none)")
+    p.add_argument("--limit", type=_int_at_least(1), default=None, help="use only the first N prompts "
+                   "(default: all)")
+    p.add_argument("--scorer", default="default", help=f"{SCORER_HELP} (default: %(default)s)")
+    p.add_argument("--num-candidates", type=_int_at_least(2, 4096), default=16,
+                   help="images sampled and scored per prompt (default: %(default)s)")
+    p.add_argument("--min-gap", type=float, default=0.0, help="score gap: a pair whose reference scores less "
+                   "than this above its base is not fused, and a target and base closer than this are a tie "
+                   "and dropped (default: %(default)s)")
+    p.add_argument("--label", choices=("score", "target"), default="score", help="who wins a fused pair: score = "
+                   "the higher-scored of base and target (ties dropped); target = the fused image always (the "
+                   "paper's labelling) (default: %(default)s)")
+    p.add_argument("--seed", type=_int_at_least(0), default=0,
+                   help="candidate seeds derive from (this, prompt) (default: %(default)s)")
+    p.add_argument("--batch-size", type=_int_at_least(1), default=16,
+                   help="images per denoiser call (default: %(default)s)")
     p.add_argument("--random", action="store_true", help="the paper's baseline: random pairs, no fusion")
-    p.add_argument("--out", default="out/pairs")
+    p.add_argument("--out", default="out/pairs", help=out_help)
     _add_model(p), _add_sampling(p), _add_fusion(p)
     p.set_defaults(fn=cmd_build_pairs)
 
-    p = sub.add_parser("train", help="fine-tune on pairs: dpo | traj-dpo | ddpo | dpok (accelerate launch for N GPUs)")
-    p.add_argument("--data", required=True, help="preference store folder or pair folder")
-    p.add_argument("--out", required=True, help="output folder (LoRA, checkpoints, log.jsonl)")
-    p.add_argument("--config", default=None, help="JSON file of TrainConfig fields (flags override it)")
-    p.add_argument("--no-resume", action="store_true", help="start over even if OUT has a checkpoint")
+
+def _add_train(sub) -> None:
     from dataclasses import fields as _fields
 
-    from .engine.config import field_comments
     from .training.trainer import TrainConfig
+
+    p = sub.add_parser("train", help="fine-tune on pairs: dpo | traj-dpo | ddpo | dpok (accelerate launch for N GPUs)")
+    p.add_argument("--data", required=True, help="preference store folder or pair folder (required)")
+    p.add_argument("--out", required=True, help="output folder: LoRA, checkpoints, log.jsonl (required)")
+    p.add_argument("--config", default=None, help="JSON file of TrainConfig fields; flags override it "
+                   "(default: none)")
+    p.add_argument("--no-resume", action="store_true", help="start over even if OUT has a checkpoint")
     notes = field_comments(TrainConfig)
     for fld in _fields(TrainConfig):
-        flag, doc = "--" + fld.name.replace("_", "-"), f"{notes.get(fld.name, '')} (default: {fld.default})"
+        flag, doc = "--" + fld.name.replace("_", "-"), f"{notes.get(fld.name, '')} (default: {_fmt(fld.default)})"
         if fld.name == "lora_targets":
             p.add_argument(flag, nargs="+", default=None, help=doc)
         elif fld.name in ("algo", "mixed_precision"):
@@ -323,22 +444,39 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model(p)
     p.set_defaults(fn=cmd_train)
 
+
+def _add_eval_bench(sub) -> None:
     p = sub.add_parser("eval", help="ShapesWorld evaluation: checker accuracy, CLIP score, mask localisation")
-    p.add_argument("--split", choices=["train", "test"], default="test")
-    p.add_argument("--n-prompts", type=int, default=40, help="prompts per family")
-    p.add_argument("--seeds", type=int, default=5, help="samples per prompt")
-    p.add_argument("--families", nargs="+", choices=["action", "attribute", "spatial"], default=None)
-    p.add_argument("--scorer", default="default", help="'default' (ShapesWorld CLIP), 'none' or openclip:...")
-    p.add_argument("--out", default=None, help="write the full report (with per-sample rows) here")
+    p.add_argument("--split", choices=["train", "test"], default="test", help="prompt split (default: %(default)s)")
+    p.add_argument("--n-prompts", type=_int_at_least(1), default=40, help="prompts per family (default: %(default)s)")
+    p.add_argument("--seeds", type=_int_at_least(1), default=5, help="samples per prompt (default: %(default)s)")
+    p.add_argument("--families", nargs="+", choices=["action", "attribute", "spatial"], default=None,
+                   help="prompt families (default: all three)")
+    p.add_argument("--scorer", default="default", help=f"{SCORER_HELP}, or 'none' for no CLIP score; 'default' "
+                   "is skipped when that scorer is missing (default: %(default)s)")
+    p.add_argument("--out", default=None, help="write the full report (with per-sample rows) here as JSON "
+                   "(default: none, the summary goes to stdout only)")
     _add_model(p), _add_sampling(p)
     p.set_defaults(fn=cmd_eval)
 
     p = sub.add_parser("bench", help="plain vs fused vs cached re-fusion timings")
-    p.add_argument("--prompt", default="a red circle above a blue square")
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--prompt", default="a red circle above a blue square",
+                   help="the prompt to time (default: %(default)s)")
+    p.add_argument("--repeats", type=_int_at_least(1), default=5, help="timed runs of each kind; the median is "
+                   "reported (default: %(default)s)")
     p.add_argument("--json", action="store_true", help="print one JSON object on one line (default: a table)")
     _add_model(p), _add_sampling(p), _add_fusion(p)
     p.set_defaults(fn=cmd_bench)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = _Parser(prog="python -m dfusion_core", description=__doc__,
+                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="command", required=True)
+    _add_tokens_sample(sub)
+    _add_fuse_build(sub)
+    _add_train(sub)
+    _add_eval_bench(sub)
     return ap
 
 

@@ -1,8 +1,11 @@
 """The CLI: JSON out, clear one-line errors (exit 2), the bench keys the README reports."""
+import argparse
 import json
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -71,3 +74,146 @@ def test_train_refuses_deterministic_pairs_for_trajectory_methods(pipelines_dir,
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: traj-dpo") and "eta = 0" in lines[0], p.stderr
     assert not (tmp_path / "run" / "log.jsonl").exists()  # nothing trained
+
+
+# ---- one contract for bad input, every flag documented (issue 15, item 12) --------------------------------
+
+def _main(capsys, *args):
+    """Run the CLI in this process: (exit status, stdout, stderr); argparse's exits count as the status."""
+    from dfusion_core import cli
+
+    try:
+        code = cli.main(list(args))
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["eval", "--n-prompts", "0"], "--n-prompts: must be at least 1, got 0"),
+    (["eval", "--seeds", "0"], "--seeds: must be at least 1, got 0"),
+    (["eval", "--seeds", "abc"], "'abc' is not an integer"),
+    (["sample", "--prompt", "x", "--seeds", "abc"], "'abc' is not an integer seed"),
+    (["sample", "--prompt", "x", "--seeds", "5-2"], "the range 5-2 is empty"),
+    (["sample", "--prompt", "x", "--seeds", "2147483648"], "0..2147483647"),
+    (["sample", "--prompt", "x", "--seeds", ","], "no seeds given"),
+    (["tokens", "--prompt", ""], "the prompt is empty"),
+    (["tokens", "--prompt", "   "], "the prompt is empty"),
+    (["fuse", "--prompt", "x", "--base-seed", "-1", "--ref-seed", "2"], "0..2147483647"),
+    (["build-pairs", "--prompt", "x", "--num-candidates", "1"], "--num-candidates: must be in 2..4096"),
+    (["build-pairs", "--prompt", "x", "--min-gap", "-1"], "min_gap must be >= 0"),
+    (["build-pairs", "--prompt", "x", "--scorer", "none"], "needs a scorer"),
+    (["bench", "--repeats", "0"], "--repeats: must be at least 1"),
+    (["nonsense"], "invalid choice"),
+    ([], "the following arguments are required: command"),
+])
+def test_bad_input_exits_2_with_one_error_line_before_any_model_loads(capsys, args, msg):
+    code, out, err = _main(capsys, *args, *(["--model", "/no/such/folder"] if args[:1] not in ([], ["nonsense"],
+                                                                                         ["tokens"]) else []))
+    lines = err.strip().splitlines()
+    assert code == 2 and out == "" and len(lines) == 1, err
+    assert lines[0].startswith("error: ") and msg in lines[0] and "does not exist" not in lines[0], lines[0]
+
+
+def test_an_empty_prompt_fails_the_process_with_status_2():
+    p = run("tokens", "--prompt", "")
+    assert p.returncode == 2 and p.stderr.strip() == "error: the prompt is empty: type what the image should show"
+
+
+def _subcommands():
+    from dfusion_core import cli
+
+    ap = cli.build_parser()
+    sub = next(a for a in ap._actions if isinstance(a, argparse._SubParsersAction))
+    return sub.choices
+
+
+@pytest.mark.parametrize("command", ["tokens", "sample", "fuse", "build-pairs", "train", "eval", "bench"])
+def test_every_option_has_help_text_and_its_default(capsys, command):
+    """Walks `--help` of each subcommand: every option is listed with help text; each option that takes a value
+    names its default (the value itself where argparse holds one) unless it is required."""
+    parser = _subcommands()[command]
+    code, out, _ = _main(capsys, command, "--help")
+    assert code == 0
+    flat = "".join(out.split())  # argparse wraps lines, also after a hyphen
+    for action in parser._actions:
+        if isinstance(action, argparse._HelpAction):
+            continue
+        flag = action.option_strings[-1]
+        assert flag in out, flag
+        assert action.help and action.help.strip(), f"{command} {flag} has no help text"
+        text = " ".join((action.help % dict(vars(action), prog=parser.prog)).split())
+        assert "".join(text.split()) in flat, f"{command} {flag}: help not shown"
+        if action.nargs == 0:  # a switch: off unless given
+            continue
+        if action.required:
+            assert "(required)" in text, f"{command} {flag}"
+            continue
+        assert "(default: " in text, f"{command} {flag} does not state its default: {text!r}"
+        if action.default is not None:
+            assert f"(default: {action.default})" in text, f"{command} {flag}: {text!r}"
+
+
+def test_help_states_the_defaults_the_model_really_uses():
+    """--mask-factors said 4 while the shipped model reads its dfusion.json's 1 2; the seed range is the engine's."""
+    from dfusion_core import cli
+    from dfusion_core.engine.config import MaskParams, SamplingParams, model_defaults
+    from dfusion_core.engine.loading import DEFAULT_MODEL
+    from dfusion_core.engine.sampling import MAX_SEED
+
+    assert cli.SHIPPED_MODEL == DEFAULT_MODEL and cli.SEED_RANGE == f"0..{MAX_SEED}"
+    shipped = model_defaults(DEFAULT_MODEL)
+    fuse = _subcommands()["fuse"]
+    helps = {a.option_strings[-1]: " ".join(a.help.split()) for a in fuse._actions if a.help}
+    factors = " ".join(map(str, shipped["layer_factors"]))
+    assert f"(default: {' '.join(map(str, MaskParams().layer_factors))}; " in helps["--mask-factors"]
+    assert f"the shipped model's is {factors})" in helps["--mask-factors"]
+    assert f"the shipped model's is {shipped['guidance_scale']})" in helps["--cfg"]
+    assert f"(default: {SamplingParams().num_steps})" in helps["--steps"]
+
+
+# ---- the CLI keeps the app's rules (issue 15, items 3 and 11) -----------------------------------------------
+
+def test_fuse_refuses_equal_seeds_before_loading_the_model(capsys):
+    code, _, err = _main(capsys, "fuse", "--model", "/no/such/folder", "--prompt", "a red dog", "--base-seed", "4",
+                         "--ref-seed", "4")
+    assert code == 2 and err.strip() == "error: base and reference are the same seed (4): a pair needs two " \
+                                        "different images"
+
+
+def test_fuse_scores_by_default_labels_by_verdict_and_a_rerun_adds_no_line(pipelines_dir, sd1, tmp_path):
+    from dfusion_core.engine.pairs import verdict
+
+    args = ("fuse", "--model", str(pipelines_dir / "sd1"), "--prompt", "a red dog", "--base-seed", "1", "--ref-seed",
+            "2", "--steps", "3", "--out", str(tmp_path))
+    first, again = run(*args), run(*args)
+    assert first.returncode == 0 and again.returncode == 0, first.stderr[-2000:] + again.stderr[-2000:]
+    a, b = json.loads(first.stdout), json.loads(again.stdout)
+    assert a["stored"] is True and b["stored"] is False and a["pair_id"] == b["pair_id"]
+    assert set(a["scores"]) == {"base", "reference", "target"}
+    assert a["label"] == (verdict(a["scores"]["base"], a["scores"]["target"]) or "tie")
+    lines = (tmp_path / "pairs.jsonl").read_text().splitlines()
+    assert len(lines) == 1 and json.loads(lines[0])["scores"] == a["scores"]
+    assert json.loads(lines[0])["label"] == a["label"]
+
+
+def test_build_pairs_labels_by_score_reports_drops_and_writes_seeds_the_app_accepts(pipelines_dir, sd1, tmp_path):
+    from app.service import parse_seed
+    from dfusion_core.engine.pairs import verdict
+
+    args = ("build-pairs", "--model", str(pipelines_dir / "sd1"), "--prompt", "a red dog", "--num-candidates", "4",
+            "--steps", "3", "--out", str(tmp_path))
+    p = run(*args)
+    assert p.returncode == 0, p.stderr[-2000:]
+    out = json.loads(p.stdout)
+    assert set(out["dropped"]) == {"tie", "gap"} and out["pairs"] + out["dropped"]["tie"] == 2  # 1 ref x 2 bases
+    assert f"dropped {out['dropped']['tie']} ties" in p.stderr
+    metas = [json.loads(ln) for ln in (tmp_path / "pairs.jsonl").read_text().splitlines()]
+    assert len(metas) == out["pairs"] == out["saved"]
+    for m in metas:
+        assert parse_seed(m["base_seed"], "base seed") != parse_seed(m["ref_seed"], "reference seed")
+        assert m["label"] == verdict(m["scores"]["base"], m["scores"]["target"])  # the scorer's, not always target
+    again = run(*args)
+    assert again.returncode == 0 and json.loads(again.stdout)["already_stored"] == out["pairs"]
+    assert len((tmp_path / "pairs.jsonl").read_text().splitlines()) == len(metas)

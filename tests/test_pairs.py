@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from dfusion_core.engine.config import SamplingParams
-from dfusion_core.engine.pairs import PairingParams, build_pairs, candidate_seeds, choose_pairs, load_pairs, save_pairs
+from dfusion_core.engine.pairs import (PairingParams, build_pairs, build_random_pairs, candidate_seeds, choose_pairs,
+                                       load_pairs, save_new_pairs, save_pairs, verdict)
+from dfusion_core.engine.sampling import MAX_SEED, check_pair_seeds, check_seed
 
 
 def brightness_scorer(images, prompts):
@@ -63,7 +65,7 @@ def test_torn_index_line_is_skipped(sd1, tmp_path):
 
 
 @pytest.mark.parametrize("kwargs,msg", [(dict(num_candidates=1), "num_candidates"), (dict(ref_fraction=0.9), "ref_fraction"),
-                                        (dict(min_gap=-1), "min_gap")])
+                                        (dict(min_gap=-1), "min_gap"), (dict(label="winner"), "label")])
 def test_invalid_pairing(kwargs, msg):
     with pytest.raises(ValueError, match=msg):
         PairingParams(**kwargs).validate()
@@ -72,3 +74,84 @@ def test_invalid_pairing(kwargs, msg):
 def test_load_rejects_non_pair_folder(tmp_path):
     with pytest.raises(ValueError, match="no pairs.jsonl"):
         load_pairs(tmp_path)
+
+
+# ---- one seed range, labels from the scorer's verdict, no duplicate lines (issue 15, items 3 and 11) --------
+
+def test_candidate_seeds_lie_in_the_one_seed_range_the_app_accepts():
+    """build-pairs wrote seeds up to 2^62 that the app refused, so imported CLI pairs could not be re-fused."""
+    from app.service import MAX_SEED as APP_MAX_SEED, parse_seed
+
+    assert APP_MAX_SEED == MAX_SEED == 2 ** 31 - 1
+    seeds = [s for i in range(200) for s in candidate_seeds(f"prompt {i}", 16, seed=i)]
+    assert all(0 <= s <= MAX_SEED for s in seeds) and max(seeds) > 2 ** 30  # the whole range is used
+    assert all(parse_seed(s, "seed") == check_seed(s) for s in seeds[:50])
+    assert len(set(candidate_seeds("a dog", 4096))) == 4096
+
+
+@pytest.mark.parametrize("bad", [-1, MAX_SEED + 1, 2 ** 62, 1.0, True, "3"])
+def test_the_engine_refuses_seeds_outside_the_range(bad):
+    with pytest.raises(ValueError, match=f"0..{MAX_SEED}"):
+        check_seed(bad)
+
+
+def test_a_pair_needs_two_different_seeds_in_the_cli_and_the_app():
+    from app.service import AppService, UserError
+
+    with pytest.raises(ValueError, match="same seed"):
+        check_pair_seeds(5, 5)
+    assert check_pair_seeds(5, 6) == (5, 6)
+    svc = AppService.__new__(AppService)  # the check runs before any model call
+    with pytest.raises(UserError, match="same seed"):
+        svc.fuse(None, "a red dog", 5, "5", None, None)
+
+
+def test_verdict_the_higher_score_wins_and_a_gap_under_min_gap_is_a_tie():
+    assert verdict(0.2, 0.5) == "target" and verdict(0.5, 0.2) == "base"
+    assert verdict(0.5, 0.5) is None and verdict(0.5, 0.5, min_gap=0.1) is None
+    assert verdict(0.50, 0.55, min_gap=0.1) is None and verdict(0.55, 0.50, min_gap=0.1) is None
+    assert verdict(0.50, 0.65, min_gap=0.1) == "target"
+
+
+class _ScriptedScorer:
+    """Candidates score 0..n-1 (index order); the targets get the scores given, in the order fused."""
+
+    def __init__(self, target_scores):
+        self.target_scores, self.calls = list(target_scores), 0
+
+    def __call__(self, images, prompts):
+        self.calls += 1
+        return np.arange(len(images), dtype=float) if self.calls == 1 else np.array(self.target_scores[:len(images)])
+
+
+def test_label_score_records_the_scorers_verdict_and_drops_ties(sd1):
+    """4 candidates: reference = score 3, bases = scores 0 and 1. Target 1 scores below its base (-1 < 0): the
+    base wins; target 2 ties its base (1 = 1): dropped and counted. The paper's labelling keeps both as target."""
+    sp, pairing = SamplingParams(num_steps=3), PairingParams(num_candidates=4, label="score")
+    stats = {}
+    recs = build_pairs(sd1, ["a red dog"], _ScriptedScorer([-1.0, 1.0]), sp, pairing=pairing, stats=stats)
+    assert [(r.label, r.scores["base"], r.scores["target"]) for r in recs] == [("base", 0.0, -1.0)]
+    assert stats == {"fused": 2, "dropped_gap": 0, "dropped_tie": 1, "kept": 1}
+    paper = build_pairs(sd1, ["a red dog"], _ScriptedScorer([-1.0, 1.0]), sp, pairing=PairingParams(num_candidates=4))
+    assert [r.label for r in paper] == ["target", "target"]
+    stats = {}  # min_gap 2.5: base 1 is only 2 below the reference (not fused); target 2.0 vs base 0 is a tie
+    gap = build_pairs(sd1, ["a red dog"], _ScriptedScorer([2.0]), sp,
+                      pairing=PairingParams(num_candidates=4, label="score", min_gap=2.5), stats=stats)
+    assert gap == [] and stats == {"fused": 1, "dropped_gap": 1, "dropped_tie": 1, "kept": 0}
+
+
+def test_random_pairs_count_the_ties_they_drop(sd1):
+    stats = {}
+    flat = lambda ims, ps: np.zeros(len(ims))  # noqa: E731 - every pair a tie
+    assert build_random_pairs(sd1, ["a red dog"], flat, SamplingParams(num_steps=3), PairingParams(num_candidates=4),
+                              stats=stats) == []
+    assert stats == {"dropped_tie": 2, "kept": 0}
+
+
+def test_saving_the_same_pairs_again_adds_no_line(sd1, tmp_path):
+    recs = build_pairs(sd1, ["a red dog"], brightness_scorer, SamplingParams(num_steps=3),
+                       pairing=PairingParams(num_candidates=4))
+    assert save_new_pairs(recs, tmp_path) == (len(recs), 0)
+    assert save_new_pairs(recs + recs[:1], tmp_path) == (0, len(recs) + 1)
+    assert len((tmp_path / "pairs.jsonl").read_text().splitlines()) == len(recs)
+    assert [r.pair_id for r in load_pairs(tmp_path)] == [r.pair_id for r in recs]

@@ -1,13 +1,17 @@
 """Build D-Fusion preference pairs (METHOD.md steps 1-6 end to end).
 
 Per prompt: sample N candidates, score them, take the best quarter as references (each used twice) and
-the worst half as bases, fuse every (base, reference) pair, and return pair records with winner = target,
-loser = base. How a record is stored is the data layer's (dfusion_core/data/records.py; re-exported here).
+the worst half as bases, fuse every (base, reference) pair, and return pair records. Who wins is
+`PairingParams.label`: "target" (the paper: the fused image) or "score" (the scorer's verdict between base and
+target; a tie is dropped). How a record is stored is the data layer's (dfusion_core/data/records.py;
+re-exported here).
 """
 from __future__ import annotations
 
 import hashlib
-from dataclasses import asdict, dataclass
+import json
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -17,7 +21,9 @@ from ..data.records import (FORMAT_VERSION, PairRecord, load_pairs, record_from_
 from .config import FusionParams, SamplingParams
 from .fusion import FusionResult, fuse_batch
 from .loading import LoadedModel
-from .sampling import sample, validate_prompt
+from .sampling import MAX_SEED, sample, validate_prompt
+
+LABEL_RULES = ("target", "score")  # PairingParams.label
 
 
 @dataclass(frozen=True)
@@ -27,8 +33,9 @@ class PairingParams:
     num_candidates: int = 16  # images sampled per prompt
     ref_fraction: float = 0.25  # best fraction used as references
     base_fraction: float = 0.5  # worst fraction used as bases
-    min_gap: float = 0.0  # drop pairs whose reference scores less than this above the base
+    min_gap: float = 0.0  # drop pairs whose reference scores less than this above the base (and, label=score, ties)
     seed: int = 0  # candidate seeds derive from (seed, prompt)
+    label: str = "target"  # who wins: target (paper: the fused image) | score (the higher-scored of base and target)
 
     def validate(self) -> "PairingParams":
         if not (isinstance(self.num_candidates, int) and 2 <= self.num_candidates <= 4096):
@@ -37,13 +44,25 @@ class PairingParams:
             raise ValueError("need 0 < ref_fraction <= 0.5 and 0 < base_fraction <= 1 - ref_fraction")
         if self.min_gap < 0:
             raise ValueError(f"min_gap must be >= 0, got {self.min_gap}")
+        if self.label not in LABEL_RULES:
+            raise ValueError(f"label must be one of {', '.join(LABEL_RULES)}, got {self.label!r}")
         return self
 
 
 def candidate_seeds(prompt: str, n: int, seed: int = 0) -> list[int]:
-    """Stable per-prompt seeds: the same prompt and seed always give the same candidates."""
+    """Stable per-prompt seeds in the engine's range 0..MAX_SEED: the same prompt and seed always give the same
+    candidates (so the app can re-fuse any stored pair)."""
     h = int(hashlib.sha256(f"{seed}:{prompt}".encode()).hexdigest()[:12], 16)
-    return [(h + i) % (2 ** 62) for i in range(n)]
+    return [(h + i) % (MAX_SEED + 1) for i in range(n)]
+
+
+def verdict(base_score: float, target_score: float, min_gap: float = 0.0) -> str | None:
+    """The scorer's preference within a pair: "target" or "base", whichever scores higher; None (a tie) when
+    the scores are equal or closer than `min_gap`."""
+    gap = float(target_score) - float(base_score)
+    if gap == 0 or abs(gap) < min_gap:
+        return None
+    return "target" if gap > 0 else "base"
 
 
 def choose_pairs(seeds: list[int], scores: np.ndarray, params: PairingParams) -> list[tuple[int, int]]:
@@ -87,34 +106,61 @@ def _candidates(model: LoadedModel, prompt: str, scorer, sampling: SamplingParam
     return seeds, cands, scores
 
 
+def _fuse_prompt(model: LoadedModel, prompt: str, pairs, seeds, cands, scores, scorer, sampling, fusion,
+                 batch_size: int) -> list[PairRecord]:
+    """Fuse one prompt's (base, reference) pairs in batches and score the targets; records labelled 'target'."""
+    by_seed = dict(zip(seeds, cands.trajectories))
+    image_of = dict(zip(seeds, cands.images))
+    score_of = dict(zip(seeds, scores.tolist()))
+    per_call = max(1, batch_size // 3)
+    results = []
+    for j in range(0, len(pairs), per_call):
+        chunk = pairs[j:j + per_call]
+        results += fuse_batch(model, prompt, chunk, sampling, fusion, {b: by_seed[b] for b, _ in chunk},
+                              base_images={b: image_of[b] for b, _ in chunk})
+    t_scores = scorer([r.target_image for r in results], [prompt] * len(results))
+    return [record_from_result(r, model.model_id, {"base": score_of[r.base_seed], "reference": score_of[r.ref_seed],
+                                                   "target": float(ts)})
+            for r, ts in zip(results, t_scores)]
+
+
+def _count(stats: dict | None, key: str, n: int) -> None:
+    if stats is not None:
+        stats[key] = stats.get(key, 0) + n
+
+
 def build_pairs(model: LoadedModel, prompts: list[str], scorer, sampling: SamplingParams | None = None,
                 fusion: FusionParams | None = None, pairing: PairingParams | None = None,
-                batch_size: int = 16, progress=None, candidates: dict | None = None) -> list[PairRecord]:
-    """Sample, score, pair and fuse for every prompt (`candidates`: see build_random_pairs)."""
+                batch_size: int = 16, progress=None, candidates: dict | None = None,
+                stats: dict | None = None) -> list[PairRecord]:
+    """Sample, score, pair and fuse for every prompt (`candidates`: see build_random_pairs).
+
+    With `pairing.label == "score"` each record's label is the scorer's verdict (base or target) and ties
+    within `min_gap` are dropped. `stats` (a dict) receives counts: fused, dropped_gap (reference less than
+    min_gap above the base: not fused), dropped_tie (target and base tied: fused, not kept), kept."""
     sampling = (sampling or SamplingParams()).validate()
     fusion = (fusion or FusionParams()).validate(sampling.num_steps)
     pairing = (pairing or PairingParams()).validate()
     if not prompts:
         raise ValueError("no prompts given")
+    for key in ("fused", "dropped_gap", "dropped_tie", "kept"):
+        _count(stats, key, 0)
     records = []
     for i, prompt in enumerate(prompts):
         seeds, cands, scores = _candidates(model, prompt, scorer, sampling, pairing, batch_size, candidates)
         pairs = choose_pairs(seeds, scores, pairing)
-        if not pairs:
-            continue
-        by_seed = dict(zip(seeds, cands.trajectories))
-        image_of = dict(zip(seeds, cands.images))
-        score_of = dict(zip(seeds, scores.tolist()))
-        per_call = max(1, batch_size // 3)
-        results = []
-        for j in range(0, len(pairs), per_call):
-            chunk = pairs[j:j + per_call]
-            results += fuse_batch(model, prompt, chunk, sampling, fusion, {b: by_seed[b] for b, _ in chunk},
-                                  base_images={b: image_of[b] for b, _ in chunk})
-        t_scores = scorer([r.target_image for r in results], [prompt] * len(results))
-        for r, ts in zip(results, t_scores):
-            records.append(record_from_result(r, model.model_id, {
-                "base": score_of[r.base_seed], "reference": score_of[r.ref_seed], "target": float(ts)}))
+        if stats is not None and pairing.min_gap > 0:
+            _count(stats, "dropped_gap", len(choose_pairs(seeds, scores, replace(pairing, min_gap=0.0))) - len(pairs))
+        recs = _fuse_prompt(model, prompt, pairs, seeds, cands, scores, scorer, sampling, fusion,
+                            batch_size) if pairs else []
+        _count(stats, "fused", len(recs))
+        if pairing.label == "score":
+            for r in recs:
+                r.label = verdict(r.scores["base"], r.scores["target"], pairing.min_gap) or "tie"
+            _count(stats, "dropped_tie", sum(r.label == "tie" for r in recs))
+            recs = [r for r in recs if r.label != "tie"]
+        _count(stats, "kept", len(recs))
+        records += recs
         if progress is not None:
             progress(i + 1, len(prompts))
     return records
@@ -122,24 +168,26 @@ def build_pairs(model: LoadedModel, prompts: list[str], scorer, sampling: Sampli
 
 def build_random_pairs(model: LoadedModel, prompts: list[str], scorer, sampling: SamplingParams | None = None,
                        pairing: PairingParams | None = None, batch_size: int = 16,
-                       candidates: dict | None = None) -> list[PairRecord]:
+                       candidates: dict | None = None, stats: dict | None = None) -> list[PairRecord]:
     """The paper's baseline in the same record format: per prompt, candidates paired at random, the higher
-    score as winner ('target', not fused) and the lower as loser ('base'); masks empty.
+    score as winner ('target', not fused) and the lower as loser ('base'); masks empty. A tie (`verdict`:
+    scores equal or closer than min_gap) is dropped; `stats` receives dropped_tie and kept.
 
     `candidates` (a dict, shared between calls) keeps each prompt's sampled and scored candidates, so the
     random and the D-Fusion pairs of an experiment come from the very same images at half the cost."""
     sampling = (sampling or SamplingParams()).validate()
     pairing = (pairing or PairingParams()).validate()
     records = []
+    _count(stats, "dropped_tie", 0)
     for prompt in prompts:
         seeds, cands, scores = _candidates(model, prompt, scorer, sampling, pairing, batch_size, candidates)
         order = np.random.default_rng(int(seeds[0]) % (2 ** 32)).permutation(len(seeds))
         for a, b in zip(order[0::2], order[1::2]):
-            if scores[a] == scores[b]:
+            v = verdict(scores[a], scores[b], pairing.min_gap)  # a as "base", b as "target"
+            if v is None:
+                _count(stats, "dropped_tie", 1)
                 continue
-            w, l = (a, b) if scores[a] > scores[b] else (b, a)
-            if scores[w] - scores[l] < pairing.min_gap:
-                continue
+            w, l = (b, a) if v == "target" else (a, b)
             tw, tl = cands.trajectories[w], cands.trajectories[l]
             pid = hashlib.sha256(f"random|{model.model_id}|{prompt}|{seeds[l]}|{seeds[w]}|{sampling}".encode()).hexdigest()[:16]
             records.append(PairRecord(
@@ -149,6 +197,34 @@ def build_random_pairs(model: LoadedModel, prompts: list[str], scorer, sampling:
                 masks=torch.zeros(sampling.num_steps, 1, 1),
                 images={"base": cands.images[l], "target": cands.images[w], "reference": cands.images[w]},
                 pair_id=pid, extra={"kind": "random"}))
+    _count(stats, "kept", len(records))
     return records
+
+
+def stored_pair_ids(out_dir: str | Path) -> set[str]:
+    """The pair ids already listed in a pair folder's pairs.jsonl (none if it has no index yet)."""
+    index = Path(out_dir) / "pairs.jsonl"
+    ids = set()
+    if index.is_file():
+        for line in index.read_text().splitlines():
+            try:
+                ids.add(json.loads(line)["pair_id"])
+            except (json.JSONDecodeError, KeyError, TypeError):
+                continue  # a torn line (load_pairs skips it too)
+    return ids
+
+
+def save_new_pairs(records: list[PairRecord], out_dir: str | Path) -> tuple[int, int]:
+    """Save the records whose pair id the folder does not list yet (a re-run adds no duplicate line);
+    returns (saved, skipped)."""
+    seen = stored_pair_ids(out_dir)
+    saved = 0
+    for r in records:
+        if r.pair_id in seen:
+            continue
+        save_record(r, out_dir)
+        seen.add(r.pair_id)
+        saved += 1
+    return saved, len(records) - saved
 
 

@@ -79,10 +79,25 @@ def guided_output(model: LoadedModel, cond: Conditioning, rows: list[int], x: to
     return uncond_out + guidance_scale * (cond_out - uncond_out)
 
 
-def _check_seed(seed) -> int:
-    if isinstance(seed, bool) or not isinstance(seed, int) or not (0 <= seed < 2 ** 63):
-        raise ValueError(f"a seed must be an integer in [0, 2^63), got {seed!r}")
+MAX_SEED = 2 ** 31 - 1  # seeds are integers in 0..MAX_SEED: the one range of the CLI, the app and stored pairs
+
+
+def check_seed(seed, name: str = "a seed") -> int:
+    """The seed rule every face uses: an integer in 0..MAX_SEED (fits a widget's int32 and any RNG)."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not (0 <= seed <= MAX_SEED):
+        raise ValueError(f"{name} must be an integer in 0..{MAX_SEED}, got {seed!r}")
     return seed
+
+
+_check_seed = check_seed  # the engine's older name
+
+
+def check_pair_seeds(base_seed, ref_seed) -> tuple[int, int]:
+    """A fused pair's seeds: each in range, and two different images (equal seeds give the same image twice)."""
+    b, r = check_seed(base_seed, "the base seed"), check_seed(ref_seed, "the reference seed")
+    if b == r:
+        raise ValueError(f"base and reference are the same seed ({b}): a pair needs two different images")
+    return b, r
 
 
 def denoise(model: LoadedModel, cond: Conditioning, streams: list[Stream], sampling: SamplingParams,
