@@ -190,3 +190,8 @@ def test_a_models_dfusion_json_can_set_fusion_fields():
     f = fusion_defaults({"start_step": 1, "layers": "all", "hold_outside": True, "guidance_scale": 3.0}, mask)
     assert (f.start_step, f.layers, f.hold_outside, f.mask) == (1, "all", True, mask)
     assert fusion_defaults({}, mask) == FusionParams(mask=mask)
+
+
+def test_the_engine_refuses_a_pair_of_equal_seeds(sd1):
+    with pytest.raises(ValueError, match="same seed"):
+        fuse(sd1, PROMPT, 5, 5, SP)

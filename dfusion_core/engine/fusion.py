@@ -19,7 +19,8 @@ from .config import FusionParams, MaskParams, SamplingParams
 from .loading import LoadedModel
 from .masks import FusionMasker, aggregate_maps, resize_mask, threshold_maps
 from .reference_cache import CachedReference, ReferenceCache, ReferenceStore
-from .sampling import Stream, Trajectory, _check_seed, _size, denoise, recompute_log_probs, validate_prompt
+from .sampling import (Stream, Trajectory, _size, check_pair_seeds, check_seed, denoise, recompute_log_probs,
+                       validate_prompt)
 from .tokens import default_keywords
 
 
@@ -156,7 +157,7 @@ def plan_fusion(model: LoadedModel, prompt: str, pairs, sampling, fusion, bases,
     if not pairs:
         raise ValueError("no (base_seed, ref_seed) pair given")
     for b, r in pairs:
-        _check_seed(b), _check_seed(r)
+        check_pair_seeds(b, r)
     keywords, groups = resolve_keywords(model, prompt, fusion)
     fam = model.family
     map_layers, factors = fam.map_layers(model.denoiser, model.layer_kinds, fusion.mask.layer_factors)
@@ -363,7 +364,7 @@ def record_attention(model: LoadedModel, prompt: str, seeds: list[int], sampling
     sampling = (sampling or SamplingParams()).validate()
     validate_prompt(prompt)
     for s in seeds:
-        _check_seed(s)
+        check_seed(s)
     map_layers, factors = model.family.map_layers(model.denoiser, model.layer_kinds, layer_factors)
     h, w = _size(model, sampling)
     _, lh, lw = model.latent_shape(sampling.height, sampling.width)

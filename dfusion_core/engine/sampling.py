@@ -89,9 +89,6 @@ def check_seed(seed, name: str = "a seed") -> int:
     return seed
 
 
-_check_seed = check_seed  # the engine's older name
-
-
 def check_pair_seeds(base_seed, ref_seed) -> tuple[int, int]:
     """A fused pair's seeds: each in range, and two different images (equal seeds give the same image twice)."""
     b, r = check_seed(base_seed, "the base seed"), check_seed(ref_seed, "the reference seed")
@@ -118,7 +115,7 @@ def denoise(model: LoadedModel, cond: Conditioning, streams: list[Stream], sampl
     c, h, w = model.latent_shape(sampling.height, sampling.width)
     dev = model.device
     for s in streams:
-        _check_seed(s.seed)
+        check_seed(s.seed)
         s.generator = torch.Generator("cpu").manual_seed(s.seed)
         x_T = torch.randn((c, h, w), generator=s.generator)  # always drawn, so the noise sequence is fixed
         s.latent = (s.initial_latent if s.initial_latent is not None else x_T).float().to(dev)
