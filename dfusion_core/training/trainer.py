@@ -97,22 +97,30 @@ def _step_generator(seed: int, step: int) -> torch.Generator:
 class Trainer:
     def __init__(self, model: LoadedModel, pairs: list[PreferencePair], cfg: TrainConfig, out_dir: str | Path,
                  accelerator=None):
-        from accelerate import Accelerator
-
         self.cfg = cfg.validate()
         check_pairs(pairs, cfg.algo)  # before touching the model: refused data leaves it as it was
+        self.pairs = pairs
+        p0 = pairs[0]
+        self._setup(model, SamplingParams(num_steps=p0.num_steps, eta=p0.eta, guidance_scale=p0.guidance_scale,
+                                          negative_prompt=p0.negative_prompt), out_dir, accelerator)
+        if cfg.algo in ("traj-dpo", "ddpo", "dpok"):
+            self._prepare_trajectories()
+
+    def _setup(self, model: LoadedModel, sampling: SamplingParams, out_dir: str | Path, accelerator) -> None:
+        """The model, the LoRA, the optimizer and accelerate (self.cfg set): what every training mode shares."""
+        from accelerate import Accelerator
+
+        cfg = self.cfg
         if model.kind == "sdxl":
             raise ValueError("training SDXL pipelines is not supported yet (added conditioning)")
-        self.model, self.pairs = model, pairs
+        self.model = model
         self.family = model.family
         self.out = Path(out_dir)
         self.acc = accelerator or Accelerator(mixed_precision=cfg.mixed_precision, cpu=model.device.type == "cpu")
         if self.cfg.batch_size % self.acc.num_processes:
             raise ValueError(f"batch_size {cfg.batch_size} must be divisible by the {self.acc.num_processes} processes")
-        p0 = pairs[0]
-        self.num_steps, self.eta, self.cfg_scale = p0.num_steps, p0.eta, p0.guidance_scale
-        self.sampling = SamplingParams(num_steps=self.num_steps, eta=self.eta, guidance_scale=self.cfg_scale,
-                                       negative_prompt=p0.negative_prompt)
+        self.sampling = sampling
+        self.num_steps, self.eta, self.cfg_scale = sampling.num_steps, sampling.eta, sampling.guidance_scale
         self.schedule = self.family.schedule(model.pipe.scheduler, self.num_steps)
         net = model.denoiser
         net.requires_grad_(False)
@@ -132,8 +140,6 @@ class Trainer:
         self._embeds: dict[str, tuple] = {}
         self.history: list[dict] = []
         self.step = 0
-        if cfg.algo in ("traj-dpo", "ddpo", "dpok"):
-            self._prepare_trajectories()
 
     @property
     def unet(self):
@@ -164,7 +170,7 @@ class Trainer:
         need = [p for p in dict.fromkeys(prompts) if p not in self._embeds]
         if need:
             h, w = self.model.default_size()
-            c = self.model.encode(need, self.pairs[0].negative_prompt, self.cfg_scale > 1, h, w)
+            c = self.model.encode(need, self.sampling.negative_prompt, self.cfg_scale > 1, h, w)
             for i, p in enumerate(need):
                 row = lambda d: None if d is None else {k: v[i] for k, v in d.items()}
                 self._embeds[p] = (c.cond[i], None if c.uncond is None else c.uncond[i], row(c.added_cond),
@@ -281,6 +287,18 @@ class Trainer:
         rl = torch.stack([self.plain_logp[2 * i + 1][j] for i, j in zip(pi, js)]).to(logp)
         return losses.trajectory_dpo_loss(logp[:n], logp[n:], rw, rl, self.cfg.traj_beta, self.cfg.clip_eps)
 
+    def _pg_objective(self, trajs, js, prompts, old_logp, adv):
+        """DDPO's PPO-clip (or DPOK's clipped PG + KL to the frozen model) at step js[i] of each trajectory,
+        against the behaviour policy's log-probs `old_logp` and the advantages `adv` (one per row)."""
+        mean, std, logp = self._policy_step(self.net, trajs, js, prompts)
+        old, adv = old_logp.to(logp), adv.to(logp)
+        if self.cfg.algo == "ddpo":
+            return losses.ppo_clip_loss(logp, old, adv, self.cfg.clip_eps)
+        with torch.no_grad(), self.reference() as ref:
+            ref_mean, _, _ = self._policy_step(ref, trajs, js, prompts)
+        kl = losses.gaussian_kl(mean, ref_mean, std)
+        return losses.dpok_loss(logp, old, adv, kl, self.cfg.kl_coef, self.cfg.clip_eps)
+
     def _loss_pg(self, g):
         draw = self.step // self.cfg.inner_epochs  # the same batch for inner_epochs consecutive steps
         gb = _step_generator(self.cfg.seed + 7, draw)
@@ -290,16 +308,8 @@ class Trainer:
         ti = [int(i) for i in idx[sel] for _ in range(js_all.shape[1])]
         js = [int(j) for row in js_all[sel] for j in row]
         trajs, prompts = [self.trajs[i] for i in ti], [self.traj_prompts[i] for i in ti]
-        mean, std, logp = self._policy_step(self.net, trajs, js, prompts)
-        old = torch.stack([self.plain_logp[i][j] for i, j in zip(ti, js)]).to(logp)
-        adv = self.advantages[ti].to(logp)
-        if self.cfg.algo == "ddpo":
-            loss, stats = losses.ppo_clip_loss(logp, old, adv, self.cfg.clip_eps)
-        else:
-            with torch.no_grad(), self.reference() as ref:
-                ref_mean, _, _ = self._policy_step(ref, trajs, js, prompts)
-            kl = losses.gaussian_kl(mean, ref_mean, std)
-            loss, stats = losses.dpok_loss(logp, old, adv, kl, self.cfg.kl_coef, self.cfg.clip_eps)
+        old = torch.stack([self.plain_logp[i][j] for i, j in zip(ti, js)])
+        loss, stats = self._pg_objective(trajs, js, prompts, old, self.advantages[ti])
         stats["reward_mean"] = math.fsum(self.rewards) / len(self.rewards)  # all scored (checked up front)
         return loss, stats
 
@@ -339,7 +349,7 @@ class Trainer:
         ck = self.out / "checkpoints" / f"step-{self.step:06d}"
         ck.mkdir(parents=True, exist_ok=True)
         state = {"step": self.step, "trainable": self.trainable_state(), "opt": self.opt.state_dict(),
-                 "sched": self.sched.state_dict(), "config": asdict(self.cfg)}
+                 "sched": self.sched.state_dict(), "config": asdict(self.cfg), **self._extra_state()}
         write_atomic(ck / "state.pt", lambda p: torch.save(state, p))
         self.export(self.out)
         write_text_atomic(self.out / "latest_checkpoint", ck.name)
@@ -377,7 +387,15 @@ class Trainer:
         self.opt.load_state_dict(st["opt"])
         self.sched.load_state_dict(st["sched"])
         self.step = int(st["step"])
+        self._load_extra_state(st)
         return True
+
+    def _extra_state(self) -> dict:
+        """What a training mode adds to a checkpoint (on-policy rounds: the round)."""
+        return {}
+
+    def _load_extra_state(self, state: dict) -> None:
+        pass
 
     def run(self, resume: bool = True, progress: bool = True, on_step=None, should_stop=None) -> TrainResult:
         self.out.mkdir(parents=True, exist_ok=True)
