@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -247,7 +248,7 @@ class OnPolicyTrainer(Trainer):
             if progress:
                 print(f"round {row['round']}: reward {row['reward_mean']:.4f} +/- {row['reward_std']:.4f} "
                       f"({row['samples']} samples, {row['pairs']} pairs), approx_kl {row['approx_kl']:.2e}, "
-                      f"clipfrac {row['clipfrac']:.3f}", flush=True)
+                      f"clipfrac {row['clipfrac']:.3f}", file=sys.stderr, flush=True)
             if on_round is not None:
                 on_round(row)
         return TrainResult(self.out, self.step, self.history)
