@@ -477,7 +477,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_fuse_build(sub)
     _add_train(sub)
     _add_eval_bench(sub)
-    from .cli_training import add_parsers  # train-on-policy, pair-signal
+    from .faces.training_cli import add_parsers  # train-on-policy, pair-signal
     add_parsers(sub)
     return ap
 

@@ -8,7 +8,8 @@ For every labelled pair (ties skipped) the winner is the image its label prefers
 - the scorer: the score gap winner - loser, from the scores stored with the pair;
 - visual consistency: the mean absolute pixel difference |winner - loser| (RGB in [0, 1], mean over channels)
   inside and outside the pair's fusion mask. The mask is the union over steps (max) of the per-step masks, resized
-  bilinearly to the image, and used as weights: in = sum(m d) / sum(m), out = sum((1 - m) d) / sum(1 - m).
+  to the image (nearest: each pixel takes its mask cell's value), and used as weights:
+  in = sum(m d) / sum(m), out = sum((1 - m) d) / sum(1 - m).
   A D-Fusion pair should differ inside and match outside; a random pair has an empty mask (no "in" value).
 Means are over the pairs that have the quantity (None when none has it).
 """
@@ -69,7 +70,7 @@ def mask_consistency(winner_img, loser_img, masks: torch.Tensor) -> tuple[float 
     d = d.mean(dim=-1) if d.ndim == 3 else d  # [H, W]
     m = masks.float().reshape(-1, *masks.shape[-2:]).amax(dim=0).clamp(0, 1)  # union over steps
     if m.shape != d.shape:
-        m = F.interpolate(m[None, None], size=tuple(d.shape), mode="bilinear", align_corners=False)[0, 0]
+        m = F.interpolate(m[None, None], size=tuple(d.shape), mode="nearest")[0, 0]
     w_in, w_out = float(m.sum()), float((1 - m).sum())
     inside = float((m * d).sum()) / w_in if w_in > 1e-9 else None
     outside = float(((1 - m) * d).sum()) / w_out if w_out > 1e-9 else None

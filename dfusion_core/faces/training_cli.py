@@ -1,4 +1,4 @@
-"""The CLI's on-policy training and pair-signal subcommands (registered by cli.build_parser):
+"""The CLI's on-policy training and pair-signal subcommands (registered by dfusion_core/cli.py's build_parser):
 
     python -m dfusion_core train-on-policy --algo ddpo --prompt-set shapesworld:attribute:train --scorer default \
         --rounds 10 --arm dfusion --out runs/ddpo-rounds
@@ -11,18 +11,18 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import asdict, fields
+from dataclasses import fields
 from pathlib import Path
 
-from . import cli as _cli
-from .engine.config import field_comments, model_defaults
+from .. import cli as _cli
+from ..engine.config import field_comments, model_defaults
 
 SKIPPED_FIELDS = ("steps", "ckpt_every", "dpo_beta", "traj_beta")  # rounds decide the steps; a checkpoint after
 # every round; the DPO betas belong to the offline methods
 
 
 def _on_policy_config(a):
-    from .training.onpolicy import OnPolicyConfig
+    from ..training.onpolicy import OnPolicyConfig
 
     names = {f.name for f in fields(OnPolicyConfig)} - set(SKIPPED_FIELDS)
     base = {}
@@ -41,10 +41,10 @@ def _on_policy_config(a):
 
 
 def cmd_train_on_policy(a) -> dict:
-    from .engine.pairs import PairingParams
-    from .engine.sampling import validate_prompt
-    from .training.onpolicy import train_on_policy
-    from .worlds import discover
+    from ..engine.pairs import PairingParams
+    from ..engine.sampling import validate_prompt
+    from ..training.onpolicy import train_on_policy
+    from ..worlds import discover
 
     discover()  # world plug-ins register their WORLD:FAMILY:SPLIT prompt lists
     cfg = _on_policy_config(a)
@@ -55,6 +55,9 @@ def cmd_train_on_policy(a) -> dict:
                             label=a.label).validate()
     if a.scorer == "none":
         raise ValueError("on-policy rounds need a scorer: the rewards are its scores")
+    if a.eta == 0 or a.flow_sampler == "ode":  # before the model loads (the trainer checks the model's defaults)
+        raise ValueError(f"{cfg.algo} learns from the sampling steps' log-probabilities: sample with eta > 0 "
+                         "(and, on a flow model, flow_sampler sde or ddim)")
     scorer = _cli._scorer(a.scorer)
     model = _cli._load(a)
     s, f = _cli._params(a, model)
@@ -64,8 +67,8 @@ def cmd_train_on_policy(a) -> dict:
 def _checker_for(a, records):
     """The checker of the world the pairs' model was trained on: --model's dfusion.json, else the records' model
     folder, else none."""
-    from .engine.worlds import world_of
-    from .worlds import discover
+    from ..engine.worlds import world_of
+    from ..worlds import discover
 
     discover()
     folders = [a.model] if a.model else list(dict.fromkeys(r.model_id for r in records))
@@ -78,7 +81,7 @@ def _checker_for(a, records):
 
 
 def cmd_pair_signal(a) -> dict | None:
-    from .training.pair_signal import format_signal, load_records, pair_signal
+    from ..training.pair_signal import format_signal, load_records, pair_signal
 
     records = load_records(a.data, with_images=True)
     if not records:
@@ -92,8 +95,8 @@ def cmd_pair_signal(a) -> dict | None:
 
 
 def _add_config_flags(p) -> None:
-    from .training.onpolicy import OnPolicyConfig
-    from .training.trainer import TrainConfig
+    from ..training.onpolicy import OnPolicyConfig
+    from ..training.trainer import TrainConfig
 
     notes = {**field_comments(TrainConfig), **field_comments(OnPolicyConfig)}
     for fld in fields(OnPolicyConfig):
