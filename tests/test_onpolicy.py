@@ -215,3 +215,17 @@ def test_pair_signal_cli_reads_a_pair_folder(tmp_path, capsys):
     assert cli.main(["pair-signal", "--data", str(tmp_path)]) == 0
     assert "diff_out_mask" in capsys.readouterr().out
     assert cli.main(["pair-signal", "--data", str(tmp_path / "none")]) == 2
+
+
+@pytest.mark.parametrize("command", ["train-on-policy", "pair-signal"])
+def test_every_option_states_its_default(command):
+    """The CLI's help contract (tests/test_cli.py) for the two subcommands added here."""
+    import argparse
+
+    ap = cli.build_parser()
+    parser = next(a for a in ap._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
+    for action in parser._actions:
+        if isinstance(action, argparse._HelpAction) or action.nargs == 0:
+            continue
+        text = " ".join((action.help % dict(vars(action), prog=parser.prog)).split())
+        assert ("(required)" if action.required else "(default: ") in text, f"{command} {action.option_strings}"
