@@ -3,7 +3,9 @@
 Commands: sample, fuse, build-pairs, train, tokens, eval, bench. Every command takes --model (a diffusers pipeline
 folder or hub id; default: the embedded ShapesWorld model) and prints JSON on stdout (bench: a readable
 table unless --json). Bad input exits with status 2 and one line starting with `error:`, never a traceback;
-flags are checked before a model loads where they alone show the mistake. Seeds and pairs follow the engine's
+flags are checked before a model loads where they alone show the mistake. `accelerate launch ... -m dfusion_core
+build-pairs` splits the prompts over the processes (train too: data parallel); build-pairs exits with status 1
+when a prompt failed (each is listed with its error; a rerun retries it). Seeds and pairs follow the engine's
 rules (engine.sampling.check_seed / check_pair_seeds), which the app uses too.
 """
 from __future__ import annotations
@@ -143,15 +145,27 @@ def _add_fusion(p: argparse.ArgumentParser) -> None:
     g.add_argument("--union-base", action="store_true", help="mask = the reference's OR the base's")
 
 
-def _load(a):
+def _load(a, device: str | None = None, state=None):
+    """The --model (on `device`, default --device); 'tiny:KIND' is built once, by the main process when several
+    run (`state`, an accelerate PartialState), so that all load the very same pipeline folder."""
     from .engine.loading import load_model
 
-    if a.model and a.model.startswith("tiny:"):
-        from .engine.tiny import build_tiny_pipeline
+    model = a.model
+    if model and model.startswith("tiny:"):
+        model = _build_tiny(model.split(":", 1)[1], state)
+    return load_model(model, device=device or a.device, dtype=a.dtype, lora=getattr(a, "lora", None))
 
-        path = build_tiny_pipeline(a.model.split(":", 1)[1], Path(tempfile.mkdtemp()) / "pipe")
-        return load_model(path, device=a.device, dtype=a.dtype, lora=getattr(a, "lora", None))
-    return load_model(a.model, device=a.device, dtype=a.dtype, lora=getattr(a, "lora", None))
+
+def _build_tiny(kind: str, state=None) -> str:
+    from .engine.tiny import build_tiny_pipeline
+
+    if state is None or state.num_processes == 1:
+        return str(build_tiny_pipeline(kind, Path(tempfile.mkdtemp()) / "pipe"))
+    from accelerate.utils import broadcast_object_list
+
+    path = [str(build_tiny_pipeline(kind, Path(tempfile.mkdtemp()) / "pipe")) if state.is_main_process else None]
+    broadcast_object_list(path)  # one machine: the folder is the main process's; several: pass a shared folder
+    return path[0]
 
 
 def _params(a, model) -> tuple[SamplingParams, FusionParams]:
@@ -220,11 +234,11 @@ def cmd_sample(a) -> dict:
     return {"prompt": a.prompt, "seeds": seeds, "images": files, "sampling": asdict(s)}
 
 
-def _scorer(spec: str):
+def _scorer(spec: str, device: str | None = None):
     """--scorer: 'default' (ShapesWorld CLIP), 'none' (None) or a make_scorer spec."""
     from .engine.scoring import make_scorer
 
-    return None if spec == "none" else make_scorer(None if spec == "default" else spec)
+    return None if spec == "none" else make_scorer(None if spec == "default" else spec, device=device)
 
 
 def cmd_fuse(a) -> dict:
@@ -265,32 +279,82 @@ def _prompts(a) -> list[str]:
     return prompts
 
 
-def cmd_build_pairs(a) -> dict:
+def _processes(a):
+    """accelerate's view of the processes (one when not launched with `accelerate launch`) and the device this
+    one computes on: with several GPUs, process i takes GPU i unless --device says otherwise."""
+    import torch
+    from accelerate import PartialState
+
+    state = PartialState(cpu=(a.device or ("cuda" if torch.cuda.is_available() else "cpu")) == "cpu")
+    device = a.device
+    if device in (None, "cuda") and state.device.type == "cuda":
+        device = str(state.device)
+    return state, device
+
+
+def _progress_bar(state):
+    """A progress bar per process (on stderr, one line each): prompts this process built of its share."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=0, position=state.process_index, file=sys.stderr, unit="prompt", leave=True,
+               desc=f"build-pairs rank {state.process_index}/{state.num_processes}")
+
+    def update(i: int, n: int) -> None:
+        bar.total = n
+        bar.update(i - bar.n)
+        if i == n:
+            bar.close()
+    return update
+
+
+def cmd_build_pairs(a) -> dict | None:
     from .worlds import discover
 
     discover()  # world plug-ins register their WORLD:FAMILY:SPLIT prompt lists
-    from .engine.pairs import PairingParams, build_pairs, build_random_pairs, save_new_pairs
+    from .engine.pairs import PairingParams, build_into, done_markers, merge_reports
+    from .engine.sampling import validate_prompt
 
     prompts = _prompts(a)
+    for p in prompts:
+        validate_prompt(p)  # before the model loads
     pairing = PairingParams(num_candidates=a.num_candidates, min_gap=a.min_gap, seed=a.seed, label=a.label).validate()
-    scorer = _scorer(a.scorer)
-    if scorer is None:
+    if a.scorer == "none":
         raise ValueError("build-pairs needs a scorer: pairs are chosen and labelled by score")
-    model = _load(a)
+    state, device = _processes(a)
+    scorer = _scorer(a.scorer, device)  # one per process, beside its model (README: Command line)
+    model = _load(a, device, state)
     s, f = _params(a, model)
-    stats: dict = {}
-    if a.random:
-        recs = build_random_pairs(model, prompts, scorer, s, pairing, batch_size=a.batch_size, stats=stats)
+    done = done_markers(a.out)
+    state.wait_for_everyone()  # every process has read the markers before any writes one
+    report = build_into(a.out, model, prompts, scorer, s, f, pairing, random=a.random, batch_size=a.batch_size,
+                        rank=state.process_index, world=state.num_processes, done=done,
+                        progress=_progress_bar(state))
+    if state.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        reports = gather_object([report])
     else:
-        recs = build_pairs(model, prompts, scorer, s, f, pairing, batch_size=a.batch_size, stats=stats,
-                           progress=lambda i, n: print(f"[{i}/{n}] prompts", file=sys.stderr, flush=True))
-    saved, skipped = save_new_pairs(recs, a.out)
-    dropped = {"tie": stats.get("dropped_tie", 0), "gap": stats.get("dropped_gap", 0)}
-    print(f"kept {len(recs)} pairs; dropped {dropped['tie']} ties (scores closer than --min-gap {a.min_gap}) and "
-          f"{dropped['gap']} pairs whose reference was under --min-gap above its base; {skipped} already stored",
+        reports = [report]
+    if not state.is_main_process:
+        return None  # one summary per run, from the main process
+    return _build_summary(a, merge_reports(reports), len(dict.fromkeys(prompts)))
+
+
+def _build_summary(a, m: dict, n_prompts: int) -> dict:
+    """The merged report: one readable summary on stderr, the JSON result for stdout."""
+    print(f"kept {m['pairs']} pairs of {n_prompts} prompts ({m['written']} written now, {m['already_present']} "
+          f"already stored; {m['prompts_done_before']} prompts were done before this run); dropped "
+          f"{m['dropped_tie']} ties (scores closer than --min-gap {a.min_gap}) and {m['dropped_gap']} pairs whose "
+          f"reference was under --min-gap above its base; {m['processes']} processes, {m['seconds']:.1f} s",
           file=sys.stderr, flush=True)
-    return {"pairs": len(recs), "labels": {k: sum(r.label == k for r in recs) for k in ("target", "base")},
-            "dropped": dropped, "saved": saved, "already_stored": skipped, "prompts": len(prompts), "out": a.out}
+    if m["failed"]:
+        print(f"{len(m['failed'])} prompts failed (a rerun retries them):", file=sys.stderr)
+        for fail in m["failed"]:
+            print(f"  {fail['prompt']!r} (process {fail['rank']}): {fail['error']}", file=sys.stderr, flush=True)
+    return {"pairs": m["pairs"], "labels": m["labels"], "dropped": {"tie": m["dropped_tie"], "gap": m["dropped_gap"]},
+            "saved": m["written"], "already_stored": m["already_present"], "prompts": n_prompts,
+            "prompts_built": m["prompts_built"], "prompts_done_before": m["prompts_done_before"],
+            "failed": m["failed"], "processes": m["processes"], "build_s": round(m["seconds"], 3), "out": a.out}
 
 
 def cmd_train(a) -> dict:
@@ -394,7 +458,8 @@ def _add_fuse_build(sub) -> None:
     _add_model(p), _add_sampling(p), _add_fusion(p)
     p.set_defaults(fn=cmd_fuse)
 
-    p = sub.add_parser("build-pairs", help="sample N per prompt, score, pair, fuse, label by score")
+    p = sub.add_parser("build-pairs", help="sample N per prompt, score, pair, fuse, label by score; under "
+                       "`accelerate launch` the prompts are split over the processes; a rerun resumes")
     p.add_argument("--prompt", action="append", help="a prompt, repeatable (default: none; give --prompt or "
                    "--prompt-set)")
     p.add_argument("--prompt-set", action="append", help="paper:FAMILY:SPLIT, shapesworld:FAMILY:SPLIT or a file, "
@@ -415,7 +480,9 @@ def _add_fuse_build(sub) -> None:
     p.add_argument("--batch-size", type=_int_at_least(1), default=16,
                    help="images per denoiser call (default: %(default)s)")
     p.add_argument("--random", action="store_true", help="the paper's baseline: random pairs, no fusion")
-    p.add_argument("--out", default="out/pairs", help=out_help)
+    p.add_argument("--out", default="out/pairs", help="pair folder: pairs.jsonl (process N of several: "
+                   "pairs.pN.jsonl), each pair's files, and done/ with a marker per finished prompt; a rerun skips "
+                   "prompts marked done and adds no pair already listed (default: %(default)s)")
     _add_model(p), _add_sampling(p), _add_fusion(p)
     p.set_defaults(fn=cmd_build_pairs)
 
@@ -497,4 +564,4 @@ def main(argv: list[str] | None = None) -> int:
         print(format_report(result))
     elif result is not None:
         print(json.dumps(result, indent=None if a.command == "bench" else 2, ensure_ascii=False))  # words as typed
-    return 0
+    return 1 if isinstance(result, dict) and result.get("failed") else 0  # build-pairs: a prompt failed

@@ -155,3 +155,74 @@ def test_saving_the_same_pairs_again_adds_no_line(sd1, tmp_path):
     assert save_new_pairs(recs + recs[:1], tmp_path) == (0, len(recs) + 1)
     assert len((tmp_path / "pairs.jsonl").read_text().splitlines()) == len(recs)
     assert [r.pair_id for r in load_pairs(tmp_path)] == [r.pair_id for r in recs]
+
+
+# ---- one pair folder from several processes, resumable (issue 16) -----------------------------------------
+
+from dfusion_core.engine.pairs import (build_into, done_markers, index_files, merge_reports,  # noqa: E402
+                                       save_record, shard_prompts, stored_pair_ids)
+
+PROMPTS = ["a red dog", "a blue cat", "a red dog", "a green bird"]  # a repeat: built once, by one process
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 5])
+def test_each_prompt_goes_to_exactly_one_process_whatever_their_number(world):
+    shards = [shard_prompts(PROMPTS, r, world) for r in range(world)]
+    assert sorted(p for s in shards for p in s) == sorted(set(PROMPTS))
+    assert shard_prompts(PROMPTS, world - 1, world) == shards[world - 1]  # deterministic
+    with pytest.raises(ValueError, match="rank"):
+        shard_prompts(PROMPTS, world, world)
+
+
+def _ids_and_latents(folder):
+    return {r.pair_id: (r.base_seed, r.ref_seed, r.label, r.scores, r.target.latents) for r in load_pairs(folder)}
+
+
+def test_two_processes_writing_one_folder_give_the_pairs_of_one_process(sd1, tmp_path):
+    """Ranks 0 and 1 of 2 (run here one after the other) each append to their own index; read together they
+    are the single-process folder's pairs. Both read the done markers before either writes (as the CLI does)."""
+    sp, pairing = SamplingParams(num_steps=3), PairingParams(num_candidates=4)
+    one = build_into(tmp_path / "one", sd1, PROMPTS, brightness_scorer, sp, pairing=pairing)
+    done = done_markers(tmp_path / "two")
+    reports = [build_into(tmp_path / "two", sd1, PROMPTS, brightness_scorer, sp, pairing=pairing, rank=r, world=2,
+                          done=done) for r in (0, 1)]
+    assert [r["prompts_built"] for r in reports] == [2, 1]
+    assert [f.name for f in index_files(tmp_path / "two")] == ["pairs.jsonl", "pairs.p1.jsonl"]
+    a, b = _ids_and_latents(tmp_path / "one"), _ids_and_latents(tmp_path / "two")
+    assert set(a) == set(b) and len(a) == 6  # 3 prompts x 2 pairs
+    for pid in a:
+        assert a[pid][:4] == b[pid][:4] and torch.equal(a[pid][4], b[pid][4])
+    merged = merge_reports(reports)
+    assert {k: merged[k] for k in ("pairs", "written", "already_present", "prompts_built", "processes")} == \
+        {"pairs": one["pairs"], "written": 6, "already_present": 0, "prompts_built": 3, "processes": 2}
+
+
+def test_a_rerun_skips_prompts_marked_done_and_retries_the_failed_one(sd1, tmp_path):
+    sp, pairing = SamplingParams(num_steps=3), PairingParams(num_candidates=4)
+
+    def broken_for_cats(images, prompts):
+        if "cat" in prompts[0]:
+            raise RuntimeError("scorer down")
+        return brightness_scorer(images, prompts)
+    first = build_into(tmp_path, sd1, PROMPTS, broken_for_cats, sp, pairing=pairing)
+    assert first["failed"] == [{"prompt": "a blue cat", "error": "RuntimeError: scorer down", "rank": 0}]
+    assert len(done_markers(tmp_path)) == 2 and first["written"] == 4
+    again = build_into(tmp_path, sd1, PROMPTS, brightness_scorer, sp, pairing=pairing, world=1)
+    assert (again["prompts_done_before"], again["prompts_built"], again["failed"]) == (2, 1, [])
+    assert (again["pairs"], again["written"], again["already_present"]) == (6, 2, 4)
+    lines = [json.loads(ln)["pair_id"] for f in index_files(tmp_path) for ln in f.read_text().splitlines()]
+    assert len(lines) == len(set(lines)) == 6
+
+
+def test_every_index_is_read_a_pair_id_once_and_a_torn_line_never_swallows_the_next(sd1, tmp_path):
+    recs = build_pairs(sd1, ["a red dog"], brightness_scorer, SamplingParams(num_steps=3),
+                       pairing=PairingParams(num_candidates=4))
+    save_record(recs[0], tmp_path)  # an old-style folder: pairs.jsonl only
+    with open(tmp_path / "pairs.jsonl", "a") as f:
+        f.write('{"format": 1, "pair_id": "abc", "prom')  # a writer killed mid-line
+    save_record(recs[1], tmp_path)  # appended after the torn line: must start a line of its own
+    save_record(recs[0], tmp_path, rank=3)  # the same pair listed again, by another process's index
+    assert [f.name for f in index_files(tmp_path)] == ["pairs.jsonl", "pairs.p3.jsonl"]
+    assert [r.pair_id for r in load_pairs(tmp_path)] == [recs[0].pair_id, recs[1].pair_id]
+    assert stored_pair_ids(tmp_path) == {recs[0].pair_id, recs[1].pair_id}
+    assert save_new_pairs(recs, tmp_path, rank=3) == (0, 2)

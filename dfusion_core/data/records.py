@@ -1,6 +1,12 @@
 """Pair records on disk: one JSON line (prompt, seeds, parameters, scores, label) plus one safetensors file
 with both trajectories and the masks, plus PNG images; every file is written atomically.
 
+A pair folder's index is `pairs.jsonl`. Several processes building into one folder (`accelerate launch ...
+build-pairs`) never append to one file: process `r` appends to `index_name(r)` (rank 0, and every
+single-process writer, to `pairs.jsonl`; the others to `pairs.p{r}.jsonl`), a pair's files are named by its
+content-derived pair id, and `load_pairs` reads every index, a pair id once. `done/<key>.json` marks a prompt
+whose pairs are all listed (written atomically after them), so a rerun after a crash skips it.
+
 The data layer: reading or writing a pair needs torch tensors and safetensors, never a model.
 """
 from __future__ import annotations
@@ -14,10 +20,12 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from .atomic import write_atomic
+from .atomic import write_atomic, write_text_atomic
 from .trajectory import Trajectory
 
 FORMAT_VERSION = 1
+INDEX = "pairs.jsonl"  # the folder's index: a single-process writer's, and rank 0's
+DONE_DIR = "done"  # done/<key>.json: one marker per finished prompt
 
 
 @dataclass
@@ -79,14 +87,74 @@ def record_from_files(meta: dict, d: Path, with_images: bool = True) -> PairReco
                       label=meta.get("label", "target"), pair_id=meta["pair_id"], extra=meta.get("extra", {}))
 
 
-def save_record(rec: PairRecord, out_dir: str | Path) -> Path:
-    """Write one pair's files, then its JSON line last (so a listed pair is whole)."""
-    out = Path(out_dir)
-    write_record_files(rec, out)
-    with open(out / "pairs.jsonl", "a") as f:
-        f.write(json.dumps(rec.meta()) + "\n")
+def index_name(rank: int = 0) -> str:
+    """The index file process `rank` appends to: pairs.jsonl for rank 0 (the one file older versions and
+    single-process runs write), pairs.p{rank}.jsonl for the others, so no two processes append to one file."""
+    return INDEX if rank == 0 else f"pairs.p{int(rank)}.jsonl"
+
+
+def index_files(out_dir: str | Path) -> list[Path]:
+    """A folder's index files in rank order: pairs.jsonl, then pairs.p1.jsonl, pairs.p2.jsonl, ..."""
+    d = Path(out_dir)
+    ranked = []
+    for f in d.glob("pairs.p*.jsonl"):
+        rank = f.name[len("pairs.p"):-len(".jsonl")]
+        if rank.isdigit():
+            ranked.append((int(rank), f))
+    return ([d / INDEX] if (d / INDEX).is_file() else []) + [f for _, f in sorted(ranked)]
+
+
+def is_pair_folder(out_dir: str | Path) -> bool:
+    return bool(index_files(out_dir))
+
+
+def _index_metas(out_dir: str | Path):
+    """Every listed pair's metadata, each pair id once (the first listing wins); torn lines are skipped."""
+    seen = set()
+    for index in index_files(out_dir):
+        for line in index.read_text().splitlines():
+            try:
+                meta = json.loads(line)
+                pid = meta["pair_id"]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                continue  # a line torn by a killed writer
+            if pid not in seen:
+                seen.add(pid)
+                yield meta
+
+
+def stored_pair_ids(out_dir: str | Path) -> set[str]:
+    """The pair ids a folder's index files list (none if it has no index yet)."""
+    return {m["pair_id"] for m in _index_metas(out_dir)}
+
+
+def start_index(out_dir: str | Path, rank: int = 0) -> Path:
+    """Create the folder and process `rank`'s index file (empty if new): the folder reads as a pair folder from
+    the start of a build (rank 0's pairs.jsonl is the file older readers look for)."""
+    index = Path(out_dir) / index_name(rank)
+    index.parent.mkdir(parents=True, exist_ok=True)
+    index.touch()
+    return index
+
+
+def _append_line(index: Path, line: str) -> None:
+    """Append one line and fsync it; a torn last line (its writer killed mid-write) is closed first, so the new
+    line is never glued onto it."""
+    with open(index, "ab+") as f:
+        if f.tell() > 0:
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) != b"\n":
+                f.write(b"\n")
+        f.write(line.encode() + b"\n")
         f.flush()
         os.fsync(f.fileno())
+
+
+def save_record(rec: PairRecord, out_dir: str | Path, rank: int = 0) -> Path:
+    """Write one pair's files, then its JSON line last (so a listed pair is whole), to process `rank`'s index."""
+    out = Path(out_dir)
+    write_record_files(rec, out)
+    _append_line(out / index_name(rank), json.dumps(rec.meta()))
     return out
 
 
@@ -97,16 +165,27 @@ def save_pairs(records: list[PairRecord], out_dir: str | Path) -> Path:
 
 
 def load_pairs(out_dir: str | Path, with_images: bool = True) -> list[PairRecord]:
-    """Read pairs written by save_pairs (a torn last line from a killed writer is skipped)."""
+    """Read pairs written by save_pairs / save_record: every index file (pairs.jsonl, then each process's
+    pairs.p{rank}.jsonl), each pair id once; a torn last line from a killed writer is skipped."""
     d = Path(out_dir)
-    index = d / "pairs.jsonl"
-    if not index.is_file():
+    if not is_pair_folder(d):
         raise ValueError(f"{d} holds no pairs.jsonl: not a pair folder")
-    records = []
-    for line in index.read_text().splitlines():
+    return [record_from_files(meta, d, with_images) for meta in _index_metas(d)]
+
+
+def mark_done(out_dir: str | Path, key: str, info: dict) -> None:
+    """Mark the prompt `key` finished (its pairs are listed): done/<key>.json, written atomically."""
+    d = Path(out_dir) / DONE_DIR
+    d.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(d / f"{key}.json", json.dumps(info))
+
+
+def done_markers(out_dir: str | Path) -> dict[str, dict]:
+    """key -> info of every prompt marked done in a folder (temp files of a killed writer are not markers)."""
+    out = {}
+    for f in sorted((Path(out_dir) / DONE_DIR).glob("*.json")):
         try:
-            meta = json.loads(line)
-        except json.JSONDecodeError:
+            out[f.stem] = json.loads(f.read_text())
+        except (OSError, json.JSONDecodeError):
             continue
-        records.append(record_from_files(meta, d, with_images))
-    return records
+    return out

@@ -5,19 +5,26 @@ the worst half as bases, fuse every (base, reference) pair, and return pair reco
 `PairingParams.label`: "target" (the paper: the fused image) or "score" (the scorer's verdict between base and
 target; a tie is dropped). How a record is stored is the data layer's (dfusion_core/data/records.py;
 re-exported here).
+
+Building into a pair folder (`build_into`) works prompt by prompt and may be split over processes: process
+`rank` of `world` takes every world-th prompt (`shard_prompts`); a prompt's pairs do not depend on which process
+builds it (its candidate seeds are a hash of (seed, prompt)). Each prompt's pairs are saved, then a marker says
+the prompt is done, so a rerun skips it whatever the new process count; pair ids are checked on every write.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ..data.records import (FORMAT_VERSION, PairRecord, load_pairs, record_from_files, record_tensors,  # noqa: F401
-                            save_pairs, save_record, write_record_files)
+from ..data.records import (FORMAT_VERSION, PairRecord, done_markers, index_files, index_name,  # noqa: F401
+                            is_pair_folder, load_pairs, mark_done, record_from_files, record_tensors, save_pairs,
+                            save_record, start_index, stored_pair_ids, write_record_files)
 from .config import FusionParams, SamplingParams
 from .fusion import FusionResult, fuse_batch
 from .loading import LoadedModel
@@ -201,30 +208,127 @@ def build_random_pairs(model: LoadedModel, prompts: list[str], scorer, sampling:
     return records
 
 
-def stored_pair_ids(out_dir: str | Path) -> set[str]:
-    """The pair ids already listed in a pair folder's pairs.jsonl (none if it has no index yet)."""
-    index = Path(out_dir) / "pairs.jsonl"
-    ids = set()
-    if index.is_file():
-        for line in index.read_text().splitlines():
-            try:
-                ids.add(json.loads(line)["pair_id"])
-            except (json.JSONDecodeError, KeyError, TypeError):
-                continue  # a torn line (load_pairs skips it too)
-    return ids
-
-
-def save_new_pairs(records: list[PairRecord], out_dir: str | Path) -> tuple[int, int]:
-    """Save the records whose pair id the folder does not list yet (a re-run adds no duplicate line);
-    returns (saved, skipped)."""
-    seen = stored_pair_ids(out_dir)
+def save_new_pairs(records: list[PairRecord], out_dir: str | Path, rank: int = 0,
+                   seen: set[str] | None = None) -> tuple[int, int]:
+    """Save the records whose pair id the folder does not list yet (a re-run adds no duplicate line) to process
+    `rank`'s index; `seen` (the ids listed, kept up to date here) spares re-reading the indexes. Returns
+    (saved, skipped)."""
+    seen = stored_pair_ids(out_dir) if seen is None else seen
     saved = 0
     for r in records:
         if r.pair_id in seen:
             continue
-        save_record(r, out_dir)
+        save_record(r, out_dir, rank)
         seen.add(r.pair_id)
         saved += 1
     return saved, len(records) - saved
 
 
+# ---- building into a pair folder, split over processes, resumable ----------------------------------------
+
+def prompt_key(model_id: str, prompt: str, sampling: SamplingParams, fusion: FusionParams | None,
+               pairing: PairingParams) -> str:
+    """The name of a prompt's done marker: a hash of everything that decides its pairs (model, prompt, sampling,
+    pairing, and fusion - None for random pairs), never of the process count."""
+    spec = {"model": model_id, "prompt": prompt, "sampling": asdict(sampling), "pairing": asdict(pairing),
+            "fusion": asdict(fusion) if fusion is not None else "random"}
+    return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+def shard_prompts(prompts: list[str], rank: int = 0, world: int = 1) -> list[str]:
+    """Process `rank`'s share of `world`: the prompts without repeats (first occurrence kept, so no two
+    processes build the same pair), then every world-th one from position `rank`."""
+    if not (isinstance(world, int) and world >= 1 and isinstance(rank, int) and 0 <= rank < world):
+        raise ValueError(f"need 0 <= rank < world, got rank {rank!r} of {world!r}")
+    return list(dict.fromkeys(prompts))[rank::world]
+
+
+REPORT_COUNTS = ("prompts_built", "prompts_done_before", "pairs", "written", "already_present", "dropped_tie",
+                 "dropped_gap")
+
+
+def _new_report(rank: int) -> dict:
+    """One process's report: counts over its prompts (done before or built now), its failures, its time."""
+    return {"rank": rank, **{k: 0 for k in REPORT_COUNTS}, "labels": {"target": 0, "base": 0}, "failed": [],
+            "seconds": 0.0}
+
+
+def _count_prompt(report: dict, info: dict, built: bool) -> None:
+    """Add one prompt's marker `info` to a report; pairs of a prompt done before are all already present."""
+    written = info.get("written", 0) if built else 0
+    report["prompts_built" if built else "prompts_done_before"] += 1
+    report["pairs"] += len(info["pairs"])
+    report["written"] += written
+    report["already_present"] += len(info["pairs"]) - written
+    report["dropped_tie"] += info.get("dropped_tie", 0)
+    report["dropped_gap"] += info.get("dropped_gap", 0)
+    for k, n in info.get("labels", {}).items():
+        report["labels"][k] = report["labels"].get(k, 0) + n
+
+
+def _build_prompt(out_dir, model, prompt, scorer, sampling, fusion, pairing, batch_size, rank, seen) -> dict:
+    """One prompt's pairs (fused, or random when `fusion` is None), saved; returns its done marker's content."""
+    stats: dict = {}
+    if fusion is None:
+        recs = build_random_pairs(model, [prompt], scorer, sampling, pairing, batch_size, stats=stats)
+    else:
+        recs = build_pairs(model, [prompt], scorer, sampling, fusion, pairing, batch_size, stats=stats)
+    written, _ = save_new_pairs(recs, out_dir, rank, seen)
+    return {"prompt": prompt, "pairs": [r.pair_id for r in recs], "written": written,
+            "labels": {k: sum(r.label == k for r in recs) for k in ("target", "base")},
+            "dropped_tie": stats.get("dropped_tie", 0), "dropped_gap": stats.get("dropped_gap", 0)}
+
+
+def build_into(out_dir: str | Path, model: LoadedModel, prompts: list[str], scorer,
+               sampling: SamplingParams | None = None, fusion: FusionParams | None = None,
+               pairing: PairingParams | None = None, *, random: bool = False, batch_size: int = 16, rank: int = 0,
+               world: int = 1, done: dict | None = None, progress=None) -> dict:
+    """Build process `rank`'s share (of `world`) of the prompts' pairs into the pair folder `out_dir`.
+
+    Prompts marked done in `done` (default: the folder's markers now) are skipped; the rest are dealt round
+    robin, prompt by prompt: sample, score, pair, fuse (`random`: the random baseline), save the pairs not
+    listed yet to this process's index, then mark the prompt done. With several processes the caller reads
+    `done` once and waits for all of them before any calls this, so all deal out the same remaining list. A
+    prompt that raises is reported in "failed" with its error and left unmarked (a rerun retries it).
+    `progress(i, n)`: i of this process's n prompts built. Returns this process's report (merge_reports)."""
+    sampling = (sampling or SamplingParams()).validate()
+    fusion = None if random else (fusion or FusionParams()).validate(sampling.num_steps)
+    pairing = (pairing or PairingParams()).validate()
+    done = done_markers(out_dir) if done is None else done
+    keys = {p: prompt_key(model.model_id, p, sampling, fusion, pairing) for p in dict.fromkeys(prompts)}
+    report = _new_report(rank)
+    for p in shard_prompts([p for p in keys if keys[p] in done], rank, world):
+        _count_prompt(report, done[keys[p]], built=False)
+    todo = shard_prompts([p for p in keys if keys[p] not in done], rank, world)
+    start_index(out_dir, rank)
+    seen = stored_pair_ids(out_dir)
+    t0 = time.perf_counter()
+    if progress is not None:
+        progress(0, len(todo))
+    for i, p in enumerate(todo, 1):
+        try:
+            info = _build_prompt(out_dir, model, p, scorer, sampling, fusion, pairing, batch_size, rank, seen)
+        except Exception as e:  # noqa: BLE001 - reported per prompt; the other prompts go on
+            report["failed"].append({"prompt": p, "error": f"{type(e).__name__}: {e}", "rank": rank})
+        else:
+            mark_done(out_dir, keys[p], info)
+            _count_prompt(report, info, built=True)
+        if progress is not None:
+            progress(i, len(todo))
+    report["seconds"] = time.perf_counter() - t0
+    return report
+
+
+def merge_reports(reports: list[dict]) -> dict:
+    """The processes' reports as one: counts summed, failures listed, seconds = the slowest process's."""
+    out = _new_report(0)
+    del out["rank"]
+    for r in reports:
+        for k in REPORT_COUNTS:
+            out[k] += r[k]
+        for k, n in r["labels"].items():
+            out["labels"][k] = out["labels"].get(k, 0) + n
+        out["failed"] += r["failed"]
+        out["seconds"] = max(out["seconds"], r["seconds"])
+    out["processes"] = len(reports)
+    return out
