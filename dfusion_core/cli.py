@@ -20,7 +20,7 @@ from pathlib import Path
 
 from .engine import offline  # noqa: F401
 from .engine.config import COMBINE_MODES, FUSION_LAYER_PRESETS, RESIZE_MODES, THRESHOLD_MODES, FusionParams, MaskParams, \
-    SamplingParams, apply_model_defaults, field_comments, model_defaults
+    SamplingParams, apply_model_defaults, field_comments, model_defaults, read_config_json
 
 # engine.loading.DEFAULT_MODEL without importing torch (the help must not wait for it); tests check they agree
 SHIPPED_MODEL = Path(__file__).resolve().parent.parent / "assets" / "shapesworld"
@@ -363,15 +363,7 @@ def cmd_train(a) -> dict:
     from .training.data import load_training_pairs
     from .training.trainer import TrainConfig, Trainer
 
-    base = {}
-    if a.config:
-        try:
-            base = json.loads(Path(a.config).read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise ValueError(f"cannot read config {a.config}: {e}") from None
-        unknown = set(base) - {f.name for f in _fields(TrainConfig)}
-        if unknown:
-            raise ValueError(f"unknown config fields: {', '.join(sorted(unknown))}")
+    base = read_config_json(a.config, {f.name for f in _fields(TrainConfig)}) if a.config else {}
     flags = {f.name: getattr(a, f.name) for f in _fields(TrainConfig) if getattr(a, f.name, None) is not None}
     cfg = TrainConfig(**{**base, **flags})
     if isinstance(cfg.lora_targets, list):

@@ -159,6 +159,20 @@ def fusion_defaults(defaults: dict, mask: MaskParams) -> FusionParams:
     return replace(FusionParams(mask=mask), **changes)
 
 
+def read_config_json(path: str | Path, allowed) -> dict:
+    """A --config FILE.json's fields, refused with a clear message when unreadable or naming unknown fields."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"cannot read config {path}: {e}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"config {path} must hold a JSON object of field: value")
+    unknown = set(data) - set(allowed)
+    if unknown:
+        raise ValueError(f"unknown config fields: {', '.join(sorted(unknown))}")
+    return data
+
+
 def field_comments(cls) -> dict[str, str]:
     """The one-line comment of each dataclass field (used as CLI help, so docs live in one place)."""
     import inspect

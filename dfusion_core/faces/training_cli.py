@@ -9,13 +9,12 @@ Same contract as every command: JSON on stdout (pair-signal: a table unless --js
 """
 from __future__ import annotations
 
-import json
 import sys
 from dataclasses import fields
 from pathlib import Path
 
 from .. import cli as _cli
-from ..engine.config import field_comments, model_defaults
+from ..engine.config import field_comments, model_defaults, read_config_json
 
 SKIPPED_FIELDS = ("steps", "ckpt_every", "dpo_beta", "traj_beta")  # rounds decide the steps; a checkpoint after
 # every round; the DPO betas belong to the offline methods
@@ -25,14 +24,7 @@ def _on_policy_config(a):
     from ..training.onpolicy import OnPolicyConfig
 
     names = {f.name for f in fields(OnPolicyConfig)} - set(SKIPPED_FIELDS)
-    base = {}
-    if a.config:
-        try:
-            base = json.loads(Path(a.config).read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise ValueError(f"cannot read config {a.config}: {e}") from None
-        if set(base) - names:
-            raise ValueError(f"unknown config fields: {', '.join(sorted(set(base) - names))}")
+    base = read_config_json(a.config, names) if a.config else {}
     flags = {n: getattr(a, n) for n in names if getattr(a, n, None) is not None}
     cfg = {**base, **flags}
     if isinstance(cfg.get("lora_targets"), list):

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import random
 import time
 from dataclasses import asdict, dataclass
@@ -27,7 +26,7 @@ import torch.nn.functional as F
 
 from ..data.atomic import replace_folder, write_atomic
 from .render import render
-from .world import FAMILIES, IMAGE_SIZE, V1, SceneStyle, prompts
+from .world import IMAGE_SIZE, V1, SceneStyle, prompts
 
 
 @dataclass
