@@ -9,7 +9,8 @@ pair is fused under several fusion forms; per family and form the table gives:
   * keep: |target - base| outside the fusion mask / |reference - base| there (the base kept where the mask
     is not; the floor is <= 1/3);
   * moved: 1 - |target - reference| / |base - reference| over the whole image (how far the target went).
-The mask is the one the fusion used: its per-step masks averaged over the fused steps, > 0.5, upsampled.
+The mask is the one the fusion used: its per-step masks averaged over the fused steps, > 0.5, grown by the
+mask's dilation, upsampled (nearest).
 """
 from __future__ import annotations
 
@@ -20,11 +21,11 @@ from dataclasses import replace
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ..engine.config import FusionParams, MaskParams, SamplingParams, apply_model_defaults, fusion_defaults
 from ..engine.fusion import fuse_batch
 from ..engine.loading import LoadedModel, load_model
+from ..engine.masks import resize_mask
 from ..engine.sampling import sample
 from .checker import check
 from .world import FAMILIES, prompt_list
@@ -46,9 +47,10 @@ def _pixels(im) -> np.ndarray:
 
 
 def _pixel_mask(res, size: int) -> np.ndarray:
+    """The region the fusion used: the fused steps' masks (> 0.5 on average), grown by the mask's dilation."""
     first, last = res.fusion.step_range(res.sampling.num_steps)
-    m = res.masks[first - 1:last].mean(0)[None, None].float()
-    return (F.interpolate(m, size=(size, size), mode="nearest")[0, 0] > 0.5).numpy()
+    m = (res.masks[first - 1:last].mean(0) > 0.5).float()
+    return (resize_mask(m, (size, size), "nearest", res.fusion.mask.dilate) > 0.5).numpy()
 
 
 def pair_metrics(res, prompt: str) -> dict:
