@@ -164,6 +164,14 @@ class AppService:
             choices.append((f"{w.word} (past the 77-token limit)" if w.truncated else label, w.word))
         return choices, default_keywords(self.model.tokenizer, prompt)
 
+    def check_keywords(self, prompt: str, keywords) -> None:
+        """The engine's keyword rule without a model call: each keyword is words of the prompt the text
+        encoder sees (the app's validator shows the message on the keyword boxes before any fusion)."""
+        try:
+            self.model.family.token_groups(self.model, prompt, list(keywords))
+        except ValueError as e:
+            raise UserError(str(e)) from None
+
     def sample_candidates(self, session: Session, prompt, n, first_seed, sampling: SamplingParams) -> Session:
         prompt = check_prompt(prompt)
         n = int(n)
@@ -218,14 +226,20 @@ class AppService:
         self.model.load_lora(folder, TUNED_ADAPTER)
         self.cache.clear()
 
-    def fuse(self, session: Session, prompt, base_seed, ref_seed, sampling: SamplingParams,
-             fusion: FusionParams) -> Session:
-        prompt = check_prompt(prompt)
+    @staticmethod
+    def pair_seeds(base_seed, ref_seed) -> tuple[int, int]:
+        """A pair's two seeds from widget values: each a seed, and two different images."""
         b, r = parse_seed(base_seed, "base seed"), parse_seed(ref_seed, "reference seed")
         try:
             check_pair_seeds(b, r)  # the engine's rule, the CLI's too
         except ValueError as e:
             raise UserError(str(e)) from None
+        return b, r
+
+    def fuse(self, session: Session, prompt, base_seed, ref_seed, sampling: SamplingParams,
+             fusion: FusionParams) -> Session:
+        prompt = check_prompt(prompt)
+        b, r = self.pair_seeds(base_seed, ref_seed)
         same = session.prompt == prompt and session.sampling == sampling
         cand = session.candidates.get(b) if same else None
         try:

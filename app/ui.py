@@ -16,17 +16,25 @@ import gradio as gr
 
 from dfusion_core.engine.config import COMBINE_MODES, FUSION_LAYER_PRESETS, RESIZE_MODES, THRESHOLD_MODES
 
-from .service import PAIR_COLUMNS, AppService, Session, UserError
-from .views import ablation_plot, candidate_caption, enlarge, heat_overlay, mask_overlay, score_text, training_plot
+from .service import PAIR_COLUMNS, AppService, Session, UserError, check_prompt, parse_seed
+from .views import (MASK_LEGEND, ablation_plot, candidate_caption, enlarge, heat_overlay, mask_overlay, pair_notes,
+                    score_text, threshold_slider, training_plot)
 
 log = logging.getLogger("dfusion.app")
 
 SHORTCUTS = """
 <script>
+// The label shortcuts work wherever the focus is, except while typing: a text box (input of a text or number
+// type, textarea, contenteditable) keeps its keys. A focused checkbox, radio, slider or button does not.
+const DFUSION_TYPING = new Set(['text', 'number', 'search', 'email', 'url', 'password', 'tel', 'date', 'time',
+                                'datetime-local', 'month', 'week']);
+function dfusionTyping(t) {
+  if (!t) return false;
+  if (t.isContentEditable || t.tagName === 'TEXTAREA') return true;
+  return t.tagName === 'INPUT' && DFUSION_TYPING.has((t.type || 'text').toLowerCase());
+}
 document.addEventListener('keydown', (e) => {
-  const t = e.target;
-  if (t && (t.tagName === 'INPUT' || t.tagName === 'TEXTAREA' || t.isContentEditable)) return;
-  if (e.ctrlKey || e.metaKey || e.altKey) return;
+  if (dfusionTyping(e.target) || e.ctrlKey || e.metaKey || e.altKey) return;
   const ids = {'1': 'label-target', '2': 'label-base', '3': 'label-tie', '4': 'label-skip', 'z': 'label-undo'};
   const id = ids[e.key.toLowerCase()];
   if (!id) return;
@@ -35,7 +43,8 @@ document.addEventListener('keydown', (e) => {
 });
 </script>
 """
-CSS = ".pixelated img { image-rendering: pixelated; }"
+CSS = """.pixelated img { image-rendering: pixelated; }
+#threshold input:disabled { filter: grayscale(1); opacity: 0.45; }"""  # a slider that does nothing looks it
 # Small images shown large with crisp pixels, sent as PNG: exact pixels, and about 3x faster to encode than
 # gradio's default WebP (4.7 vs 13.6 ms for a 256 px image here).
 PIXELS = {"elem_classes": ["pixelated"], "format": "png"}
@@ -44,6 +53,16 @@ LIVE_CONTROLS = [("threshold", "release", "threshold"), ("start_step", "release"
                  ("end_step", "release", "end_step"), ("threshold_mode", "input", "threshold_mode"),
                  ("layers", "input", "layers"), ("resize", "input", "resize"), ("use_mask", "input", "use_mask"),
                  ("keywords", "input", "keywords"), ("combine", "input", "combine")]
+# The inputs of /fuse and of every live re-fusion, in order (the endpoints' parameters).
+FUSE_INPUTS = ["state", "prompt", "steps", "guidance", "eta", "base_seed", "ref_seed", "keywords", "threshold_mode",
+               "threshold", "start_step", "end_step", "layers", "resize", "use_mask", "words", "combine"]
+# Which input a refused fusion parameter is shown on: the first of these words its message contains.
+MESSAGE_INPUT = [("keyword", "keywords"), ("threshold", "threshold"), ("layer", "layers"), ("resize", "resize"),
+                 ("combine", "combine"), ("step", "start_step")]
+# The fusion step sliders cannot cross: moving one past the other takes the other along (in the page, before
+# the re-fusion reads them). (the slider that moved, the one that follows, how it follows)
+STEP_FOLLOW = [("start_step", "end_step", "(s, e) => Math.max(s, e)"),
+               ("end_step", "start_step", "(s, e) => Math.min(s, e)")]
 
 
 def guarded(fn):
@@ -150,19 +169,80 @@ class FuseEvents:
         if r.from_cache:
             how = "cache (target branch only" + (f", {r.steps_reused} of {r.sampling.num_steps} steps reused)"
                                                  if r.steps_reused else ")")
-        msg = (f"fused in {how} · keywords {', '.join(r.keywords)} · mask covers {self.svc.mask_coverage(sess):.0%} · "
+        coverage = self.svc.mask_coverage(sess)
+        msg = (f"fused in {how} · keywords {', '.join(r.keywords)} · mask covers {coverage:.0%} · "
                f"layers {lay} · steps {start}-{end} · {took:.2f} s")
+        notes = pair_notes(coverage if r.fusion.use_mask else None, r.base_image, r.target_image)
         return (sess, enlarge(r.base_image), enlarge(r.reference_image), enlarge(r.target_image),
-                (enlarge(r.base_image), enlarge(r.target_image)), heat_im, mask_im, score_text(sess.scores), msg)
+                (enlarge(r.base_image), enlarge(r.target_image)), heat_im, mask_im, score_text(sess.scores, notes),
+                msg)
 
     @guarded
-    def on_live(self, sess, *args):
+    def on_live(self, sess, p, st, g, e, b, rs, kws, mode, thr, start, end, lay, rsz, um, word, comb=None):
         if sess.result is None:  # nothing fused yet: a control moved before the first fusion
             return (sess, *[gr.update()] * 7, "move a control after the first fusion to see it live")
-        out = self.on_fuse(sess, *args)
+        out = self.on_fuse(sess, p, st, g, e, b, rs, kws, mode, thr, start, end, lay, rsz, um, word, comb)
         if out[0].same_pair:  # base, reference and their attention are unchanged: three fewer images to send
             out = (out[0], gr.skip(), gr.skip(), *out[3:5], gr.skip(), *out[6:])
         return out
+
+    # ---- before a fusion: the validator (gradio runs it first), the controls kept consistent -------------
+    def check(self, sess, p, st, g, e, b, rs, kws, mode, thr, start, end, lay, rsz, um, word, comb=None):
+        """The validator of /fuse: a message on each refused input, one gr.validate per FUSE_INPUTS entry.
+        A refusal here keeps the last good outputs on the page (an error raised by the handler would cover
+        every output with an error badge); gradio_client raises it as a ValidationError naming the inputs."""
+        try:
+            bad = self.problems(p, st, g, e, b, rs, kws, mode, thr, start, end, lay, rsz, um, word, comb)
+        except Exception:  # noqa: BLE001 - not a refusal: the handler runs and reports it (guarded)
+            log.exception("the fuse validator failed")
+            bad = {}
+        return [gr.validate(name not in bad, bad.get(name, "")) for name in FUSE_INPUTS]
+
+    def check_live(self, sess, *args):
+        """The validator of the live re-fusions: nothing to refuse before the first fusion (on_live says so)."""
+        if sess is None or sess.result is None:
+            return [gr.validate(True, "")] * len(FUSE_INPUTS)
+        return self.check(sess, *args)
+
+    def problems(self, p, st, g, e, b, rs, kws, mode, thr, start, end, lay, rsz, um, word, comb) -> dict[str, str]:
+        """{input name: message} for what the service would refuse, found without running the model."""
+        bad: dict[str, str] = {}
+
+        def test(name, fn, *a):
+            try:
+                return fn(*a)
+            except UserError as err:
+                bad.setdefault(name, str(err))
+        prompt, sampling = test("prompt", check_prompt, p), test("steps", self.svc.sampling, st, g, e)
+        seeds = test("base_seed", parse_seed, b, "base seed"), test("ref_seed", parse_seed, rs, "reference seed")
+        if None not in seeds:
+            test("ref_seed", self.svc.pair_seeds, b, rs)  # two different images
+        n = sampling.num_steps if sampling else self.svc.default_sampling.num_steps
+        try:
+            self.svc.fusion(n, kws, mode, thr, start, end, lay, rsz, um, combine=comb)
+        except UserError as err:
+            bad.setdefault(next((w for k, w in MESSAGE_INPUT if k in str(err)), "threshold"), str(err))
+        for name, words in (("keywords", kws), ("words", [word] if word else None)):
+            if prompt is not None and words and name not in bad:
+                test(name, self.svc.check_keywords, prompt, words)
+        return bad
+
+    def threshold_view(self, sess, mode, thr, um, comb, coverage=None):
+        """The threshold slider for a mode: its range over the current pair's keyword maps (see views)."""
+        r = sess.result if sess is not None else None
+        kmaps = [self.svc.word_map(sess, k) for k in r.keywords] if r is not None else None
+        return gr.update(**threshold_slider(mode, thr, kmaps, comb or "mean", bool(um), coverage))
+
+    @guarded
+    def on_threshold_view(self, sess, mode, thr, um, comb):
+        return self.threshold_view(sess, mode, thr, um, comb)
+
+    @guarded
+    def on_mode(self, sess, mode, thr, um, comb):
+        """A new threshold mode: its slider, at the value giving about the current mask (then the re-fusion)."""
+        r = sess.result if sess is not None else None
+        keep = self.svc.mask_coverage(sess) if r is not None and r.fusion.use_mask else None
+        return self.threshold_view(sess, mode, thr, um, comb, coverage=keep)
 
     @guarded
     def on_word(self, sess, word):
@@ -227,30 +307,34 @@ def _mask_widgets(v: SimpleNamespace, m0, n_steps: int) -> None:
         with gr.Column(scale=1):
             v.words = gr.Radio(choices=[], label="Words (click one to see its attention)", elem_id="words")
             v.keywords = gr.CheckboxGroup(choices=[], label="Mask keywords", elem_id="keywords")
-            v.threshold_mode = gr.Radio(list(THRESHOLD_MODES), value=m0.threshold_mode, label="Threshold mode")
-            v.threshold = gr.Slider(0.0, 1.0, value=m0.threshold, step=0.01,
-                                    label="Threshold (absolute: attention prob; relative: x max; area: fraction)")
+            v.threshold_mode = gr.Radio(list(THRESHOLD_MODES), value=m0.threshold_mode, label="Threshold mode",
+                                        elem_id="threshold-mode")
+            first = threshold_slider(m0.threshold_mode, m0.threshold)  # no map yet: each mode's whole range
+            v.threshold = gr.Slider(first.get("minimum", 0.0), first.get("maximum", 1.0), value=m0.threshold,
+                                    step=first.get("step", 0.01), label=first["label"],
+                                    interactive=first["interactive"], elem_id="threshold")
             with gr.Row():
-                v.start_step = gr.Slider(1, n_steps, value=3, step=1, label="Fuse from step")
-                v.end_step = gr.Slider(1, n_steps, value=n_steps, step=1, label="to step")
+                v.start_step = gr.Slider(1, n_steps, value=3, step=1, label="Fuse from step", elem_id="start-step")
+                v.end_step = gr.Slider(1, n_steps, value=n_steps, step=1, label="to step", elem_id="end-step")
             v.layers = gr.Dropdown(list(FUSION_LAYER_PRESETS), value="mid+up", label="Fusion layers")
             v.resize = gr.Radio(list(RESIZE_MODES), value=m0.resize, label="Mask resize")
             v.combine = gr.Radio(list(COMBINE_MODES), value=m0.combine,
                                  label="Keywords combined by (mean map, or union of one mask each: the paper's)")
-            v.use_mask = gr.Checkbox(value=True, label="Use the mask (off = global fusion)")
+            v.use_mask = gr.Checkbox(value=True, label="Use the mask (off = global fusion)", elem_id="use-mask")
         with gr.Column(scale=1):
             v.heat = gr.Image(label="Selected word's attention over the reference", **PIXELS,
                               interactive=False, elem_id="heat")
             v.mask_img = gr.Image(label="Fusion mask (mean over the fused steps)", **PIXELS,
                                   interactive=False, elem_id="mask")
+            gr.HTML(MASK_LEGEND, elem_id="mask-legend")
 
 
 def _result_widgets(v: SimpleNamespace, n_steps: int) -> None:
     """The three images, scores, base | target slider, the trajectory viewer, the label buttons, the status."""
     with gr.Row():
-        v.base_img = gr.Image(label="Base (loser)", **PIXELS, interactive=False)
-        v.ref_img = gr.Image(label="Reference", **PIXELS, interactive=False)
-        v.tgt_img = gr.Image(label="Target (winner)", **PIXELS, interactive=False, elem_id="target")
+        v.base_img = gr.Image(label="Base", **PIXELS, interactive=False, elem_id="base")
+        v.ref_img = gr.Image(label="Reference", **PIXELS, interactive=False, elem_id="reference")
+        v.tgt_img = gr.Image(label="Target", **PIXELS, interactive=False, elem_id="target")
     v.scores_md = gr.Markdown(elem_id="scores")
     with gr.Row():
         v.compare = gr.ImageSlider(label="Base | target", **PIXELS, interactive=False)
@@ -258,7 +342,7 @@ def _result_widgets(v: SimpleNamespace, n_steps: int) -> None:
             v.traj_step = gr.Slider(1, n_steps, value=n_steps, step=1, label="Trajectory step")
             v.x0_img = gr.Image(label="Target's predicted image at that step", **PIXELS, interactive=False)
     with gr.Row():
-        v.label_buttons = {"target": gr.Button("Prefer target [1]", elem_id="label-target", variant="primary"),
+        v.label_buttons = {"target": gr.Button("Prefer target [1]", elem_id="label-target"),  # no default choice
                            "base": gr.Button("Prefer base [2]", elem_id="label-base"),
                            "tie": gr.Button("Tie [3]", elem_id="label-tie"),
                            "skip": gr.Button("Skip [4]", elem_id="label-skip")}
@@ -267,26 +351,50 @@ def _result_widgets(v: SimpleNamespace, n_steps: int) -> None:
 
 
 def _wire_fuse(v: SimpleNamespace, ev: FuseEvents, state: gr.State) -> None:
+    v.state = state
     v.prompt.submit(ev.on_prompt, [v.prompt], [v.words, v.keywords], api_name="words")
-    v.prompt.blur(ev.on_prompt, [v.prompt], [v.words, v.keywords], api_name=False)
+    # The words follow the prompt as it is typed (not when the box is left: that answer would arrive after a
+    # click on Fuse, which leaves the box, and erase the message the click put on the prompt).
+    v.prompt.change(ev.on_prompt, [v.prompt], [v.words, v.keywords], api_name=False, queue=False,
+                    show_progress="hidden", trigger_mode="always_last")
     v.example.change(ev.on_example, [v.example], [v.prompt, v.words, v.keywords], api_name="example")
     v.steps.release(ev.on_steps, [v.steps], [v.start_step, v.end_step, v.traj_step], api_name="steps")
     v.sample_btn.click(ev.on_sample, [state, v.prompt, v.steps, v.guidance, v.eta, v.n_cand, v.first_seed],
                        [state, v.gallery, v.base_seed, v.ref_seed, v.words, v.keywords], api_name="sample")
     v.gallery.select(ev.on_pick, [state, v.click_sets], [v.base_seed, v.ref_seed], api_name=False)
-    fuse_inputs = [state, v.prompt, v.steps, v.guidance, v.eta, v.base_seed, v.ref_seed, v.keywords,
-                   v.threshold_mode, v.threshold, v.start_step, v.end_step, v.layers, v.resize, v.use_mask, v.words,
-                   v.combine]
-    fuse_outputs = [state, v.base_img, v.ref_img, v.tgt_img, v.compare, v.heat, v.mask_img, v.scores_md, v.status]
-    v.fuse_btn.click(ev.on_fuse, fuse_inputs, fuse_outputs, api_name="fuse")
-    for widget, event, name in LIVE_CONTROLS:
-        getattr(getattr(v, widget), event)(ev.on_live, fuse_inputs, fuse_outputs, api_name=f"refuse_{name}",
-                                           trigger_mode="always_last")
+    _wire_fusion(v, ev)
     v.words.change(ev.on_word, [state, v.words], [v.heat], api_name="word_heatmap")
     v.traj_step.release(ev.on_traj, [state, v.traj_step], [v.x0_img], api_name="trajectory")
     for lab, btn in v.label_buttons.items():
         btn.click(ev.labeller(lab), [state], [v.status], api_name=f"label_{lab}")
     v.undo_btn.click(ev.on_undo, [state], [v.status], api_name="undo")
+
+
+def _wire_fusion(v: SimpleNamespace, ev: FuseEvents) -> None:
+    """/fuse and the live re-fusions, each checked first by its validator. Some controls first adjust others
+    in the page (STEP_FOLLOW; a new threshold mode gets its slider); after every fusion the threshold slider
+    is redrawn over the new pair's maps."""
+    inputs = [getattr(v, name) for name in FUSE_INPUTS]
+    outputs = [v.state, v.base_img, v.ref_img, v.tgt_img, v.compare, v.heat, v.mask_img, v.scores_md, v.status]
+    slider = {"fn": ev.on_threshold_view, "inputs": [v.state, v.threshold_mode, v.threshold, v.use_mask, v.combine],
+              "outputs": [v.threshold], "queue": False, "show_progress": "hidden"}
+    # preprocess=False: the widgets' plain values, which the validator checks with the service's messages
+    # (e.g. "keyword 'horse' is not in the prompt"); gradio's own choice check would fail before the validator
+    # and its message reach no one (a bare 400).
+    v.fuse_btn.click(ev.on_fuse, inputs, outputs, api_name="fuse", validator=ev.check,
+                     preprocess=False).success(**slider, api_name=False)
+    first = {moved: {"fn": None, "inputs": [v.start_step, v.end_step], "outputs": [getattr(v, other)], "js": js}
+             for moved, other, js in STEP_FOLLOW}
+    first["threshold_mode"] = {**slider, "fn": ev.on_mode}
+    for widget, event, name in LIVE_CONTROLS:
+        listen = getattr(getattr(v, widget), event)
+        live = {"fn": ev.on_live, "inputs": inputs, "outputs": outputs, "api_name": f"refuse_{name}",
+                "validator": ev.check_live, "preprocess": False}
+        if widget in first:
+            dep = listen(**first[widget], api_name=False, trigger_mode="always_last").then(**live)
+        else:
+            dep = listen(**live, trigger_mode="always_last")
+        dep.success(**slider, api_name=False)
 
 
 # ---- Dataset -----------------------------------------------------------------------------------------

@@ -39,23 +39,120 @@ def heat_overlay(image: Image.Image, heat: np.ndarray, alpha: float = 0.55, cmap
     return Image.blend(image.convert("RGB"), over, alpha)
 
 
-def mask_overlay(image: Image.Image, mask: np.ndarray, colour=(0, 200, 255)) -> Image.Image:
-    """Tint the masked region of the image (mask in [0, 1])."""
+MASK_COLOUR, MASK_ALPHA = (0, 200, 255), 0.6
+# The mask overlay's legend: the tint runs from none (kept from the base) to full (taken from the reference).
+MASK_LEGEND = (
+    "<div id='mask-legend-body' style='font-size: 0.85em; line-height: 1.5'>"
+    "<span style='display: inline-block; width: 9em; height: 0.9em; vertical-align: middle; border: 1px solid #888;"
+    f" background: linear-gradient(to right, rgba(0,0,0,0), rgba{MASK_COLOUR + (MASK_ALPHA,)})'></span>"
+    " &nbsp;<b>untinted</b>: the target keeps its own (the base's) keys and values there · <b>tinted</b>: it"
+    " takes the reference's there; the stronger the tint, the more of the fused steps did</div>")
+
+
+def mask_overlay(image: Image.Image, mask: np.ndarray, colour=MASK_COLOUR) -> Image.Image:
+    """Tint the masked region of the image (mask in [0, 1]; MASK_LEGEND explains it)."""
     m = Image.fromarray((np.clip(mask, 0, 1) * 255).astype(np.uint8)).resize(image.size, Image.NEAREST)
     tint = Image.new("RGB", image.size, colour)
-    a = (np.asarray(m, dtype=np.float32) / 255 * 0.6)[..., None]
+    a = (np.asarray(m, dtype=np.float32) / 255 * MASK_ALPHA)[..., None]
     out = np.asarray(image.convert("RGB"), dtype=np.float32) * (1 - a) + np.asarray(tint, dtype=np.float32) * a
     return Image.fromarray(out.astype(np.uint8))
 
 
-def score_text(scores: dict) -> str:
-    if not scores:
-        return "_no scorer loaded_"
-    clip = [f"{k}: **{v:.3f}**" for k, v in scores.items() if not k.endswith("checker")]
-    checker = [f"{k.replace(' checker', '')}: {'✓' if v else '✗'}" for k, v in scores.items() if k.endswith("checker")]
-    out = ("CLIP score - " + " | ".join(clip)) if clip else ""
-    if checker:
-        out += ("  \n" if out else "") + "ground-truth checker - " + " | ".join(checker)
+ROLES = ("base", "reference", "target")  # the order of the images on the Fuse tab
+
+
+def pair_notes(coverage: float | None, base_image, target_image) -> list[str]:
+    """Warnings about a fused pair that leave nothing to prefer: an empty mask (`coverage` 0; None when the
+    mask is off) or a target identical to the base."""
+    same = base_image is not None and target_image is not None and (
+        np.array_equal(np.asarray(base_image), np.asarray(target_image)))
+    if coverage == 0:
+        return ["the mask is empty: nothing was fused, so the target is the base"
+                + (" (identical images)" if same else "") + " - nothing to prefer; lower the threshold or skip [4]"]
+    if same:
+        return ["the target is identical to the base: nothing to prefer; skip [4] or change the fusion"]
+    return []
+
+
+def _verdicts(scores: dict) -> list[str]:
+    """One neutral line each for the scorer and the checker on target against base."""
+    out = []
+    if "base" in scores and "target" in scores:
+        d = scores["target"] - scores["base"]
+        out.append("scorer: target and base score the same" if abs(d) < 5e-4 else
+                   f"scorer: {'target' if d > 0 else 'base'} higher by {abs(d):.3f}")
+    t, b = scores.get("target checker"), scores.get("base checker")
+    if t is not None and b is not None:
+        out.append("checker: " + ("both pass" if t and b else "neither passes" if not (t or b) else
+                                  f"only the {'target' if t else 'base'} passes"))
+    return out
+
+
+def score_text(scores: dict, notes: list[str] | tuple = ()) -> str:
+    """What the scorer and the checker say about base, reference and target, side by side (a table), then
+    which of target and base each prefers - neither image is called the winner; `notes` (warnings) first."""
+    parts = [f"⚠ **{n}**" for n in notes]
+    roles = [r for r in ROLES if r in scores or f"{r} checker" in scores]
+    if not roles:
+        return "\n\n".join(parts + ["_no scorer loaded_"])
+    rows = ["| | " + " | ".join(r.capitalize() for r in roles) + " |", "|---" * (len(roles) + 1) + "|"]
+    if any(r in scores for r in roles):
+        rows.append("| CLIP score | " + " | ".join(f"{scores[r]:.3f}" if r in scores else "-" for r in roles) + " |")
+    if any(f"{r} checker" in scores for r in roles):
+        marks = [scores.get(f"{r} checker") for r in roles]
+        rows.append("| ground-truth checker | " + " | ".join("-" if m is None else "✓" if m else "✗" for m in marks)
+                    + " |")
+    return "\n\n".join(parts + ["\n".join(rows)] + [" · ".join(_verdicts(scores))])
+
+
+# The threshold slider of each mode: what it means, and where it lies before a fusion gives a map to measure.
+THRESHOLD_LABELS = {
+    "auto": "Threshold - auto: Otsu's cut, chosen per map and step (the slider is off; pick a mode to set it)",
+    "absolute": "Threshold - absolute: attention probability (spans this map's values)",
+    "relative": "Threshold - relative: fraction of the map's maximum (spans where the mask changes)",
+    "area": "Threshold - area: fraction of the image the mask keeps",
+}
+THRESHOLD_OFF = "Threshold (off: the mask is not used)"
+
+
+def _threshold_map(kmaps: np.ndarray, combine: str, mode: str) -> np.ndarray:
+    """The one map whose cut at t gives the mask (as dfusion_core.engine.masks cuts it): the keywords' mean
+    map, or for a union of per-keyword masks their maximum (m_1 > t or m_2 > t <=> max(m_1, m_2) > t); in
+    relative mode each thresholded map is first divided by its maximum."""
+    m = np.asarray(kmaps, dtype=np.float64)
+    if combine == "mean":
+        m = m.mean(0, keepdims=True)
+    if mode == "relative":
+        m = m / np.maximum(m.reshape(len(m), -1).max(1), 1e-12)[:, None, None]
+    return m.max(0)
+
+
+def threshold_slider(mode: str, value: float, kmaps: np.ndarray | None = None, combine: str = "mean",
+                     use_mask: bool = True, coverage: float | None = None) -> dict:
+    """The threshold slider's settings (label, range, step, value, interactive) for a mode, over the fused
+    pair's keyword maps [K, h, w] when there are: the range is where the cut changes the mask (the map's
+    values; for area, one position to the whole image). The value is kept (the range grows to hold it) or,
+    with `coverage`, is the one giving about that mask coverage (switching modes keeps the mask). The range
+    comes from the maps averaged over the steps: single steps reach a little beyond its ends."""
+    if not use_mask or mode == "auto":
+        return {"label": THRESHOLD_OFF if not use_mask else THRESHOLD_LABELS["auto"], "interactive": False}
+    lo, hi = (0.0, 1.0) if mode == "absolute" else (0.01, 1.0)
+    m = None if kmaps is None or len(kmaps) == 0 else _threshold_map(kmaps, combine, mode)
+    if m is not None and mode in ("absolute", "relative"):
+        lo, hi = float(m.min()), float(m.max())
+    elif m is not None:
+        lo = 1.0 / m.size
+    if coverage is not None and m is not None:
+        value = coverage if mode == "area" else float(np.quantile(m, 1.0 - coverage))
+    step = float(10.0 ** np.floor(np.log10(max(hi - lo, 1e-6) / 100)))  # 100 to 1000 steps over the range
+    least = 0.0 if mode == "absolute" else step  # relative and area cuts are in (0, 1]
+    value = min(max(round(float(value) / step) * step, least), 1.0)
+    lo = max(min(np.floor(lo / step) * step, value), least)  # the range holds the value the mask was cut at
+    hi = min(max(np.ceil(hi / step) * step, value), 1.0)
+    out = {"label": THRESHOLD_LABELS[mode], "interactive": True, "minimum": round(float(lo), 6),
+           "maximum": round(float(hi), 6), "step": step}
+    if coverage is not None or m is None:  # a new value; else the value stays as the user left it (no race)
+        out["value"] = round(value, 6)
     return out
 
 

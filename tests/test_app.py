@@ -186,3 +186,73 @@ def test_train_tab_refuses_deterministic_pairs_for_trajectory_methods(sd1, tmp_p
         if svc.job is not None:
             svc.job.cancel()
         demo.close()
+
+
+def test_scores_are_shown_side_by_side_without_a_winner_and_an_empty_mask_is_said(app_url, monkeypatch):
+    url, svc = app_url
+    monkeypatch.setattr(svc, "scorer", lambda ims, ps: [0.9, 0.5, 0.2][-len(ims):])  # the target scores lowest
+    c = gradio_client.Client(url, verbose=False)
+    c.predict("a red dog", api_name="/words")
+    out = c.predict(*_fuse_args("40", "41", mode="absolute", thr=1.0), api_name="/fuse")  # no probability above 1
+    assert "mask covers 0%" in out[-1]
+    assert "the mask is empty" in out[-2] and "identical" in out[-2]  # nothing to prefer: said so
+    out = c.predict(*_fuse_args("40", "41"), api_name="/fuse")
+    scores = out[-2]
+    assert "winner" not in scores.lower() and "mask is empty" not in scores
+    header, _, row = scores.splitlines()[:3]
+    assert header.split("|")[2:5] == [" Base ", " Reference ", " Target "] and row.startswith("| CLIP score |")
+    assert [float(v) for v in row.split("|")[2:5]] == [0.9, 0.5, 0.2]
+    assert "scorer: base higher by 0.700" in scores  # said as it is, the target named no better than it scored
+
+
+def test_score_text_and_pair_notes_say_what_scorer_and_checker_say():
+    from PIL import Image
+
+    from app.views import pair_notes, score_text
+
+    im, other = Image.new("RGB", (4, 4), (1, 2, 3)), Image.new("RGB", (4, 4), (1, 2, 4))
+    text = score_text({"base": 0.61, "reference": 0.5, "target": 0.4, "base checker": 1.0, "reference checker": 0.0,
+                       "target checker": 0.0})
+    assert "| ground-truth checker | ✓ | ✗ | ✗ |" in text
+    assert "scorer: base higher by 0.210" in text and "checker: only the base passes" in text
+    assert pair_notes(0.0, im, im.copy())[0].startswith("the mask is empty")
+    assert "identical" in pair_notes(0.3, im, im.copy())[0] and pair_notes(0.3, im, other) == []
+    assert pair_notes(None, im, other) == [] and score_text({}) == "_no scorer loaded_"
+
+
+@pytest.mark.parametrize("combine", ["mean", "union"])
+@pytest.mark.parametrize("mode", ["absolute", "relative"])
+def test_threshold_slider_spans_where_the_engine_mask_changes(mode, combine):
+    """At the slider's minimum the engine's mask (masks.keyword_mask) is all but the lowest position, at its
+    maximum empty; a value chosen for a coverage gives about that coverage; auto and no mask: slider off."""
+    import torch
+
+    from app.views import threshold_slider
+    from dfusion_core.engine.masks import keyword_mask
+
+    g = torch.Generator().manual_seed(0)
+    kmaps = torch.rand(2, 16, 16, generator=g) ** 3 * 0.3  # skewed like attention probabilities
+    s = threshold_slider(mode, 0.5, kmaps.numpy(), combine, coverage=0.25)
+    assert s["interactive"] and s["maximum"] - s["minimum"] < (0.5 if mode == "absolute" else 1.0)
+    cover = {t: float(keyword_mask(kmaps, mode, t, combine).float().mean()) for t in (s["minimum"], s["maximum"])}
+    assert cover[s["minimum"]] >= 1 - 2 / 256 and cover[s["maximum"]] == 0.0, cover
+    assert abs(float(keyword_mask(kmaps, mode, s["value"], combine).float().mean()) - 0.25) < 0.03
+    assert not threshold_slider("auto", 0.5, kmaps.numpy(), combine)["interactive"]
+    assert not threshold_slider(mode, 0.5, kmaps.numpy(), combine, use_mask=False)["interactive"]
+
+
+def test_a_refused_fusion_is_a_validation_error_naming_the_input_before_any_model_call(app_url, monkeypatch):
+    from gradio_client.exceptions import ValidationError
+
+    url, svc = app_url
+    c = gradio_client.Client(url, verbose=False)
+    c.predict("a red dog", api_name="/words")
+    c.predict(*_fuse_args("50", "51"), api_name="/fuse")  # a fused pair: the live controls are checked too
+    calls = []
+    monkeypatch.setattr(svc.model_thread, "run", lambda *a, **k: calls.append(a))
+    with pytest.raises(ValidationError, match=r"- p: .*prompt is empty"):
+        c.predict("", 4, 2.0, 1.0, "0", "1", ["red"], "auto", 0.5, 2, 4, "mid+up", "smooth", True, None,
+                  api_name="/fuse")
+    with pytest.raises(ValidationError, match=r"- start: .*starts at step 4, after its end"):
+        c.predict(*_fuse_args(start=4, end=2), api_name="/refuse_start_step")  # a live control: the same rule
+    assert calls == []

@@ -1,5 +1,8 @@
-"""A real browser (Debian chromium via playwright): Fuse -> a word's mask -> keyboard label -> Dataset."""
+"""A real browser (Debian chromium via playwright): Fuse -> a word's mask -> keyboard label -> Dataset; then the
+Fuse tab's controls one by one: shortcuts whatever has the focus, the threshold slider of each mode, a refused
+fusion, step sliders that cannot cross, neutral names."""
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -28,3 +31,158 @@ def test_click_through_fuse_mask_label_dataset(served, tmp_path):
     walk(url, "a red dog", shots, word="dog")
     assert len(svc.store) == n0 + 1  # the keyboard shortcut saved the pair
     assert (shots / "fuse.png").stat().st_size > 10_000 and (shots / "dataset.png").is_file()
+
+
+# ---- one fused pair in one page, for the checks of the Fuse tab's controls below -----------------------
+WAIT_MS = 180_000  # a re-fusion can take seconds on a loaded CPU
+
+
+@pytest.fixture(scope="module")
+def fused(sd1, tmp_path_factory):
+    """A page (on its own app and store) with 'a red dog' sampled and fused once: (page, service)."""
+    from playwright.sync_api import sync_playwright
+
+    from app.service import AppService
+    from app.walkthrough import CHROMIUM_ARGS
+
+    svc = AppService(sd1, store_dir=tmp_path_factory.mktemp("store"))
+    url, demo = launch_app(svc)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium_path(), args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1300, "height": 1800})
+        page.goto(url)
+        box = page.locator("#prompt textarea")
+        box.wait_for(timeout=WAIT_MS)
+        box.fill("a red dog")
+        box.press("Enter")
+        page.locator("#words label", has_text="dog").wait_for(timeout=WAIT_MS)
+        page.click("#sample")
+        page.locator("#gallery img").first.wait_for(timeout=WAIT_MS)
+        page.click("#fuse")
+        page.locator("#status", has_text="fused in").wait_for(timeout=WAIT_MS)
+        yield page, svc
+        browser.close()
+    demo.close()
+
+
+def _status(page) -> str:
+    return page.locator("#status [data-testid=markdown]").inner_text().strip()
+
+
+def _next_status(page, old: str) -> str:
+    """Wait for the status line to change from `old` (a fusion, a label or an undo answered)."""
+    page.wait_for_function("old => { const e = document.querySelector('#status [data-testid=markdown]');"
+                           " const t = e ? e.innerText.trim() : ''; return t && t !== old; }", arg=old, timeout=WAIT_MS)
+    return _status(page)
+
+
+def _coverage(status: str) -> float:
+    return int(re.search(r"mask covers (\d+)%", status).group(1)) / 100
+
+
+def _set_slider(page, elem_id: str, value) -> str:
+    """Type a value into a slider's number box and leave it (a release, as a drag ends): the next status."""
+    old, box = _status(page), page.locator(f"#{elem_id} input[type=number]")
+    box.fill(str(value))
+    box.blur()
+    return _next_status(page, old)
+
+
+def test_shortcuts_work_while_a_checkbox_radio_or_slider_has_focus(fused):
+    page, svc = fused
+    n0 = len(svc.store)
+    for control in ("#use-mask input[type=checkbox]", "#keywords input[type=checkbox]", "#words input[type=radio]",
+                    "#start-step input[type=range]"):
+        page.locator(control).first.focus()
+        old = _status(page)
+        page.keyboard.press("1")
+        saved = _next_status(page, old)
+        assert saved.startswith("saved pair") and len(svc.store) == n0 + 1, control
+        page.locator(control).first.focus()
+        page.keyboard.press("z")
+        assert _next_status(page, saved).startswith("removed pair") and len(svc.store) == n0, control
+    box = page.locator("#start-step input[type=number]")  # a text box keeps its keys: typing a digit labels nothing
+    box.focus()
+    page.keyboard.press("1")
+    page.wait_for_timeout(1000)
+    assert len(svc.store) == n0 and _status(page).startswith("removed pair")
+    box.fill("3")
+    box.blur()
+    page.locator("#status", has_text="fused in").wait_for(timeout=WAIT_MS)
+
+
+def test_threshold_slider_spans_where_the_mask_changes_and_is_off_where_it_does_nothing(fused):
+    page, _ = fused
+    slider = page.locator("#threshold input[type=range]")
+    assert slider.is_disabled()  # auto: Otsu picks the cut, the slider would do nothing
+    assert "auto" in page.locator("#threshold").inner_text()
+    old = _status(page)
+    page.locator("#threshold-mode label", has_text="absolute").click()
+    _next_status(page, old)
+    page.wait_for_function("() => !document.querySelector('#threshold input[type=range]').disabled",
+                           timeout=WAIT_MS)
+    lo, hi = (float(x) for x in slider.evaluate("e => [e.min, e.max]"))
+    assert 0 <= lo < hi < 0.5, (lo, hi)  # this map's attention probabilities, not the whole [0, 1]
+    full, middle, empty = (_coverage(_set_slider(page, "threshold", v)) for v in (lo, (lo + hi) / 2, hi))
+    assert full >= 0.6 and empty <= 0.1 and full > middle > empty, (full, middle, empty)
+    old = _status(page)
+    page.locator("#use-mask input").click()  # no mask: the threshold does nothing
+    _next_status(page, old)
+    page.wait_for_function("() => document.querySelector('#threshold input[type=range]').disabled", timeout=WAIT_MS)
+    old = _status(page)
+    page.locator("#use-mask input").click()
+    _next_status(page, old)
+    old = _status(page)
+    page.locator("#threshold-mode label", has_text="auto").click()
+    _next_status(page, old)
+    page.wait_for_function("() => document.querySelector('#threshold input[type=range]').disabled", timeout=WAIT_MS)
+    legend = page.locator("#mask-legend").inner_text()
+    assert "untinted" in legend and "tinted" in legend and "reference" in legend
+
+
+def test_a_refused_fusion_keeps_the_last_outputs_and_says_why(fused):
+    page, _ = fused
+    before = page.locator("#target img").get_attribute("src")
+    status = _status(page)
+    box = page.locator("#prompt textarea")
+    box.fill("")
+    box.blur()
+    page.locator("#keywords label").first.wait_for(state="detached", timeout=WAIT_MS)  # the words follow the box
+    page.click("#fuse")
+    page.locator("#prompt", has_text="prompt is empty").wait_for(timeout=WAIT_MS)  # said at the prompt
+    page.wait_for_timeout(500)
+    for panel in ("#base", "#reference", "#target", "#mask", "#status"):  # no panel replaced by an error badge
+        assert "Error" not in page.locator(panel).inner_text(), panel
+    assert page.locator("#target img").get_attribute("src") == before and _status(page) == status
+    box.fill("a red dog")
+    box.press("Enter")
+    page.locator("#keywords label", has_text="dog").wait_for(timeout=WAIT_MS)
+    ref = page.locator("#ref-seed textarea, #ref-seed input").first
+    seed = ref.input_value()
+    ref.fill(page.locator("#base-seed textarea, #base-seed input").first.input_value())
+    page.click("#fuse")
+    page.locator("#ref-seed", has_text="same seed").wait_for(timeout=WAIT_MS)
+    assert page.locator("#target img").get_attribute("src") == before
+    ref.fill(seed)
+
+
+def test_the_fusion_step_sliders_cannot_cross(fused):
+    page, _ = fused
+    start = page.locator("#start-step input[type=number]")
+    end = page.locator("#end-step input[type=number]")
+    n = int(end.get_attribute("max"))
+    assert "steps 2-2" in _set_slider(page, "end-step", 2)  # the end moved below the start: the start follows
+    assert start.input_value() == "2"
+    assert f"steps 5-5" in _set_slider(page, "start-step", 5)  # the start moved past the end: the end follows
+    assert end.input_value() == "5"
+    assert f"steps 5-{n}" in _set_slider(page, "end-step", n)
+
+
+def test_the_fuse_tab_names_no_winner(fused):
+    page, _ = fused
+    text = page.locator("body").inner_text().lower()
+    assert "winner" not in text and "loser" not in text
+    for elem, name in (("#base", "Base"), ("#reference", "Reference"), ("#target", "Target")):
+        assert name in page.locator(elem).inner_text()
+    classes = [page.locator(f"#label-{lab}").get_attribute("class") for lab in ("target", "base", "tie", "skip")]
+    assert len({" ".join(sorted(c.split())) for c in classes}) == 1  # no answer looks like the expected one
