@@ -16,23 +16,30 @@ def chromium_path() -> str | None:
     return shutil.which("chromium") or shutil.which("chromium-browser")
 
 
+def open_and_fuse(p, url: str, prompt: str, word: str, timeout_ms: int):
+    """Open the app in a new headless chromium (a sync_playwright handle `p`), type the prompt, wait for its word
+    `word`, sample candidates and fuse the suggested pair. Returns (browser, page)."""
+    browser = p.chromium.launch(executable_path=chromium_path(), args=CHROMIUM_ARGS)
+    page = browser.new_page(viewport={"width": 1300, "height": 1800})
+    page.goto(url)
+    box = page.locator("#prompt textarea")
+    box.wait_for(timeout=timeout_ms)
+    box.fill(prompt)
+    box.press("Enter")
+    page.locator("#words label", has_text=word).wait_for(timeout=timeout_ms)
+    page.click("#sample")
+    page.locator("#gallery img").first.wait_for(timeout=timeout_ms)
+    page.click("#fuse")
+    page.locator("#status", has_text="fused in").wait_for(timeout=timeout_ms)
+    return browser, page
+
+
 def walk(url: str, prompt: str, shots: Path, word: str, timeout_ms: int = 60_000) -> None:
     from playwright.sync_api import sync_playwright
 
     shots.mkdir(parents=True, exist_ok=True)
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=chromium_path(), args=CHROMIUM_ARGS)
-        page = browser.new_page(viewport={"width": 1300, "height": 1800})
-        page.goto(url)
-        box = page.locator("#prompt textarea")
-        box.wait_for(timeout=timeout_ms)
-        box.fill(prompt)
-        box.press("Enter")
-        page.locator("#words label", has_text=word).wait_for(timeout=timeout_ms)
-        page.click("#sample")
-        page.locator("#gallery img").first.wait_for(timeout=timeout_ms)
-        page.click("#fuse")
-        page.locator("#status", has_text="fused in").wait_for(timeout=timeout_ms)
+        browser, page = open_and_fuse(p, url, prompt, word, timeout_ms)
         page.locator("#target img").wait_for(timeout=timeout_ms)
         page.locator("#words label", has_text=word).click()
         page.locator("#heat img").wait_for(timeout=timeout_ms)

@@ -15,12 +15,12 @@ import json
 import sys
 import tempfile
 import warnings
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from .engine import offline  # noqa: F401
 from .engine.config import COMBINE_MODES, FUSION_LAYER_PRESETS, RESIZE_MODES, THRESHOLD_MODES, FusionParams, MaskParams, \
-    SamplingParams, apply_model_defaults, field_comments, model_defaults, read_config_json
+    SamplingParams, apply_model_defaults, field_comments, fusion_defaults, model_defaults, read_config_json
 
 # engine.loading.DEFAULT_MODEL without importing torch (the help must not wait for it); tests check they agree
 SHIPPED_MODEL = Path(__file__).resolve().parent.parent / "assets" / "shapesworld"
@@ -173,7 +173,7 @@ def _params(a, model) -> tuple[SamplingParams, FusionParams]:
     s = SamplingParams(**{**asdict(s), **{k: v for k, v in {
         "num_steps": a.steps, "eta": a.eta, "guidance_scale": a.cfg, "negative_prompt": a.negative,
         "height": a.height, "width": a.width, "flow_sampler": a.flow_sampler}.items() if v is not None}})
-    f = FusionParams(mask=m)
+    f = fusion_defaults(model.defaults, m)  # the paper's, under the model's dfusion.json
     if hasattr(a, "threshold_mode"):
         mk = {k: v for k, v in {"keywords": tuple(a.keywords) if a.keywords else None,
                                 "threshold_mode": a.threshold_mode, "threshold": a.threshold, "resize": a.resize,
@@ -185,9 +185,9 @@ def _params(a, model) -> tuple[SamplingParams, FusionParams]:
         layers = None
         if a.layers:
             layers = a.layers[0] if len(a.layers) == 1 and a.layers[0] in FUSION_LAYER_PRESETS else tuple(a.layers)
-        f = FusionParams(**{k: v for k, v in {"start_step": a.start_step, "end_step": a.end_step,
-                                              "layers": layers}.items() if v is not None},
-                         use_mask=not a.no_mask, mask=MaskParams(**{**asdict(m), **mk}))
+        f = replace(f, **{k: v for k, v in {"start_step": a.start_step, "end_step": a.end_step,
+                                            "layers": layers}.items() if v is not None},
+                    use_mask=f.use_mask and not a.no_mask, mask=MaskParams(**{**asdict(f.mask), **mk}))
     s.validate()
     f.validate(s.num_steps)
     return s, f

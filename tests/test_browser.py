@@ -43,23 +43,12 @@ def fused(sd1, tmp_path_factory):
     from playwright.sync_api import sync_playwright
 
     from app.service import AppService
-    from app.walkthrough import CHROMIUM_ARGS
+    from app.walkthrough import open_and_fuse
 
     svc = AppService(sd1, store_dir=tmp_path_factory.mktemp("store"))
     url, demo = launch_app(svc)
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=chromium_path(), args=CHROMIUM_ARGS)
-        page = browser.new_page(viewport={"width": 1300, "height": 1800})
-        page.goto(url)
-        box = page.locator("#prompt textarea")
-        box.wait_for(timeout=WAIT_MS)
-        box.fill("a red dog")
-        box.press("Enter")
-        page.locator("#words label", has_text="dog").wait_for(timeout=WAIT_MS)
-        page.click("#sample")
-        page.locator("#gallery img").first.wait_for(timeout=WAIT_MS)
-        page.click("#fuse")
-        page.locator("#status", has_text="fused in").wait_for(timeout=WAIT_MS)
+        browser, page = open_and_fuse(p, url, "a red dog", "dog", WAIT_MS)
         yield page, svc
         browser.close()
     demo.close()

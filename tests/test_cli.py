@@ -217,3 +217,18 @@ def test_build_pairs_labels_by_score_reports_drops_and_writes_seeds_the_app_acce
     again = run(*args)
     assert again.returncode == 0 and json.loads(again.stdout)["already_stored"] == out["pairs"]
     assert len((tmp_path / "pairs.jsonl").read_text().splitlines()) == len(metas)
+
+
+def test_fusion_fields_of_a_models_dfusion_json_reach_the_cli_and_flags_override_them():
+    from types import SimpleNamespace
+
+    from dfusion_core.cli import _params, build_parser
+
+    model = SimpleNamespace(defaults={"start_step": 1, "layers": "all", "hold_outside": True, "dilate": 1})
+    a = build_parser().parse_args(["fuse", "--prompt", "a red dog", "--base-seed", "1", "--ref-seed", "2"])
+    _, f = _params(a, model)
+    assert (f.start_step, f.layers, f.hold_outside, f.mask.dilate) == (1, "all", True, 1)
+    a = build_parser().parse_args(["fuse", "--prompt", "a red dog", "--base-seed", "1", "--ref-seed", "2",
+                                   "--start-step", "4", "--no-mask"])
+    _, f = _params(a, model)
+    assert (f.start_step, f.use_mask, f.hold_outside) == (4, False, True)

@@ -217,9 +217,11 @@ def run_fusion(model: LoadedModel, prompt: str, plan: _Plan, cache, previous):
     h, w = _size(model, plan.sampling)
     cond = model.encode([prompt], plan.sampling.negative_prompt, plan.sampling.uses_cfg, h, w)
 
+    replayed = {s.base: s for s in streams if s.role == ROLE_BASE}  # bases denoised alongside
+
     def on_call(call, active, steps):
         if fusion.hold_outside and fusion.use_mask:
-            _hold_outside(plan, masker, streams, active, steps)
+            _hold_outside(plan, masker, replayed, active, steps)
         done = [k for s, k in zip(active, steps) if s.role == ROLE_TARGET]
         if done and isinstance(store, ReferenceStore):
             store.finish_step(min(done))
@@ -231,9 +233,8 @@ def run_fusion(model: LoadedModel, prompt: str, plan: _Plan, cache, previous):
     return streams, trajs, store, masker
 
 
-def _hold_outside(plan: _Plan, masker: FusionMasker, streams: list[Stream], active, steps) -> None:
+def _hold_outside(plan: _Plan, masker: FusionMasker, replayed: dict[int, Stream], active, steps) -> None:
     """Targets that just took fused step k: outside the step's mask (at latent resolution), the base's latent."""
-    replayed = {s.base: s for s in streams if s.role == ROLE_BASE}
     p = plan.fusion.mask
     for s, k in zip(active, steps):
         if s.role != ROLE_TARGET or not masker.active(k):

@@ -176,7 +176,7 @@ class Experiment:
             tr = Trainer(self.model, pairs_from_records(records), tc, self.out / "train" / name.replace("/", "__"))
             try:
                 train_log = tr.run(resume=True, progress=False).history
-                tr.unet.eval()
+                tr.net.eval()
                 report = self.evaluate()
             finally:
                 tr.unload()

@@ -141,11 +141,6 @@ class Trainer:
         self.history: list[dict] = []
         self.step = 0
 
-    @property
-    def unet(self):
-        """The trained denoiser as prepared by accelerate (kept under its old name for callers)."""
-        return self.net
-
     def _make_trainable(self, net) -> list:
         """LoRA adapters on the family's attention projections (or the whole network at rank 0)."""
         cfg = self.cfg
