@@ -14,7 +14,7 @@ from dfusion_core.engine.config import SamplingParams
 from dfusion_core.engine.pairs import PairingParams
 from dfusion_core.engine.sampling import recompute_log_probs
 from dfusion_core.training import losses
-from dfusion_core.training.onpolicy import OnPolicyConfig, OnPolicyTrainer, round_samples
+from dfusion_core.training.onpolicy import OnPolicyConfig, OnPolicyTrainer, local_batch, round_samples
 from dfusion_core.training.pair_signal import pair_signal
 
 PROMPTS = ["a red dog", "a blue cat"]
@@ -52,6 +52,15 @@ def test_random_round_counts_each_candidate_once():
                             base=f"C{b}", scores={"base": float(b), "target": float(w)}) for b, w in ((1, 2), (3, 4))]
     prompts, trajs, rewards, fused = round_samples(recs)
     assert trajs == ["C2", "C1", "C4", "C3"] and rewards == [2.0, 1.0, 4.0, 3.0] and not any(fused)
+
+
+def test_a_process_passes_over_its_samples_once_then_wraps_around_them():
+    """local_batch: 5 samples, 2 per step: 3 steps cover each once (the last short, as in one process); the
+    steps another process's larger shard adds start over from the top of the same order, full batches."""
+    order = torch.tensor([4, 0, 3, 1, 2])
+    got = [local_batch(order, s, 2).tolist() for s in range(6)]
+    assert got == [[4, 0], [3, 1], [2], [4, 0], [3, 1], [2, 4]]
+    assert sorted(i for b in got[:3] for i in b) == list(range(5))
 
 
 @pytest.fixture(scope="module")

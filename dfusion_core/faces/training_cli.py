@@ -2,6 +2,7 @@
 
     python -m dfusion_core train-on-policy --algo ddpo --prompt-set shapesworld:attribute:train --scorer default \
         --rounds 10 --arm dfusion --out runs/ddpo-rounds
+    accelerate launch --num_processes N -m dfusion_core train-on-policy ...   # rounds split over N processes
     python -m dfusion_core pair-signal --data PAIRS [--model M] [--json]
 
 Same contract as every command: JSON on stdout (pair-signal: a table unless --json), bad input exits 2 with one
@@ -50,10 +51,12 @@ def cmd_train_on_policy(a) -> dict:
     if a.eta == 0 or a.flow_sampler == "ode":  # before the model loads (the trainer checks the model's defaults)
         raise ValueError(f"{cfg.algo} learns from the sampling steps' log-probabilities: sample with eta > 0 "
                          "(and, on a flow model, flow_sampler sde or ddim)")
-    scorer = _cli._scorer(a.scorer)
-    model = _cli._load(a)
+    state, device = _cli._processes(a)  # under accelerate launch: process i on GPU i, its share of the prompts
+    scorer = _cli._scorer(a.scorer, device)
+    model = _cli._load(a, device, state)
     s, f = _cli._params(a, model)
-    return train_on_policy(model, prompts, scorer, cfg, a.out, s, f, pairing, resume=not a.no_resume)
+    summary = train_on_policy(model, prompts, scorer, cfg, a.out, s, f, pairing, resume=not a.no_resume)
+    return summary if state.is_main_process else None  # one summary per run, from the main process
 
 
 def _checker_for(a, records):

@@ -18,7 +18,22 @@ Each round r:
    clipped PG + KL to the pre-trained model (dpok). Rows of one optimizer step are accumulated in chunks of
    `micro_batch` (ddpo-pytorch accumulates over timesteps the same way).
 A checkpoint is written after every round; a resumed run restarts at the next round and continues exactly
-(round r's samples depend only on the LoRA after round r - 1 and the seeds). One process (no data parallelism).
+(round r's samples depend only on the LoRA after round r - 1 and the seeds).
+
+Under `accelerate launch --num_processes N` the rounds run data-parallel. Process i collects round r for its
+share of the prompts (engine/pairs.shard_prompts: every N-th prompt); a prompt's candidate seeds derive from
+(pairing seed, round, prompt) alone, and rewards are normalised per prompt, so with disjoint shards every sample
+and its advantage are the ones a single process computes. Each process trains on its own samples (nothing of
+a trajectory crosses processes: an SD 1.5 trajectory at 512 px is megabytes, a round's gigabytes):
+`batch_size` stays the GLOBAL batch, batch_size / N trajectories per process per optimizer step, and the
+DDP-wrapped net averages the gradients. Every process must take the same number of optimizer steps or DDP
+waits forever, yet shards may hold different numbers of samples (uneven prompt counts, dropped ties), so the
+processes agree on the count: each inner epoch takes max_i ceil(n_i / (batch_size / N)) steps; a process first
+passes over its own samples once (in its shuffled order, its last batch possibly short, exactly as one process
+does), then, while others still have batches, starts over from the top of its order in full batches
+(`local_batch`); only the last micro-batch of a step synchronises the gradients. Only the main process writes checkpoints, the LoRA and the logs; a round's line carries the
+counts and the reward statistics over all processes (gathered), and `samples.jsonl` every sample of the round
+(prompt, seeds, reward, advantage, the process that drew it).
 Offline training on a fixed pair set or the hand-labelled store is `Trainer` (trainer.py), unchanged.
 """
 from __future__ import annotations
@@ -27,6 +42,7 @@ import json
 import math
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -34,7 +50,7 @@ import torch
 
 from ..engine.config import FusionParams, SamplingParams
 from ..engine.loading import LoadedModel
-from ..engine.pairs import PairingParams, build_pairs, build_random_pairs
+from ..engine.pairs import PairingParams, build_pairs, build_random_pairs, shard_prompts
 from ..engine.sampling import recompute_log_probs, validate_prompt
 from . import losses
 from .trainer import TrainConfig, Trainer, TrainResult, _step_generator
@@ -83,6 +99,7 @@ class RoundData:
     old_log_probs: torch.Tensor  # [n, steps] the policy's at the start of the round
     n_pairs: int = 0
     info: dict = field(default_factory=dict)
+    seeds: list = field(default_factory=list)  # per sample (seed, None), a fused target's (base seed, ref seed)
 
 
 def round_seed(seed: int, r: int) -> int:
@@ -90,23 +107,38 @@ def round_seed(seed: int, r: int) -> int:
     return seed * 1_000_003 + r
 
 
-def round_samples(records) -> tuple[list[str], list, list[float], list[bool]]:
-    """The distinct trajectories of a round's pair records with their scores: a D-Fusion record gives its fused
-    target and its base, a random one its two candidates (a candidate in several pairs counts once)."""
-    seen, prompts, trajs, rewards, fused = set(), [], [], [], []
+def distinct_samples(records) -> list[tuple]:
+    """(prompt, trajectory, reward, fused, seeds) per distinct trajectory of a round's pair records: a D-Fusion
+    record gives its fused target (seeds (base, reference)) and its base, a random one its two candidates (seeds
+    (seed, None)); a candidate in several pairs counts once."""
+    seen, out = set(), []
     for r in records:
         is_fused = r.extra.get("kind") != "random"
         for role, seed in (("target", r.ref_seed), ("base", r.base_seed)):
-            key = (r.prompt, "fused", r.base_seed, r.ref_seed) if (role == "target" and is_fused) \
-                else (r.prompt, "plain", seed)
-            if key in seen:
+            seeds = (r.base_seed, r.ref_seed) if (role == "target" and is_fused) else (seed, None)
+            if (r.prompt, seeds) in seen:
                 continue
-            seen.add(key)
-            prompts.append(r.prompt)
-            trajs.append(r.target if role == "target" else r.base)
-            rewards.append(float(r.scores[role]))
-            fused.append(role == "target" and is_fused)
-    return prompts, trajs, rewards, fused
+            seen.add((r.prompt, seeds))
+            out.append((r.prompt, r.target if role == "target" else r.base, float(r.scores[role]),
+                        role == "target" and is_fused, seeds))
+    return out
+
+
+def round_samples(records) -> tuple[list[str], list, list[float], list[bool]]:
+    """The distinct trajectories of a round's pair records with their scores (distinct_samples, without seeds)."""
+    rows = distinct_samples(records)
+    return [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows], [r[3] for r in rows]
+
+
+def local_batch(order: torch.Tensor, s: int, size: int) -> torch.Tensor:
+    """This process's samples at optimizer step s of an inner epoch, `size` per step, from its shuffled `order`.
+    The first ceil(n / size) steps pass over every sample once (the last batch may be short); later steps (while
+    other processes, holding more samples, still have batches) start over from the top of `order`, full batches
+    wrapping around it."""
+    n, own = len(order), math.ceil(len(order) / size)
+    if s < own:
+        return order[s * size:(s + 1) * size]
+    return order[torch.arange((s - own) * size, (s - own + 1) * size) % n]
 
 
 class OnPolicyTrainer(Trainer):
@@ -131,39 +163,83 @@ class OnPolicyTrainer(Trainer):
         self.round = 0
         self.rounds: list[dict] = []
         self._setup(model, sampling, out_dir, accelerator)
-        if self.acc.num_processes > 1:
-            raise ValueError("on-policy rounds run in one process (sampling is not split over processes)")
+        if len(self.prompts) < self.acc.num_processes:
+            raise ValueError(f"{len(self.prompts)} prompts for {self.acc.num_processes} processes: every process "
+                             "needs a prompt of its own")
+        self.shard = shard_prompts(self.prompts, self.acc.process_index, self.acc.num_processes)
+
+    def _gather(self, obj) -> list:
+        """Every process's `obj`, in process order (one process: [obj])."""
+        if self.acc.num_processes == 1:
+            return [obj]
+        from accelerate.utils import gather_object
+
+        return gather_object([obj])
 
     # ---- collecting a round ----------------------------------------------------------------------
-    def _round_records(self, r: int) -> list:
-        """Round r's pair records, sampled (and fused) from the current policy."""
+    def _round_records(self, r: int, progress: bool = False) -> list:
+        """Round r's pair records for this process's prompts, sampled (and fused) from the current policy, prompt
+        by prompt (the builders treat each prompt on its own, so this equals one call on the whole shard)."""
         pairing = replace(self.pairing, seed=round_seed(self.pairing.seed, r))
         inner = self.acc.unwrap_model(self.net)
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            i, n = self.acc.process_index, self.acc.num_processes
+            bar = tqdm(total=len(self.shard), position=i, file=sys.stderr, unit="prompt", leave=False,
+                       desc=f"round {r} rank {i}/{n}")
         inner.eval()
+        records = []
         try:
             with torch.no_grad():
-                if self.fusion is None:
-                    return build_random_pairs(self.model, self.prompts, self.scorer, self.sampling, pairing,
-                                              self.cfg.sample_batch)
-                return build_pairs(self.model, self.prompts, self.scorer, self.sampling, self.fusion, pairing,
-                                   self.cfg.sample_batch)
+                for p in self.shard:
+                    if self.fusion is None:
+                        records += build_random_pairs(self.model, [p], self.scorer, self.sampling, pairing,
+                                                      self.cfg.sample_batch)
+                    else:
+                        records += build_pairs(self.model, [p], self.scorer, self.sampling, self.fusion, pairing,
+                                               self.cfg.sample_batch)
+                    if bar is not None:
+                        bar.update(1)
         finally:
             inner.train()
+            if bar is not None:
+                bar.close()
+        return records
 
-    def collect_round(self, r: int) -> RoundData:
-        """Sample, pair and score round r; advantages per prompt over all its samples; old log-probs fixed."""
+    def collect_round(self, r: int, progress: bool = False) -> RoundData:
+        """Sample, pair and score round r on this process's prompts; advantages per prompt over all its samples
+        (a prompt's samples are all on one process); old log-probs fixed."""
         t0 = time.perf_counter()
-        records = self._round_records(r)
-        prompts, trajs, rewards, fused = round_samples(records)
-        if len(trajs) < 2:
-            raise ValueError(f"round {r} gave {len(trajs)} samples: use more candidates or prompts")
+        records = self._round_records(r, progress)
+        rows = distinct_samples(records)
+        prompts, trajs, rewards, fused, seeds = (list(c) for c in zip(*rows)) if rows else ([], [], [], [], [])
+        counts = self._gather(len(trajs))
+        if min(counts) < 1 or sum(counts) < 2:
+            raise ValueError(f"round {r} gave {' + '.join(map(str, counts))} samples over the processes: every "
+                             "process needs one and the round two; use more candidates or prompts")
         rw = torch.tensor(rewards, dtype=torch.float64)
         adv = losses.normalise_rewards(rw, prompts, self.cfg.adv_clip)
         inner = self.acc.unwrap_model(self.net)
         old = [recompute_log_probs(self.model, p, t, self.sampling, denoiser=inner) if f else t.log_probs.float()
                for p, t, f in zip(prompts, trajs, fused)]
         info = {"sample_s": time.perf_counter() - t0, "n_fused": sum(fused)}
-        return RoundData(r, prompts, trajs, rw, fused, adv, torch.stack([o.cpu() for o in old]), len(records), info)
+        return RoundData(r, prompts, trajs, rw, fused, adv, torch.stack([o.cpu() for o in old]), len(records), info,
+                         seeds)
+
+    def merge_round(self, data: RoundData) -> dict:
+        """A round over all processes: pairs and fused targets summed, every sample's row (prompt, seeds, reward,
+        advantage, process) in process order, the slowest process's sampling time."""
+        mine = {"pairs": data.n_pairs, "fused": data.info.get("n_fused", 0), "sample_s": data.info.get("sample_s", 0.0),
+                "samples": [{"round": data.round, "prompt": p, "seed": s[0], "ref_seed": s[1], "fused": f,
+                             "reward": float(rw), "advantage": float(a), "rank": self.acc.process_index}
+                            for p, s, f, rw, a in zip(data.prompts, data.seeds, data.fused, data.rewards.tolist(),
+                                                      data.advantages.tolist())]}
+        parts = self._gather(mine)
+        return {"round": data.round, "pairs": sum(m["pairs"] for m in parts), "fused": sum(m["fused"] for m in parts),
+                "sample_s": max(m["sample_s"] for m in parts), "samples": [s for m in parts for s in m["samples"]],
+                "processes": len(parts)}
 
     # ---- training on a round ---------------------------------------------------------------------
     def _round_steps(self, n: int, r: int, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -176,7 +252,9 @@ class OnPolicyTrainer(Trainer):
         return order, torch.stack([torch.randperm(self.num_steps, generator=g)[:k] for _ in range(n)])
 
     def _update(self, data: RoundData, idx: torch.Tensor, js: torch.Tensor) -> dict:
-        """One optimizer step on the samples `idx` at their steps `js`, accumulated over micro-batches."""
+        """One optimizer step on the samples `idx` at their steps `js`, accumulated over micro-batches. Only the
+        last micro-batch's backward synchronises the gradients (DDP averages them over the processes there), so
+        processes whose batches split into different numbers of micro-batches still meet once per step."""
         rows = [(int(i), int(j)) for i, row in zip(idx, js) for j in row]
         chunk = self.cfg.micro_batch or len(rows)
         t0 = time.perf_counter()
@@ -184,10 +262,12 @@ class OnPolicyTrainer(Trainer):
         for c in range(0, len(rows), chunk):
             part = rows[c:c + chunk]
             ti, tj = [i for i, _ in part], [j for _, j in part]
-            loss, stats = self._pg_objective([data.trajectories[i] for i in ti], tj, [data.prompts[i] for i in ti],
-                                             data.old_log_probs[ti, tj], data.advantages[ti])
-            w = len(part) / len(rows)
-            self.acc.backward(loss * w)
+            with nullcontext() if c + chunk >= len(rows) else self.acc.no_sync(self.net):
+                loss, stats = self._pg_objective([data.trajectories[i] for i in ti], tj,
+                                                 [data.prompts[i] for i in ti], data.old_log_probs[ti, tj],
+                                                 data.advantages[ti])
+                w = len(part) / len(rows)
+                self.acc.backward(loss * w)
             total += loss.item() * w
             for k, v in stats.items():
                 sums[k] = sums.get(k, 0.0) + v * w
@@ -196,23 +276,38 @@ class OnPolicyTrainer(Trainer):
         self.sched.step()
         self.opt.zero_grad(set_to_none=True)
         self.step += 1
-        return {"step": self.step, "round": data.round, "loss": total, "lr": self.sched.get_last_lr()[0],
-                "grad_norm": float(grad_norm) if grad_norm is not None else None, "rows": len(rows),
-                "seconds": time.perf_counter() - t0, **sums}
+        return {"step": self.step, "round": data.round, "lr": self.sched.get_last_lr()[0],
+                "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                **self._merged_stats({"loss": total, **sums}, len(rows)), "seconds": time.perf_counter() - t0}
+
+    def _merged_stats(self, stats: dict, rows: int) -> dict:
+        """A step's loss and ratio statistics averaged over the processes (the objective DDP's averaged gradient
+        descends) and its (trajectory, step) rows summed."""
+        keys = sorted(stats)
+        vec = torch.tensor([[stats[k] for k in keys] + [float(rows)]], dtype=torch.float64, device=self.acc.device)
+        if self.acc.num_processes > 1:
+            vec = self.acc.gather(vec)
+        mean = vec.mean(0).tolist()
+        return {**dict(zip(keys, mean)), "rows": int(round(float(vec[:, -1].sum())))}
 
     def train_round(self, data: RoundData, on_step=None, should_stop=None) -> bool:
-        """inner_epochs passes over the round's samples; False when stopped before the round's end."""
-        n, bs = len(data.trajectories), self.cfg.batch_size
+        """inner_epochs passes over the round's samples; False when stopped before the round's end. Each process
+        trains on its own samples, batch_size / processes per step, and all take the same number of steps
+        (module docstring: local_batch)."""
+        size = self.cfg.batch_size // self.acc.num_processes
+        n = len(data.trajectories)
+        steps = max(math.ceil(c / size) for c in self._gather(n))
         for epoch in range(self.cfg.inner_epochs):
             order, js = self._round_steps(n, data.round, epoch)
-            for b in range(0, n, bs):
+            for s in range(steps):
                 if should_stop is not None and should_stop():
                     return False
-                idx = order[b:b + bs]
+                idx = local_batch(order, s, size)
                 row = {**self._update(data, idx, js[idx]), "epoch": epoch}
                 self.history.append(row)
-                with open(self.out / "log.jsonl", "a") as f:
-                    f.write(json.dumps(row) + "\n")
+                if self.acc.is_main_process:
+                    with open(self.out / "log.jsonl", "a") as f:
+                        f.write(json.dumps(row) + "\n")
                 if on_step is not None:
                     on_step(row)
         return True
@@ -228,51 +323,75 @@ class OnPolicyTrainer(Trainer):
     def run(self, resume: bool = True, progress: bool = True, on_step=None, should_stop=None,
             on_round=None) -> TrainResult:
         """Rounds until cfg.rounds; a checkpoint (and the LoRA) after each. A stop inside a round keeps the
-        last round's checkpoint: a resumed run redoes that round from its start, exactly."""
+        last round's checkpoint: a resumed run redoes that round from its start, exactly. `should_stop` is for
+        one process (the app): processes stopping at different steps would leave the others waiting."""
         self.out.mkdir(parents=True, exist_ok=True)
         if resume:
             self.resume()
         while self.round < self.cfg.rounds:
             if should_stop is not None and should_stop():
                 break
-            data = self.collect_round(self.round)
+            data = self.collect_round(self.round, progress)
+            merged = self.merge_round(data)
             t0 = time.perf_counter()
             if not self.train_round(data, on_step, should_stop):
                 break
-            row = round_summary(data, self.history, time.perf_counter() - t0)
+            row = round_summary(merged, self.history, time.perf_counter() - t0)
             self.rounds.append(row)
             self.round += 1
             self.save()
-            with open(self.out / "rounds.jsonl", "a") as f:
-                f.write(json.dumps(row) + "\n")
-            if progress:
-                print(f"round {row['round']}: reward {row['reward_mean']:.4f} +/- {row['reward_std']:.4f} "
-                      f"({row['samples']} samples, {row['pairs']} pairs), approx_kl {row['approx_kl']:.2e}, "
-                      f"clipfrac {row['clipfrac']:.3f}", file=sys.stderr, flush=True)
+            self._write_round(row, merged["samples"], progress)
             if on_round is not None:
                 on_round(row)
+        self._write_checksums()
         return TrainResult(self.out, self.step, self.history)
 
+    def _write_round(self, row: dict, samples: list[dict], progress: bool) -> None:
+        """The main process appends the round's line to rounds.jsonl and its samples to samples.jsonl."""
+        if not self.acc.is_main_process:
+            return
+        with open(self.out / "rounds.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+        with open(self.out / "samples.jsonl", "a") as f:
+            f.writelines(json.dumps(s) + "\n" for s in samples)
+        if progress:
+            print(f"round {row['round']}: reward {row['reward_mean']:.4f} +/- {row['reward_std']:.4f} "
+                  f"({row['samples']} samples, {row['pairs']} pairs, {row['processes']} processes), approx_kl "
+                  f"{row['approx_kl']:.2e}, clipfrac {row['clipfrac']:.3f}", file=sys.stderr, flush=True)
 
-def round_summary(data: RoundData, history: list[dict], train_s: float) -> dict:
-    """A round's line in rounds.jsonl: its reward (sampled from the policy at the round's start) and how far
-    its updates moved the policy (the last inner epoch's ratio statistics)."""
-    rows = [h for h in history if h.get("round") == data.round]
+    def _write_checksums(self) -> None:
+        """rank_checksums.jsonl (main process): each process's LoRA checksum at the end, equal when the processes'
+        gradients were averaged (without it each would drift off on its own samples)."""
+        checksum = sum(float(v.double().sum() + v.double().abs().sum()) for v in self.trainable_state().values())
+        rows = self._gather({"rank": self.acc.process_index, "round": self.round, "step": self.step,
+                             "checksum": checksum})
+        if self.acc.is_main_process:
+            with open(self.out / "rank_checksums.jsonl", "a") as f:
+                f.writelines(json.dumps(r) + "\n" for r in rows)
+
+
+def round_summary(merged: dict, history: list[dict], train_s: float) -> dict:
+    """A round's line in rounds.jsonl, over all processes (merge_round): its reward (sampled from the policy at
+    the round's start) and how far its updates moved the policy (the last inner epoch's ratio statistics)."""
+    rows = [h for h in history if h.get("round") == merged["round"]]
     last = [h for h in rows if h["epoch"] == max(x["epoch"] for x in rows)]
     mean = lambda k: math.fsum(h.get(k, 0.0) for h in last) / len(last)
-    rw = data.rewards
-    return {"round": data.round, "samples": len(rw), "pairs": data.n_pairs, "fused": data.info.get("n_fused", 0),
-            "reward_mean": float(rw.mean()), "reward_std": float(rw.std(unbiased=False)),
+    rw = torch.tensor([s["reward"] for s in merged["samples"]], dtype=torch.float64)
+    return {"round": merged["round"], "samples": len(rw), "pairs": merged["pairs"], "fused": merged["fused"],
+            "processes": merged["processes"], "reward_mean": float(rw.mean()),
+            "reward_std": float(rw.std(unbiased=False)),
             "optimizer_steps": len(rows), "loss": math.fsum(h["loss"] for h in rows) / len(rows),
             "ratio": mean("ratio"), "approx_kl": mean("approx_kl"), "clipfrac": mean("clipfrac"),
             **({"kl": mean("kl")} if "kl" in last[0] else {}),
-            "sample_s": round(data.info.get("sample_s", 0.0), 3), "train_s": round(train_s, 3)}
+            "sample_s": round(merged["sample_s"], 3), "train_s": round(train_s, 3)}
 
 
 def train_on_policy(model: LoadedModel, prompts: list[str], scorer, cfg: OnPolicyConfig, out_dir: str | Path,
                     sampling: SamplingParams | None = None, fusion: FusionParams | None = None,
                     pairing: PairingParams | None = None, resume: bool = True, progress: bool = True) -> dict:
-    """Run on-policy rounds; returns a summary (out, rounds done, optimizer steps, per-round rows)."""
+    """Run on-policy rounds (data-parallel under `accelerate launch`); returns the same summary on every process
+    (out, rounds done, optimizer steps, processes, per-round rows over all processes)."""
     trainer = OnPolicyTrainer(model, prompts, scorer, cfg, out_dir, sampling, fusion, pairing)
     res = trainer.run(resume=resume, progress=progress)
-    return {"out": str(res.out_dir), "rounds": trainer.round, "steps": res.steps, "per_round": trainer.rounds}
+    return {"out": str(res.out_dir), "rounds": trainer.round, "steps": res.steps,
+            "processes": trainer.acc.num_processes, "per_round": trainer.rounds}
