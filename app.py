@@ -1,4 +1,6 @@
-"""Start the dfusion app: `python app.py` (embedded ShapesWorld model) or `python app.py --model FOLDER`."""
+"""Start the dfusion app: `python app.py` (embedded ShapesWorld model) or `python app.py --model FOLDER`.
+
+The page is served first; the model and the scorer load behind it (the page shows their status)."""
 from __future__ import annotations
 
 import argparse
@@ -23,25 +25,30 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
 
-    from dfusion_core.engine.loading import ModelLoadError, load_model
+    from dfusion_core.engine.loading import ModelLoadError
     from dfusion_core.engine.scoring import DEFAULT_SCORER, make_scorer
-
-    try:
-        model = load_model(a.model, device=a.device, dtype=a.dtype)
-        if a.scorer == "none" or (a.scorer == "default" and not DEFAULT_SCORER.is_dir()):
-            scorer = None
-        else:
-            scorer = make_scorer(None if a.scorer == "default" else a.scorer, device=a.device)
-    except (ModelLoadError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
 
     from app.service import AppService
     from app.ui import CSS, SHORTCUTS, build_demo
 
-    demo = build_demo(AppService(model, store_dir=a.store, scorer=scorer))
+    def scorer():
+        if a.scorer == "none" or (a.scorer == "default" and not DEFAULT_SCORER.is_dir()):
+            return None
+        return make_scorer(None if a.scorer == "default" else a.scorer, device=a.device)
+
+    # The page first: the model and the scorer load behind it, on the model thread; the page says so meanwhile
+    # (a folder that is not a model is refused here, before anything is served).
+    try:
+        svc = AppService(a.model, store_dir=a.store, background=True,
+                         load_options={"device": a.device, "dtype": a.dtype}, make_scorer=scorer)
+    except (ModelLoadError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    demo = build_demo(svc)
     demo.queue(default_concurrency_limit=1).launch(server_name=a.host, server_port=a.port, head=SHORTCUTS, css=CSS,
-                                                   footer_links=["api"])
+                                                   footer_links=["api"], prevent_thread_lock=True)
+    svc.start_loading()
+    demo.block_thread()
     return 0
 
 

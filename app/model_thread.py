@@ -8,7 +8,7 @@ controller is shared state.
 from __future__ import annotations
 
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 
 
 class ModelThread:
@@ -21,6 +21,10 @@ class ModelThread:
         if threading.get_ident() == self._ident:  # already there (a model call made by model work)
             return fn(*args, **kwargs)
         return self._pool.submit(fn, *args, **kwargs).result()
+
+    def submit(self, fn, *args, **kwargs) -> Future:
+        """fn(*args, **kwargs) on the model thread without waiting for it (the app loads its model so)."""
+        return self._pool.submit(fn, *args, **kwargs)
 
     def close(self) -> None:
         self._pool.shutdown(wait=False)

@@ -7,19 +7,25 @@ a tensor: every read of the pairs, the masks and the attention maps goes through
 """
 from __future__ import annotations
 
+import hashlib
 import logging
+import tempfile
+import threading
 import time
+import uuid
+from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from dfusion_core.engine.worlds import world_of
+from dfusion_core.engine.worlds import explain_prompt, world_of
 from dfusion_core.worlds import discover as discover_worlds
-from dfusion_core.engine.config import FUSION_LAYER_PRESETS, FusionParams, MaskParams, SamplingParams, apply_model_defaults
+from dfusion_core.engine.config import (FUSION_LAYER_PRESETS, FusionParams, MaskParams, SamplingParams,
+                                        apply_model_defaults, fusion_defaults)
 from dfusion_core.engine.fusion import FusionResult, fuse
-from dfusion_core.engine.loading import LoadedModel, load_model
+from dfusion_core.engine.loading import LoadedModel, load_model, peek_model
 from dfusion_core.engine.pairs import record_from_result
 from dfusion_core.data.preference_store import LABELS, PreferenceStore
 from dfusion_core.engine.prompt_sets import load_prompt_set
@@ -34,7 +40,12 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("dfusion.app")
 MAX_CANDIDATES = 32
-TUNED_ADAPTER = "dfusion_tuned"  # the fine-tuned LoRA loaded into the Fuse view
+TUNED_ADAPTER = "dfusion_tuned"  # name prefix of the fine-tuned LoRA adapters sessions load into the Fuse view
+LORA_FILE = "pytorch_lora_weights.safetensors"  # what a finished (or checkpointed) run folder holds
+MAX_TRAINING_JOBS = 2  # fine-tunes running at once, app-wide (each child process loads its own copy of the model)
+MAX_ADAPTERS = 8  # LoRA adapters kept on the model; beyond it the least recently used goes (reloaded when needed)
+MAX_UNDO_DELETES = 20  # deleted pairs a page keeps for 'Undo delete' (each held whole, in memory)
+EXPORT_DIR = Path(tempfile.gettempdir()) / "dfusion-exports"  # the Dataset tab's downloads (gradio serves the temp dir)
 PAIR_COLUMNS = ["pair_id", "prompt", "label", "base_seed", "ref_seed", "score_base", "score_target"]  # list_pairs rows
 
 
@@ -63,6 +74,8 @@ class Session:
     history: list[tuple[str, str | None]] = field(default_factory=list)  # (pair_id, previous label) for undo
     x0_images: list | None = None
     same_pair: bool = False  # the last fusion kept prompt, seeds and sampling: base and reference are unchanged
+    weights: str | None = None  # the LoRA folder every model call of this session computes with; None = base
+    token: str = ""  # names this session's fine-tune; given at its first (gradio copies one Session to every visitor)
 
 
 def parse_seed(value, name: str) -> int:
@@ -97,6 +110,23 @@ def example_prompts(defaults: dict | None = None) -> list[str]:
     return out
 
 
+def score_cell(score) -> float | None:
+    """A score as a table shows it: 3 decimals, as everywhere on the page (not the float's 16)."""
+    return None if score is None else round(float(score), 3)
+
+
+def model_name(source: str) -> str:
+    """A model's name for the page: a folder under the working directory by its relative path, another folder by
+    its name, a hub id as it is (no machine's absolute paths in the title)."""
+    p = Path(source)
+    if not p.is_absolute():
+        return source
+    try:
+        return str(p.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return p.name or source
+
+
 def check_prompt(prompt) -> str:
     """The engine's prompt rule (validate_prompt), as a UserError; whitespace runs collapsed."""
     try:
@@ -108,17 +138,102 @@ def check_prompt(prompt) -> str:
 
 class AppService:
     def __init__(self, model: LoadedModel | str | None = None, store_dir: str | Path = "dfusion_data/store",
-                 scorer=None, cache_bytes: int = 1 << 30, runs_dir: str | Path | None = None):
-        self.model = model if isinstance(model, LoadedModel) else load_model(model)
-        self.model_source = self.model.model_id  # the folder the training child loads
+                 scorer=None, cache_bytes: int = 1 << 30, runs_dir: str | Path | None = None,
+                 background: bool = False, load_options: dict | None = None, make_scorer=None):
+        """`model`: a LoadedModel, or a folder / hub id (None: the embedded model) loaded with `load_options`
+        (load_model's device, dtype) - here, or with `background` on the model thread from `start_loading()`
+        on, so that the page is served first (see `model`). `make_scorer`: makes the scorer after the model."""
+        self.model_thread = ModelThread()  # one thread runs every model call, one at a time
+        self._model: LoadedModel | None = model if isinstance(model, LoadedModel) else None
+        self.load_error = self.scorer_error = self.load_seconds = self._loading = None
+        self._load_t0 = time.perf_counter()
+        if self._model is None and not background:
+            self._model = load_model(model, **(load_options or {}))
+        if self._model is not None:
+            self.model_defaults = self._model.defaults
+            self.model_source = self._model.base_id or self._model.model_id  # the weights the training child loads
+        else:  # the folder is checked now (a wrong path is said at once); its weights load behind the page
+            self.model_source, self.model_defaults = peek_model(model)
         self.runs_dir = Path(runs_dir) if runs_dir else Path(store_dir).expanduser().parent / "runs"
-        self.job = None
+        self.jobs: dict[str, object] = {}  # session token -> that session's latest TrainingJob
+        self.max_jobs = MAX_TRAINING_JOBS
+        self._jobs_lock = threading.Lock()
+        self._adapters: OrderedDict[str, int] = OrderedDict()  # loaded LoRA folder -> its file's mtime, LRU first
+        self._stamps: dict[str, int] = {}  # LoRA folder -> mtime of the weights the cache's entries were made with
         self.scorer = scorer
         self.store = PreferenceStore(store_dir)
         self.cache = ReferenceCache(max_bytes=cache_bytes)
-        self.model_thread = ModelThread()  # one thread runs every model call, one at a time
-        s, m = apply_model_defaults(self.model.defaults, SamplingParams(), MaskParams())
+        s, m = apply_model_defaults(self.model_defaults, SamplingParams(), MaskParams())
         self.default_sampling, self.default_mask = s, m
+        self.default_fusion = fusion_defaults(self.model_defaults, m)  # the Fuse tab opens on the model's form
+        self._pending = (model, load_options or {}, make_scorer) if self._model is None else None
+        if self._model is not None and make_scorer is not None:
+            self.scorer = make_scorer()
+
+    # ---- the model, loaded behind the page -------------------------------------------------------------
+    @property
+    def model(self) -> LoadedModel:
+        """The loaded model; until it is loaded (or when loading failed) a UserError that says so, which every
+        handler shows as it shows a refused input."""
+        if self._model is None:
+            raise UserError(self.model_status())
+        return self._model
+
+    @model.setter
+    def model(self, value: LoadedModel) -> None:
+        self._model = value
+
+    @property
+    def ready(self) -> bool:
+        return self._model is not None
+
+    def start_loading(self) -> None:
+        """Start the background load (app.py: once the page is served, so that the two do not share the CPU)."""
+        if self._pending is not None and self._loading is None:
+            self._load_t0 = time.perf_counter()
+            self._loading = self.model_thread.submit(self._load, *self._pending)
+
+    def _load(self, model, options: dict, make_scorer) -> None:
+        """Load the model, then the scorer (on the model thread); a failure is kept for model_status."""
+        def why(e: Exception) -> str:
+            return str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}"
+        try:
+            loaded = load_model(model, **options)
+        except Exception as e:  # noqa: BLE001 - said on the page (model_status) and in the log
+            self.load_error = why(e)
+            log.error("could not load the model: %s", self.load_error)
+            return
+        try:
+            self.scorer = make_scorer() if make_scorer is not None else self.scorer
+        except Exception as e:  # noqa: BLE001 - the model works without scores; the page says why there are none
+            self.scorer_error = why(e)
+            log.error("could not load the scorer: %s", self.scorer_error)
+        self.model_defaults = loaded.defaults  # a hub id's defaults are known only now
+        self.default_sampling, self.default_mask = apply_model_defaults(loaded.defaults, SamplingParams(), MaskParams())
+        self.load_seconds = time.perf_counter() - self._load_t0
+        self._model = loaded
+        log.info("model ready in %.1f s: %s", self.load_seconds, self.model_source)
+
+    def wait_ready(self, timeout: float | None = None) -> bool:
+        """Wait for a background load to end (at most `timeout` s); whether the model is ready."""
+        if self._loading is not None:
+            try:
+                self._loading.result(timeout)
+            except TimeoutError:
+                pass
+        return self.ready
+
+    def model_status(self) -> str:
+        """A line for the page: the model is loading (and for how long so far), failed to load, or ready."""
+        name = model_name(self.model_source)
+        if self._model is not None:
+            took = f" (loaded in {self.load_seconds:.1f} s)" if self.load_seconds is not None else ""
+            none = f"; no scores: the scorer could not be loaded ({self.scorer_error})" if self.scorer_error else ""
+            return f"model `{name}` ready{took}{none}"
+        if self.load_error is not None:
+            return f"the model `{name}` could not be loaded: {self.load_error}"
+        return (f"the model `{name}` is still loading ({time.perf_counter() - self._load_t0:.0f} s so far): "
+                "sampling and fusing start when it is ready; the Dataset tab works now")
 
     # ---- inputs -> parameters -------------------------------------------------------------------
     def sampling(self, steps, guidance, eta) -> SamplingParams:
@@ -129,7 +244,13 @@ class AppService:
             raise UserError(str(e)) from None
 
     def fusion(self, num_steps: int, keywords, threshold_mode, threshold, start_step, end_step, layers, resize,
-               use_mask, union_base=False, dilate=0, feather=0.0, combine=None) -> FusionParams:
+               use_mask, union_base=None, dilate=None, feather=0.0, combine=None, hold_outside=None) -> FusionParams:
+        """The Fuse controls' values as checked FusionParams; union_base, dilate and hold_outside left None take
+        the model's defaults (its dfusion.json)."""
+        d = self.default_fusion
+        union_base = d.mask.union_base if union_base is None else union_base
+        dilate = d.mask.dilate if dilate is None else dilate
+        hold_outside = d.hold_outside if hold_outside is None else hold_outside
         if layers not in FUSION_LAYER_PRESETS:
             raise UserError(f"layers must be one of {', '.join(FUSION_LAYER_PRESETS)}")
         try:
@@ -140,14 +261,35 @@ class AppService:
             raise UserError(f"the fusion range starts at step {start}, after its end at step {end}")
         if keywords is not None and len(keywords) == 0:
             raise UserError("no keyword selected: tick at least one word for the mask (or turn the mask off)")
-        mask = replace(self.default_mask, keywords=tuple(keywords) if keywords else None, threshold_mode=threshold_mode,
-                       threshold=float(threshold), resize=resize, union_base=bool(union_base), dilate=int(dilate),
-                       feather=float(feather), combine=combine or self.default_mask.combine)
         try:
+            mask = replace(self.default_mask, keywords=tuple(keywords) if keywords else None,
+                           threshold_mode=threshold_mode, threshold=float(threshold), resize=resize,
+                           union_base=bool(union_base), dilate=int(dilate), feather=float(feather),
+                           combine=combine or self.default_mask.combine)
             return FusionParams(start_step=start, end_step=end, layers=layers, use_mask=bool(use_mask),
-                                mask=mask).validate(num_steps)
+                                hold_outside=bool(hold_outside), mask=mask).validate(num_steps)
         except ValueError as e:
             raise UserError(str(e)) from None
+
+    def prompt_notes(self, prompt) -> list[str]:
+        """Warnings about a prompt the model cannot draw as typed (none for an empty or refused prompt: the
+        prompt's check says why): its end cut by the CLIP text encoder's 77-token limit, and for a model trained
+        on a world with a grammar, words outside the world's vocabulary or a sentence outside its grammar."""
+        try:
+            prompt = check_prompt(prompt)
+        except UserError:
+            return []
+        notes = explain_prompt(self.model_defaults, prompt)
+        if self._model is not None:
+            cut = [w for w in word_tokens(self._model.tokenizer, prompt, warn=False) if w.truncated]
+            if cut:
+                rest = prompt[cut[0].start:]
+                rest = rest if len(rest) <= 60 else rest[:57] + "..."
+                who = "only T5 reads it" if self._model.t5_length else "the model never sees it"
+                notes.insert(0, f"the prompt is longer than the CLIP text encoder reads (77 tokens): from "
+                                f"'{rest}' on it is cut ({len(cut)} words; {who}), and those words cannot be "
+                                "mask keywords")
+        return notes
 
     # ---- actions -----------------------------------------------------------------------------------
     def words(self, prompt: str) -> tuple[list[tuple[str, str]], list[str]]:
@@ -179,9 +321,10 @@ class AppService:
             raise UserError(f"the number of candidates must be between 1 and {MAX_CANDIDATES}")
         seed0 = parse_seed(first_seed, "first seed")
         seeds = [(seed0 + i) % (MAX_SEED + 1) for i in range(n)]
-        res = self.model_thread.run(sample, self.model, prompt, seeds, sampling)
+        res = self._run(session, sample, self.model, prompt, seeds, sampling)
         scores = self.score(res.images, prompt)
-        session = Session(prompt=prompt, sampling=sampling)
+        session = Session(prompt=prompt, sampling=sampling, history=session.history, weights=session.weights,
+                          token=session.token)
         verdicts = self.check(res.images, prompt)
         for i, (s, im, tr) in enumerate(zip(seeds, res.images, res.trajectories)):
             session.candidates[s] = Candidate(s, im, tr, None if scores is None else float(scores[i]),
@@ -202,11 +345,16 @@ class AppService:
         return worst, best
 
     def example_prompts(self) -> list[str]:
-        return example_prompts(self.model.defaults)
+        return example_prompts(self.model_defaults)
+
+    def has_checker(self) -> bool:
+        """Whether the model's world has a ground-truth checker (its verdicts follow the scores)."""
+        world = world_of(self.model_defaults)
+        return world is not None and world.check is not None
 
     def check(self, images, prompt: str) -> list[bool] | None:
         """The ground-truth checker's verdicts when the model was trained on a registered world; None elsewhere."""
-        world = world_of(self.model.defaults)
+        world = world_of(self.model_defaults)
         if world is None or world.check is None:
             return None
         return world.check(images, prompt)
@@ -216,15 +364,62 @@ class AppService:
             return None
         return np.asarray(self.model_thread.run(self.scorer, images, [prompt] * len(images)), dtype=float)
 
-    def _drop_lora(self) -> bool:
-        if not self.model.unload_lora(TUNED_ADAPTER):
-            return False
-        self.cache.clear()  # cached references belong to the old weights
-        return True
+    # ---- the weights each session computes with -------------------------------------------------------
+    # Every model call of a session runs on the model thread right after `_use(session.weights)`: peft keeps
+    # each loaded LoRA as a named adapter, switching is a flag per layer, base = every adapter off. The model id
+    # (base, or base+lora:FOLDER) follows the switch, and it leads the reference cache's key and every result's
+    # model_id: a cached reference is found only under the weights that computed it (one user re-fusing keeps
+    # hitting the cache while another computes with other weights), and a stored pair names its weights.
+    def _adapter(self, folder: str) -> str:
+        """The adapter name of a LoRA folder, loaded on first use and again when its weights file changed (a
+        resumed run's later checkpoint); beyond MAX_ADAPTERS the least recently used goes. Model thread only."""
+        name = self._adapter_name(folder)
+        try:
+            stamp = (Path(folder) / LORA_FILE).stat().st_mtime_ns
+        except OSError:
+            raise UserError(f"the fine-tuned weights in {folder} are gone: go back to the base weights") from None
+        if self._adapters.get(folder) != stamp or name not in self.model.lora_folders:
+            try:
+                self.model.load_lora(folder, name)
+            except (OSError, ValueError, KeyError, RuntimeError) as e:
+                self._adapters.pop(folder, None)
+                raise UserError(f"could not load the LoRA in {folder}: {str(e).splitlines()[0]}") from None
+            if self._stamps.setdefault(folder, stamp) != stamp:  # new weights under the same model id
+                self.cache.forget(self.model.model_id)
+                self._stamps[folder] = stamp
+            self._adapters[folder] = stamp
+        self._adapters.move_to_end(folder)
+        while len(self._adapters) > MAX_ADAPTERS:
+            old, _ = self._adapters.popitem(last=False)
+            self.model.unload_lora(self._adapter_name(old))
+        return name
 
-    def _load_lora(self, folder: Path) -> None:
-        self.model.load_lora(folder, TUNED_ADAPTER)
-        self.cache.clear()
+    @staticmethod
+    def _adapter_name(folder: str) -> str:
+        return f"{TUNED_ADAPTER}_{hashlib.sha1(folder.encode()).hexdigest()[:12]}"
+
+    def _use(self, weights: str | None) -> None:
+        """Compute with these weights (a LoRA folder, or None = the base) from now on. Model thread only."""
+        self.model.use_lora(None if weights is None else self._adapter(weights))
+
+    def _run(self, session: Session, fn, *args, **kwargs):
+        """fn(*args, **kwargs) on the model thread, computing with the session's weights."""
+        def call():
+            self._use(session.weights)
+            return fn(*args, **kwargs)
+        return self.model_thread.run(call)
+
+    def weights_id(self, session: Session) -> str:
+        """The model id the session's calls compute with (what its stored pairs are labelled with)."""
+        base = self.model.base_id  # as the model spells it: results carry the model's own id
+        return base if session.weights is None else f"{base}+lora:{session.weights}"
+
+    def weights_text(self, session: Session) -> str:
+        """The line under the header: the weights this session computes with."""
+        if session.weights is None:
+            return f"This session computes with the base weights `{model_name(self.model_source)}`."
+        return (f"This session computes with the fine-tuned LoRA `{session.weights}` on "
+                f"`{model_name(self.model_source)}` (other sessions keep their own weights).")
 
     @staticmethod
     def pair_seeds(base_seed, ref_seed) -> tuple[int, int]:
@@ -243,9 +438,9 @@ class AppService:
         same = session.prompt == prompt and session.sampling == sampling
         cand = session.candidates.get(b) if same else None
         try:
-            res = self.model_thread.run(fuse, self.model, prompt, b, r, sampling, fusion,
-                                        base=cand.trajectory if cand else None, cache=self.cache,
-                                        base_image=cand.image if cand else None, previous=session.result)
+            res = self._run(session, fuse, self.model, prompt, b, r, sampling, fusion,
+                            base=cand.trajectory if cand else None, cache=self.cache,
+                            base_image=cand.image if cand else None, previous=session.result)
         except ValueError as e:
             raise UserError(str(e)) from None
         if not same:
@@ -271,9 +466,11 @@ class AppService:
         r = session.result
         if r is None:
             raise UserError("fuse a pair first: the ablation varies the current pair")
-        return self.model_thread.run(run_ablation, self.model, r.prompt, r.base_seed, r.ref_seed, r.sampling,
-                                     r.fusion, cache=self.cache, base=r.base, base_image=r.base_image,
-                                     scorer=self.scorer, thresholds=[(f"relative {t}", t) for t in thresholds])
+        if r.model_id != self.weights_id(session):
+            raise UserError("the current pair was fused with other weights than this session's now: fuse it again")
+        return self._run(session, run_ablation, self.model, r.prompt, r.base_seed, r.ref_seed, r.sampling,
+                         r.fusion, cache=self.cache, base=r.base, base_image=r.base_image,
+                         scorer=self.scorer, thresholds=[(f"relative {t}", t) for t in thresholds])
 
     # ---- views of the fused pair (arrays for the UI's overlays) ----------------------------------------
     def word_map(self, session: Session, word: str) -> np.ndarray:
@@ -309,7 +506,7 @@ class AppService:
         if session.result is None:
             raise UserError("fuse a pair first")
         if session.x0_images is None:
-            session.x0_images = self.model_thread.run(self.model.decode, session.result.target.x0_preds)
+            session.x0_images = self._run(session, self.model.decode, session.result.target.x0_preds)
         return session.x0_images
 
     def label(self, session: Session, label: str) -> str:
@@ -319,7 +516,7 @@ class AppService:
             return "skipped"
         if label not in LABELS:
             raise UserError(f"unknown label {label!r}")
-        rec = record_from_result(session.result, self.model.model_id, session.scores)
+        rec = record_from_result(session.result, session.result.model_id or self.model_source, session.scores)
         previous = None
         if rec.pair_id in self.store.ids():
             previous = self.store.get(rec.pair_id, with_images=False).label
@@ -342,14 +539,33 @@ class AppService:
         except (TypeError, ValueError) as e:
             raise UserError(str(e)) from None
 
-    def train_start(self, cfg: TrainConfig) -> str:
-        """Fine-tune a LoRA on the labelled pairs in a child process (batches capped at the number of pairs)."""
+    def _job(self, session: Session):
+        """The session's latest fine-tune (None before its first): other sessions' jobs are not its to see."""
+        return self.jobs.get(session.token) if session.token else None
+
+    def _launch(self, session: Session, job) -> None:
+        """Start (or restart) a session's job within the app-wide cap on fine-tunes running at once."""
+        with self._jobs_lock:
+            mine = self._job(session)
+            if mine is not None and mine.state == "running":
+                raise UserError("this session's fine-tune is still running: cancel it or wait for it to finish")
+            running = sum(j.state == "running" for j in self.jobs.values())
+            if running >= self.max_jobs:
+                raise UserError(f"the app already runs {running} fine-tune{'s' * (running > 1)} for other sessions, "
+                                "the most it runs at once: wait for one to finish")
+            job.start()
+            self.jobs[session.token] = job
+
+    def train_start(self, session: Session, cfg: TrainConfig) -> tuple[Session, str]:
+        """Fine-tune a LoRA on the labelled pairs in a child process (batches capped at the number of pairs).
+        The job belongs to the session: its status, cancel, resume, load and before / after act on it alone."""
         from dfusion_core.training.data import LOG_PROB_ALGOS, load_training_pairs
 
         from .jobs import TrainingJob
 
-        if self.job is not None and self.job.state == "running":
-            raise UserError("a fine-tune is already running: cancel it or wait for it to finish")
+        mine = self._job(session)
+        if mine is not None and mine.state == "running":  # said before the checks below (again when launched)
+            raise UserError("this session's fine-tune is still running: cancel it or wait for it to finish")
         labelled = [s for s in self.store.summaries() if s.label != "tie"]
         if len(labelled) < 2:
             raise UserError(f"training needs at least two labelled pairs (ties do not count); the set has {len(labelled)}")
@@ -361,16 +577,18 @@ class AppService:
                 load_training_pairs(self.store.root, cfg.algo)
             except ValueError as e:
                 raise UserError(str(e)) from None
-        out = self.runs_dir / f"{cfg.algo}-{time.strftime('%Y%m%d-%H%M%S')}"
-        self.job = TrainingJob(self.model_source, self.store.root, cfg, out)
-        self.job.start()
-        return f"started {cfg.algo} on {len(labelled)} pairs → {out}"
+        token = session.token or uuid.uuid4().hex
+        out = (self.runs_dir / f"{cfg.algo}-{time.strftime('%Y%m%d-%H%M%S')}-{token[:6]}").resolve()
+        session = replace(session, token=token)
+        self._launch(session, TrainingJob(self.model_source, self.store.root, cfg, out))
+        return session, (f"started {cfg.algo} on {len(labelled)} pairs; the run's folder (log, checkpoints, "
+                         f"LoRA weights) is {out}")
 
-    def train_status(self) -> tuple[str, list[dict], float]:
-        """(message, log rows, fraction done)."""
-        job = self.job
+    def train_status(self, session: Session) -> tuple[str, list[dict], float]:
+        """(message, log rows, fraction done) of the session's fine-tune; the message names its folder."""
+        job = self._job(session)
         if job is None:
-            return "no fine-tune started", [], 0.0
+            return f"no fine-tune started in this session; runs are written under {self.runs_dir.resolve()}", [], 0.0
         rows = job.rows()
         step = rows[-1]["step"] if rows else 0
         state = job.state
@@ -379,46 +597,58 @@ class AppService:
             msg += f" · loss {rows[-1]['loss']:.4f}"
         if state == "failed":
             msg += f" · {job.error()}"
+        msg += f" · run folder {job.out}"
+        if (job.out / LORA_FILE).is_file() and state != "running":
+            msg += " · weights ready: 'Load into the Fuse view' uses them in this session"
         return msg, rows, step / max(1, job.total)
 
-    def train_cancel(self) -> str:
-        if self.job is None or self.job.state != "running":
-            raise UserError("no fine-tune is running")
-        self.job.cancel()
-        return "cancelled; 'Resume' continues from the last checkpoint"
+    def train_cancel(self, session: Session) -> str:
+        job = self._job(session)
+        if job is None or job.state != "running":
+            raise UserError("no fine-tune of this session is running")
+        job.cancel()
+        return f"cancelled; 'Resume' continues from the last checkpoint in {job.out}"
 
-    def train_resume(self) -> str:
-        if self.job is None:
-            raise UserError("no fine-tune to resume")
-        if self.job.state == "running":
-            raise UserError("the fine-tune is still running")
-        self.job.start()
-        return f"resumed in {self.job.out}"
+    def train_resume(self, session: Session) -> str:
+        job = self._job(session)
+        if job is None:
+            raise UserError("no fine-tune of this session to resume")
+        self._launch(session, job)
+        return f"resumed in {job.out}"
 
-    def load_trained(self) -> str:
-        """Load the finished (or last checkpointed) LoRA into the live model used by the Fuse view."""
-        if self.job is None or not (self.job.out / "pytorch_lora_weights.safetensors").is_file():
+    def _trained(self, session: Session) -> str:
+        """The session's run folder that holds trained weights."""
+        job = self._job(session)
+        if job is None or not (job.out / LORA_FILE).is_file():
             raise UserError("no trained weights yet: start a fine-tune and let it reach a checkpoint")
-        self.model_thread.run(self._load_lora, self.job.out)
-        return f"loaded {self.job.out.name} into the Fuse view"
+        return str(job.out)
 
-    def unload_trained(self) -> str:
-        """Back to the model the app started with (the Fuse view and new labels use it again)."""
-        if not self.model_thread.run(self._drop_lora):
-            raise UserError("no fine-tuned weights are loaded")
-        return f"back to {self.model_source}"
+    def load_trained(self, session: Session) -> tuple[Session, str]:
+        """This session's later model calls compute with its fine-tune's LoRA (the latest checkpoint on disk);
+        other sessions keep their weights. Candidates sampled with the old weights are dropped."""
+        folder = self._trained(session)
+        self.model_thread.run(self._adapter, folder)  # loaded (or refreshed) now: a bad file is said here
+        session = replace(session, weights=folder, candidates={})
+        return session, f"this session now fuses with the LoRA in {folder} (other sessions keep their weights)"
 
-    def before_after(self, prompts: list[str], seeds=(0, 1)) -> list[tuple[object, str]]:
-        """Held-out prompts with fixed seeds, before and after loading the trained LoRA, with scores."""
-        if self.job is None or not (self.job.out / "pytorch_lora_weights.safetensors").is_file():
-            raise UserError("no trained weights yet")
-        items = []
-        def sample_all():
+    def unload_trained(self, session: Session) -> tuple[Session, str]:
+        """Back to the base weights for this session (its new fusions and labels use them again)."""
+        if session.weights is None:
+            raise UserError("no fine-tuned weights are loaded in this session")
+        return replace(session, weights=None, candidates={}), f"back to the base weights {self.model_source}"
+
+    def before_after(self, session: Session, prompts: list[str], seeds=(0, 1)) -> list[tuple[object, str]]:
+        """Held-out prompts with fixed seeds under the base weights (before, always: every adapter off) and the
+        session's trained LoRA (after), with scores; the session's own weights are left as they are."""
+        folder = self._trained(session)
+
+        def sample_all(weights):
+            self._use(weights)
             return {p: sample(self.model, p, list(seeds), self.default_sampling) for p in prompts}
 
-        before = self.model_thread.run(sample_all)
-        self.load_trained()
-        after = self.model_thread.run(sample_all)
+        before = self.model_thread.run(sample_all, None)
+        after = self.model_thread.run(sample_all, folder)
+        items = []
         for p in prompts:
             for tag, res in (("before", before[p]), ("after", after[p])):
                 sc = self.score(res.images, p)
@@ -436,8 +666,8 @@ class AppService:
     def list_pairs(self, prompt_contains, label) -> list[list]:
         """Rows of PAIR_COLUMNS: pairs whose prompt contains the text, with the label ('any' = all), up to 500."""
         rows = self.store.summaries(prompt_contains or None, None if label == "any" else label, limit=500)
-        return [[r.pair_id, r.prompt, r.label, r.base_seed, r.ref_seed, r.scores.get("base"), r.scores.get("target")]
-                for r in rows]
+        return [[r.pair_id, r.prompt, r.label, r.base_seed, r.ref_seed, score_cell(r.scores.get("base")),
+                 score_cell(r.scores.get("target"))] for r in rows]
 
     def pair_images(self, pair_id: str) -> tuple[object, object]:
         """(base, target) images of a stored pair."""
@@ -453,28 +683,64 @@ class AppService:
             raise UserError(str(e)) from None
         return f"pair {pair_id} relabelled '{label}'"
 
-    def delete_pair(self, pair_id) -> str:
+    def delete_pair(self, pair_id, deleted: list) -> str:
+        """Delete a pair; it goes on `deleted` (the page's own list, newest last) for `undo_delete`."""
         if not pair_id:
             raise UserError("click a row first")
         try:
-            self.store.delete(pair_id)
+            removed = self.store.delete(pair_id)
         except KeyError as e:
             raise UserError(str(e)) from None
-        return f"pair {pair_id} deleted"
+        if removed is None:
+            return f"pair {pair_id} deleted (its files were unreadable: it cannot be restored)"
+        deleted.append(removed)
+        del deleted[:-MAX_UNDO_DELETES]
+        return f"pair {pair_id} deleted · 'Undo delete' restores it"
 
-    def export(self, folder) -> str:
-        """The set as Parquet (caption / jpg_0 / jpg_1 / label_0 + trajectories) in a new folder."""
+    def undo_delete(self, deleted: list) -> str:
+        """Restore the last pair deleted from this page, with its label and files."""
+        if not deleted:
+            raise UserError("nothing deleted to undo on this page")
+        removed = deleted.pop()
         try:
-            info = self.store.export(folder)
-        except OSError as e:
-            raise UserError(f"cannot write {folder}: {e}") from None
-        return f"exported {info['pairs']} pairs to {info['out']}"
+            self.store.restore(removed)
+        except ValueError as e:
+            raise UserError(str(e)) from None
+        return f"pair {removed.record.pair_id} restored as '{removed.label}'"
 
-    def import_pairs(self, folder) -> str:
-        """Pairs from an export or a build-pairs folder, added to the set."""
-        if not folder or not folder.strip():
-            raise UserError("type the folder to import")
-        return f"imported {self.store.import_pairs(folder.strip())} pairs"
+    def export(self) -> tuple[str, str]:
+        """(message, path of a .zip): the set as Parquet (caption / jpg_0 / jpg_1 / label_0) plus a pair folder
+        (trajectories), for the page to offer as a download. Archives older than an hour are removed."""
+        if len(self.store) == 0:
+            raise UserError("the set is empty: label a pair in the Fuse tab first")
+        EXPORT_DIR.mkdir(parents=True, exist_ok=True)
+        for old in EXPORT_DIR.glob("*.zip"):
+            try:
+                if time.time() - old.stat().st_mtime > 3600:
+                    old.unlink()
+            except FileNotFoundError:  # another page's export swept it first
+                pass
+        dest = EXPORT_DIR / f"dfusion-pairs-{time.strftime('%Y%m%d-%H%M%S')}-{time.time_ns() % 10**6:06d}.zip"
+        try:
+            info = self.store.export_archive(dest)
+        except OSError as e:
+            raise UserError(f"the export could not be written: {e}") from None
+        return f"exported {info['pairs']} pairs · {dest.name}", info["out"]
+
+    def import_pairs(self, path) -> str:
+        """Pairs from an uploaded .zip / .tar / .tar.gz (an export, or a build-pairs folder packed), added to the
+        set; the report says per index file what was imported, skipped (duplicates) and failed, and why."""
+        if not path:
+            raise UserError("choose a .zip, .tar or .tar.gz to import (an export, or a build-pairs folder packed)")
+        name = Path(path).name
+        if Path(path).is_dir():
+            raise UserError("upload one archive (.zip, .tar or .tar.gz), not a folder")
+        try:
+            report = self.store.import_pairs(path)
+        except ValueError as e:
+            raise UserError(str(e).replace(str(path), name)) from None
+        report.source = name
+        return report.text()
 
     def undo(self, session: Session) -> str:
         if not session.history:

@@ -16,9 +16,10 @@ import gradio as gr
 
 from dfusion_core.engine.config import COMBINE_MODES, FUSION_LAYER_PRESETS, RESIZE_MODES, THRESHOLD_MODES
 
-from .service import PAIR_COLUMNS, AppService, Session, UserError, check_prompt, parse_seed
-from .views import (MASK_LEGEND, ablation_plot, candidate_caption, enlarge, heat_overlay, mask_overlay, pair_notes,
-                    score_text, threshold_slider, training_plot)
+from .service import PAIR_COLUMNS, AppService, Session, UserError, check_prompt, model_name, parse_seed
+from .views import (CHECKER_LEGEND, MASK_LEGEND, ablation_plot, candidate_caption, enlarge, heat_overlay,
+                    mask_overlay, pair_notes,
+                    progress_bar, prompt_notes_text, score_text, threshold_slider, training_plot)
 
 log = logging.getLogger("dfusion.app")
 
@@ -41,10 +42,24 @@ document.addEventListener('keydown', (e) => {
   const el = document.getElementById(id);
   if (el) { e.preventDefault(); (el.tagName === 'BUTTON' ? el : el.querySelector('button') || el).click(); }
 });
+// A slider moved with the keyboard (arrows, Page Up / Down, Home / End) ends its move when the key is let go:
+// gradio's range input fires its "release" on pointerup only, so the key's end is sent as one.
+const DFUSION_SLIDER_KEYS = new Set(['ArrowLeft', 'ArrowRight', 'ArrowUp', 'ArrowDown', 'PageUp', 'PageDown',
+                                     'Home', 'End']);
+document.addEventListener('keyup', (e) => {
+  const t = e.target;
+  if (t && t.tagName === 'INPUT' && t.type === 'range' && DFUSION_SLIDER_KEYS.has(e.key) && !t.disabled) {
+    t.dispatchEvent(new PointerEvent('pointerup', {bubbles: true}));
+  }
+});
 </script>
 """
 CSS = """.pixelated img { image-rendering: pixelated; }
-#threshold input:disabled { filter: grayscale(1); opacity: 0.45; }"""  # a slider that does nothing looks it
+#threshold input:disabled { filter: grayscale(1); opacity: 0.45; }
+#gallery .thumbnail-item.selected { --ring-color: transparent; border-color: var(--border-color-primary); }
+#gallery .grid-wrap, #ablation-gallery .grid-wrap { min-height: 0; height: auto; max-height: none; }"""
+# (a slider that does nothing looks it; the candidates' captions mark BASE and REF: the last click is not marked;
+# a gallery is as tall as its rows: gradio's gallery keeps a 450 px minimum, an empty band under one row)
 # Small images shown large with crisp pixels, sent as PNG: exact pixels, and about 3x faster to encode than
 # gradio's default WebP (4.7 vs 13.6 ms for a 256 px image here).
 PIXELS = {"elem_classes": ["pixelated"], "format": "png"}
@@ -52,13 +67,16 @@ PIXELS = {"elem_classes": ["pixelated"], "format": "png"}
 LIVE_CONTROLS = [("threshold", "release", "threshold"), ("start_step", "release", "start_step"),
                  ("end_step", "release", "end_step"), ("threshold_mode", "input", "threshold_mode"),
                  ("layers", "input", "layers"), ("resize", "input", "resize"), ("use_mask", "input", "use_mask"),
-                 ("keywords", "input", "keywords"), ("combine", "input", "combine")]
+                 ("keywords", "input", "keywords"), ("combine", "input", "combine"),
+                 ("union_base", "input", "union_base"), ("dilate", "release", "dilate"),
+                 ("hold_outside", "input", "hold_outside")]
 # The inputs of /fuse and of every live re-fusion, in order (the endpoints' parameters).
 FUSE_INPUTS = ["state", "prompt", "steps", "guidance", "eta", "base_seed", "ref_seed", "keywords", "threshold_mode",
-               "threshold", "start_step", "end_step", "layers", "resize", "use_mask", "words", "combine"]
+               "threshold", "start_step", "end_step", "layers", "resize", "use_mask", "words", "combine",
+               "union_base", "dilate", "hold_outside"]
 # Which input a refused fusion parameter is shown on: the first of these words its message contains.
 MESSAGE_INPUT = [("keyword", "keywords"), ("threshold", "threshold"), ("layer", "layers"), ("resize", "resize"),
-                 ("combine", "combine"), ("step", "start_step")]
+                 ("combine", "combine"), ("dilate", "dilate"), ("step", "start_step")]
 # The fusion step sliders cannot cross: moving one past the other takes the other along (in the page, before
 # the re-fusion reads them). (the slider that moved, the one that follows, how it follows)
 STEP_FOLLOW = [("start_step", "end_step", "(s, e) => Math.max(s, e)"),
@@ -86,21 +104,49 @@ def build_demo(svc: AppService) -> gr.Blocks:
     """The whole app: one Session per visitor (gr.State), the tabs, then what runs when a page opens."""
     with gr.Blocks(title="dfusion - D-Fusion preference pairs") as demo:
         state = gr.State(Session())
-        header(svc)
+        status = header(svc)
+        weights = gr.Markdown(elem_id="session-weights")  # the weights this session computes with
         on_open = [fuse_tab(svc, state), dataset_tab(svc)]
-        train_tab(svc)
+        on_open += train_tab(svc, state, weights)
         ablations_tab(svc, state)
         for fn, inputs, outputs in on_open:  # registered after every tab's events, as they always were
             demo.load(fn, inputs, outputs, api_name=False)
+        follow_loading(svc, status, on_open[0])
     return demo
 
 
-def header(svc: AppService) -> None:
-    """The title and the keyboard shortcuts (their script is SHORTCUTS, passed to launch(head=...))."""
-    gr.Markdown(f"## dfusion · D-Fusion pairs on `{svc.model.model_id}`\n"
+def header(svc: AppService) -> gr.Markdown:
+    """The title, the keyboard shortcuts (their script is SHORTCUTS, passed to launch(head=...)) and the model's
+    status line (loading / ready / failed), which it returns."""
+    # the base weights, named without this machine's absolute path; a session's own line follows
+    gr.Markdown(f"## dfusion · D-Fusion pairs on `{model_name(svc.model_source)}`\n"
                 "Sample candidates, pick a base and a reference, inspect the masks, move the threshold or the "
                 "fusion steps and label the pair. Shortcuts: **1** prefer target · **2** prefer base · "
                 "**3** tie · **4** skip · **z** undo.")
+    return gr.Markdown(model_status_text(svc), elem_id="model-status")
+
+
+def model_status_text(svc: AppService) -> str:
+    """The model's status line: plain when ready, marked while loading, bold with a warning when it failed."""
+    line = svc.model_status()
+    if svc.ready:
+        return line
+    return f"⏳ {line}" if svc.load_error is None else f"⚠ **{line}**"
+
+
+def follow_loading(svc: AppService, status: gr.Markdown, on_ready) -> None:
+    """While the model loads behind the page, a timer updates the status line each second; when the model is
+    ready (or failed) the timer stops and the Fuse tab's page-open event runs again (`on_ready`: the prompt's
+    words, which need the tokenizer). A page opened later gets one tick, which says the model is ready."""
+    fn, inputs, outputs = on_ready
+    timer = gr.Timer(1.0, active=True)
+
+    def on_tick(*values):
+        if not svc.ready and svc.load_error is None:
+            return (model_status_text(svc), *[gr.update()] * len(outputs), gr.Timer(active=True))
+        after = fn(*values) if svc.ready else [gr.update()] * len(outputs)
+        return (model_status_text(svc), *after, gr.Timer(active=False))
+    timer.tick(on_tick, inputs, [status, *outputs, timer], api_name=False, queue=False, show_progress="hidden")
 
 
 # ---- Fuse --------------------------------------------------------------------------------------------
@@ -124,6 +170,16 @@ class FuseEvents:
         return self.word_choices(p)
 
     @guarded
+    def on_prompt_notes(self, p):
+        """The warnings under the prompt: cut by the token limit, outside the model's world (see the service)."""
+        return prompt_notes_text(self.svc.prompt_notes(p))
+
+    @guarded
+    def on_open(self, p):
+        """A page opens (or the model becomes ready): the prompt's words and its warnings."""
+        return (*self.word_choices(p), self.on_prompt_notes(p))
+
+    @guarded
     def on_example(self, ex):
         if not ex:
             return gr.update(), gr.update(), gr.update()
@@ -138,17 +194,38 @@ class FuseEvents:
     @guarded
     def on_sample(self, sess, p, st, g, e, n, s0_):  # parameter names are the endpoints' keyword names: kept
         sess = self.svc.sample_candidates(sess, p, n, s0_, self.svc.sampling(st, g, e))
-        items = [(enlarge(c.image, 128), candidate_caption(c)) for c in sess.candidates.values()]
         base, ref = self.svc.suggested_seeds(sess)
-        return (sess, items, str(base), str(ref), *self.word_choices(p))
+        return (sess, self.candidates(sess, base, ref), str(base), str(ref), *self.word_choices(p))
+
+    @staticmethod
+    def candidates(sess, base, ref) -> list:
+        """The gallery's items: each candidate with its caption, the pair's two marked 'base' / 'reference'."""
+        roles = {}
+        for role, seed in (("base", base), ("reference", ref)):
+            try:
+                roles[parse_seed(seed, role)] = role
+            except UserError:  # a seed being typed: nothing to mark
+                pass
+        return [(enlarge(c.image, 128), candidate_caption(c, roles.get(c.seed))) for c in sess.candidates.values()]
+
+    def marked_gallery(self, sess, base, ref):
+        """The gallery redrawn with the pair marked and no thumbnail selected: it shows the pair, not the last click."""
+        if sess is None or not sess.candidates:
+            return gr.update()
+        return gr.update(value=self.candidates(sess, base, ref), selected_index=None)
 
     @guarded
-    def on_pick(self, sess, which, evt: gr.SelectData):
+    def on_seeds(self, sess, base, ref):
+        return self.marked_gallery(sess, base, ref)
+
+    @guarded
+    def on_pick(self, sess, which, base, ref, evt: gr.SelectData):
         seeds = list(sess.candidates)
         if evt.index is None or evt.index >= len(seeds):
-            return gr.update(), gr.update()
+            return gr.update(), gr.update(), gr.update()
         s = str(seeds[evt.index])
-        return (gr.update(), s) if which == "reference" else (s, gr.update())
+        base, ref = (base, s) if which == "reference" else (s, ref)
+        return base, ref, self.marked_gallery(sess, base, ref)
 
     def overlays(self, sess, word):
         """(the word's attention over the reference or None, the fusion mask over the reference)."""
@@ -157,9 +234,11 @@ class FuseEvents:
         return heat, enlarge(mask_overlay(ref, self.svc.fused_mask(sess)))
 
     @guarded
-    def on_fuse(self, sess, p, st, g, e, b, rs, kws, mode, thr, start, end, lay, rsz, um, word, comb=None):
+    def on_fuse(self, sess, p, st, g, e, b, rs, kws, mode, thr, start, end, lay, rsz, um, word, comb=None, ub=None,
+                dil=None, hold=None):  # the last three: None = the model's form (an API call that leaves them out)
         sampling = self.svc.sampling(st, g, e)
-        fusion = self.svc.fusion(sampling.num_steps, kws, mode, thr, start, end, lay, rsz, um, combine=comb)
+        fusion = self.svc.fusion(sampling.num_steps, kws, mode, thr, start, end, lay, rsz, um, ub, dil, combine=comb,
+                                 hold_outside=hold)
         t0 = time.perf_counter()
         sess = self.svc.fuse(sess, p, b, rs, sampling, fusion)
         took = time.perf_counter() - t0
@@ -170,7 +249,8 @@ class FuseEvents:
             how = "cache (target branch only" + (f", {r.steps_reused} of {r.sampling.num_steps} steps reused)"
                                                  if r.steps_reused else ")")
         coverage = self.svc.mask_coverage(sess)
-        msg = (f"fused in {how} · keywords {', '.join(r.keywords)} · mask covers {coverage:.0%} · "
+        form = " · reference ∪ base" * r.fusion.mask.union_base + " · base held outside" * r.fusion.hold_outside
+        msg = (f"fused in {how} · keywords {', '.join(r.keywords)} · mask covers {coverage:.0%}{form} · "
                f"layers {lay} · steps {start}-{end} · {took:.2f} s")
         notes = pair_notes(coverage if r.fusion.use_mask else None, r.base_image, r.target_image)
         return (sess, enlarge(r.base_image), enlarge(r.reference_image), enlarge(r.target_image),
@@ -178,21 +258,25 @@ class FuseEvents:
                 msg)
 
     @guarded
-    def on_live(self, sess, p, st, g, e, b, rs, kws, mode, thr, start, end, lay, rsz, um, word, comb=None):
+    def on_live(self, sess, p, st, g, e, b, rs, kws, mode, thr, start, end, lay, rsz, um, word, comb=None, ub=None,
+                dil=None, hold=None):
         if sess.result is None:  # nothing fused yet: a control moved before the first fusion
             return (sess, *[gr.update()] * 7, "move a control after the first fusion to see it live")
-        out = self.on_fuse(sess, p, st, g, e, b, rs, kws, mode, thr, start, end, lay, rsz, um, word, comb)
+        out = self.on_fuse(sess, p, st, g, e, b, rs, kws, mode, thr, start, end, lay, rsz, um, word, comb, ub, dil,
+                           hold)
         if out[0].same_pair:  # base, reference and their attention are unchanged: three fewer images to send
             out = (out[0], gr.skip(), gr.skip(), *out[3:5], gr.skip(), *out[6:])
         return out
 
     # ---- before a fusion: the validator (gradio runs it first), the controls kept consistent -------------
-    def check(self, sess, p, st, g, e, b, rs, kws, mode, thr, start, end, lay, rsz, um, word, comb=None):
+    def check(self, sess, p, st, g, e, b, rs, kws, mode, thr, start, end, lay, rsz, um, word, comb=None, ub=None,
+              dil=None, hold=None):
         """The validator of /fuse: a message on each refused input, one gr.validate per FUSE_INPUTS entry.
         A refusal here keeps the last good outputs on the page (an error raised by the handler would cover
         every output with an error badge); gradio_client raises it as a ValidationError naming the inputs."""
         try:
-            bad = self.problems(p, st, g, e, b, rs, kws, mode, thr, start, end, lay, rsz, um, word, comb)
+            bad = self.problems(p, st, g, e, b, rs, kws, mode, thr, start, end, lay, rsz, um, word, comb, ub, dil,
+                                hold)
         except Exception:  # noqa: BLE001 - not a refusal: the handler runs and reports it (guarded)
             log.exception("the fuse validator failed")
             bad = {}
@@ -204,7 +288,8 @@ class FuseEvents:
             return [gr.validate(True, "")] * len(FUSE_INPUTS)
         return self.check(sess, *args)
 
-    def problems(self, p, st, g, e, b, rs, kws, mode, thr, start, end, lay, rsz, um, word, comb) -> dict[str, str]:
+    def problems(self, p, st, g, e, b, rs, kws, mode, thr, start, end, lay, rsz, um, word, comb, ub=None, dil=None,
+                 hold=None) -> dict[str, str]:
         """{input name: message} for what the service would refuse, found without running the model."""
         bad: dict[str, str] = {}
 
@@ -213,13 +298,15 @@ class FuseEvents:
                 return fn(*a)
             except UserError as err:
                 bad.setdefault(name, str(err))
+        if not self.svc.ready:  # the model loads behind the page: said at the prompt, nothing else checked
+            return {"prompt": self.svc.model_status()}
         prompt, sampling = test("prompt", check_prompt, p), test("steps", self.svc.sampling, st, g, e)
         seeds = test("base_seed", parse_seed, b, "base seed"), test("ref_seed", parse_seed, rs, "reference seed")
         if None not in seeds:
             test("ref_seed", self.svc.pair_seeds, b, rs)  # two different images
         n = sampling.num_steps if sampling else self.svc.default_sampling.num_steps
         try:
-            self.svc.fusion(n, kws, mode, thr, start, end, lay, rsz, um, combine=comb)
+            self.svc.fusion(n, kws, mode, thr, start, end, lay, rsz, um, ub, dil, combine=comb, hold_outside=hold)
         except UserError as err:
             bad.setdefault(next((w for k, w in MESSAGE_INPUT if k in str(err)), "threshold"), str(err))
         for name, words in (("keywords", kws), ("words", [word] if word else None)):
@@ -270,20 +357,23 @@ def fuse_tab(svc: AppService, state: gr.State):
     """Sample, pick, fuse, inspect, label. Returns the event to run when a page opens: the prompt's words."""
     examples, v = svc.example_prompts(), SimpleNamespace()
     with gr.Tab("Fuse"):
-        _candidate_widgets(v, svc.default_sampling, examples)
-        _mask_widgets(v, svc.default_mask, svc.default_sampling.num_steps)
+        _candidate_widgets(v, svc.default_sampling, examples, checker=svc.has_checker())
+        _mask_widgets(v, svc.default_fusion, svc.default_sampling.num_steps)
         _result_widgets(v, svc.default_sampling.num_steps)
     ev = FuseEvents(svc)
     _wire_fuse(v, ev, state)
-    return ev.on_prompt, [v.prompt], [v.words, v.keywords]
+    return ev.on_open, [v.prompt], [v.words, v.keywords, v.notes]
 
 
-def _candidate_widgets(v: SimpleNamespace, s0, examples: list[str]) -> None:
-    """Prompt, sampling settings, the candidate gallery and the seed pair (widgets set on `v`)."""
+def _candidate_widgets(v: SimpleNamespace, s0, examples: list[str], checker: bool = False) -> None:
+    """Prompt and its warnings, sampling settings, the candidate gallery (with the checker's legend when the model
+    has a checker) and the seed pair (widgets set on `v`)."""
     with gr.Row():
         v.prompt = gr.Textbox(label="Prompt", value=examples[0] if examples else "", scale=4, max_lines=2,
                               elem_id="prompt")
-        v.example = gr.Dropdown(choices=examples, label="Examples", scale=2, value=None)
+        v.example = gr.Dropdown(choices=examples, label="Examples (prompts this model can draw)", scale=2,
+                                value=None)
+    v.notes = gr.Markdown(elem_id="prompt-notes")  # why the model cannot draw the prompt as typed, if it cannot
     with gr.Accordion("Sampling", open=False):
         with gr.Row():
             v.steps = gr.Slider(2, 50, value=s0.num_steps, step=1, label="DDIM steps")
@@ -292,8 +382,10 @@ def _candidate_widgets(v: SimpleNamespace, s0, examples: list[str]) -> None:
             v.n_cand = gr.Slider(2, 32, value=8, step=1, label="Candidates")
             v.first_seed = gr.Number(value=0, precision=0, label="First seed")
     v.sample_btn = gr.Button("Sample candidates", variant="primary", elem_id="sample")
-    v.gallery = gr.Gallery(label="Candidates - click one to set it as base or reference", columns=8,
-                           height=220, allow_preview=False, **PIXELS, elem_id="gallery")
+    # rows=1 with height "auto" (and CSS): as tall as the candidates, no empty band under them
+    v.gallery = gr.Gallery(label="Candidates - click one to set it as base or reference", columns=8, rows=1,
+                           height="auto", allow_preview=False, **PIXELS, elem_id="gallery")
+    gr.Markdown(CHECKER_LEGEND, visible=checker, elem_id="checker-legend")
     with gr.Row():
         v.click_sets = gr.Radio(["reference", "base"], value="reference", label="A click sets the")
         v.base_seed = gr.Textbox(value="0", label="Base seed", elem_id="base-seed")
@@ -301,8 +393,10 @@ def _candidate_widgets(v: SimpleNamespace, s0, examples: list[str]) -> None:
         v.fuse_btn = gr.Button("Fuse", variant="primary", elem_id="fuse")
 
 
-def _mask_widgets(v: SimpleNamespace, m0, n_steps: int) -> None:
-    """Words, keywords, threshold, step range, layers; beside them the word's heatmap and the mask."""
+def _mask_widgets(v: SimpleNamespace, f0, n_steps: int) -> None:
+    """Words, keywords, threshold, step range, layers, the mask's form; beside them the word's heatmap and the
+    mask. Every control starts at the model's fusion form `f0` (its dfusion.json over the paper's)."""
+    m0 = f0.mask
     with gr.Row():
         with gr.Column(scale=1):
             v.words = gr.Radio(choices=[], label="Words (click one to see its attention)", elem_id="words")
@@ -314,13 +408,21 @@ def _mask_widgets(v: SimpleNamespace, m0, n_steps: int) -> None:
                                     step=first.get("step", 0.01), label=first["label"],
                                     interactive=first["interactive"], elem_id="threshold")
             with gr.Row():
-                v.start_step = gr.Slider(1, n_steps, value=3, step=1, label="Fuse from step", elem_id="start-step")
+                v.start_step = gr.Slider(1, n_steps, value=min(f0.start_step, n_steps), step=1, label="Fuse from step",
+                                         elem_id="start-step")
                 v.end_step = gr.Slider(1, n_steps, value=n_steps, step=1, label="to step", elem_id="end-step")
-            v.layers = gr.Dropdown(list(FUSION_LAYER_PRESETS), value="mid+up", label="Fusion layers")
+            v.layers = gr.Dropdown(list(FUSION_LAYER_PRESETS), label="Fusion layers", elem_id="layers",
+                                   value=f0.layers if f0.layers in FUSION_LAYER_PRESETS else "mid+up")
             v.resize = gr.Radio(list(RESIZE_MODES), value=m0.resize, label="Mask resize")
             v.combine = gr.Radio(list(COMBINE_MODES), value=m0.combine,
                                  label="Keywords combined by (mean map, or union of one mask each: the paper's)")
             v.use_mask = gr.Checkbox(value=True, label="Use the mask (off = global fusion)", elem_id="use-mask")
+            with gr.Row():
+                v.union_base = gr.Checkbox(value=m0.union_base, elem_id="union-base",
+                                           label="Mask covers the base's objects too (reference ∪ base)")
+                v.hold_outside = gr.Checkbox(value=f0.hold_outside, elem_id="hold-outside",
+                                             label="Keep the base outside the mask (hold its latents)")
+            v.dilate = gr.Slider(0, 4, value=m0.dilate, step=1, label="Grow the mask by (cells)", elem_id="dilate")
         with gr.Column(scale=1):
             v.heat = gr.Image(label="Selected word's attention over the reference", **PIXELS,
                               interactive=False, elem_id="heat")
@@ -339,8 +441,9 @@ def _result_widgets(v: SimpleNamespace, n_steps: int) -> None:
     with gr.Row():
         v.compare = gr.ImageSlider(label="Base | target", **PIXELS, interactive=False)
         with gr.Column():
-            v.traj_step = gr.Slider(1, n_steps, value=n_steps, step=1, label="Trajectory step")
-            v.x0_img = gr.Image(label="Target's predicted image at that step", **PIXELS, interactive=False)
+            v.traj_step = gr.Slider(1, n_steps, value=n_steps, step=1, label="Trajectory step", elem_id="traj-step")
+            v.x0_img = gr.Image(label="Target's predicted image at that step (move the slider; a new fusion "
+                                      "clears it)", **PIXELS, interactive=False, elem_id="x0")
     with gr.Row():
         v.label_buttons = {"target": gr.Button("Prefer target [1]", elem_id="label-target"),  # no default choice
                            "base": gr.Button("Prefer base [2]", elem_id="label-base"),
@@ -361,7 +464,13 @@ def _wire_fuse(v: SimpleNamespace, ev: FuseEvents, state: gr.State) -> None:
     v.steps.release(ev.on_steps, [v.steps], [v.start_step, v.end_step, v.traj_step], api_name="steps")
     v.sample_btn.click(ev.on_sample, [state, v.prompt, v.steps, v.guidance, v.eta, v.n_cand, v.first_seed],
                        [state, v.gallery, v.base_seed, v.ref_seed, v.words, v.keywords], api_name="sample")
-    v.gallery.select(ev.on_pick, [state, v.click_sets], [v.base_seed, v.ref_seed], api_name=False)
+    v.gallery.select(ev.on_pick, [state, v.click_sets, v.base_seed, v.ref_seed], [v.base_seed, v.ref_seed, v.gallery],
+                     api_name=False)
+    for box in (v.base_seed, v.ref_seed):  # a typed seed: the gallery marks the new pair
+        box.input(ev.on_seeds, [state, v.base_seed, v.ref_seed], [v.gallery], api_name=False, queue=False,
+                  trigger_mode="always_last", show_progress="hidden")
+    v.prompt.change(ev.on_prompt_notes, [v.prompt], [v.notes], api_name="prompt_notes", queue=False,
+                    show_progress="hidden", trigger_mode="always_last")
     _wire_fusion(v, ev)
     v.words.change(ev.on_word, [state, v.words], [v.heat], api_name="word_heatmap")
     v.traj_step.release(ev.on_traj, [state, v.traj_step], [v.x0_img], api_name="trajectory")
@@ -381,8 +490,12 @@ def _wire_fusion(v: SimpleNamespace, ev: FuseEvents) -> None:
     # preprocess=False: the widgets' plain values, which the validator checks with the service's messages
     # (e.g. "keyword 'horse' is not in the prompt"); gradio's own choice check would fail before the validator
     # and its message reach no one (a bare 400).
-    v.fuse_btn.click(ev.on_fuse, inputs, outputs, api_name="fuse", validator=ev.check,
-                     preprocess=False).success(**slider, api_name=False)
+    # a new fusion clears the trajectory's predicted image: it showed the previous target
+    clear = {"fn": lambda: None, "inputs": None, "outputs": [v.x0_img], "queue": False, "show_progress": "hidden",
+             "api_name": False}
+    fused = v.fuse_btn.click(ev.on_fuse, inputs, outputs, api_name="fuse", validator=ev.check, preprocess=False)
+    fused.success(**slider, api_name=False)
+    fused.success(**clear)
     first = {moved: {"fn": None, "inputs": [v.start_step, v.end_step], "outputs": [getattr(v, other)], "js": js}
              for moved, other, js in STEP_FOLLOW}
     first["threshold_mode"] = {**slider, "fn": ev.on_mode}
@@ -395,6 +508,7 @@ def _wire_fusion(v: SimpleNamespace, ev: FuseEvents) -> None:
         else:
             dep = listen(**live, trigger_mode="always_last")
         dep.success(**slider, api_name=False)
+        dep.success(**clear)
 
 
 # ---- Dataset -----------------------------------------------------------------------------------------
@@ -420,78 +534,131 @@ class DatasetEvents:
         return self.svc.relabel(pid, lab), self.on_table(text, lf)
 
     @guarded
-    def on_delete(self, pid, text, lf):
-        return self.svc.delete_pair(pid), self.on_table(text, lf), None, None
+    def on_delete(self, pid, text, lf, deleted):
+        msg = self.svc.delete_pair(pid, deleted)
+        return msg, self.on_table(text, lf), None, None, deleted
 
     @guarded
-    def on_export(self, folder):
-        return self.svc.export(folder)
+    def on_undo_delete(self, deleted, text, lf):
+        return self.svc.undo_delete(deleted), self.on_table(text, lf), deleted
 
     @guarded
-    def on_import(self, folder, text, lf):
-        return self.svc.import_pairs(folder), self.on_table(text, lf)
+    def on_export(self):
+        return self.svc.export()
+
+    @guarded
+    def on_import(self, path, text, lf):
+        return self.svc.import_pairs(path), self.on_table(text, lf)
 
 
 def dataset_tab(svc: AppService):
-    """Browse, relabel, delete, export and import pairs. Returns the event to run when a page opens: the table."""
-    with gr.Tab("Dataset"):
-        with gr.Row():
-            filt = gr.Textbox(label="Prompt contains", scale=3)
-            label_filt = gr.Dropdown(["any", "target", "base", "tie"], value="any", label="Label", scale=1)
-            refresh = gr.Button("Refresh", scale=1, elem_id="refresh")
-        table = gr.Dataframe(headers=list(PAIR_COLUMNS), interactive=False, elem_id="pairs-table")
-        with gr.Row():
-            pick_id = gr.Textbox(label="Pair id (click a row)", scale=3)
-            new_label = gr.Dropdown(["target", "base", "tie"], value="target", label="New label", scale=1)
-            relabel_btn = gr.Button("Relabel", scale=1)
-            delete_btn = gr.Button("Delete", variant="stop", scale=1)
-        with gr.Row():
-            ds_base = gr.Image(label="Base", **PIXELS, interactive=False)
-            ds_target = gr.Image(label="Target", **PIXELS, interactive=False)
-        with gr.Row():
-            export_dir = gr.Textbox(label="Export to folder (Parquet with caption/jpg_0/jpg_1/label_0 + trajectories)",
-                                    value="dfusion_data/export", scale=3)
-            export_btn = gr.Button("Export", scale=1)
-            import_dir = gr.Textbox(label="Import a pair folder (an export or build-pairs output)", scale=3)
-            import_btn = gr.Button("Import", scale=1)
-        ds_status = gr.Markdown()
-    ev, query = DatasetEvents(svc), [filt, label_filt]
-    refresh.click(ev.on_table, query, [table], api_name="list_pairs")
-    filt.submit(ev.on_table, query, [table], api_name=False)
-    label_filt.change(ev.on_table, query, [table], api_name=False)
-    table.select(ev.on_row, [table], [pick_id, ds_base, ds_target], api_name=False)
-    relabel_btn.click(ev.on_relabel, [pick_id, new_label, *query], [ds_status, table], api_name="relabel")
-    delete_btn.click(ev.on_delete, [pick_id, *query], [ds_status, table, ds_base, ds_target], api_name="delete_pair")
-    export_btn.click(ev.on_export, [export_dir], [ds_status], api_name="export")
-    import_btn.click(ev.on_import, [import_dir, *query], [ds_status, table], api_name="import")
-    return ev.on_table, query, [table]
+    """Browse, relabel, delete (and undo), export (a download) and import (an upload) pairs. Returns the event to
+    run when a page opens: the table (which also follows the tab being opened and every action)."""
+    v = SimpleNamespace()
+    with gr.Tab("Dataset", elem_id="dataset-tab") as v.tab:
+        _dataset_widgets(v)
+    _wire_dataset(v, DatasetEvents(svc))
+    return v.ev.on_table, v.query, [v.table]
+
+
+def _dataset_widgets(v: SimpleNamespace) -> None:
+    with gr.Row():
+        v.filt = gr.Textbox(label="Prompt contains", scale=3)
+        v.label_filt = gr.Dropdown(["any", "target", "base", "tie"], value="any", label="Label", scale=1)
+        v.refresh = gr.Button("Refresh", scale=1, elem_id="refresh")
+    v.table = gr.Dataframe(headers=list(PAIR_COLUMNS), interactive=False, elem_id="pairs-table")
+    with gr.Row():
+        v.pick_id = gr.Textbox(label="Pair id (click a row)", scale=3)
+        v.new_label = gr.Dropdown(["target", "base", "tie"], value="target", label="New label", scale=1)
+        v.relabel_btn = gr.Button("Relabel", scale=1)
+        v.delete_btn = gr.Button("Delete", variant="stop", scale=1, elem_id="delete-pair")
+        v.undo_btn = gr.Button("Undo delete", scale=1, elem_id="undo-delete")
+    with gr.Row():
+        v.ds_base = gr.Image(label="Base", **PIXELS, interactive=False)
+        v.ds_target = gr.Image(label="Target", **PIXELS, interactive=False)
+    with gr.Row():
+        v.export_btn = gr.Button("Export the set (.zip)", scale=1, elem_id="export")
+        v.export_file = gr.File(label="Download: Parquet (caption / jpg_0 / jpg_1 / label_0) + pair folder "
+                                "(trajectories)", interactive=False, scale=2, elem_id="export-file")
+        v.import_btn = gr.UploadButton("Import an archive (.zip / .tar / .tar.gz of an export or a pair folder)",
+                                       file_types=[".zip", ".tar", ".gz", ".tgz"], type="filepath", scale=2,
+                                       elem_id="import")
+    v.ds_status = gr.Markdown(elem_id="dataset-status")
+    v.deleted = gr.State([])  # this page's deleted pairs, newest last: 'Undo delete' restores them
+
+
+def _wire_dataset(v: SimpleNamespace, ev: DatasetEvents) -> None:
+    v.ev, v.query = ev, [v.filt, v.label_filt]
+    v.refresh.click(ev.on_table, v.query, [v.table], api_name="list_pairs")
+    v.tab.select(ev.on_table, v.query, [v.table], api_name=False)  # labels made in the Fuse tab show up at once
+    v.filt.submit(ev.on_table, v.query, [v.table], api_name=False)
+    v.label_filt.change(ev.on_table, v.query, [v.table], api_name=False)
+    v.table.select(ev.on_row, [v.table], [v.pick_id, v.ds_base, v.ds_target], api_name=False)
+    v.relabel_btn.click(ev.on_relabel, [v.pick_id, v.new_label, *v.query], [v.ds_status, v.table], api_name="relabel")
+    v.delete_btn.click(ev.on_delete, [v.pick_id, *v.query, v.deleted],
+                       [v.ds_status, v.table, v.ds_base, v.ds_target, v.deleted], api_name="delete_pair")
+    v.undo_btn.click(ev.on_undo_delete, [v.deleted, *v.query], [v.ds_status, v.table, v.deleted],
+                     api_name="undo_delete")
+    v.export_btn.click(ev.on_export, None, [v.ds_status, v.export_file], api_name="export")
+    v.import_btn.upload(ev.on_import, [v.import_btn, *v.query], [v.ds_status, v.table], api_name="import")
 
 
 # ---- Train -------------------------------------------------------------------------------------------
 class TrainEvents:
-    """The Train tab's handlers: a TrainConfig from the widgets, a background fine-tune, its log."""
+    """The Train tab's handlers: a TrainConfig from the widgets, the session's background fine-tune, its log,
+    the weights the session computes with."""
 
     def __init__(self, svc: AppService):
         self.svc = svc
 
-    @guarded
-    def on_train(self, a_, r_, lr_, b_, st_):  # (algorithm, rank, lr, beta, steps); names are the API's: kept
-        return self.svc.train_start(self.svc.train_config(a_, r_, lr_, b_, st_))
-
-    def on_tick(self):
-        msg, rows, frac = self.svc.train_status()
-        return msg, frac, (training_plot(rows) if rows else None)
+    def status(self, sess):
+        """(state line, progress bar, plot) of the session's fine-tune: what the panel always shows."""
+        msg, rows, frac = self.svc.train_status(sess)
+        return msg, progress_bar(frac), (training_plot(rows) if rows else None)
 
     @guarded
-    def on_compare(self):
-        items = self.svc.before_after(self.svc.example_prompts()[:3])
+    def on_train(self, sess, a_, r_, lr_, b_, st_):  # (algorithm, rank, lr, beta, steps); names are the API's: kept
+        sess, msg = self.svc.train_start(sess, self.svc.train_config(a_, r_, lr_, b_, st_))
+        return (sess, msg, *self.status(sess))
+
+    @guarded
+    def on_cancel(self, sess):
+        return (self.svc.train_cancel(sess), *self.status(sess))
+
+    @guarded
+    def on_resume(self, sess):
+        return (self.svc.train_resume(sess), *self.status(sess))
+
+    @guarded
+    def on_load(self, sess):
+        sess, msg = self.svc.load_trained(sess)
+        return sess, msg, self.svc.weights_text(sess)
+
+    @guarded
+    def on_unload(self, sess):
+        sess, msg = self.svc.unload_trained(sess)
+        return sess, msg, self.svc.weights_text(sess)
+
+    def on_weights(self, sess):
+        return self.svc.weights_text(sess)
+
+    def on_tick(self, sess):
+        return self.status(sess)
+
+    @guarded
+    def on_compare(self, sess):
+        items = self.svc.before_after(sess, self.svc.example_prompts()[:3])
         return [(enlarge(im, 128), cap) for im, cap in items]
 
 
-def train_tab(svc: AppService) -> None:
-    """Start / cancel / resume a LoRA fine-tune, follow it, load it into the Fuse view, compare before / after."""
+def train_tab(svc: AppService, state: gr.State, weights: gr.Markdown) -> list:
+    """Start / cancel / resume this session's LoRA fine-tune, follow it, make this session fuse with it, compare
+    before / after. Returns the events to run when a page opens: the weights line, the job's state."""
     with gr.Tab("Train"):
-        gr.Markdown("Fine-tune a LoRA on the labelled pairs in a background process; the plot follows its log.")
+        gr.Markdown("Fine-tune a LoRA on the labelled pairs in a background process; the plot follows its log. "
+                    f"Each run writes its log, checkpoints and LoRA weights to a folder of its own under "
+                    f"`{svc.runs_dir.resolve()}`. The fine-tune is this session's: *Load into the Fuse view* "
+                    "makes this session (no other) fuse and label with it.")
         with gr.Row():
             algo = gr.Dropdown(["dpo", "traj-dpo", "ddpo", "dpok"], value="dpo", label="Algorithm")
             rank = gr.Number(value=4, precision=0, label="LoRA rank")
@@ -500,22 +667,25 @@ def train_tab(svc: AppService) -> None:
             tsteps = gr.Number(value=100, precision=0, label="Steps")
         with gr.Row():
             train_btn = gr.Button("Start", variant="primary", elem_id="train-start")
-            actions = [(gr.Button("Cancel", variant="stop"), svc.train_cancel, "train_cancel"),
-                       (gr.Button("Resume"), svc.train_resume, "train_resume"),
-                       (gr.Button("Load into the Fuse view"), svc.load_trained, "load_trained"),
-                       (gr.Button("Back to the base weights"), svc.unload_trained, "unload_trained")]
+            cancel_btn, resume_btn = gr.Button("Cancel", variant="stop"), gr.Button("Resume")
+            load_btn, unload_btn = gr.Button("Load into the Fuse view"), gr.Button("Back to the base weights")
             compare_btn = gr.Button("Before / after on held-out prompts")
-        train_progress = gr.Slider(0, 1, value=0, label="Progress", interactive=False)
-        train_status = gr.Markdown(elem_id="train-status")
+        train_msg = gr.Markdown(elem_id="train-message")  # the last action's message: stays until the next
+        train_status = gr.Markdown(elem_id="train-status")  # the job's state, step, loss and folder, kept current
+        train_progress = gr.HTML(progress_bar(0.0), elem_id="train-progress")
         train_plot = gr.Plot(label="loss · implicit accuracy · reward margin")
-        before_after = gr.Gallery(label="Before / after (fixed seeds)", columns=8, **PIXELS)
+        before_after = gr.Gallery(label="Before (base weights) / after (this session's LoRA), fixed seeds", columns=8,
+                                  **PIXELS)
         timer = gr.Timer(2.0)
-    ev = TrainEvents(svc)
-    train_btn.click(ev.on_train, [algo, rank, lr, beta, tsteps], [train_status], api_name="train")
-    for btn, action, name in actions:
-        btn.click(guarded(action), None, [train_status], api_name=name)
-    compare_btn.click(ev.on_compare, None, [before_after], api_name="before_after")
-    timer.tick(ev.on_tick, None, [train_status, train_progress, train_plot], api_name="train_status")
+    ev, shown = TrainEvents(svc), [train_status, train_progress, train_plot]
+    train_btn.click(ev.on_train, [state, algo, rank, lr, beta, tsteps], [state, train_msg, *shown], api_name="train")
+    cancel_btn.click(ev.on_cancel, [state], [train_msg, *shown], api_name="train_cancel")
+    resume_btn.click(ev.on_resume, [state], [train_msg, *shown], api_name="train_resume")
+    load_btn.click(ev.on_load, [state], [state, train_msg, weights], api_name="load_trained")
+    unload_btn.click(ev.on_unload, [state], [state, train_msg, weights], api_name="unload_trained")
+    compare_btn.click(ev.on_compare, [state], [before_after], api_name="before_after")
+    timer.tick(ev.on_tick, [state], shown, api_name="train_status", show_progress="hidden")
+    return [(ev.on_weights, [state], [weights]), (ev.on_tick, [state], shown)]
 
 
 # ---- Ablations ---------------------------------------------------------------------------------------
@@ -525,8 +695,10 @@ def ablations_tab(svc: AppService, state: gr.State) -> None:
         gr.Markdown("For the current pair: early / late / all fusion steps, with and without the mask, and "
                     "three relative thresholds - from the reference cache.")
         abl_btn = gr.Button("Run the ablation grid", variant="primary", elem_id="ablate")
-        abl_gallery = gr.Gallery(label="Targets", columns=9, **PIXELS, height=260)
-        abl_plot = gr.Plot(label="Change against the base, inside vs outside the mask")
+        # every cell shown: rows of five, as tall as they need (a fixed height clipped the second row)
+        abl_gallery = gr.Gallery(label="Targets", columns=5, **PIXELS, height="auto", allow_preview=False,
+                                 elem_id="ablation-gallery")
+        abl_plot = gr.Plot(label="Change against the base, inside vs outside the mask", elem_id="ablation-plot")
 
     @guarded
     def on_ablate(sess):

@@ -13,13 +13,26 @@ from matplotlib import colormaps  # noqa: E402
 DISPLAY = 256  # small models draw 64 px images; show them larger with crisp pixels
 
 
-def candidate_caption(c) -> str:
-    out = f"seed {c.seed}"
+# Shown under the candidates when the model's world has a ground-truth checker (its verdict follows each score).
+CHECKER_LEGEND = ("✓ / ✗ after a candidate's score: the world's ground-truth checker, which reads the image and "
+                  "says whether it shows what the caption asks for (✗: a shape, colour or relation is wrong). "
+                  "BASE and REF mark the pair that Fuse uses.")
+PAIR_MARKS = {"base": "BASE", "reference": "REF"}  # a candidate's role in the pair, as its caption starts
+
+
+def candidate_caption(c, role: str | None = None) -> str:
+    """`seed S · score · ✓/✗`, led by the candidate's role in the pair ('base' / 'reference') when it has one."""
+    out = f"{PAIR_MARKS[role]} · seed {c.seed}" if role else f"seed {c.seed}"
     if c.score is not None:
         out += f" · {c.score:.3f}"
     if c.correct is not None:
         out += " · ✓" if c.correct else " · ✗"
     return out
+
+
+def prompt_notes_text(notes: list[str]) -> str:
+    """The warnings under the prompt (empty: nothing shown)."""
+    return "\n\n".join(f"⚠ {n}" for n in notes)
 
 
 def enlarge(im: Image.Image, size: int = DISPLAY) -> Image.Image:
@@ -156,11 +169,14 @@ def threshold_slider(mode: str, value: float, kmaps: np.ndarray | None = None, c
     return out
 
 
+ABLATION_TITLE = "How much each variant changes the base, inside vs outside the mask"
+
+
 def ablation_plot(cells):
     """Bar chart: pixel change inside vs outside the mask per cell (+ score line when scored)."""
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(9, 3.2))
+    fig, ax = plt.subplots(figsize=(9, 3.6))
     x = np.arange(len(cells))
     ax.bar(x - 0.2, [c.change_inside for c in cells], 0.4, label="change inside mask")
     ax.bar(x + 0.2, [c.change_outside for c in cells], 0.4, label="change outside mask")
@@ -170,9 +186,18 @@ def ablation_plot(cells):
         ax2 = ax.twinx()
         ax2.plot(x, [c.score for c in cells], "k.-", label="score")
         ax2.set_ylabel("score")
-    ax.legend(loc="upper left", fontsize=8)
+    ax.legend(loc="lower right", bbox_to_anchor=(1.0, 1.0), ncol=2, fontsize=8, frameon=False)  # above the bars
+    ax.set_title(ABLATION_TITLE + (" (dots: score)" if all(c.score is not None for c in cells) else ""), fontsize=10,
+                 loc="left")
     fig.tight_layout()
     return fig
+
+
+def progress_bar(fraction: float) -> str:
+    """A fine-tune's progress as a read-only bar with its percentage (HTML: progress, not a control)."""
+    f = min(max(float(fraction), 0.0), 1.0)
+    return (f"<div id='train-progress-body'><progress value='{f:.3f}' max='1' style='width: 100%; height: 1em'>"
+            f"</progress> <span>{f:.0%} done</span></div>")
 
 
 def training_plot(rows: list[dict]):

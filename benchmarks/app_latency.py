@@ -1,8 +1,11 @@
-"""App benchmark on the embedded default: start-to-ready time and slider-change round trip.
+"""App benchmark on the embedded default: start-up times and slider-change round trip.
 
-    python benchmarks/app_latency.py [--rounds 11]
+    python benchmarks/app_latency.py [--rounds 11] [--startup-only] [--repeat 3]
 
-Starts `python app.py` in a child process, waits until its page answers (start to ready), then drives it
+Start-up: starts `python app.py` in a child process and measures the time until its page answers
+(`page_served_s`) and until its log says the model and scorer are loaded (`model_ready_s`; an app that loads
+the model before serving is ready when its page is). `--startup-only` repeats just that, `--repeat` times.
+Then the benchmark drives the app
 with gradio_client as a script would: sample 4 candidates, fuse once, and move the threshold slider
 `rounds` times (each a /refuse_threshold call that returns the updated target), then the end-step slider
 `rounds` times to seeded random positions (/refuse_end_step: the target steps before the earlier of the old
@@ -26,36 +29,84 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+READY_LINE = "model ready"  # what app.py logs once the model (and scorer) can serve requests
+
+
+def start_app(port: int, store: str, ready_timeout: float = 120, model: str | None = None
+              ) -> tuple[subprocess.Popen, float, float]:
+    """Start app.py; (process, seconds until its page answers, seconds until it logs READY_LINE, or until its page
+    answers when no such line comes within `ready_timeout` s of that: an app that loads before serving)."""
+    t0 = time.perf_counter()
+    extra = ["--model", model] if model else []
+    proc = subprocess.Popen([sys.executable, "app.py", "--port", str(port), "--store", store, *extra], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env={**os.environ})
+    ready = threading.Event()
+    times = {}
+
+    def read_log():
+        for line in proc.stderr:  # drained to the end, so the child never blocks on a full pipe
+            if READY_LINE in line and not ready.is_set():
+                times["ready"] = time.perf_counter() - t0
+                ready.set()
+    threading.Thread(target=read_log, daemon=True).start()
+    while True:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=1)
+            break
+        except OSError:
+            if proc.poll() is not None:
+                raise SystemExit("the app exited during start")
+            time.sleep(0.05)
+    page_s = time.perf_counter() - t0
+    if not ready.wait(timeout=ready_timeout) and proc.poll() is not None:
+        raise SystemExit("the app exited while loading the model")
+    return proc, page_s, times.get("ready", page_s)
+
+
+def stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def startup_only(repeat: int, ready_timeout: float, model: str | None) -> None:
+    runs = []
+    for _ in range(repeat):
+        proc, page_s, ready_s = start_app(free_port(), tempfile.mkdtemp(), ready_timeout, model)
+        stop(proc)
+        runs.append((page_s, ready_s))
+    print(json.dumps({"page_served_s": [round(p, 2) for p, _ in runs],
+                      "model_ready_s": [round(r, 2) for _, r in runs],
+                      "load_average": [round(x, 2) for x in os.getloadavg()]}))
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=11)
     ap.add_argument("--prompt", default="the red circle above the blue square")
+    ap.add_argument("--model", default=None, help="a pipeline folder for app.py --model (default: the embedded one)")
+    ap.add_argument("--startup-only", action="store_true", help="measure the start-up alone")
+    ap.add_argument("--repeat", type=int, default=3, help="start-ups measured with --startup-only")
+    ap.add_argument("--ready-timeout", type=float, default=120,
+                    help=f"seconds to wait after the page for the log's '{READY_LINE}' (0 for an app without it)")
     a = ap.parse_args()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    store = tempfile.mkdtemp()
-    t0 = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "app.py", "--port", str(port), "--store", store], cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ})
+    if a.startup_only:
+        return startup_only(a.repeat, a.ready_timeout, a.model)
+    port = free_port()
     url = f"http://127.0.0.1:{port}/"
+    proc, page_s, ready_s = start_app(port, tempfile.mkdtemp(), a.ready_timeout, a.model)
     try:
-        while True:
-            try:
-                urllib.request.urlopen(url, timeout=1)
-                break
-            except OSError:
-                if proc.poll() is not None:
-                    raise SystemExit("the app exited during start")
-                time.sleep(0.1)
-        ready_s = time.perf_counter() - t0
         from gradio_client import Client
 
         c = Client(url, verbose=False, ssl_verify=ssl.create_default_context())
@@ -84,7 +135,9 @@ def main() -> None:
             end_times.append(time.perf_counter() - t)
             m = re.search(r"([0-9]+) of [0-9]+ steps reused", out[-1])
             reused.append(int(m.group(1)) if m else 0)
-        print(json.dumps({"start_to_ready_s": round(ready_s, 2), "first_fuse_s": round(first_fuse_s, 3),
+        print(json.dumps({"page_served_s": round(page_s, 2), "model_ready_s": round(ready_s, 2),
+                          "load_average": [round(x, 2) for x in os.getloadavg()],
+                          "first_fuse_s": round(first_fuse_s, 3),
                           "slider_round_trip_median_s": round(statistics.median(times), 3),
                           "slider_round_trip_s": [round(x, 3) for x in times],
                           "server_fusion_median_s": round(statistics.median(server), 3),
@@ -93,8 +146,7 @@ def main() -> None:
                           "end_step_round_trip_s": [round(x, 3) for x in end_times],
                           "end_step_steps_reused": reused}))
     finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+        stop(proc)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 """Command line: `python -m dfusion_core <command> --help`.
 
-Commands: sample, fuse, build-pairs, train, tokens, eval, bench. Every command takes --model (a diffusers pipeline
-folder or hub id; default: the embedded ShapesWorld model) and prints JSON on stdout (bench: a readable
-table unless --json). Bad input exits with status 2 and one line starting with `error:`, never a traceback;
+Commands: sample, fuse, build-pairs, train, tokens, eval, bench, import. Every model command takes --model (a
+diffusers pipeline folder or hub id; default: the embedded ShapesWorld model) and prints JSON on stdout (bench: a
+readable table, import: its report, unless --json). Bad input exits with status 2 and one line starting with `error:`, never a traceback;
 flags are checked before a model loads where they alone show the mistake. `accelerate launch ... -m dfusion_core
 build-pairs` splits the prompts over the processes (train too: data parallel); build-pairs exits with status 1
 when a prompt failed (each is listed with its error; a rerun retries it). Seeds and pairs follow the engine's
@@ -142,7 +142,11 @@ def _add_fusion(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dilate", type=int, default=None, help=_doc(MaskParams, "dilate"))
     g.add_argument("--feather", type=float, default=None, help=_doc(MaskParams, "feather"))
     g.add_argument("--no-mask", action="store_true", help="global fusion, no mask (the ablation)")
-    g.add_argument("--union-base", action="store_true", help="mask = the reference's OR the base's")
+    g.add_argument("--union-base", action=argparse.BooleanOptionalAction, default=None, help=_doc(
+        MaskParams, "union_base", "the mask covers the base's keyword objects too (reference OR base)"))
+    g.add_argument("--hold-outside", action=argparse.BooleanOptionalAction, default=None, help=_doc(
+        FusionParams, "hold_outside", "keep the base's latents outside the mask (log-probs recomputed under the "
+                                      "plain model)"))
 
 
 def _load(a, device: str | None = None, state=None):
@@ -180,13 +184,13 @@ def _params(a, model) -> tuple[SamplingParams, FusionParams]:
                                 "combine": a.combine,
                                 "dilate": a.dilate, "feather": a.feather,
                                 "layer_factors": tuple(a.mask_factors) if a.mask_factors else None}.items() if v is not None}
-        if a.union_base:
-            mk["union_base"] = True
+        if a.union_base is not None:
+            mk["union_base"] = a.union_base
         layers = None
         if a.layers:
             layers = a.layers[0] if len(a.layers) == 1 and a.layers[0] in FUSION_LAYER_PRESETS else tuple(a.layers)
         f = replace(f, **{k: v for k, v in {"start_step": a.start_step, "end_step": a.end_step,
-                                            "layers": layers}.items() if v is not None},
+                                            "layers": layers, "hold_outside": a.hold_outside}.items() if v is not None},
                     use_mask=f.use_mask and not a.no_mask, mask=MaskParams(**{**asdict(f.mask), **mk}))
     s.validate()
     f.validate(s.num_steps)
@@ -380,6 +384,16 @@ def cmd_train(a) -> dict:
             "last": last}
 
 
+def cmd_import(a):
+    """A pair folder (an export, build-pairs output, or folders holding them) or a .zip / .tar / .tar.gz of one
+    into a preference store: the import report (per index file: imported, skipped as duplicates, failed, why)."""
+    from .data.preference_store import PreferenceStore
+
+    if not Path(a.source).expanduser().exists():  # before the store folder is created
+        raise ValueError(f"{a.source} does not exist")
+    return PreferenceStore(a.store).import_pairs(a.source)
+
+
 def cmd_eval(a) -> dict:
     from .engine.scoring import DEFAULT_SCORER, make_scorer
     from .engine.worlds import world_of
@@ -528,6 +542,17 @@ def _add_eval_bench(sub) -> None:
     p.set_defaults(fn=cmd_bench)
 
 
+def _add_import(sub) -> None:
+    p = sub.add_parser("import", help="add the pairs of a pair folder or a .zip / .tar / .tar.gz to a preference "
+                       "store; pairs already there (or listed twice) are skipped, bad lines and files are named")
+    p.add_argument("--source", required=True, help="an export, a build-pairs folder, a folder holding such "
+                   "folders, or a .zip / .tar / .tar.gz of one (required)")
+    p.add_argument("--store", default="dfusion_data/store", help="preference store folder, created if missing "
+                   "(the app's --store) (default: %(default)s)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON (default: one line per file)")
+    p.set_defaults(fn=cmd_import)
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = _Parser(prog="python -m dfusion_core", description=__doc__,
                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -536,6 +561,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_fuse_build(sub)
     _add_train(sub)
     _add_eval_bench(sub)
+    _add_import(sub)
     from .faces.training_cli import add_parsers  # train-on-policy, pair-signal
     add_parsers(sub)
     return ap
@@ -551,6 +577,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if a.command == "import":  # exit 1 when a pair failed, as build-pairs does when a prompt failed
+        print(json.dumps(result.as_dict(), indent=2, ensure_ascii=False) if a.json else result.text(shown=None))
+        return 1 if result.failed else 0
     if result is not None and a.command == "bench" and not a.json:
         from .engine.bench import format_report
         print(format_report(result))

@@ -81,3 +81,19 @@ def launch_app(svc):
     demo.queue().launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, head=SHORTCUTS, css=CSS,
                         quiet=True)
     return f"http://127.0.0.1:{port}/", demo
+
+
+def write_random_lora(model, folder, seed: int, rank: int = 4, scale: float = 0.3):
+    """A LoRA folder (diffusers' peft key names) with nonzero A and B on every attention projection of the
+    denoiser: unlike a fresh adapter (B = 0) it changes what the model computes."""
+    import torch
+    from safetensors.torch import save_file
+
+    g, state = torch.Generator().manual_seed(seed), {}
+    for name, mod in model.denoiser.named_modules():
+        if name.rsplit(".", 1)[-1] in ("to_q", "to_k", "to_v") or name.endswith("to_out.0"):
+            state[f"unet.{name}.lora_A.weight"] = torch.randn(rank, mod.in_features, generator=g) * scale
+            state[f"unet.{name}.lora_B.weight"] = torch.randn(mod.out_features, rank, generator=g) * scale
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(folder / "pytorch_lora_weights.safetensors"))
+    return folder

@@ -16,8 +16,22 @@ def app_url(sd1, tmp_path_factory):
     url, demo = launch_app(svc)
     yield url, svc
     demo.close()
-    if "+lora:" in svc.model.model_id:  # sd1 is shared by the whole session: hand it back untuned
-        svc.unload_trained()
+    for name in list(svc.model.lora_folders):  # sd1 is shared by the whole session: hand it back untuned
+        svc.model.unload_lora(name)
+    svc.model.use_lora(None)
+
+
+def _pixels(out) -> list:
+    """Images of a gradio_client answer (file paths, or gallery items) as arrays."""
+    import numpy as np
+    from PIL import Image
+
+    paths = [o["image"] if isinstance(o, dict) else o for o in out]
+    return [np.asarray(Image.open(p["path"] if isinstance(p, dict) else p)) for p in paths]
+
+
+def _same(xs, ys) -> list[bool]:
+    return [x.shape == y.shape and (x == y).all() for x, y in zip(xs, ys, strict=True)]
 
 
 def _fuse_args(base="0", ref="1", mode="auto", thr=0.5, start=2, end=4, use_mask=True, keywords=("red", "dog")):
@@ -46,6 +60,22 @@ def test_sample_fuse_refuse_label_undo(app_url):
     assert "removed pair" in c.predict(api_name="/undo")
     assert len(svc.store) == n0
     assert c.predict(api_name="/label_skip") == "skipped"
+
+
+def test_the_fuse_tab_sets_the_mask_form_and_shows_the_mask_it_used(app_url):
+    """Reference-union-base, growth and holding the base outside are Fuse controls (the model's dfusion.json sets
+    their start); the mask shown is the one the fusion used, grown by the dilation."""
+    url, svc = app_url
+    c = gradio_client.Client(url, verbose=False)
+    plain = c.predict(*_fuse_args(), "mean", False, 0, False, api_name="/fuse")
+    assert "reference ∪ base" not in plain[-1] and "held" not in plain[-1]
+    out = c.predict(*_fuse_args(), "mean", True, 1, True, api_name="/fuse")
+    assert "reference ∪ base · base held outside" in out[-1], out[-1]
+    covered = lambda msg: int(re.search(r"mask covers (\d+)%", msg).group(1))
+    assert covered(out[-1]) > covered(plain[-1])  # the union, grown one cell, covers more than the reference's
+    assert svc.default_fusion.hold_outside is False  # the tiny model's dfusion.json names no form: the paper's
+    with pytest.raises(Exception, match="dilate must be 0..16"):
+        c.predict(*_fuse_args(), "mean", True, 40, True, api_name="/fuse")
 
 
 @pytest.mark.parametrize("args,msg", [
@@ -91,9 +121,7 @@ def test_two_clients_do_not_share_state(app_url):
     assert bases == [7, 9]
 
 
-def test_ablation_export_import_and_a_background_fine_tune(app_url, tmp_path):
-    import time
-
+def test_ablation_needs_a_pair_and_the_train_tab_an_algorithm_it_knows(app_url, tmp_path):
     url, svc = app_url
     c = gradio_client.Client(url, verbose=False)
     c.predict("a red dog", api_name="/words")
@@ -104,27 +132,119 @@ def test_ablation_export_import_and_a_background_fine_tune(app_url, tmp_path):
         c.predict(api_name="/label_target")
     gallery, _ = c.predict(api_name="/ablation")
     assert len(gallery) == 10 and "no mask" in gallery[1]["caption"] and gallery[-1]["caption"].startswith("keywords union")
-    assert "exported" in c.predict(str(tmp_path / "exp"), api_name="/export")
-    msg, _ = c.predict(str(tmp_path / "exp"), "", "any", api_name="/import")
-    assert msg.startswith("imported")
     with pytest.raises(Exception, match="not in the list of choices"):
         c.predict("sft", 4, 1e-4, 5000, 3, api_name="/train")
-    assert "started dpo" in c.predict("dpo", 4, 1e-3, 5000, 3, api_name="/train")
+
+
+PLAIN_PAIR = ("60", "61")  # fused with the base weights before any fine-tune exists
+
+
+@pytest.fixture(scope="module")
+def tuning(app_url):
+    """Client A's session labels two pairs and starts a 3-step fine-tune (not waited for); before that, the
+    plain pair PLAIN_PAIR fused with the base weights. (client A, /train's answer, plain images)"""
+    url, _ = app_url
+    a = gradio_client.Client(url, verbose=False)
+    a.predict("a red dog", api_name="/words")
+    plain = _pixels(a.predict(*_fuse_args(*PLAIN_PAIR), api_name="/fuse")[:3])  # base, reference, target
+    for base, ref in (("62", "63"), ("64", "65")):
+        a.predict(*_fuse_args(base, ref), api_name="/fuse")
+        a.predict(api_name="/label_target")
+    return a, a.predict("dpo", 4, 5e-2, 5000, 3, api_name="/train"), plain
+
+
+def _trained(c) -> str:
+    """Wait for client c's fine-tune to finish; the run folder its status line names."""
+    import time
+
     deadline = time.time() + 240
-    while time.time() < deadline:
-        status, frac, _ = c.predict(api_name="/train_status")
-        if not status.startswith("running"):
-            break
-        time.sleep(2)
-    assert status.startswith("done: step 3/3"), status
-    assert "loaded" in c.predict(api_name="/load_trained")
-    assert "+lora:" in svc.model.model_id
-    assert c.predict(*_fuse_args("5", "6"), api_name="/fuse")[-1].startswith("fused in one batched run")  # cache cleared
-    assert c.predict(api_name="/unload_trained").startswith("back to ")
-    assert svc.model.model_id == svc.model_source and not svc.model.pipe.get_list_adapters().get("unet")
-    assert c.predict(*_fuse_args("5", "6"), api_name="/fuse")[-1].startswith("fused in one batched run")  # cache cleared
-    with pytest.raises(Exception, match="no fine-tuned weights are loaded"):
-        c.predict(api_name="/unload_trained")
+    status, progress, _ = c.predict(api_name="/train_status")
+    while time.time() < deadline and status.startswith("running"):
+        time.sleep(1)
+        status, progress, _ = c.predict(api_name="/train_status")
+    assert status.startswith("done: step 3/3") and "weights ready" in status, status
+    assert "100% done" in progress
+    return status.split("run folder ")[1].split(" · ")[0]
+
+
+def test_a_fine_tune_and_its_status_belong_to_the_session_that_started_it(app_url, tuning, monkeypatch):
+    url, svc = app_url
+    a, (msg, status, progress, _), _ = tuning
+    assert msg.startswith("started dpo on ") and f"the run's folder (log, checkpoints, LoRA weights) is {svc.runs_dir.resolve()}" in msg
+    assert status.startswith("running: step 0/3") and "run folder" in status and "<progress" in progress
+    b = gradio_client.Client(url, verbose=False)
+    assert b.predict(api_name="/train_status")[0].startswith("no fine-tune started in this session; runs are written under")
+    with pytest.raises(Exception, match="no fine-tune of this session is running"):
+        b.predict(api_name="/train_cancel")
+    with pytest.raises(Exception, match="no fine-tune of this session to resume"):
+        b.predict(api_name="/train_resume")
+    with pytest.raises(Exception, match="this session's fine-tune is still running"):
+        a.predict("dpo", 4, 1e-3, 5000, 3, api_name="/train")
+    monkeypatch.setattr(svc, "max_jobs", 1)
+    with pytest.raises(Exception, match="the app already runs 1 fine-tune for other sessions"):
+        b.predict("dpo", 4, 1e-3, 5000, 3, api_name="/train")
+    folder = _trained(a)
+    with pytest.raises(Exception, match="no trained weights yet"):
+        b.predict(api_name="/load_trained")
+    assert b.predict(api_name="/train_status")[0].startswith("no fine-tune started in this session")
+    assert folder in a.predict(api_name="/train_status")[0]
+
+
+def test_each_session_fuses_and_labels_with_its_own_weights(app_url, tuning):
+    """After A loads its LoRA, B keeps fusing (and labelling) with the base weights, bit for bit, while A's pair
+    changes; each stored pair names the weights that made it; each weights' cached reference serves only them."""
+    url, svc = app_url
+    a, _, plain = tuning
+    folder = _trained(a)
+    b = gradio_client.Client(url, verbose=False)
+    b.predict("a red dog", api_name="/words")
+    msg, line = a.predict(api_name="/load_trained")
+    assert folder in msg and folder in line and "fine-tuned LoRA" in line
+    out = a.predict(*_fuse_args(*PLAIN_PAIR), api_name="/fuse")
+    assert "one batched run" in out[-1]  # the base weights' cached reference of this pair was not used
+    assert _same(_pixels(out[:3]), plain) == [False] * 3
+    out = b.predict(*_fuse_args(*PLAIN_PAIR, thr=0.4), api_name="/fuse")
+    assert "cache (target branch only)" in out[-1] and _same(_pixels(out[:2]), plain[:2]) == [True] * 2
+    out = a.predict(*_fuse_args(*PLAIN_PAIR, thr=0.4), api_name="/refuse_threshold")
+    assert "cache (target branch only)" in out[-1]  # B's fusion in between evicted nothing of A's
+    svc.cache.clear()  # next: a whole batched run, as the plain pair was (the same rows: the same bits)
+    assert _same(_pixels(b.predict(*_fuse_args(*PLAIN_PAIR), api_name="/fuse")[:3]), plain) == [True] * 3
+    ids = {name: c.predict(api_name="/label_base").split()[2] for name, c in (("a", a), ("b", b))}
+    assert svc.store.get(ids["b"], with_images=False).model_id == svc.model_source
+    assert svc.store.get(ids["a"], with_images=False).model_id == f"{svc.model_source}+lora:{folder}"
+    msg, line = a.predict(api_name="/unload_trained")
+    assert msg.startswith("back to the base weights") and line.startswith("This session computes with the base")
+    svc.cache.clear()
+    assert _same(_pixels(a.predict(*_fuse_args(*PLAIN_PAIR), api_name="/fuse")[:3]), plain) == [True] * 3
+    with pytest.raises(Exception, match="no fine-tuned weights are loaded in this session"):
+        b.predict(api_name="/unload_trained")
+
+
+def test_before_is_the_base_weights_and_after_the_lora_loaded_or_not(app_url, tuning, monkeypatch):
+    """'Before' equals what a base-weights session samples, whether or not A's session fuses with its LoRA;
+    'after' differs; comparing leaves A's weights as they were."""
+    url, svc = app_url
+    a, _, _ = tuning
+    _trained(a)
+    prompts = svc.example_prompts()[:2]
+    monkeypatch.setattr(svc, "example_prompts", lambda: prompts)  # the compared prompts (seeds 0 and 1)
+    b = gradio_client.Client(url, verbose=False)
+    s = svc.default_sampling
+    plain = []
+    for p in prompts:
+        plain += _pixels(b.predict(p, s.num_steps, s.guidance_scale, s.eta, 2, 0, api_name="/sample")[0])
+    a.predict(api_name="/load_trained")
+    for loaded in (True, False):
+        items = a.predict(api_name="/before_after")
+        before = [it for it in items if it["caption"].startswith("before")]
+        after = [it for it in items if it["caption"].startswith("after")]
+        assert len(before) == len(after) == len(plain) == 4
+        assert _same(_pixels(before), plain) == [True] * 4, loaded
+        assert not any(_same(_pixels(after), plain)), loaded
+        if loaded:  # the comparison left the session's LoRA on: unloading it works
+            assert a.predict(api_name="/unload_trained")[0].startswith("back to the base weights")
+    with pytest.raises(Exception, match="no fine-tuned weights are loaded in this session"):
+        a.predict(api_name="/unload_trained")  # nor did it switch the base session to the LoRA
 
 
 def test_dataset_tab_lists_relabels_and_deletes_through_the_service(app_url):
@@ -140,12 +260,48 @@ def test_dataset_tab_lists_relabels_and_deletes_through_the_service(app_url):
     assert msg == f"pair {pid} relabelled 'tie'" and pid not in [r[0] for r in table["data"]]
     assert svc.store.get(pid, with_images=False).label == "tie"
     msg, table, _, _ = c.predict(pid, "", "any", api_name="/delete_pair")
-    assert msg == f"pair {pid} deleted" and pid not in [r[0] for r in table["data"]]
+    assert msg.startswith(f"pair {pid} deleted") and pid not in [r[0] for r in table["data"]]
     for args, name in (((pid, "target", "", "any"), "/relabel"), ((pid, "", "any"), "/delete_pair")):
         with pytest.raises(Exception, match="no pair"):
             c.predict(*args, api_name=name)
     with pytest.raises(Exception, match="click a row first"):
         c.predict("", "", "any", api_name="/delete_pair")
+
+
+def test_dataset_tab_exports_a_download_imports_an_upload_with_a_report_and_undoes_a_delete(app_url, tmp_path):
+    import zipfile
+    from pathlib import Path
+
+    from gradio_client import handle_file
+
+    url, svc = app_url
+    c = gradio_client.Client(url, verbose=False)
+    c.predict("a red dog", api_name="/words")
+    c.predict(*_fuse_args("60", "61"), api_name="/fuse")
+    pid = c.predict(api_name="/label_tie").split()[2]
+    ids = lambda table: [r[0] for r in table["data"]]  # noqa: E731
+    msg, path = c.predict(api_name="/export")  # a download, not a folder on the server
+    n = len(svc.store)
+    assert msg.startswith(f"exported {n} pairs") and path.endswith(".zip")
+    names = zipfile.ZipFile(path).namelist()
+    assert any(f.endswith("/pairs.parquet") for f in names) and any(f.endswith(f"/{pid}.safetensors") for f in names)
+    report, _ = c.predict(handle_file(path), "", "any", api_name="/import")  # the set again: nothing new
+    assert report.startswith(f"imported 0 pairs from {Path(path).name}, skipped {n} (duplicates), 0 failed"), report
+    msg, table, _, _ = c.predict(pid, "", "any", api_name="/delete_pair")
+    assert "Undo delete" in msg and pid not in ids(table)
+    msg, table = c.predict("", "any", api_name="/undo_delete")
+    assert msg == f"pair {pid} restored as 'tie'" and pid in ids(table) and svc.store.get(pid).label == "tie"
+    with pytest.raises(Exception, match="nothing deleted to undo"):
+        c.predict("", "any", api_name="/undo_delete")
+    svc.store.delete(pid)  # gone from the set: the uploaded archive brings it back, reported per index file
+    report, table = c.predict(handle_file(path), "", "any", api_name="/import")
+    assert report.startswith("imported 1 pair from") and "/pairs.jsonl: 1 imported" in report and pid in ids(table)
+    assert len(svc.store) == n
+    bad = tmp_path / "notes.zip"
+    bad.write_text("not an archive")
+    with pytest.raises(Exception, match="neither a folder nor a readable .zip") as shown:
+        c.predict(handle_file(str(bad)), "", "any", api_name="/import")
+    assert "internal error" not in str(shown.value) and len(svc.store) == n
 
 
 @pytest.mark.parametrize("values", [("dpo", 4, 1e-3, 5000, 3), ("traj-dpo", 8, 1e-4, 0.2, 100), ("ddpo", 2, 1e-4, 1, 20)])
@@ -165,7 +321,7 @@ def test_the_train_tab_config_reaches_the_trainer_child_unchanged(sd1, tmp_path,
 
 
 def test_train_tab_refuses_deterministic_pairs_for_trajectory_methods(sd1, tmp_path):
-    from app.service import AppService, UserError
+    from app.service import AppService, Session, UserError
     from dfusion_core.engine.config import SamplingParams
     from dfusion_core.engine.pairs import PairingParams, build_pairs
 
@@ -177,14 +333,14 @@ def test_train_tab_refuses_deterministic_pairs_for_trajectory_methods(sd1, tmp_p
     url, demo = launch_app(svc)
     try:
         with pytest.raises(UserError, match=r"ddpo .*sampled with eta = 0"):
-            svc.train_start(svc.train_config("ddpo", 4, 1e-4, 0.1, 2))
+            svc.train_start(Session(), svc.train_config("ddpo", 4, 1e-4, 0.1, 2))
         with pytest.raises(Exception, match=r"traj-dpo .*sampled with eta = 0") as shown:  # the Train tab's toast
             gradio_client.Client(url, verbose=False).predict("traj-dpo", 4, 1e-4, 0.1, 2, api_name="/train")
         assert "Traceback" not in str(shown.value) and "internal error" not in str(shown.value)
-        assert svc.job is None  # nothing was started
+        assert svc.jobs == {}  # nothing was started
     finally:
-        if svc.job is not None:
-            svc.job.cancel()
+        for job in svc.jobs.values():
+            job.cancel()
         demo.close()
 
 
@@ -256,3 +412,42 @@ def test_a_refused_fusion_is_a_validation_error_naming_the_input_before_any_mode
     with pytest.raises(ValidationError, match=r"- start: .*starts at step 4, after its end"):
         c.predict(*_fuse_args(start=4, end=2), api_name="/refuse_start_step")  # a live control: the same rule
     assert calls == []
+
+
+def test_a_sessions_lora_is_reloaded_when_its_file_changes_and_a_gone_one_is_said(sd1, tmp_path, monkeypatch):
+    """Model calls of a session compute with its LoRA folder's weights as they are on disk: new weights under the
+    same folder make its cached references stale (not served), an adapter dropped for room comes back, a
+    folder gone is a message."""
+    import os
+
+    import numpy as np
+
+    import app.service as service
+    from app.service import AppService, Session, UserError
+    from conftest import write_random_lora
+
+    svc = AppService(sd1, store_dir=tmp_path / "store")
+    monkeypatch.setattr(service, "MAX_ADAPTERS", 1)
+    sampling = svc.sampling(4, 2.0, 1.0)
+    fusion = svc.fusion(4, ["red", "dog"], "auto", 0.5, 2, 4, "mid+up", "smooth", True)
+    mine, other = Session(weights=str(write_random_lora(sd1, tmp_path / "a", 0))), Session()
+    try:
+        first = svc.fuse(mine, "a red dog", 1, 2, sampling, fusion).result
+        assert first.model_id == f"{svc.model_source}+lora:{tmp_path / 'a'}" and not first.from_cache
+        assert svc.fuse(Session(weights=str(write_random_lora(sd1, tmp_path / "b", 1))), "a red dog", 1, 2,
+                        sampling, fusion).result.model_id.endswith("b")  # MAX_ADAPTERS 1: a's adapter went
+        again = svc.fuse(mine, "a red dog", 1, 2, sampling, fusion).result
+        assert again.from_cache and (np.asarray(again.target_image) == np.asarray(first.target_image)).all()
+        stamp = os.stat(tmp_path / "a" / "pytorch_lora_weights.safetensors").st_mtime_ns
+        write_random_lora(sd1, tmp_path / "a", 2)  # a resumed run's later checkpoint, in the same folder
+        os.utime(tmp_path / "a" / "pytorch_lora_weights.safetensors", ns=(stamp + 10**9, stamp + 10**9))
+        new = svc.fuse(mine, "a red dog", 1, 2, sampling, fusion).result
+        assert not new.from_cache and (np.asarray(new.reference_image) != np.asarray(first.reference_image)).any()
+        assert svc.fuse(other, "a red dog", 1, 2, sampling, fusion).result.model_id == svc.model_source
+        (tmp_path / "a" / "pytorch_lora_weights.safetensors").unlink()
+        with pytest.raises(UserError, match="the fine-tuned weights in .* are gone"):
+            svc.fuse(mine, "a red dog", 1, 2, sampling, fusion)
+    finally:
+        for name in list(sd1.lora_folders):  # sd1 is shared by the whole session: hand it back untuned
+            sd1.unload_lora(name)
+        sd1.use_lora(None)

@@ -175,3 +175,45 @@ def test_the_fuse_tab_names_no_winner(fused):
         assert name in page.locator(elem).inner_text()
     classes = [page.locator(f"#label-{lab}").get_attribute("class") for lab in ("target", "base", "tie", "skip")]
     assert len({" ".join(sorted(c.split())) for c in classes}) == 1  # no answer looks like the expected one
+
+
+def test_the_dataset_tab_shows_a_pair_labelled_in_the_fuse_tab_without_refresh_and_undoes_a_delete(fused):
+    page, svc = fused
+    old = _status(page)
+    page.click("#label-tie")
+    pid = _next_status(page, old).split()[2]
+    page.get_by_role("tab", name="Dataset").click()  # the table was drawn when the page opened, before the label
+    row = page.locator("#pairs-table [role=row]", has_text=pid)
+    row.wait_for(timeout=WAIT_MS)
+    row.locator("[role=gridcell]").first.click()  # the row's id goes to the pair id box
+    page.wait_for_function("pid => [...document.querySelectorAll('#dataset-tab textarea, #dataset-tab input')]"
+                           ".some(e => e.value === pid)", arg=pid, timeout=WAIT_MS)
+    page.click("#delete-pair")
+    page.locator("#dataset-status", has_text="Undo delete").wait_for(timeout=WAIT_MS)
+    row.wait_for(state="detached", timeout=WAIT_MS)
+    assert pid not in svc.store.ids()
+    page.click("#undo-delete")
+    page.locator("#dataset-status", has_text="restored as 'tie'").wait_for(timeout=WAIT_MS)
+    row.wait_for(timeout=WAIT_MS)
+    assert svc.store.get(pid, with_images=False).label == "tie"
+    svc.store.delete(pid)
+    page.get_by_role("tab", name="Fuse").click()
+
+
+def test_a_new_page_shows_its_weights_and_its_fine_tunes_state(fused):
+    """A page opened (a new session) names its weights under the header; its Train tab says no fine-tune of
+    this session exists and where runs go, with a progress bar, not a slider."""
+    page, svc = fused
+    context = page.context.browser.new_context()  # the same browser, a new gradio session
+    fresh = context.new_page()
+    try:
+        fresh.goto(page.url)
+        fresh.locator("#session-weights", has_text="computes with the base weights").wait_for(timeout=WAIT_MS)
+        fresh.get_by_role("tab", name="Train").click()
+        status = fresh.locator("#train-status", has_text="no fine-tune started in this session")
+        status.wait_for(timeout=WAIT_MS)
+        assert str(svc.runs_dir.resolve()) in status.inner_text()
+        assert fresh.locator("#train-progress progress").count() == 1
+        assert fresh.locator("#train-progress input[type=range]").count() == 0
+    finally:
+        context.close()

@@ -129,7 +129,7 @@ def _subcommands():
     return sub.choices
 
 
-@pytest.mark.parametrize("command", ["tokens", "sample", "fuse", "build-pairs", "train", "eval", "bench"])
+@pytest.mark.parametrize("command", ["tokens", "sample", "fuse", "build-pairs", "train", "eval", "bench", "import"])
 def test_every_option_has_help_text_and_its_default(capsys, command):
     """Walks `--help` of each subcommand: every option is listed with help text; each option that takes a value
     names its default (the value itself where argparse holds one) unless it is required."""
@@ -156,9 +156,10 @@ def test_every_option_has_help_text_and_its_default(capsys, command):
 
 
 def test_help_states_the_defaults_the_model_really_uses():
-    """--mask-factors said 4 while the shipped model reads its dfusion.json's 1 2; the seed range is the engine's."""
+    """--mask-factors said 4 while the shipped model read its dfusion.json's 1 2: every flag whose field the
+    shipped model's dfusion.json sets to another value says so; the seed range is the engine's."""
     from dfusion_core import cli
-    from dfusion_core.engine.config import MaskParams, SamplingParams, model_defaults
+    from dfusion_core.engine.config import FusionParams, MaskParams, SamplingParams, model_defaults
     from dfusion_core.engine.loading import DEFAULT_MODEL
     from dfusion_core.engine.sampling import MAX_SEED
 
@@ -166,10 +167,17 @@ def test_help_states_the_defaults_the_model_really_uses():
     shipped = model_defaults(DEFAULT_MODEL)
     fuse = _subcommands()["fuse"]
     helps = {a.option_strings[-1]: " ".join(a.help.split()) for a in fuse._actions if a.help}
-    factors = " ".join(map(str, shipped["layer_factors"]))
-    assert f"(default: {' '.join(map(str, MaskParams().layer_factors))}; " in helps["--mask-factors"]
-    assert f"the shipped model's is {factors})" in helps["--mask-factors"]
-    assert f"the shipped model's is {shipped['guidance_scale']})" in helps["--cfg"]
+    fmt = lambda v: " ".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v)
+    flags = {"guidance_scale": "--cfg", "eta": "--eta", "layer_factors": "--mask-factors", "start_step": "--start-step",
+             "layers": "--layers", "union_base": "--union-base", "dilate": "--dilate", "hold_outside": "--hold-outside"}
+    papers = {**vars(SamplingParams()), **vars(MaskParams()), **{k: v for k, v in vars(FusionParams()).items()
+                                                                 if k != "mask"}}
+    stated = 0
+    for field, flag in flags.items():
+        if field in shipped and fmt(shipped[field]) != fmt(papers[field]) and flag in helps:
+            assert f"the shipped model's is {fmt(shipped[field])})" in helps[flag], (flag, helps[flag])
+            stated += 1
+    assert stated >= 2  # the shipped model sets its CFG and eta at least
     assert f"(default: {SamplingParams().num_steps})" in helps["--steps"]
 
 
@@ -232,3 +240,31 @@ def test_fusion_fields_of_a_models_dfusion_json_reach_the_cli_and_flags_override
                                    "--start-step", "4", "--no-mask"])
     _, f = _params(a, model)
     assert (f.start_step, f.use_mask, f.hold_outside) == (4, False, True)
+
+
+def test_import_reports_per_file_and_skips_what_the_store_holds(tmp_path, capsys):
+    """A folder or an archive; the same report the app shows; exit 1 when a pair failed, 2 on a missing source."""
+    import shutil
+
+    from test_preference_store import fake_record
+
+    from dfusion_core.data.preference_store import PreferenceStore
+
+    src = PreferenceStore(tmp_path / "src")
+    for i in (1, 2):
+        src.add(fake_record(i), "base")
+    src.export(tmp_path / "export")
+    store = str(tmp_path / "store")
+    code, out, err = _main(capsys, "import", "--source", str(tmp_path / "export"), "--store", store)
+    assert code == 0 and out.startswith("imported 2 pairs from export, skipped 0") and "- pairs.jsonl: 2 imported" in out
+    archive = shutil.make_archive(str(tmp_path / "set"), "gztar", tmp_path, "export")
+    (tmp_path / "export" / "pair00002.safetensors").write_bytes(b"truncated")
+    code, out, _ = _main(capsys, "import", "--source", archive, "--store", store, "--json")
+    report = json.loads(out)
+    assert code == 0 and (report["imported"], report["skipped"], report["failed"]) == (0, 2, 0)
+    assert report["files"][0]["source"] == "export/pairs.jsonl"
+    code, out, _ = _main(capsys, "import", "--source", str(tmp_path / "export"), "--store", str(tmp_path / "other"))
+    assert code == 1 and "imported 1 pair from export" in out and "failed pair00002: pair00002.safetensors is unreadable" in out
+    code, out, err = _main(capsys, "import", "--source", str(tmp_path / "missing"), "--store", str(tmp_path / "new"))
+    assert code == 2 and out == "" and err.strip() == f"error: {tmp_path / 'missing'} does not exist"
+    assert not (tmp_path / "new").exists()  # no store created for nothing

@@ -3,6 +3,7 @@ import json
 import shutil
 
 import pytest
+from conftest import write_random_lora
 
 from dfusion_core.engine.loading import ModelLoadError, load_model
 
@@ -59,3 +60,38 @@ def test_bf16_on_cpu_loads(pipelines_dir, sd1):
     m = load_model(pipelines_dir / "sd1", device="cpu", dtype="bf16")
     import torch
     assert m.unet.dtype == torch.bfloat16
+
+
+def test_several_loras_stay_loaded_and_each_call_picks_its_weights(pipelines_dir, sd1, tmp_path):
+    """Adapters are kept by name; use_lora switches between them and back to the exact base weights (every
+    adapter off), and model_id always names the weights that compute."""
+    import torch
+
+    from dfusion_core.engine.config import SamplingParams
+    from dfusion_core.engine.sampling import sample
+
+    m = load_model(pipelines_dir / "sd1", device="cpu")  # its own copy: the shared sd1 stays untouched
+    la, lb = write_random_lora(m, tmp_path / "a", 0), write_random_lora(m, tmp_path / "b", 1)
+
+    def final():
+        return sample(m, "a red dog", [3], SamplingParams(num_steps=3)).trajectories[0].final
+
+    base = final()
+    m.load_lora(la, "a")
+    assert m.model_id == f"{m.base_id}+lora:{la}"
+    out_a = final()
+    m.load_lora(lb, "b")
+    out_b = final()
+    assert sorted(m.lora_adapters()) == ["a", "b"] and m.model_id.endswith(str(lb))
+    assert (out_a - base).abs().max() > 1e-3 and (out_b - out_a).abs().max() > 1e-3
+    m.use_lora(None)
+    assert m.model_id == m.base_id and sorted(m.lora_adapters()) == ["a", "b"]
+    assert torch.equal(final(), base)  # base = adapters off, bit for bit
+    m.use_lora("a")
+    assert torch.equal(final(), out_a) and m.model_id.endswith(str(la))
+    with pytest.raises(ValueError, match="no LoRA adapter 'c' is loaded"):
+        m.use_lora("c")
+    assert m.unload_lora("a") and m.model_id == m.base_id  # the active one went: back to the base
+    assert m.unload_lora("b") and not m.unload_lora("b") and m.lora_adapters() == []
+    m.load_lora(la, "a2")  # after the last adapter went, a new one computes (no layer left switched off)
+    assert torch.equal(final(), out_a)

@@ -200,3 +200,16 @@ def test_app_word_buttons_and_cli_show_words_as_typed(sd1, tmp_path):
     assert '"word": "naïve"' in p.stdout  # as typed, not \u-escaped
     assert [(w["word"], w["token_indices"]) for w in json.loads(p.stdout)] == [
         ("a", [1]), ("café", [2]), ("with", [3]), ("naïve", [4, 5, 6]), ("décor", [7, 8])]
+
+
+def test_a_word_early_and_again_past_the_limit_is_found_early(tokenizer, sd3):
+    """Issue 15: 'red' is the second word and comes back past the 77-token limit; the mask uses the early one."""
+    prompt = "a red circle above a blue square " + " ".join(["and a green triangle"] * 20) + " with a red border"
+    words = word_tokens(tokenizer, prompt, warn=False)
+    reds = [w for w in words if w.word == "red"]
+    assert [(w.token_indices, w.truncated) for w in reds] == [((2,), False), ((), True)]
+    assert keyword_token_indices(tokenizer, prompt, ["red", "circle"]) == [(2,), (3,)]
+    assert "red" in default_keywords(tokenizer, prompt) and "border" not in default_keywords(tokenizer, prompt)
+    with pytest.raises(ValueError, match="'border' lies beyond the 77-token limit"):
+        keyword_token_indices(tokenizer, prompt, ["border"])
+    assert sd3.family.token_groups(sd3, prompt, ["red"])[0][0] == 2  # the MMDiT family (CLIP part) agrees

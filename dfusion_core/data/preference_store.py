@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from .atomic import temp_file_is_stale
-from .records import PairRecord, record_from_files, write_record_files
+from .records import PAIR_ID, PairRecord, index_files, record_from_files, write_record_files
+from .sharing import FileReport, ImportReport, index_entries, is_archive, load_pair, pack_zip, pair_folders, unpack
 
 SCHEMA_VERSION = 1
 LABELS = ("target", "base", "tie")  # which image is preferred; 'skip' is not stored
@@ -50,6 +52,15 @@ class PairSummary:
     ref_seed: int
     model_id: str
     scores: dict
+
+
+@dataclass
+class DeletedPair:
+    """A pair as it was before `delete` removed it (files read back, label, first save time): `restore` undoes."""
+
+    record: PairRecord
+    label: str
+    created: float
 
 
 class PreferenceStore:
@@ -93,20 +104,24 @@ class PreferenceStore:
             if stale:
                 f.unlink(missing_ok=True)
 
-    def add(self, rec: PairRecord, label: str) -> str:
-        """Store a pair with its label; re-adding the same pair_id updates its label."""
+    def add(self, rec: PairRecord, label: str, created: float | None = None) -> str:
+        """Store a pair with its label; re-adding the same pair_id updates its label. `created` (default: now)
+        orders the set; `restore` passes the first save's."""
         if label not in LABELS:
             raise ValueError(f"label must be one of {LABELS}, got {label!r}")
         if not rec.pair_id:
             raise ValueError("the pair has no pair_id")
+        if not PAIR_ID.fullmatch(rec.pair_id):
+            raise ValueError(f"pair_id {rec.pair_id!r} is not a plain name (letters, digits, _ and -)")
         write_record_files(rec, self.files)
         meta = rec.meta()
         meta["label"] = label
+        created = time.time() if created is None else created
         with self._connect() as db:
             db.execute("BEGIN IMMEDIATE")
             db.execute("INSERT INTO pairs VALUES (?,?,?,?,?,?,?,?,?) ON CONFLICT(pair_id) DO UPDATE SET "
                        "label = excluded.label, scores = excluded.scores, meta = excluded.meta",
-                       (rec.pair_id, time.time(), rec.prompt, label, rec.base_seed, rec.ref_seed, rec.model_id,
+                       (rec.pair_id, created, rec.prompt, label, rec.base_seed, rec.ref_seed, rec.model_id,
                         json.dumps(rec.scores), json.dumps(meta)))
             db.execute("COMMIT")
         return rec.pair_id
@@ -122,14 +137,30 @@ class PreferenceStore:
             m["label"] = label
             db.execute("UPDATE pairs SET label = ?, meta = ? WHERE pair_id = ?", (label, json.dumps(m), pair_id))
 
-    def delete(self, pair_id: str) -> None:
-        """Remove the row first (the commit point), then its files."""
+    def delete(self, pair_id: str) -> DeletedPair | None:
+        """Remove the row first (the commit point), then its files. Returns the pair as it was, for `restore`
+        (None when its files could not be read back: it is removed all the same)."""
+        with self._connect() as db:
+            row = db.execute("SELECT meta, label, created FROM pairs WHERE pair_id = ?", (pair_id,)).fetchone()
+        if row is None:
+            raise KeyError(f"no pair {pair_id!r} in the store")
+        try:
+            removed = DeletedPair(record_from_files(json.loads(row[0]), self.files), row[1], row[2])
+        except Exception:  # noqa: BLE001 - a damaged pair can still be deleted, without an undo
+            removed = None
         with self._connect() as db:
             cur = db.execute("DELETE FROM pairs WHERE pair_id = ?", (pair_id,))
             if cur.rowcount == 0:
                 raise KeyError(f"no pair {pair_id!r} in the store")
         for f in self.files.glob(f"{pair_id}.*"):
             f.unlink(missing_ok=True)
+        return removed
+
+    def restore(self, removed: DeletedPair) -> str:
+        """Put a deleted pair back with its label and its place in the order; refused if its id is in use again."""
+        if removed.record.pair_id in self.ids():
+            raise ValueError(f"pair {removed.record.pair_id} is in the set again: nothing to restore")
+        return self.add(removed.record, removed.label, created=removed.created)
 
     def ids(self) -> list[str]:
         with self._connect() as db:
@@ -207,13 +238,71 @@ class PreferenceStore:
         pq.write_table(pa.table(cols), out / "pairs.parquet")
         return {"pairs": len(cols["pair_id"]), "out": str(out)}
 
-    def import_pairs(self, source: str | Path) -> int:
-        """Add every pair of a pair folder (an export, or build-pairs output) with its label; returns the count."""
-        from .records import load_pairs
+    def export_archive(self, dest: str | Path) -> dict:
+        """`export` packed into one .zip at `dest` (its top folder named as the archive), written atomically."""
+        dest = Path(dest).expanduser()
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=dest.parent, prefix=".export-") as tmp:
+            folder = Path(tmp) / dest.name.removesuffix(".zip")
+            info = self.export(folder)
+            pack_zip(folder, dest)
+        return {"pairs": info["pairs"], "out": str(dest)}
 
-        n = 0
-        for rec in load_pairs(source):
-            label = rec.label if rec.label in LABELS else "target"
-            self.add(rec, label)
-            n += 1
-        return n
+    def import_pairs(self, source: str | Path) -> ImportReport:
+        """Add the pairs of a pair folder (an export, build-pairs output, or folders holding them) or of a .zip /
+        .tar / .tar.gz of one, with their labels. A pair already in the set, or listed twice, is skipped (the
+        pair id is content-derived: model, prompt, seeds and parameters); a malformed line or a missing or
+        unreadable file fails its pair only. Pairs already in the set are never changed."""
+        src = Path(source).expanduser()
+        if not src.exists():
+            raise ValueError(f"{source} does not exist")
+        if src.is_dir():
+            return self._import_tree(src, ImportReport(str(src)))
+        if not is_archive(src):
+            raise ValueError(f"{src.name} is neither a folder nor a readable .zip, .tar or .tar.gz archive")
+        with tempfile.TemporaryDirectory(prefix="dfusion-import-") as tmp:
+            report = ImportReport(str(src), problems=unpack(src, Path(tmp)))
+            return self._import_tree(Path(tmp), report)
+
+    def _import_tree(self, root: Path, report: ImportReport) -> ImportReport:
+        folders = pair_folders(root)
+        if not folders:
+            why = f" ({report.problems[-1][1]})" if report.problems else ": not an export or a build-pairs folder"
+            raise ValueError(f"{Path(report.source).name} holds no pairs.jsonl{why}")
+        with self._connect() as db:
+            present = dict(db.execute("SELECT pair_id, label FROM pairs").fetchall())
+        first_seen: dict[str, str] = {}
+        for folder in folders:
+            for index in index_files(folder):
+                fr = FileReport(index.relative_to(root).as_posix())
+                report.files.append(fr)
+                for n, meta, why in index_entries(index):
+                    self._import_line(fr, n, meta, why, folder, present, first_seen)
+        return report
+
+    def _import_line(self, fr: FileReport, n: int, meta: dict | None, why: str | None, folder: Path,
+                     present: dict[str, str], first_seen: dict[str, str]) -> None:
+        """One index line into the set, its outcome written to `fr`."""
+        if meta is None:
+            fr.failed.append((f"line {n}", why))
+            return
+        pid, label = meta["pair_id"], meta.get("label", "target")
+        if label not in LABELS:
+            fr.failed.append((pid, f"line {n}: label {label!r} is not one of {', '.join(LABELS)}"))
+        elif pid in first_seen:
+            fr.skipped.append((pid, f"line {n} lists it again (first at {first_seen[pid]})"))
+        elif pid in present:
+            kept = "" if present[pid] == label else f" as '{present[pid]}' (kept; the import says '{label}')"
+            fr.skipped.append((pid, f"already in the set{kept}"))
+        else:
+            rec, why = load_pair(meta, folder)
+            if rec is None:
+                fr.failed.append((pid, why))
+                return
+            try:
+                self.add(rec, label)
+            except OSError as e:
+                fr.failed.append((pid, f"could not be saved ({e})"))
+                return
+            present[pid], first_seen[pid] = label, f"{fr.source} line {n}"
+            fr.imported.append(pid)

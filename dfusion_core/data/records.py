@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,6 +27,8 @@ from .trajectory import Trajectory
 FORMAT_VERSION = 1
 INDEX = "pairs.jsonl"  # the folder's index: a single-process writer's, and rank 0's
 DONE_DIR = "done"  # done/<key>.json: one marker per finished prompt
+IMAGE_ROLES = ("base", "reference", "target")  # <pair_id>.<role>.png, each optional
+PAIR_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")  # a pair id names its files: a plain name, no dots or separators
 
 
 @dataclass
@@ -75,10 +78,15 @@ def record_from_files(meta: dict, d: Path, with_images: bool = True) -> PairReco
     t = load_file(str(d / f"{meta['pair_id']}.safetensors"))
     images = {}
     if with_images:
-        for role in ("base", "reference", "target"):
+        for role in IMAGE_ROLES:
             f = d / f"{meta['pair_id']}.{role}.png"
             if f.is_file():
                 images[role] = Image.open(f).convert("RGB")
+    return record_from_tensors(meta, t, images)
+
+
+def record_from_tensors(meta: dict, t: dict[str, torch.Tensor], images: dict) -> PairRecord:
+    """A PairRecord from its metadata, its safetensors' tensors and its images (KeyError names a missing one)."""
     return PairRecord(prompt=meta["prompt"], base_seed=meta["base_seed"], ref_seed=meta["ref_seed"],
                       scores=meta.get("scores", {}), sampling=meta["sampling"], fusion=meta["fusion"],
                       keywords=meta.get("keywords", []), model_id=meta.get("model_id", ""),

@@ -312,8 +312,10 @@ def _result(model, prompt, plan: _Plan, store, masker, pair, refs, tgt, timg, re
     mh, mw = masker.combined_mask(r, b, first - 1).shape
     masks = torch.zeros(n, mh, mw)
     kw_masks = torch.zeros(len(plan.groups), mh, mw)
-    for k in range(first - 1, last):
-        masks[k] = masker.combined_mask(r, b, k) if fusion.use_mask else 1.0
+    grow = fusion.mask.dilate
+    for k in range(first - 1, last):  # each step's mask as the fusion used it: combined, grown by the dilation
+        m = masker.combined_mask(r, b, k)
+        masks[k] = (resize_mask(m, (mh, mw), "nearest", grow) if grow else m) if fusion.use_mask else 1.0
         kw_masks += threshold_maps(masker.keyword_maps(ROLE_REF, r, k), fusion.mask.threshold_mode,
                                    fusion.mask.threshold).float()
     kw_masks /= (last - first + 1)

@@ -54,6 +54,10 @@ class LoadedModel:
     controller: AttentionController = field(default_factory=AttentionController)
     layer_kinds: dict[str, str] = field(default_factory=dict)  # layer path -> 'self' | 'cross' | 'joint'
     base_id: str = ""  # the folder / hub id of the base weights (model_id adds any LoRA on top)
+    lora_folders: dict[str, str] = field(default_factory=dict)  # loaded LoRA adapter name -> its folder
+
+    def __post_init__(self):
+        self.base_id = self.base_id or self.model_id
 
     @property
     def family(self) -> ModelFamily:
@@ -76,17 +80,38 @@ class LoadedModel:
 
     def load_lora(self, folder: str | Path, name: str) -> None:
         """Put a LoRA folder (diffusers format, e.g. the trainer's output) on the denoiser as adapter `name`,
-        replacing an adapter of that name; model_id then names the weights that compute from now on."""
+        replacing an adapter of that name, and compute with it (use_lora). Other adapters stay loaded."""
         self.unload_lora(name)
         self.pipe.load_lora_weights(str(folder), adapter_name=name)
-        self.model_id = f"{self.base_id}+lora:{folder}"
+        self.lora_folders[name] = str(folder)
+        self.use_lora(name)
+
+    def use_lora(self, name: str | None) -> None:
+        """Compute with adapter `name` alone, or with the base weights (None: every adapter off, none removed).
+        model_id then names the weights that compute: the base id, or `{base_id}+lora:{folder}`. Switching
+        sets a flag on each adapted layer (a few ms), so the app switches before every call of a session."""
+        den = self.denoiser
+        if name is None:
+            if self.lora_folders:
+                den.disable_lora()
+            self.model_id = self.base_id
+            return
+        if name not in self.lora_folders:
+            raise ValueError(f"no LoRA adapter {name!r} is loaded (loaded: {', '.join(self.lora_folders) or 'none'})")
+        den.enable_lora()
+        den.set_adapters([name])
+        self.model_id = f"{self.base_id}+lora:{self.lora_folders[name]}"
 
     def unload_lora(self, name: str) -> bool:
-        """Remove adapter `name` (False if it was not loaded); model_id returns to the base weights."""
+        """Remove adapter `name` (False if it was not loaded); computing with it returns to the base weights."""
         if name not in self.lora_adapters():
             return False
+        if set(self.lora_adapters()) == {name}:
+            self.denoiser.enable_lora()  # the last one: leave no layer switched off for a later adapter
         self.pipe.delete_adapters(name)
-        self.model_id = self.base_id
+        folder = self.lora_folders.pop(name, None)
+        if folder is not None and self.model_id == f"{self.base_id}+lora:{folder}":
+            self.use_lora(None)
         return True
 
     @property
@@ -187,12 +212,51 @@ def _check_folder(path: Path) -> str:
     return cls
 
 
+def _is_shared_encoder_report(record) -> bool:
+    """A transformers load report whose only finding is an unused `text_projection.weight`: a CLIPTextModel read
+    from a CLIPTextModelWithProjection file, as the shipped UNet model reads the text encoder it shares with
+    the default SD3-shaped model (identical weights; the projection is the SD3 model's)."""
+    msg = record.getMessage()
+    if "LOAD REPORT" not in msg:
+        return False
+    rows = [ln for ln in msg.splitlines() if "|" in ln and not ln.startswith(("Key", "-"))]
+    return bool(rows) and all(ln.split("|")[0].strip() == "text_projection.weight" and "UNEXPECTED" in ln
+                              for ln in rows)
+
+
+def _keep_record(record) -> bool:
+    return not _is_shared_encoder_report(record)
+
+
+def _quiet_shared_encoder_reports() -> None:
+    from transformers.utils import logging as tlog
+
+    for handler in tlog._get_library_root_logger().handlers:
+        if _keep_record not in handler.filters:
+            handler.addFilter(_keep_record)
+
+
+def peek_model(model: str | os.PathLike | None = None) -> tuple[str, dict]:
+    """(source, defaults) of what load_model(model) would load, without loading a weight (the app shows its page
+    while the model loads): a folder is checked as load_model checks it (ModelLoadError when missing or
+    unsupported) and its defaults are its family's with its dfusion.json over them. A hub id is not looked up:
+    its defaults are unknown ({}) until it loads."""
+    target = Path(model).expanduser() if model is not None else DEFAULT_MODEL
+    if not (model is None or target.exists() or not _looks_like_hub_id(str(model))):
+        return str(model), {}
+    cls = _check_folder(target)
+    if cls not in SUPPORTED:
+        raise ModelLoadError(f"{target} holds a {cls}; supported: {', '.join(SUPPORTED)}")
+    return str(target), {**FAMILIES[SUPPORTED[cls]].defaults, **model_defaults(target)}
+
+
 def load_model(model: str | os.PathLike | None = None, device: str | None = None,
                dtype: str | torch.dtype | None = None, lora: str | os.PathLike | None = None) -> LoadedModel:
     """Load a StableDiffusionPipeline / StableDiffusionXLPipeline by folder or hub id (None = the default),
     optionally with a LoRA folder written by `python -m dfusion_core train` (or any diffusers LoRA)."""
     from diffusers import DiffusionPipeline
 
+    _quiet_shared_encoder_reports()
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dt = resolve_dtype(dtype, dev)
     if dev.type == "cpu" and dt == torch.float16:
@@ -238,6 +302,8 @@ def load_model(model: str | os.PathLike | None = None, device: str | None = None
     lm = LoadedModel(pipe=pipe, model_id=source_note, kind=kind, device=dev, dtype=dt, defaults=defaults,
                      base_id=source)
     lm.layer_kinds = lm.family.install(denoiser, lm.controller)
+    if lora is not None:  # named, so use_lora can switch it off and on
+        lm.lora_folders = {name: str(lp) for name in lm.lora_adapters()}
     return lm
 
 

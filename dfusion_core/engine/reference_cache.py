@@ -119,3 +119,11 @@ class ReferenceCache:
 
     def clear(self) -> None:
         self._entries.clear()
+
+    def forget(self, model_id: str) -> int:
+        """Drop the entries computed with the weights `model_id` (keys start with it: fusion's cache key), e.g.
+        when a LoRA folder is loaded again with new weights under the same id; entries of other weights stay."""
+        stale = [k for k in self._entries if k[0] == model_id]
+        for k in stale:
+            del self._entries[k]
+        return len(stale)

@@ -22,6 +22,7 @@ class World:
     evaluate: Callable | None = None  # (model, scorer, split, n_prompts, seeds, sampling, **kw) -> report dict
     example_sets: tuple[str, ...] = ()  # prompt-set specs whose first prompts the app offers as examples
     families: tuple[str, ...] = field(default_factory=tuple)
+    explain: Callable | None = None  # (prompt) -> list[str]: why the world's models cannot draw it ([] = they can)
 
 
 WORLDS: dict[str, World] = {}
@@ -36,3 +37,12 @@ def register_world(world: World) -> World:
 def world_of(defaults: dict) -> World | None:
     """The world a model was trained on (its dfusion.json "world"), if that world is registered."""
     return WORLDS.get(defaults.get("world")) if defaults else None
+
+
+def explain_prompt(defaults: dict, prompt: str) -> list[str]:
+    """Why a model trained on a world cannot draw `prompt` (words outside its vocabulary, a sentence outside its
+    grammar), one message each; [] when it can, or when the model names no world or its world has no grammar."""
+    world = world_of(defaults)
+    if world is None or world.explain is None:
+        return []
+    return list(world.explain(prompt))

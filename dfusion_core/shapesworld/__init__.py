@@ -41,6 +41,13 @@ def _evaluate(*args, **kwargs):
     return evaluate(*args, **kwargs)
 
 
+def explain_prompt(prompt: str) -> list[str]:
+    """Why ShapesWorld's models cannot draw the prompt (words outside the vocabulary, not a caption); [] if they can."""
+    from .world import explain_prompt as explain
+
+    return explain(prompt)
+
+
 register_world(World("shapesworld", shapesworld_prompts, check_images, _evaluate,
                      example_sets=("shapesworld:attribute:test", "shapesworld:spatial:test", "shapesworld:action:test"),
-                     families=("action", "attribute", "spatial")))
+                     families=("action", "attribute", "spatial"), explain=explain_prompt))

@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import random
+import re
 from dataclasses import dataclass
 
 # name -> sRGB; chosen at least 100 apart in RGB so nearest-palette segmentation is unambiguous.
@@ -179,6 +180,33 @@ def parse_prompt(text: str) -> PromptSpec | None:
     """The PromptSpec whose caption is exactly `text` (normalised), or None outside the grammar."""
     norm = " ".join(text.lower().strip().rstrip(".").split())
     return _caption_index().get(norm)
+
+
+def vocabulary() -> frozenset[str]:
+    """Every word a ShapesWorld caption uses."""
+    words = {"a", "the", "and", *COLOURS, *SHAPES, *TEXTURES}
+    for phrase in RELATIONS + ACTIONS:
+        words.update(phrase.split())
+    return frozenset(words)
+
+
+def explain_prompt(text: str) -> list[str]:
+    """Why a ShapesWorld model cannot draw `text`: its words outside the vocabulary, else that it is not one of
+    the grammar's captions; [] for a caption of the grammar (what parse_prompt reads)."""
+    if parse_prompt(text) is not None:
+        return []
+    words = re.findall(r"[^\W_]+(?:['-][^\W_]+)*", text.lower())
+    unknown = list(dict.fromkeys(w for w in words if w not in vocabulary()))
+    forms = ("'a red circle', 'a red and striped circle', 'the red circle above the blue square', "
+             "'a red circle containing a blue square' (two objects differ in colour)")
+    if unknown:
+        shown = ", ".join(f"'{w}'" for w in unknown[:6]) + (" ..." if len(unknown) > 6 else "")
+        return [f"outside ShapesWorld's vocabulary: {shown}. The model knows the colours {', '.join(COLOURS)}; "
+                f"the shapes {', '.join(SHAPES)}; the textures {', '.join(TEXTURES)}; the relations "
+                f"{', '.join(RELATIONS + ACTIONS)}. It draws captions like {forms}; the checker cannot judge "
+                "other prompts and the scores say little about them"]
+    return [f"not a ShapesWorld caption (every word is known, the sentence is not one the model was trained on): "
+            f"it draws captions like {forms}; the checker cannot judge other prompts and the scores say little"]
 
 
 _INDEX: dict[str, PromptSpec] | None = None
