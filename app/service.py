@@ -24,7 +24,7 @@ from dfusion_core.engine.worlds import explain_prompt, world_of
 from dfusion_core.worlds import discover as discover_worlds
 from dfusion_core.engine.config import (FUSION_LAYER_PRESETS, FusionParams, MaskParams, SamplingParams,
                                         apply_model_defaults, fusion_defaults)
-from dfusion_core.engine.fusion import FusionResult, fuse
+from dfusion_core.engine.fusion import FusionResult, finish_log_probs, fuse
 from dfusion_core.engine.loading import LoadedModel, load_model, peek_model
 from dfusion_core.engine.pairs import record_from_result
 from dfusion_core.data.preference_store import LABELS, PreferenceStore
@@ -440,7 +440,8 @@ class AppService:
         try:
             res = self._run(session, fuse, self.model, prompt, b, r, sampling, fusion,
                             base=cand.trajectory if cand else None, cache=self.cache,
-                            base_image=cand.image if cand else None, previous=session.result)
+                            base_image=cand.image if cand else None, previous=session.result,
+                            exact_log_probs=False)  # a held target's log-probs: recomputed when it is labelled
         except ValueError as e:
             raise UserError(str(e)) from None
         if not same:
@@ -516,6 +517,10 @@ class AppService:
             return "skipped"
         if label not in LABELS:
             raise UserError(f"unknown label {label!r}")
+        try:  # a target held outside its mask gets its exact log-probs now, under the weights that fused it
+            self._run(session, finish_log_probs, self.model, session.result)
+        except ValueError as e:
+            raise UserError(str(e)) from None
         rec = record_from_result(session.result, session.result.model_id or self.model_source, session.scores)
         previous = None
         if rec.pair_id in self.store.ids():

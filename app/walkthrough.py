@@ -16,6 +16,19 @@ def chromium_path() -> str | None:
     return shutil.which("chromium") or shutil.which("chromium-browser")
 
 
+def status_text(page) -> str:
+    """The Fuse tab's status line as shown."""
+    return page.locator("#status [data-testid=markdown]").inner_text().strip()
+
+
+def next_status(page, old: str, timeout_ms: int) -> str:
+    """Wait for the status line to change from `old` (a fusion, a label or an undo answered); the new line."""
+    page.wait_for_function("old => { const e = document.querySelector('#status [data-testid=markdown]');"
+                           " const t = e ? e.innerText.trim() : ''; return t && t !== old; }", arg=old,
+                           timeout=timeout_ms)
+    return status_text(page)
+
+
 def open_and_fuse(p, url: str, prompt: str, word: str, timeout_ms: int):
     """Open the app in a new headless chromium (a sync_playwright handle `p`), type the prompt, wait for its word
     `word`, sample candidates and fuse the suggested pair. Returns (browser, page)."""

@@ -1,6 +1,7 @@
 """Shared fixtures: tiny random pipelines of each supported shape, saved and loaded back like real ones."""
 import os
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -97,3 +98,22 @@ def write_random_lora(model, folder, seed: int, rank: int = 4, scale: float = 0.
     folder.mkdir(parents=True, exist_ok=True)
     save_file(state, str(folder / "pytorch_lora_weights.safetensors"))
     return folder
+
+
+@contextmanager
+def fused_page(svc, wait_ms: int, prompt: str = "a red dog", word: str = "dog"):
+    """A chromium page on the app of `svc` with `prompt` sampled and fused once (word's heatmap shown)."""
+    from playwright.sync_api import sync_playwright
+
+    from app.walkthrough import open_and_fuse
+
+    url, demo = launch_app(svc)
+    try:
+        with sync_playwright() as p:
+            browser, page = open_and_fuse(p, url, prompt, word, wait_ms)
+            try:
+                yield page
+            finally:
+                browser.close()
+    finally:
+        demo.close()

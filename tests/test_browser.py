@@ -6,10 +6,10 @@ import re
 from pathlib import Path
 
 import pytest
-from conftest import launch_app
+from conftest import fused_page, launch_app
 
 pytest.importorskip("playwright.sync_api")
-from app.walkthrough import chromium_path, walk  # noqa: E402
+from app.walkthrough import chromium_path, next_status, status_text, walk  # noqa: E402
 
 pytestmark = pytest.mark.skipif(chromium_path() is None, reason="Debian chromium is not installed (.ci/run installs it)")
 
@@ -40,29 +40,20 @@ WAIT_MS = 180_000  # a re-fusion can take seconds on a loaded CPU
 @pytest.fixture(scope="module")
 def fused(sd1, tmp_path_factory):
     """A page (on its own app and store) with 'a red dog' sampled and fused once: (page, service)."""
-    from playwright.sync_api import sync_playwright
-
     from app.service import AppService
-    from app.walkthrough import open_and_fuse
 
     svc = AppService(sd1, store_dir=tmp_path_factory.mktemp("store"))
-    url, demo = launch_app(svc)
-    with sync_playwright() as p:
-        browser, page = open_and_fuse(p, url, "a red dog", "dog", WAIT_MS)
+    with fused_page(svc, WAIT_MS) as page:
         yield page, svc
-        browser.close()
-    demo.close()
 
 
 def _status(page) -> str:
-    return page.locator("#status [data-testid=markdown]").inner_text().strip()
+    return status_text(page)
 
 
 def _next_status(page, old: str) -> str:
     """Wait for the status line to change from `old` (a fusion, a label or an undo answered)."""
-    page.wait_for_function("old => { const e = document.querySelector('#status [data-testid=markdown]');"
-                           " const t = e ? e.innerText.trim() : ''; return t && t !== old; }", arg=old, timeout=WAIT_MS)
-    return _status(page)
+    return next_status(page, old, WAIT_MS)
 
 
 def _coverage(status: str) -> float:

@@ -2,10 +2,10 @@
 before the model, prompts the model cannot draw, the gallery marking the pair, panels that follow each fusion,
 sliders moved with the keyboard, the ablation grid's layout, no absolute path in the title."""
 import pytest
-from conftest import launch_app
+from conftest import fused_page, launch_app
 
 pytest.importorskip("playwright.sync_api")
-from app.walkthrough import chromium_path  # noqa: E402
+from app.walkthrough import chromium_path, next_status, status_text  # noqa: E402
 
 pytestmark = pytest.mark.skipif(chromium_path() is None, reason="Debian chromium is not installed (.ci/run installs it)")
 WAIT_MS = 180_000
@@ -13,13 +13,12 @@ LONG = "a red circle above a blue square " + " ".join(["and a green triangle"] *
 
 
 def _status(page) -> str:
-    return page.locator("#status [data-testid=markdown]").inner_text().strip()
+    return status_text(page)
 
 
 def _next_status(page, old: str) -> str:
-    page.wait_for_function("old => { const e = document.querySelector('#status [data-testid=markdown]');"
-                           " const t = e ? e.innerText.trim() : ''; return t && t !== old; }", arg=old, timeout=WAIT_MS)
-    return _status(page)
+    """Wait for the status line to change from `old` (a fusion, a label or an undo answered)."""
+    return next_status(page, old, WAIT_MS)
 
 
 def _captions(page) -> list[str]:
@@ -37,19 +36,12 @@ def _sample(page) -> None:
 @pytest.fixture(scope="module")
 def fused(sd1, tmp_path_factory):
     """A page on a model trained (so its dfusion.json would say) on ShapesWorld, 'a red dog' sampled and fused."""
-    from playwright.sync_api import sync_playwright
-
     from app.service import AppService
-    from app.walkthrough import open_and_fuse
 
     svc = AppService(sd1, store_dir=tmp_path_factory.mktemp("store"))
     svc.model_defaults = {**svc.model_defaults, "world": "shapesworld"}
-    url, demo = launch_app(svc)
-    with sync_playwright() as p:
-        browser, page = open_and_fuse(p, url, "a red dog", "dog", WAIT_MS)
+    with fused_page(svc, WAIT_MS) as page:
         yield page, svc
-        browser.close()
-    demo.close()
 
 
 def test_the_page_is_served_before_the_model_and_says_it_is_loading(sd1, pipelines_dir, tmp_path):

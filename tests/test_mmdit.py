@@ -198,6 +198,27 @@ def test_holding_the_base_outside_the_mask_keeps_the_base_there(sd3):
     torch.testing.assert_close(res.target.log_probs, recompute_log_probs(sd3, "a red dog", res.target, SP))
 
 
+def test_a_live_fusion_defers_a_held_targets_log_probs_and_storing_makes_them_exact(sd3):
+    """exact_log_probs=False (the app's live controls): same images, log-probs flagged as the fused sampler's;
+    a record refuses them until finish_log_probs recomputes them, which gives fuse's exact ones."""
+    from dfusion_core.engine.fusion import finish_log_probs
+    from dfusion_core.engine.pairs import record_from_result
+
+    fp = FusionParams(start_step=1, layers="all", hold_outside=True, mask=MaskParams(keywords=("dog",), dilate=1))
+    exact = fuse(sd3, "a red dog", 1, 2, SP, fp)
+    live = fuse(sd3, "a red dog", 1, 2, SP, fp, exact_log_probs=False)
+    assert exact.log_probs_exact and not live.log_probs_exact
+    torch.testing.assert_close(live.target.latents, exact.target.latents)
+    assert not torch.allclose(live.target.log_probs, exact.target.log_probs)
+    with pytest.raises(ValueError, match="finish_log_probs"):
+        record_from_result(live, sd3.model_id, {})
+    finish_log_probs(sd3, live)
+    torch.testing.assert_close(live.target.log_probs, exact.target.log_probs)
+    assert record_from_result(live, sd3.model_id, {}).target is live.target
+    unheld = fuse(sd3, "a red dog", 1, 2, SP, FusionParams(start_step=1, mask=fp.mask), exact_log_probs=False)
+    assert unheld.log_probs_exact  # nothing held: the sampler's log-probs are the model's
+
+
 def test_text_softmax_maps_are_a_fusion_option_and_a_cache_key(sd3):
     from dfusion_core.engine.reference_cache import ReferenceCache
 

@@ -57,7 +57,7 @@ def run_ablation(model: LoadedModel, prompt: str, base_seed: int, ref_seed: int,
     n = sampling.num_steps
     ref_run = fuse(model, prompt, base_seed, ref_seed, sampling, replace(fusion, start_step=3 if n >= 3 else 1,
                                                                           end_step=n, use_mask=True),
-                   base=base, cache=cache, base_image=base_image)
+                   base=base, cache=cache, base_image=base_image, exact_log_probs=False)  # images only
     base = ref_run.base
     inside = mask_region(ref_run.masks, 3 if n >= 3 else 1, n, ref_run.base_image.size[::-1])
     variants = []
@@ -74,7 +74,7 @@ def run_ablation(model: LoadedModel, prompt: str, base_seed: int, ref_seed: int,
     cells = []
     for label, f in variants:
         r = fuse(model, prompt, base_seed, ref_seed, sampling, f, base=base, cache=cache, base_image=ref_run.base_image,
-                 previous=ref_run)  # cells differing from it only in the end step reuse its leading steps
+                 previous=ref_run, exact_log_probs=False)  # cells differing only in the end step reuse its steps
         cells.append(AblationCell(label, f, r.target_image, *change_inside_outside(r.target_image, ref_run.base_image,
                                                                                    inside)))
     if scorer is not None:

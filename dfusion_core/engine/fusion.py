@@ -48,6 +48,9 @@ class FusionResult:
     from_cache: bool = False  # the reference came from the cache (target branch only)
     model_id: str = ""  # the weights it was computed with (a later LoRA makes it stale)
     steps_reused: int = 0  # target steps taken from a previous result instead of computed
+    # False: the target was held outside its mask and its log-probs are still the fused sampler's, not yet
+    # recomputed under the plain model (fuse(..., exact_log_probs=False); finish_log_probs makes them exact)
+    log_probs_exact: bool = True
 
     @property
     def mask_coverage(self) -> float:
@@ -249,12 +252,15 @@ def _hold_outside(plan: _Plan, masker: FusionMasker, replayed: dict[int, Stream]
 def fuse_batch(model: LoadedModel, prompt: str, pairs: list[tuple[int, int]], sampling: SamplingParams | None = None,
                fusion: FusionParams | None = None, bases: dict[int, Trajectory] | None = None,
                cache: ReferenceCache | None = None, base_images: dict | None = None,
-               previous: dict[tuple[int, int], FusionResult] | None = None) -> list[FusionResult]:
+               previous: dict[tuple[int, int], FusionResult] | None = None,
+               exact_log_probs: bool = True) -> list[FusionResult]:
     """Fuse several (base_seed, ref_seed) pairs of one prompt in one batched run: plan, run, assemble.
 
     bases / base_images: trajectories and images of bases already sampled (not replayed, not re-decoded).
     previous: earlier results of these pairs; on a cached run the steps a target shares with its previous
     result (same everything but the end step) are taken from it, not computed.
+    exact_log_probs=False: a target held outside its mask keeps the fused sampler's log-probs (flagged), for a
+    view that shows images only (the app's live controls); finish_log_probs recomputes them before storing.
     """
     plan = plan_fusion(model, prompt, pairs, sampling, fusion, bases, cache, previous)
     streams, trajs, store, masker = run_fusion(model, prompt, plan, cache, previous)
@@ -263,14 +269,29 @@ def fuse_batch(model: LoadedModel, prompt: str, pairs: list[tuple[int, int]], sa
     for b in plan.replay_bases:
         plan.bases.setdefault(b, by_role[(ROLE_BASE, b)])
     targets = [by_role[(ROLE_TARGET, pair)] for pair in plan.pairs]
-    if plan.fusion.hold_outside and plan.fusion.use_mask:  # the held latents are not the sampler's draws
+    held = plan.fusion.hold_outside and plan.fusion.use_mask  # the held latents are not the sampler's draws
+    if held and exact_log_probs:
         for t in targets:
             t.log_probs = recompute_log_probs(model, prompt, t, plan.sampling)
     ref_images, base_images, target_images = _decode_new(model, plan, refs, targets, dict(base_images or {}))
     if cache is not None and not plan.from_cache:
         _cache_references(model, prompt, plan, cache, store, refs, ref_images, base_images)
-    return [_result(model, prompt, plan, store, masker, pair, refs, tgt, timg, ref_images, base_images)
-            for pair, tgt, timg in zip(plan.pairs, targets, target_images)]
+    results = [_result(model, prompt, plan, store, masker, pair, refs, tgt, timg, ref_images, base_images)
+               for pair, tgt, timg in zip(plan.pairs, targets, target_images)]
+    for res in results:
+        res.log_probs_exact = exact_log_probs or not held
+    return results
+
+
+def finish_log_probs(model: LoadedModel, res: FusionResult) -> FusionResult:
+    """Make a result's target log-probs exact (recomputed under the plain model, as fuse does by default) when
+    fuse ran with exact_log_probs=False; `model` must carry the weights the result was fused with."""
+    if not res.log_probs_exact:
+        if model.model_id != res.model_id:
+            raise ValueError(f"the pair was fused with {res.model_id}, not {model.model_id}: fuse it again")
+        res.target.log_probs = recompute_log_probs(model, res.prompt, res.target, res.sampling)
+        res.log_probs_exact = True
+    return res
 
 
 def _decode_new(model, plan: _Plan, refs, targets, base_images):
@@ -339,13 +360,15 @@ def _substore(store: ReferenceStore, ref: int, base_seeds: list[int]) -> Referen
 
 def fuse(model: LoadedModel, prompt: str, base_seed: int, ref_seed: int, sampling: SamplingParams | None = None,
          fusion: FusionParams | None = None, base: Trajectory | None = None,
-         cache: ReferenceCache | None = None, base_image=None, previous: FusionResult | None = None) -> FusionResult:
+         cache: ReferenceCache | None = None, base_image=None, previous: FusionResult | None = None,
+         exact_log_probs: bool = True) -> FusionResult:
     """Fuse one pair: the target starts from base_seed and borrows from the reference drawn with ref_seed.
     previous: this pair's last result, whose leading steps a new end step can reuse (with a cache)."""
     bases = {base_seed: base} if base is not None else None
     images = {base_seed: base_image} if base is not None and base_image is not None else None
     prev = {(base_seed, ref_seed): previous} if previous is not None else None
-    return fuse_batch(model, prompt, [(base_seed, ref_seed)], sampling, fusion, bases, cache, images, prev)[0]
+    return fuse_batch(model, prompt, [(base_seed, ref_seed)], sampling, fusion, bases, cache, images, prev,
+                      exact_log_probs)[0]
 
 
 @dataclass

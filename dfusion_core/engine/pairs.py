@@ -90,6 +90,8 @@ def choose_pairs(seeds: list[int], scores: np.ndarray, params: PairingParams) ->
 
 
 def record_from_result(res: FusionResult, model_id: str, scores: dict) -> PairRecord:
+    if not res.log_probs_exact:  # a stored trajectory's log-probs must be those of the model it trains
+        raise ValueError("the target's log-probs are the fused sampler's: call fusion.finish_log_probs first")
     pid = hashlib.sha256(f"{model_id}|{res.prompt}|{res.base_seed}|{res.ref_seed}|{res.fusion}|{res.sampling}"
                          .encode()).hexdigest()[:16]
     return PairRecord(prompt=res.prompt, base_seed=res.base_seed, ref_seed=res.ref_seed, scores=scores,
