@@ -156,8 +156,16 @@ def test_evaluation_and_model_card_run_end_to_end(sd1, tmp_path):
     log = tmp_path / "more.jsonl"
     log.write_text('{"stage": "unet", "step": 2500, "loss": 0.1}\n')
     text = card(ev, {"images": 10, "accept_true": 1.0, "accept_perturbed": 0.0}, None, log, log,
-                prior_unet_steps=4500, vae_steps=1200)
+                prior_unet_steps=4500, vae_steps=1200, model_dir=tmp_path)  # a folder without transformer/: a UNet
     assert "trained 7,000 (4,500 + 2,500 continued) steps" in text and "trained 1200 steps" in text
+    row = {"pairs": 24, "accept": 0.5, "keep": 0.2, "moved": 0.6}
+    fusion = {"candidates": 16, "table": {"default": {"spatial": row, "all": row},
+                                          "global_from_step1": {"all": {**row, "keep": None, "moved": 0.7}}}}
+    text = card(ev, {"images": 10, "accept_true": 1.0, "accept_perturbed": 0.0}, None, log, log, fusion=fusion)
+    assert "| default | spatial | 24 | 0.50 | 0.20 | 0.60 |" in text
+    assert "| default fusion: checker accepts >= 60% of targets on >= 40 pairs | 0.50 on 24 pairs | **not met** |" in text
+    assert "| default fusion keeps the base outside the mask: keep <= 1/3 | 0.200 | met |" in text
+    assert "global swap from step 1 moves the target >= 50% of the way | 0.70 | met |" in text
     json.dumps({k: v for k, v in ev.items() if k != "rows"})  # the summary is plain JSON
     assert auroc([0.9, 0.8], [0.1, 0.2]) == 1.0 and auroc([0.5], [0.5]) == 0.5
     lo, hi = wilson(5, 10)
@@ -165,17 +173,21 @@ def test_evaluation_and_model_card_run_end_to_end(sd1, tmp_path):
 
 
 def test_shipped_pipeline_and_scorer_load_offline_and_work():
-    """The embedded default: a StableDiffusionPipeline folder and an OpenCLIP folder, loaded without network."""
-    from diffusers import StableDiffusionPipeline
+    """The embedded default: an SD3-shaped StableDiffusion3Pipeline folder (its second text encoder a link to the
+    first) and an OpenCLIP folder, loaded without network; the UNet model beside it shares its text encoder."""
+    from diffusers import StableDiffusion3Pipeline, StableDiffusionPipeline
 
-    from dfusion_core.engine.loading import DEFAULT_MODEL, load_model
+    from dfusion_core.engine.loading import ASSETS, DEFAULT_MODEL, load_model
     from dfusion_core.engine.sampling import sample
     from dfusion_core.engine.scoring import make_scorer
     from dfusion_core.shapesworld.world import parse_prompt
 
-    pipe = StableDiffusionPipeline.from_pretrained(DEFAULT_MODEL)  # stock diffusers reads it as it is
-    assert pipe.unet.config.sample_size >= 16 and pipe.scheduler.config.prediction_type == "v_prediction"
+    # stock diffusers reads it as any SD3 folder without T5
+    pipe = StableDiffusion3Pipeline.from_pretrained(DEFAULT_MODEL, text_encoder_3=None, tokenizer_3=None)
+    assert pipe.text_encoder_2 is not None and (DEFAULT_MODEL / "text_encoder_2").is_symlink()
+    assert pipe.transformer.config.patch_size == 2 and pipe.text_encoder_3 is None
     model = load_model(device="cpu")
+    assert model.kind == "sd3" and model.defaults["world_version"] == 2
     prompt = "the red circle above the blue square"
     res = sample(model, prompt, [0, 1, 2, 3])
     assert res.images[0].size == (64, 64) and np.asarray(res.images[0]).std() > 5  # a picture, not a flat field
@@ -186,6 +198,22 @@ def test_shipped_pipeline_and_scorer_load_offline_and_work():
     spec = parse_prompt(prompt)
     found = [check(np.asarray(im), spec).objects_found for im in res.images]
     assert sum(found) >= 1  # the checker parses generated scenes (rates per family: assets/MODEL_CARD.md)
+    unet = StableDiffusionPipeline.from_pretrained(ASSETS / "shapesworld-unet")
+    assert unet.scheduler.config.prediction_type == "v_prediction"
+    assert (ASSETS / "shapesworld-unet" / "text_encoder").resolve() == (DEFAULT_MODEL / "text_encoder").resolve()
+
+
+def test_twin_folders_become_one_folder_and_a_link(tmp_path):
+    from dfusion_core.shapesworld.train_mmdit import link_twin_folders
+
+    for name, text in (("text_encoder", "w"), ("text_encoder_2", "w"), ("tokenizer", "a"), ("tokenizer_2", "b")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "f.json").write_text(text)
+    link_twin_folders(tmp_path)
+    assert (tmp_path / "text_encoder_2").is_symlink() and (tmp_path / "text_encoder_2" / "f.json").read_text() == "w"
+    assert not (tmp_path / "tokenizer_2").is_symlink()  # different files stay two folders
+    link_twin_folders(tmp_path)  # idempotent
+    assert (tmp_path / "text_encoder_2").is_symlink()
 
 
 def test_retrain_installs_a_folder_atomically(tmp_path):
@@ -198,6 +226,8 @@ def test_retrain_installs_a_folder_atomically(tmp_path):
     assert [p.name for p in dest.iterdir()] == ["a.txt"] and not (tmp_path / "dest.old").exists()
     with pytest.raises(SystemExit):
         main(["--stages", "generator,bogus"])
+    with pytest.raises(SystemExit):
+        main(["--world-version", "3", "--stages", "card"])
 
 
 def test_fusion_transfer_metrics_on_known_images():

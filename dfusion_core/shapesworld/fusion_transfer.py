@@ -9,15 +9,15 @@ pair is fused under several fusion forms; per family and form the table gives:
   * keep: |target - base| outside the fusion mask / |reference - base| there (the base kept where the mask
     is not; the floor is <= 1/3);
   * moved: 1 - |target - reference| / |base - reference| over the whole image (how far the target went).
-The mask is the one the fusion used: its per-step masks averaged over the fused steps, > 0.5, grown by the
-mask's dilation, upsampled (nearest).
+The mask is the one the fusion used: its per-step masks (grown by the dilation) averaged over the fused steps,
+> 0.5, upsampled (nearest).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import sys
-from dataclasses import replace
+from dataclasses import asdict, replace
 
 import numpy as np
 import torch
@@ -32,13 +32,20 @@ from .world import FAMILIES, prompt_list
 
 
 def fusion_forms(defaults: dict, mask: MaskParams) -> dict[str, FusionParams]:
-    """The forms compared: the model's default, reference-union-base (dilated one cell) with and without the
-    base held outside the mask, the reference-only mask, and a global swap from step 1."""
+    """The forms compared: the model's default; the reference-only mask; reference-union-base (dilated one
+    cell) with and without the base's latents held outside the mask, held with a hard (nearest) mask, from
+    step 3, dilated two cells (held softly, hard, from step 3); and a global swap from step 1 (how far fusion can move a target at all)."""
     union = replace(mask, union_base=True, dilate=1)
+    held = FusionParams(start_step=1, layers="all", hold_outside=True, mask=union)
     return {"default": fusion_defaults(defaults, mask),
             "reference_only": FusionParams(start_step=1, layers="all", mask=replace(mask, union_base=False)),
             "union_base_dilated": FusionParams(start_step=1, layers="all", mask=union),
-            "union_base_dilated_held": FusionParams(start_step=1, layers="all", hold_outside=True, mask=union),
+            "union_base_dilated_held": held,
+            "union_base_dilated_held_nearest": replace(held, mask=replace(union, resize="nearest")),
+            "union_base_dilated_held_from3": replace(held, start_step=3),
+            "union_base_dilated2_held": replace(held, mask=replace(union, dilate=2)),
+            "union_base_dilated2_held_nearest": replace(held, mask=replace(union, dilate=2, resize="nearest")),
+            "union_base_dilated2_held_from3": replace(held, start_step=3, mask=replace(union, dilate=2)),
             "global_from_step1": FusionParams(start_step=1, layers="all", use_mask=False, mask=mask)}
 
 
@@ -47,10 +54,10 @@ def _pixels(im) -> np.ndarray:
 
 
 def _pixel_mask(res, size: int) -> np.ndarray:
-    """The region the fusion used: the fused steps' masks (> 0.5 on average), grown by the mask's dilation."""
+    """The region the fusion used: the fused steps' masks (already grown by the dilation), > 0.5 on average."""
     first, last = res.fusion.step_range(res.sampling.num_steps)
     m = (res.masks[first - 1:last].mean(0) > 0.5).float()
-    return (resize_mask(m, (size, size), "nearest", res.fusion.mask.dilate) > 0.5).numpy()
+    return (resize_mask(m, (size, size), "nearest") > 0.5).numpy()
 
 
 def pair_metrics(res, prompt: str) -> dict:
@@ -73,31 +80,43 @@ def ground_truth_pairs(model: LoadedModel, prompt: str, seeds: list[int], sampli
     return pairs, bases, images, sum(ok) / len(ok)
 
 
-def run(model: LoadedModel, n_prompts: int, n_candidates: int, per_prompt: int, seed: int = 0) -> dict:
+def run(model: LoadedModel, n_prompts: int, n_candidates: int, per_prompt: int, seed: int = 0,
+        forms: list[str] | None = None) -> dict:
     sampling, mask = apply_model_defaults(model.defaults, SamplingParams(), MaskParams())
-    forms = fusion_forms(model.defaults, mask)
+    every = fusion_forms(model.defaults, mask)
+    unknown = set(forms or ()) - set(every)
+    if unknown:
+        raise ValueError(f"unknown fusion form(s) {sorted(unknown)}; choose from {', '.join(every)}")
+    forms = {k: v for k, v in every.items() if not forms or k in forms}
     rows = []
     for family in FAMILIES:
         for spec in prompt_list(family, "train", n=n_prompts, seed=seed):
             seeds = list(range(seed * 1000, seed * 1000 + n_candidates))
             pairs, bases, images, acc = ground_truth_pairs(model, spec.text, seeds, sampling, per_prompt)
             print(f"{family}: {spec.text!r}: accuracy {acc:.2f}, {len(pairs)} pairs", file=sys.stderr, flush=True)
+            done: dict = {}  # a form equal to one already run (e.g. the default) reuses its metrics
             for name, fp in forms.items():
                 if not pairs:
                     continue
-                for res in fuse_batch(model, spec.text, pairs, sampling, fp, bases=bases, base_images=images):
-                    rows.append({"family": family, "form": name, "prompt": spec.text, **pair_metrics(res, spec.text)})
-    return {"model": model.model_id, "rows": rows, "table": summarise(rows)}
+                if fp not in done:
+                    done[fp] = [pair_metrics(res, spec.text) for res in
+                                fuse_batch(model, spec.text, pairs, sampling, fp, bases=bases, base_images=images)]
+                rows += [{"family": family, "form": name, "prompt": spec.text, **m} for m in done[fp]]
+    return {"model": model.model_id, "candidates": n_candidates, "prompts_per_family": n_prompts,
+            "forms": {k: asdict(v) for k, v in forms.items()}, "rows": rows, "table": summarise(rows)}
 
 
 def summarise(rows: list[dict]) -> dict:
+    """{form: {family and "all": pairs, accept, keep (mean over pairs with an outside), moved}}."""
     table: dict = {}
     for r in rows:
-        table.setdefault(r["form"], {}).setdefault(r["family"], []).append(r)
+        for fam in (r["family"], "all"):
+            table.setdefault(r["form"], {}).setdefault(fam, []).append(r)
     out = {}
     for form, fams in table.items():
         out[form] = {}
-        for fam, rs in sorted(fams.items()):
+        for fam in sorted(fams, key=lambda f: (f == "all", f)):
+            rs = fams[fam]
             keep = [x["keep"] for x in rs if x["keep"] == x["keep"]]
             out[form][fam] = {"pairs": len(rs), "accept": float(np.mean([x["accept"] for x in rs])),
                               "keep": float(np.mean(keep)) if keep else None,
@@ -111,6 +130,7 @@ def main(argv=None) -> int:
     p.add_argument("--prompts", type=int, default=8, help="train prompts per family (8)")
     p.add_argument("--candidates", type=int, default=16, help="candidates sampled per prompt (16)")
     p.add_argument("--pairs-per-prompt", type=int, default=4, help="ground-truth pairs kept per prompt (4)")
+    p.add_argument("--forms", default=None, help="comma-separated fusion forms to compare (default: all)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--out", default=None, help="write the rows and the table as JSON here")
     a = p.parse_args(argv)
@@ -118,7 +138,11 @@ def main(argv=None) -> int:
         p.error("--prompts, --candidates and --pairs-per-prompt must be at least 1")
     if a.threads:
         torch.set_num_threads(a.threads)
-    res = run(load_model(a.model, device="cpu"), a.prompts, a.candidates, a.pairs_per_prompt)
+    forms = [f.strip() for f in a.forms.split(",") if f.strip()] if a.forms else None
+    try:
+        res = run(load_model(a.model, device="cpu"), a.prompts, a.candidates, a.pairs_per_prompt, forms=forms)
+    except ValueError as e:
+        p.error(str(e))
     if a.out:
         with open(a.out, "w") as f:
             json.dump(res, f, indent=1)

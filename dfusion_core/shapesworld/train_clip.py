@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from ..data.atomic import replace_folder, write_atomic
 from .render import render
 from .validate_checker import degrade_noise
-from .world import FAMILIES, IMAGE_SIZE, perturbations, prompts
+from .world import FAMILIES, IMAGE_SIZE, perturbations, prompts, scene_style
 
 MODEL_CFG = {
     "embed_dim": 128,
@@ -70,7 +70,10 @@ def export(model, out: Path) -> None:
     replace_folder(tmp, out)
 
 
-def train(out: Path, steps: int, batch: int, lr: float, vae_ckpt: str | None, seed: int = 0, threads: int = 2):
+def train(out: Path, steps: int, batch: int, lr: float, vae_ckpt: str | None, seed: int = 0, threads: int = 2,
+          world_version: int = 1):
+    """Scenes of `world_version` (2: backgrounds and lighting the captions never mention, so the scorer learns
+    to look past them); `vae_ckpt` should be the autoencoder of the generator it will score."""
     import open_clip
 
     torch.set_num_threads(threads)
@@ -91,13 +94,14 @@ def train(out: Path, steps: int, batch: int, lr: float, vae_ckpt: str | None, se
         step = st["step"]; rng.setstate(st["rng"])
     roundtrip = _vae_roundtrip(vae_ckpt)
     nrng = np.random.default_rng(seed)
+    style = scene_style(world_version)
     pool = [p for f in FAMILIES for split in ("train", "test") for p in prompts(f, split)] + prompts("simple", "train")
     t0 = time.time()
     while step < steps:
         specs = [rng.choice(pool) for _ in range(batch)]
         imgs = []
         for s in specs:
-            im = render(s, rng).image
+            im = render(s, rng, style).image
             imgs.append(degrade_noise(im, nrng) if rng.random() < 0.4 else im)
         x = torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).float() / 127.5 - 1
         if roundtrip is not None:
@@ -133,14 +137,16 @@ def train(out: Path, steps: int, batch: int, lr: float, vae_ckpt: str | None, se
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default="runs/shapesworld-clip")
-    ap.add_argument("--steps", type=int, default=1500)
-    ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--out", default="runs/shapesworld-clip", help="run folder; the model lands in OUT/model")
+    ap.add_argument("--steps", type=int, default=1500, help="optimiser steps, total across resumes (1500)")
+    ap.add_argument("--batch", type=int, default=64, help="images per step (64)")
+    ap.add_argument("--lr", type=float, default=1e-3, help="AdamW peak learning rate (1e-3)")
     ap.add_argument("--vae", default=None, help="generator's vae.pt for autoencoder round-trip augmentation")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--world-version", type=int, default=1, choices=(1, 2),
+                    help="ShapesWorld version of the training scenes (1; 2 for the SD3-shaped default model)")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads (2)")
     a = ap.parse_args(argv)
-    train(Path(a.out), a.steps, a.batch, a.lr, a.vae, threads=a.threads)
+    train(Path(a.out), a.steps, a.batch, a.lr, a.vae, threads=a.threads, world_version=a.world_version)
 
 
 if __name__ == "__main__":

@@ -49,7 +49,7 @@ class GeneratorConfig:
     ema_decay: float = 0.995
     ckpt_every: int = 500
     threads: int = 2
-    init_from: str = ""  # a pipeline folder (e.g. assets/shapesworld) to continue from when the run has no checkpoint
+    init_from: str = ""  # a pipeline folder (e.g. assets/shapesworld-unet) to continue from when the run has no checkpoint
 
 
 def log(out: Path, **row) -> None:

@@ -2,8 +2,8 @@
 
     python -m dfusion_core.shapesworld.train_mmdit --out runs/sw2-mmdit --minutes 45 [--resume] [--export]
 
-Only the transformer is trained. The autoencoder and the text encoder are the SHIPPED ShapesWorld ones
-(assets/shapesworld), frozen: the VAE gets `shift_factor` 0.0 (SD3 pipelines read it) and keeps its
+Only the transformer is trained. The autoencoder and the text encoder come from the shipped ShapesWorld UNet
+model (assets/shapesworld-unet, `--base`), frozen: the VAE gets `shift_factor` 0.0 (SD3 pipelines read it) and keeps its
 `scaling_factor`; the text encoder is loaded as `CLIPTextModelWithProjection` with an identity projection
 (its pooled vector is the encoder's own) and serves as both `text_encoder` and `text_encoder_2`; no T5.
 Captions are encoded once with `pipe.encode_prompt(..., max_sequence_length=0)`, exactly as the engine
@@ -49,7 +49,7 @@ from .render import render
 from .train_generator import _family_sampler, _images_to_tensor, log
 from .world import IMAGE_SIZE, scene_style
 
-SHIPPED = ASSETS / "shapesworld"  # the frozen VAE, text encoder and tokenizer come from here
+SHIPPED = ASSETS / "shapesworld-unet"  # the UNet model: the VAE (fine-tuned first), text encoder and tokenizer
 LATENT = IMAGE_SIZE // 4  # the shipped VAE is f4: 64x64 images -> 16x16x4 latents
 
 
@@ -83,6 +83,7 @@ class MMDiTConfig:
     # object colours (mean error 23 grey levels on v2 scenes), so it is fine-tuned on the world version first
     vae_steps: int = 1500  # AdamW steps of that fine-tuning (0 = keep the shipped autoencoder)
     vae_lr: float = 3e-4
+    base: str = str(SHIPPED)  # pipeline folder whose autoencoder and text encoder (frozen) the model builds on
 
 
 def _log(out: Path, **row) -> None:
@@ -233,13 +234,41 @@ def export_pipeline(cfg: MMDiTConfig, transformer, vae, text_encoder, tokenizer,
     index.update({"text_encoder_3": [None, None], "tokenizer_3": [None, None]})  # SD3 folders name absent T5
     (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
     (tmp / "dfusion.json").write_text(json.dumps(dfusion_defaults(cfg), indent=2))
+    link_twin_folders(tmp)
     replace_folder(tmp, dest)
+
+
+TWINS = (("text_encoder_2", "text_encoder"), ("tokenizer_2", "tokenizer"))  # the same encoder serves both slots
+
+
+def link_twin_folders(folder: Path) -> None:
+    """Replace each second-slot folder whose files equal the first slot's by a relative link to it: the text
+    encoder is stored once (14 MB) and stock diffusers still loads the folder."""
+    import filecmp
+
+    for twin, first in TWINS:
+        a, b = folder / twin, folder / first
+        if a.is_symlink() or not (a.is_dir() and b.is_dir()):
+            continue
+        names = sorted(p.name for p in a.iterdir())
+        same = names == sorted(p.name for p in b.iterdir()) and all(
+            filecmp.cmp(a / n, b / n, shallow=False) for n in names if (a / n).is_file())
+        if same:
+            shutil.rmtree(a)
+            a.symlink_to(first, target_is_directory=True)
+
+
+# The fusion form the engine uses on this model unless told otherwise, chosen from the fusion-transfer table
+# (python -m dfusion_core.shapesworld.fusion_transfer; assets/MODEL_CARD.md): the mask covers the base's keyword
+# objects as well as the reference's, grown two cells; every joint block is fused from the first step; the latents
+# outside the mask are held on the base's trajectory, so the base's background is what the target keeps.
+FUSION_DEFAULTS = {"union_base": True, "dilate": 2, "start_step": 1, "layers": "all", "hold_outside": True}
 
 
 def dfusion_defaults(cfg: MMDiTConfig) -> dict:
     """Per-model defaults the engine reads from the folder (dfusion_core.engine.config.model_defaults)."""
     return {"guidance_scale": cfg.guidance_scale, "eta": 0.7, "height": IMAGE_SIZE, "width": IMAGE_SIZE,
-            "world": "shapesworld", "world_version": cfg.world_version}
+            "world": "shapesworld", "world_version": cfg.world_version, **FUSION_DEFAULTS}
 
 
 def _checkpoint(out: Path, tr: Trainer, parts, loss: float | None) -> None:
@@ -251,7 +280,7 @@ def _checkpoint(out: Path, tr: Trainer, parts, loss: float | None) -> None:
 def train(cfg: MMDiTConfig, out: Path, resume: bool = False, export_only: bool = False) -> Trainer:
     """Encode the data (once), then train until the time or step budget is spent; checkpoint and export."""
     torch.manual_seed(cfg.seed)
-    vae, te, tok = load_frozen()
+    vae, te, tok = load_frozen(Path(cfg.base))
     vae = tune_vae(cfg, out, vae)
     tr = Trainer(cfg, build_transformer(cfg, te.config.hidden_size, te.config.projection_dim))
     ckpt = out / "state.pt"
