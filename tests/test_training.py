@@ -179,6 +179,36 @@ def test_dpo_lowers_the_loss_on_a_fixed_batch(sd1, pair_dir, tmp_path):
     assert after < before - 1e-3
 
 
+def test_mask_weighted_dpo_reads_the_errors_inside_the_fusion_mask(sd1, pair_dir, tmp_path):
+    """dpo_outside_weight: a pair's DPO errors weigh positions outside its fusion mask by w (1 = the paper's plain
+    mean); with w = 0 an error is the mean squared error over the mask alone (checked by hand on one batch)."""
+    from dfusion_core.training.data import pair_mask
+
+    pairs = load_training_pairs(pair_dir)
+    assert all(p.mask is not None and 0 < float(p.mask.mean()) < 1 for p in pairs)  # D-Fusion pairs carry masks
+    assert pair_mask(torch.zeros(4, 1, 1)) is None  # a random pair's empty mask
+    steps = torch.zeros(4, 2, 2)
+    steps[2:] = torch.tensor([[1.0, 0.0], [1.0, 1.0]])  # fused steps 3-4 only
+    torch.testing.assert_close(pair_mask(steps), torch.tensor([[1.0, 0.0], [1.0, 1.0]]))
+    plain = Trainer(sd1, pairs, TrainConfig(algo="dpo", steps=1, batch_size=2), tmp_path / "plain")
+    try:
+        x_t, target, t_in, cond, batch = plain._noised_pairs(_step_generator(5, 0))
+        assert plain._error_weights(batch, x_t.shape) is None
+        plain.cfg = TrainConfig(algo="dpo", steps=1, batch_size=2, dpo_outside_weight=0.0)
+        w = plain._error_weights(batch, x_t.shape)
+        with torch.no_grad():
+            sq = (plain._forward(plain.net, x_t, t_in, cond, False) - target) ** 2
+            loss0, stats0 = plain._loss_dpo(_step_generator(5, 0))
+        inside = [float((sq[i] * w[i]).sum() / (w[i].sum() * sq.shape[1])) for i in range(len(sq))]
+        assert stats0["err_w"] == pytest.approx(np.mean(inside[:2]), rel=1e-5)
+        assert stats0["err_l"] == pytest.approx(np.mean(inside[2:]), rel=1e-5)
+        assert not math.isclose(stats0["err_w"], float(sq[:2].mean()), rel_tol=1e-3)  # not the plain mean
+    finally:
+        plain.unload()
+    with pytest.raises(ValueError, match="dpo_outside_weight"):
+        TrainConfig(dpo_outside_weight=1.5).validate()
+
+
 def test_two_steps_resume_two_steps_equals_four(sd1, pair_dir, tmp_path):
     pairs = load_training_pairs(pair_dir)
     cfg = dict(algo="dpo", batch_size=2, ckpt_every=2, lr=1e-3)

@@ -6,6 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from ..engine.pairs import PairRecord, load_pairs
 
 
@@ -22,6 +24,18 @@ class PreferencePair:
     eta: float
     guidance_scale: float
     negative_prompt: str
+    # [h, w] in [0, 1]: the fusion mask of a D-Fusion pair (its per-step masks averaged over the fused steps),
+    # where winner and loser differ by construction; None for a pair without one (random pairs)
+    mask: object = None
+
+
+def pair_mask(masks) -> "torch.Tensor | None":
+    """A record's fusion mask for training: the mean of its fused steps' masks (steps outside the range are 0),
+    or None when it has none (a random pair stores an empty [S, 1, 1] mask)."""
+    if masks is None or masks.numel() == 0 or masks.shape[-1] * masks.shape[-2] <= 1 or not masks.any():
+        return None
+    fused = masks.flatten(1).amax(1) > 0
+    return masks[fused].float().mean(0) if fused.any() else None
 
 
 def pairs_from_records(records: list[PairRecord]) -> list[PreferencePair]:
@@ -35,7 +49,7 @@ def pairs_from_records(records: list[PairRecord]) -> list[PreferencePair]:
         sw, sb = (r.scores.get("target"), r.scores.get("base")) if r.label == "target" else \
             (r.scores.get("base"), r.scores.get("target"))
         out.append(PreferencePair(r.prompt, tw, tb, sw, sb, int(s["num_steps"]), float(s["eta"]),
-                                  float(s["guidance_scale"]), s.get("negative_prompt", "")))
+                                  float(s["guidance_scale"]), s.get("negative_prompt", ""), pair_mask(r.masks)))
     return out
 
 

@@ -30,6 +30,7 @@ from ..data.atomic import (move_files_into, replace_folder, temp_file_is_stale, 
                       write_text_atomic)
 from ..engine.config import SamplingParams
 from ..engine.ddim import step_log_prob
+from ..engine.masks import resize_mask
 from ..engine.loading import Conditioning, LoadedModel
 from ..engine.sampling import guided_output, recompute_log_probs
 from . import losses
@@ -53,6 +54,8 @@ class TrainConfig:
     lora_alpha: float | None = None  # LoRA scaling numerator; None = the rank (scale 1)
     lora_targets: tuple[str, ...] | None = None  # attention projections adapted; None = the model family's
     dpo_beta: float = 5000.0  # Diffusion-DPO beta in the beta/2 convention (= 2500 without the 1/2; see losses)
+    # a D-Fusion pair differs only inside its fusion mask; pairs without a mask (random pairs) weigh everywhere 1
+    dpo_outside_weight: float = 1.0  # DPO error weight outside the pair's fusion mask (1 = paper, 0 = inside only)
     traj_beta: float = 0.1  # trajectory DPO beta
     clip_eps: float = 0.1  # ratio clip for traj-dpo, ddpo and dpok
     adv_clip: float = 5.0  # DDPO/DPOK advantage clip
@@ -76,6 +79,8 @@ class TrainConfig:
             raise ValueError(f"lora_rank must be an integer >= 0, got {self.lora_rank!r}")
         if self.dpo_beta <= 0 or self.traj_beta <= 0:
             raise ValueError("beta must be positive")
+        if not 0.0 <= self.dpo_outside_weight <= 1.0:
+            raise ValueError(f"dpo_outside_weight must be in [0, 1], got {self.dpo_outside_weight}")
         if not (0 < self.clip_eps < 1):
             raise ValueError(f"clip_eps must be in (0, 1), got {self.clip_eps}")
         if self.mixed_precision not in ("no", "fp16", "bf16"):
@@ -237,7 +242,7 @@ class Trainer:
 
     def _noised_pairs(self, g):
         """This step's pairs, noised: rows [winners; losers] share each pair's timestep and noise.
-        Returns (x_t, target, denoiser timesteps, conditioning, number of pairs here)."""
+        Returns (x_t, target, denoiser timesteps, conditioning, the pairs here)."""
         idx = torch.randint(0, len(self.pairs), (self.cfg.batch_size,), generator=g)
         t_all = torch.randint(0, self.schedule.num_train_timesteps, (self.cfg.batch_size,), generator=g)
         noise_all = torch.randn((self.cfg.batch_size, *self.pairs[0].winner.latents[-1].shape), generator=g)
@@ -249,13 +254,33 @@ class Trainer:
                         torch.stack([p.loser.latents[-1] for p in pairs])]).to(dev)
         x_t, target, t_in = self.family.train_noised(self.schedule, x0, torch.cat([noise, noise]), torch.cat([t, t]))
         prompts = [p.prompt for p in pairs]
-        return x_t, target, t_in, self._embed(prompts + prompts), len(pairs)
+        return x_t, target, t_in, self._embed(prompts + prompts), pairs
+
+    def _error_weights(self, pairs, shape) -> torch.Tensor | None:
+        """[2n, 1, h, w] per-position weights of the DPO errors (winners then losers, a pair's mask for both):
+        mask + dpo_outside_weight * (1 - mask); None for the paper's plain mean."""
+        w_out = self.cfg.dpo_outside_weight
+        if w_out == 1.0:
+            return None
+        h, w = shape[-2:]
+        ones = torch.ones(h, w)
+        ms = torch.stack([ones if p.mask is None else resize_mask(p.mask, (h, w), "smooth") for p in pairs])
+        weights = (ms + w_out * (1 - ms))[:, None].to(self.model.device)
+        return torch.cat([weights, weights])
 
     def _loss_dpo(self, g):
-        x_t, target, t_in, cond, n = self._noised_pairs(g)
-        err = ((self._forward(self.net, x_t, t_in, cond, False) - target) ** 2).mean(dim=(1, 2, 3))
+        x_t, target, t_in, cond, pairs = self._noised_pairs(g)
+        n, weights = len(pairs), self._error_weights(pairs, x_t.shape)
+
+        def error(net):
+            sq = (self._forward(net, x_t, t_in, cond, False) - target) ** 2
+            if weights is None:
+                return sq.mean(dim=(1, 2, 3))
+            return (sq * weights).sum(dim=(1, 2, 3)) / (weights.sum(dim=(1, 2, 3)) * sq.shape[1]).clamp_min(1e-8)
+
+        err = error(self.net)
         with torch.no_grad(), self.reference() as ref:
-            ref_err = ((self._forward(ref, x_t, t_in, cond, False) - target) ** 2).mean(dim=(1, 2, 3))
+            ref_err = error(ref)
         return losses.diffusion_dpo_loss(err[:n], err[n:], ref_err[:n], ref_err[n:], self.cfg.dpo_beta)
 
     def _loss_sft(self, g):
