@@ -58,3 +58,15 @@ def test_bad_flags_are_one_line_errors(flags, msg, capsys):
     with pytest.raises(SystemExit) as e:
         main(["--out", "/tmp/never", *flags])
     assert e.value.code == 2 and msg in capsys.readouterr().err
+
+
+def test_dfusion_pairs_use_the_models_fusion_form(sd1, tmp_path, monkeypatch):
+    """The D-Fusion arm fuses with the model's form (its dfusion.json), and the ablations can undo its parts."""
+    from dfusion_core.shapesworld.experiment import fusion_variants
+
+    monkeypatch.setattr(sd1, "defaults", {**sd1.defaults, "start_step": 1, "hold_outside": True, "union_base": True})
+    exp = Experiment(sd1, None, ExperimentConfig.smoke(), tmp_path)
+    assert (exp.fusion.start_step, exp.fusion.hold_outside, exp.fusion.mask.union_base) == (1, True, True)
+    v = fusion_variants(exp.fusion, 4, ("reference-only", "no-hold"))
+    assert not v["dfusion-reference-only"].mask.union_base and v["dfusion-reference-only"].hold_outside
+    assert not v["dfusion-no-hold"].hold_outside and v["dfusion-no-hold"].mask.union_base

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from ..engine.ablation import change_inside_outside, default_ranges, mask_region
-from ..engine.config import FusionParams, MaskParams, SamplingParams, apply_model_defaults
+from ..engine.config import FusionParams, MaskParams, SamplingParams, apply_model_defaults, fusion_defaults
 from ..engine.loading import LoadedModel
 from ..engine.pairs import PairingParams, PairRecord, build_pairs, build_random_pairs, load_pairs, save_pairs
 from .evaluate import evaluate, grouped_bootstrap
@@ -58,7 +58,8 @@ class ExperimentConfig:
 
 
 def fusion_variants(base: FusionParams, num_steps: int, names) -> dict[str, FusionParams]:
-    """The D-Fusion setting and its ablations, by name ('dfusion' = the defaults)."""
+    """The D-Fusion setting and its ablations, by name ('dfusion' = the model's fusion form, its dfusion.json over
+    the paper's defaults)."""
     ranges = {name: (a, b) for name, a, b in default_ranges(num_steps)}
     table = {
         "no-mask": replace(base, use_mask=False),  # global fusion
@@ -67,6 +68,8 @@ def fusion_variants(base: FusionParams, num_steps: int, names) -> dict[str, Fusi
         "relative": replace(base, mask=replace(base.mask, threshold_mode="relative", threshold=0.5)),
         "area": replace(base, mask=replace(base.mask, threshold_mode="area", threshold=0.25)),
         "union-base": replace(base, mask=replace(base.mask, union_base=True)),
+        "reference-only": replace(base, mask=replace(base.mask, union_base=False)),  # for a union-base default
+        "no-hold": replace(base, hold_outside=False),  # the target's latents outside the mask not held
         "union": replace(base, mask=replace(base.mask, combine="union")),  # the paper's: OR of per-keyword masks
     }
     unknown = [n for n in names if n not in table]
@@ -115,7 +118,7 @@ class Experiment:
         self.model, self.scorer, self.cfg, self.out, self.log = model, scorer, cfg, Path(out), log
         s, mask = apply_model_defaults(model.defaults, SamplingParams(num_steps=cfg.num_steps), MaskParams())
         self.sampling = (sampling or s).validate()
-        self.fusion = FusionParams(mask=mask).validate(self.sampling.num_steps)
+        self.fusion = fusion_defaults(model.defaults, mask).validate(self.sampling.num_steps)  # the model's form
         self.pairing = PairingParams(num_candidates=cfg.num_candidates, seed=cfg.seed).validate()
         self.train_prompts = [p.text for fam in FAMILIES for p in prompt_list(fam, "train", cfg.train_prompts)]
         self._candidates: dict = {}
