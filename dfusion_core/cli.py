@@ -296,6 +296,16 @@ def _processes(a):
     return state, device
 
 
+def _finish_processes(state) -> None:
+    """Every process done, then the process group closed: a gloo group left to the interpreter's exit can abort a
+    process ('terminate called without an active exception') after its work is written."""
+    state.wait_for_everyone()
+    import torch.distributed as dist
+
+    if state.num_processes > 1 and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def _progress_bar(state):
     """A progress bar per process (on stderr, one line each): prompts this process built of its share."""
     from tqdm import tqdm
@@ -339,6 +349,7 @@ def cmd_build_pairs(a) -> dict | None:
         reports = gather_object([report])
     else:
         reports = [report]
+    _finish_processes(state)
     if not state.is_main_process:
         return None  # one summary per run, from the main process
     return _build_summary(a, merge_reports(reports), len(dict.fromkeys(prompts)))
@@ -377,6 +388,7 @@ def cmd_train(a) -> dict:
     model = _load(a)
     trainer = Trainer(model, pairs, cfg, a.out)
     res = trainer.run(resume=not a.no_resume)
+    _finish_processes(trainer.acc.state)
     if not trainer.acc.is_main_process:
         return None  # one report per run, from the main process
     last = res.history[-1] if res.history else {}

@@ -56,6 +56,7 @@ def cmd_train_on_policy(a) -> dict:
     model = _cli._load(a, device, state)
     s, f = _cli._params(a, model)
     summary = train_on_policy(model, prompts, scorer, cfg, a.out, s, f, pairing, resume=not a.no_resume)
+    _cli._finish_processes(state)
     return summary if state.is_main_process else None  # one summary per run, from the main process
 
 
