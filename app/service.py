@@ -163,12 +163,17 @@ class AppService:
         self.scorer = scorer
         self.store = PreferenceStore(store_dir)
         self.cache = ReferenceCache(max_bytes=cache_bytes)
-        s, m = apply_model_defaults(self.model_defaults, SamplingParams(), MaskParams())
-        self.default_sampling, self.default_mask = s, m
-        self.default_fusion = fusion_defaults(self.model_defaults, m)  # the Fuse tab opens on the model's form
+        self._set_defaults(self.model_defaults)
         self._pending = (model, load_options or {}, make_scorer) if self._model is None else None
         if self._model is not None and make_scorer is not None:
             self.scorer = make_scorer()
+
+    def _set_defaults(self, defaults: dict) -> None:
+        """The model's defaults (its dfusion.json over the paper's) and the parameters the tabs open on."""
+        self.model_defaults = defaults
+        s, m = apply_model_defaults(defaults, SamplingParams(), MaskParams())
+        self.default_sampling, self.default_mask = s, m
+        self.default_fusion = fusion_defaults(defaults, m)  # the Fuse tab opens on the model's form
 
     # ---- the model, loaded behind the page -------------------------------------------------------------
     @property
@@ -208,8 +213,7 @@ class AppService:
         except Exception as e:  # noqa: BLE001 - the model works without scores; the page says why there are none
             self.scorer_error = why(e)
             log.error("could not load the scorer: %s", self.scorer_error)
-        self.model_defaults = loaded.defaults  # a hub id's defaults are known only now
-        self.default_sampling, self.default_mask = apply_model_defaults(loaded.defaults, SamplingParams(), MaskParams())
+        self._set_defaults(loaded.defaults)  # a hub id's defaults are known only now
         self.load_seconds = time.perf_counter() - self._load_t0
         self._model = loaded
         log.info("model ready in %.1f s: %s", self.load_seconds, self.model_source)

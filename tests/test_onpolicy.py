@@ -111,6 +111,32 @@ def test_old_log_probs_of_a_round_are_the_policy_at_its_start(two_rounds):
     assert all(h["rows"] == 4 * SAMPLING.num_steps for h in hist)  # every step of each trajectory
 
 
+def test_a_held_fusions_targets_keep_the_log_probs_fuse_recomputed(sd1, tmp_path):
+    """With the base held outside the mask, fuse already recomputed the targets' log-probs under the policy:
+    the round takes them (held_targets) instead of recomputing them again, and they are the policy's."""
+    from dfusion_core.engine.config import FusionParams
+    from dfusion_core.training.onpolicy import held_targets
+
+    cfg = OnPolicyConfig(algo="ddpo", rounds=1, batch_size=4)
+    held = FusionParams(start_step=1, hold_outside=True)
+    tr = OnPolicyTrainer(sd1, PROMPTS, brightness, cfg, tmp_path, SAMPLING, fusion=held, pairing=PAIRING)
+    try:
+        d = tr.collect_round(0)
+        inner = tr.acc.unwrap_model(tr.net)
+        with torch.no_grad():
+            policy = torch.stack([recompute_log_probs(sd1, p, t, SAMPLING, denoiser=inner)
+                                  for p, t in zip(d.prompts, d.trajectories)])
+    finally:
+        tr.unload()
+    assert sum(d.fused) == 4
+    torch.testing.assert_close(d.old_log_probs, policy.float(), atol=1e-4, rtol=0)
+    recs = [SimpleNamespace(prompt="p", base_seed=1, ref_seed=2, extra={}, fusion={"hold_outside": True,
+                                                                             "use_mask": True}),
+            SimpleNamespace(prompt="p", base_seed=3, ref_seed=2, extra={}, fusion={"hold_outside": False}),
+            SimpleNamespace(prompt="p", base_seed=4, ref_seed=5, extra={"kind": "random"}, fusion={})]
+    assert held_targets(recs) == {("p", (1, 2))}
+
+
 def test_one_on_policy_round_moves_the_lora(two_rounds):
     a, b = two_rounds["lora0"], two_rounds["lora1"]
     assert max(float((a[k] - b[k]).abs().max()) for k in a) > 1e-4

@@ -228,7 +228,7 @@ def _keep_record(record) -> bool:
     return not _is_shared_encoder_report(record)
 
 
-def _quiet_shared_encoder_reports() -> None:
+def quiet_shared_encoder_reports() -> None:
     from transformers.utils import logging as tlog
 
     for handler in tlog._get_library_root_logger().handlers:
@@ -256,7 +256,7 @@ def load_model(model: str | os.PathLike | None = None, device: str | None = None
     optionally with a LoRA folder written by `python -m dfusion_core train` (or any diffusers LoRA)."""
     from diffusers import DiffusionPipeline
 
-    _quiet_shared_encoder_reports()
+    quiet_shared_encoder_reports()
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dt = resolve_dtype(dtype, dev)
     if dev.type == "cpu" and dt == torch.float16:

@@ -34,7 +34,8 @@ from .world import FAMILIES, prompt_list
 def fusion_forms(defaults: dict, mask: MaskParams) -> dict[str, FusionParams]:
     """The forms compared: the model's default; the reference-only mask; reference-union-base (dilated one
     cell) with and without the base's latents held outside the mask, held with a hard (nearest) mask, from
-    step 3, dilated two cells (held softly, hard, from step 3); and a global swap from step 1 (how far fusion can move a target at all)."""
+    step 3, dilated two cells (held softly, hard, from step 3); and a global swap from step 1 (how far fusion
+    can move a target at all)."""
     union = replace(mask, union_base=True, dilate=1)
     held = FusionParams(start_step=1, layers="all", hold_outside=True, mask=union)
     return {"default": fusion_defaults(defaults, mask),

@@ -21,25 +21,19 @@ SHIPPED_DIRS = ("shapesworld", "shapesworld-unet", "shapesworld-clip")
 FUSION_FLOORS = {"accept": 0.6, "keep": 1 / 3, "global_moved": 0.5, "pairs": 40}
 
 
-def _size_mb(path: Path) -> float:
-    """Weights under `path`, each file counted once (a folder linked into another model is not counted twice)."""
-    files = {f.resolve() for f in path.rglob("*") if f.suffix == ".safetensors" and f.is_file()} if path.is_dir() else set()
+def _size_mb(*paths: Path) -> float:
+    """Weights under `paths`, each file counted once (a folder linked into another model is not counted twice)."""
+    files = {f.resolve() for path in paths if path.is_dir() for f in path.rglob("*.safetensors") if f.is_file()}
     return sum(f.stat().st_size for f in files) / 1e6
 
 
 def shipped_weights_mb(assets: Path = ASSETS) -> float:
-    files = {f.resolve() for d in SHIPPED_DIRS if (assets / d).is_dir()
-             for f in (assets / d).rglob("*.safetensors") if f.is_file()}
-    return sum(f.stat().st_size for f in files) / 1e6
-
-
-def _rows(log: Path, stage: str) -> list[dict]:
-    rows = [json.loads(x) for x in log.read_text().splitlines() if x.strip()] if log.is_file() else []
-    return [r for r in rows if r.get("stage") == stage]
+    return _size_mb(*(assets / d for d in SHIPPED_DIRS))
 
 
 def _last(log: Path, stage: str) -> dict:
-    rows = _rows(log, stage)
+    rows = [json.loads(x) for x in log.read_text().splitlines() if x.strip()] if log.is_file() else []
+    rows = [r for r in rows if r.get("stage") == stage]
     return rows[-1] if rows else {}
 
 

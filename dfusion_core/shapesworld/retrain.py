@@ -59,13 +59,13 @@ def _install_unet_model(src: Path) -> None:
     import torch
     from transformers import CLIPTextModel
 
-    from ..engine.loading import _quiet_shared_encoder_reports
+    from ..engine.loading import quiet_shared_encoder_reports
 
     dest, shared = ASSETS / "shapesworld-unet", ASSETS / "shapesworld" / "text_encoder"
     _install(src, dest)
     if not shared.is_dir():
         return
-    _quiet_shared_encoder_reports()
+    quiet_shared_encoder_reports()
     a = CLIPTextModel.from_pretrained(dest / "text_encoder").state_dict()
     b = CLIPTextModel.from_pretrained(shared).state_dict()
     if a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a):

@@ -124,6 +124,14 @@ def distinct_samples(records) -> list[tuple]:
     return out
 
 
+def held_targets(records) -> set[tuple]:
+    """(prompt, (base, reference) seeds) of the fused targets held outside their mask: fuse recomputed their
+    log-probs under the plain model (the policy of the round), so the round takes them as they are."""
+    return {(r.prompt, (r.base_seed, r.ref_seed)) for r in records
+            if r.extra.get("kind") != "random" and (r.fusion or {}).get("hold_outside")
+            and (r.fusion or {}).get("use_mask", True)}
+
+
 def round_samples(records) -> tuple[list[str], list, list[float], list[bool]]:
     """The distinct trajectories of a round's pair records with their scores (distinct_samples, without seeds)."""
     rows = distinct_samples(records)
@@ -222,8 +230,9 @@ class OnPolicyTrainer(Trainer):
         rw = torch.tensor(rewards, dtype=torch.float64)
         adv = losses.normalise_rewards(rw, prompts, self.cfg.adv_clip)
         inner = self.acc.unwrap_model(self.net)
-        old = [recompute_log_probs(self.model, p, t, self.sampling, denoiser=inner) if f else t.log_probs.float()
-               for p, t, f in zip(prompts, trajs, fused)]
+        plain = held_targets(records)  # their log-probs were recomputed under this policy when they were fused
+        old = [recompute_log_probs(self.model, p, t, self.sampling, denoiser=inner) if f and (p, s) not in plain
+               else t.log_probs.float() for p, t, f, s in zip(prompts, trajs, fused, seeds)]
         info = {"sample_s": time.perf_counter() - t0, "n_fused": sum(fused)}
         return RoundData(r, prompts, trajs, rw, fused, adv, torch.stack([o.cpu() for o in old]), len(records), info,
                          seeds)
