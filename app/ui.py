@@ -258,21 +258,25 @@ class FuseEvents:
                 msg)
 
     @guarded
-    def on_live(self, sess, *args):
+    def on_live(self, sess, p, st, g, e, b, rs, kws, mode, thr, start, end, lay, rsz, um, word, comb=None, ub=None,
+                dil=None, hold=None):
         if sess.result is None:  # nothing fused yet: a control moved before the first fusion
             return (sess, *[gr.update()] * 7, "move a control after the first fusion to see it live")
-        out = self.on_fuse(sess, *args)
+        out = self.on_fuse(sess, p, st, g, e, b, rs, kws, mode, thr, start, end, lay, rsz, um, word, comb, ub, dil,
+                           hold)
         if out[0].same_pair:  # base, reference and their attention are unchanged: three fewer images to send
             out = (out[0], gr.skip(), gr.skip(), *out[3:5], gr.skip(), *out[6:])
         return out
 
     # ---- before a fusion: the validator (gradio runs it first), the controls kept consistent -------------
-    def check(self, sess, *args):
+    def check(self, sess, p, st, g, e, b, rs, kws, mode, thr, start, end, lay, rsz, um, word, comb=None, ub=None,
+              dil=None, hold=None):
         """The validator of /fuse: a message on each refused input, one gr.validate per FUSE_INPUTS entry.
         A refusal here keeps the last good outputs on the page (an error raised by the handler would cover
         every output with an error badge); gradio_client raises it as a ValidationError naming the inputs."""
         try:
-            bad = self.problems(*args)
+            bad = self.problems(p, st, g, e, b, rs, kws, mode, thr, start, end, lay, rsz, um, word, comb, ub, dil,
+                                hold)
         except Exception:  # noqa: BLE001 - not a refusal: the handler runs and reports it (guarded)
             log.exception("the fuse validator failed")
             bad = {}
@@ -284,8 +288,8 @@ class FuseEvents:
             return [gr.validate(True, "")] * len(FUSE_INPUTS)
         return self.check(sess, *args)
 
-    def problems(self, p, st, g, e, b, rs, kws, mode, thr, start, end, lay, rsz, um, word, comb=None, ub=None,
-                 dil=None, hold=None) -> dict[str, str]:
+    def problems(self, p, st, g, e, b, rs, kws, mode, thr, start, end, lay, rsz, um, word, comb, ub=None, dil=None,
+                 hold=None) -> dict[str, str]:
         """{input name: message} for what the service would refuse, found without running the model."""
         bad: dict[str, str] = {}
 
