@@ -40,7 +40,8 @@ def main(argv=None) -> int:
     # (a folder that is not a model is refused here, before anything is served).
     try:
         svc = AppService(a.model, store_dir=a.store, background=True,
-                         load_options={"device": a.device, "dtype": a.dtype}, make_scorer=scorer)
+                         load_options={"device": a.device, "dtype": a.dtype}, make_scorer=scorer,
+                         scorer_source=None if a.scorer == "none" else a.scorer)
     except (ModelLoadError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

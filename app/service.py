@@ -42,6 +42,8 @@ log = logging.getLogger("dfusion.app")
 MAX_CANDIDATES = 32
 TUNED_ADAPTER = "dfusion_tuned"  # name prefix of the fine-tuned LoRA adapters sessions load into the Fuse view
 LORA_FILE = "pytorch_lora_weights.safetensors"  # what a finished (or checkpointed) run folder holds
+MAX_ROUNDS = 100  # on-policy rounds one app job may run
+MAX_ROUND_PROMPTS = 32  # prompts of one app on-policy job (each round samples every one of them)
 MAX_TRAINING_JOBS = 2  # fine-tunes running at once, app-wide (each child process loads its own copy of the model)
 MAX_ADAPTERS = 8  # LoRA adapters kept on the model; beyond it the least recently used goes (reloaded when needed)
 MAX_UNDO_DELETES = 20  # deleted pairs a page keeps for 'Undo delete' (each held whole, in memory)
@@ -139,10 +141,12 @@ def check_prompt(prompt) -> str:
 class AppService:
     def __init__(self, model: LoadedModel | str | None = None, store_dir: str | Path = "dfusion_data/store",
                  scorer=None, cache_bytes: int = 1 << 30, runs_dir: str | Path | None = None,
-                 background: bool = False, load_options: dict | None = None, make_scorer=None):
+                 background: bool = False, load_options: dict | None = None, make_scorer=None,
+                 scorer_source: str | None = None):
         """`model`: a LoadedModel, or a folder / hub id (None: the embedded model) loaded with `load_options`
         (load_model's device, dtype) - here, or with `background` on the model thread from `start_loading()`
-        on, so that the page is served first (see `model`). `make_scorer`: makes the scorer after the model."""
+        on, so that the page is served first (see `model`). `make_scorer`: makes the scorer after the model.
+        `scorer_source`: the same scorer by name ('default', openclip:..., a folder), for on-policy children."""
         self.model_thread = ModelThread()  # one thread runs every model call, one at a time
         self._model: LoadedModel | None = model if isinstance(model, LoadedModel) else None
         self.load_error = self.scorer_error = self.load_seconds = self._loading = None
@@ -161,6 +165,7 @@ class AppService:
         self._adapters: OrderedDict[str, int] = OrderedDict()  # loaded LoRA folder -> its file's mtime, LRU first
         self._stamps: dict[str, int] = {}  # LoRA folder -> mtime of the weights the cache's entries were made with
         self.scorer = scorer
+        self.scorer_source = scorer_source  # the scorer's name for a training child (on-policy rewards)
         self.store = PreferenceStore(store_dir)
         self.cache = ReferenceCache(max_bytes=cache_bytes)
         self._set_defaults(self.model_defaults)
@@ -548,6 +553,61 @@ class AppService:
         except (TypeError, ValueError) as e:
             raise UserError(str(e)) from None
 
+    def on_policy_config(self, algo: str, lora_rank, lr, rounds, arm: str):
+        """The Train tab's on-policy values as a checked OnPolicyConfig (DDPO or DPOK rounds)."""
+        from dfusion_core.training.onpolicy import ARMS, ON_POLICY_ALGOS, OnPolicyConfig
+
+        if algo not in ON_POLICY_ALGOS:
+            raise UserError(f"on-policy rounds train {' or '.join(ON_POLICY_ALGOS)}, not {algo}: DPO and trajectory "
+                            "DPO learn from the labelled pairs (Start)")
+        if arm not in ARMS:
+            raise UserError(f"the rounds' pairs must be one of {', '.join(ARMS)}")
+        try:
+            rank, rounds, lr = int(lora_rank), int(rounds), float(lr)
+        except (TypeError, ValueError):
+            raise UserError("LoRA rank, learning rate and rounds must be numbers") from None
+        if not 1 <= rounds <= MAX_ROUNDS:
+            raise UserError(f"rounds must be between 1 and {MAX_ROUNDS}, got {rounds}")
+        try:
+            return OnPolicyConfig(algo=algo, lora_rank=rank, lr=lr, rounds=rounds, arm=arm).validate()
+        except (TypeError, ValueError) as e:
+            raise UserError(str(e)) from None
+
+    def train_on_policy_start(self, session: Session, cfg, prompts_text: str, num_candidates) -> tuple[Session, str]:
+        """DDPO / DPOK rounds on the given prompts in a child process (the CLI's train-on-policy), rewarded by the
+        app's scorer: each round samples from the current LoRA, pairs, scores and trains. The session's job."""
+        from .jobs import OnPolicyJob
+
+        mine = self._job(session)
+        if mine is not None and mine.state == "running":
+            raise UserError("this session's fine-tune is still running: cancel it or wait for it to finish")
+        if cfg.lora_rank == 0:
+            raise UserError("the app trains LoRA adapters (rank >= 1); use the CLI for a full fine-tune")
+        if self.default_sampling.eta == 0 or self.default_sampling.flow_sampler == "ode":
+            raise UserError(f"{cfg.algo} learns from the sampling steps' log-probabilities; this model samples "
+                            "deterministically (eta 0): use the CLI with --eta")
+        prompts = list(dict.fromkeys(check_prompt(p) for p in str(prompts_text or "").splitlines() if p.strip()))
+        if not prompts:
+            raise UserError("give the rounds' prompts, one per line")
+        if len(prompts) > MAX_ROUND_PROMPTS:
+            raise UserError(f"{len(prompts)} prompts; the app runs at most {MAX_ROUND_PROMPTS} (the CLI any number)")
+        try:
+            n = int(num_candidates)
+        except (TypeError, ValueError):
+            raise UserError("candidates per prompt must be a whole number") from None
+        if not 4 <= n <= 64:
+            raise UserError(f"candidates per prompt must be between 4 and 64 (a round pairs the best quarter with "
+                            f"the worst half), got {n}")
+        if self.scorer is None or self.scorer_source is None:
+            raise UserError("on-policy rounds need the scorer (their rewards are its scores): start the app with "
+                            "--scorer default or an OpenCLIP scorer")
+        token = session.token or uuid.uuid4().hex
+        out = (self.runs_dir / f"{cfg.algo}-rounds-{time.strftime('%Y%m%d-%H%M%S')}-{token[:6]}").resolve()
+        session = replace(session, token=token)
+        self._launch(session, OnPolicyJob(self.model_source, prompts, self.scorer_source, n, cfg, out))
+        return session, (f"started {cfg.algo} rounds ({cfg.arm} pairs) on {len(prompts)} prompt(s), {n} candidates "
+                         f"each per round; the run's folder (log, rounds, checkpoints, LoRA weights) is {out}")
+
     def _job(self, session: Session):
         """The session's latest fine-tune (None before its first): other sessions' jobs are not its to see."""
         return self.jobs.get(session.token) if session.token else None
@@ -599,9 +659,9 @@ class AppService:
         if job is None:
             return f"no fine-tune started in this session; runs are written under {self.runs_dir.resolve()}", [], 0.0
         rows = job.rows()
-        step = rows[-1]["step"] if rows else 0
+        done, frac = job.progress()
         state = job.state
-        msg = f"{state}: step {step}/{job.total}"
+        msg = f"{state}: {done}"
         if rows:
             msg += f" · loss {rows[-1]['loss']:.4f}"
         if state == "failed":
@@ -609,7 +669,7 @@ class AppService:
         msg += f" · run folder {job.out}"
         if (job.out / LORA_FILE).is_file() and state != "running":
             msg += " · weights ready: 'Load into the Fuse view' uses them in this session"
-        return msg, rows, step / max(1, job.total)
+        return msg, rows, frac
 
     def train_cancel(self, session: Session) -> str:
         job = self._job(session)

@@ -622,6 +622,12 @@ class TrainEvents:
         return (sess, msg, *self.status(sess))
 
     @guarded
+    def on_rounds(self, sess, a_, r_, lr_, rounds, arm, prompts, cands):  # names are the API's: kept
+        cfg = self.svc.on_policy_config(a_, r_, lr_, rounds, arm)
+        sess, msg = self.svc.train_on_policy_start(sess, cfg, prompts, cands)
+        return (sess, msg, *self.status(sess))
+
+    @guarded
     def on_cancel(self, sess):
         return (self.svc.train_cancel(sess), *self.status(sess))
 
@@ -670,15 +676,29 @@ def train_tab(svc: AppService, state: gr.State, weights: gr.Markdown) -> list:
             cancel_btn, resume_btn = gr.Button("Cancel", variant="stop"), gr.Button("Resume")
             load_btn, unload_btn = gr.Button("Load into the Fuse view"), gr.Button("Back to the base weights")
             compare_btn = gr.Button("Before / after on held-out prompts")
+        with gr.Accordion("On-policy rounds (DDPO / DPOK): fresh samples from the LoRA every round", open=False):
+            gr.Markdown("Each round samples candidates for every prompt from the LoRA being trained, pairs them "
+                        "(*dfusion*: fused targets against their bases; *random*: plain samples paired at random), "
+                        "scores them with the app's scorer and trains on them. Algorithm ddpo or dpok, LoRA rank "
+                        "and learning rate from the row above.")
+            with gr.Row():
+                rl_prompts = gr.Textbox("\n".join(svc.example_prompts()[:3]), lines=3, label="Prompts, one per line")
+                with gr.Column():
+                    rounds = gr.Number(value=3, precision=0, label="Rounds")
+                    arm = gr.Dropdown(["dfusion", "random"], value="dfusion", label="Pairs each round")
+                    cands = gr.Number(value=8, precision=0, label="Candidates per prompt and round")
+            rounds_btn = gr.Button("Start rounds", elem_id="train-rounds")
         train_msg = gr.Markdown(elem_id="train-message")  # the last action's message: stays until the next
         train_status = gr.Markdown(elem_id="train-status")  # the job's state, step, loss and folder, kept current
         train_progress = gr.HTML(progress_bar(0.0), elem_id="train-progress")
-        train_plot = gr.Plot(label="loss · implicit accuracy · reward margin")
+        train_plot = gr.Plot(label="loss · implicit accuracy · reward margin (on-policy: loss · approx KL · clip fraction)")
         before_after = gr.Gallery(label="Before (base weights) / after (this session's LoRA), fixed seeds", columns=8,
                                   **PIXELS)
         timer = gr.Timer(2.0)
     ev, shown = TrainEvents(svc), [train_status, train_progress, train_plot]
     train_btn.click(ev.on_train, [state, algo, rank, lr, beta, tsteps], [state, train_msg, *shown], api_name="train")
+    rounds_btn.click(ev.on_rounds, [state, algo, rank, lr, rounds, arm, rl_prompts, cands], [state, train_msg, *shown],
+                     api_name="train_on_policy")
     cancel_btn.click(ev.on_cancel, [state], [train_msg, *shown], api_name="train_cancel")
     resume_btn.click(ev.on_resume, [state], [train_msg, *shown], api_name="train_resume")
     load_btn.click(ev.on_load, [state], [state, train_msg, weights], api_name="load_trained")

@@ -205,7 +205,10 @@ def training_plot(rows: list[dict]):
 
     fig, axes = plt.subplots(1, 3, figsize=(10, 2.8))
     steps = [r["step"] for r in rows]
-    for ax, key in zip(axes, ("loss", "implicit_acc", "reward_margin")):
+    # offline DPO logs its implicit accuracy and reward margin; on-policy rounds their ratio's KL and clipping
+    keys = ("loss", "approx_kl", "clipfrac") if any("approx_kl" in r for r in rows) else \
+        ("loss", "implicit_acc", "reward_margin")
+    for ax, key in zip(axes, keys):
         vals = [r.get(key) for r in rows]
         if any(v is not None for v in vals):
             ax.plot(steps, [np.nan if v is None else v for v in vals])

@@ -1,6 +1,8 @@
 """The app end to end through gradio_client, on a tiny pipeline: sample, fuse, live re-fusion, labels."""
+import json
 import re
 import threading
+from pathlib import Path
 
 import pytest
 from conftest import launch_app
@@ -451,3 +453,43 @@ def test_a_sessions_lora_is_reloaded_when_its_file_changes_and_a_gone_one_is_sai
         for name in list(sd1.lora_folders):  # sd1 is shared by the whole session: hand it back untuned
             sd1.unload_lora(name)
         sd1.use_lora(None)
+
+
+def test_the_train_tab_runs_on_policy_rounds_for_its_session_and_refuses_bad_input(sd1, tmp_path):
+    """Start rounds: a DDPO child on the prompts given, rewarded by the app's scorer (by name), progress by rounds;
+    a bad algorithm, prompt list, candidate count or a missing scorer is a message and starts nothing."""
+    import time
+
+    from app.service import AppService
+
+    svc = AppService(sd1, store_dir=tmp_path / "store", runs_dir=tmp_path / "runs", scorer=lambda ims, ps: [0.0] * len(ims))
+    url, demo = launch_app(svc)
+    c = gradio_client.Client(url, verbose=False)
+    try:
+        for args, msg in [(("dpo", 4, 1e-4, 2, "dfusion", "a red dog", 4), "on-policy rounds train ddpo or dpok"),
+                          (("ddpo", 4, 1e-4, 2, "dfusion", " \n ", 4), "one per line"),
+                          (("ddpo", 4, 1e-4, 2, "dfusion", "a red dog", 2), "between 4 and 64"),
+                          (("ddpo", 4, 1e-4, 0, "dfusion", "a red dog", 4), "rounds must be between"),
+                          (("ddpo", 4, 1e-4, 2, "dfusion", "a red dog", 4), "need the scorer")]:
+            with pytest.raises(Exception, match=msg) as shown:
+                c.predict(*args, api_name="/train_on_policy")
+            assert "Traceback" not in str(shown.value) and "internal error" not in str(shown.value)
+        assert svc.jobs == {}  # nothing was started
+        svc.scorer_source = "default"  # the shipped CLIP, by name, for the child
+        msg, status, progress, _ = c.predict("ddpo", 4, 1e-3, 1, "random", "a red dog\na red  dog\na blue cat", 4,
+                                             api_name="/train_on_policy")
+        assert msg.startswith("started ddpo rounds (random pairs) on 2 prompt(s), 4 candidates") and "round 0/1" in status
+        deadline = time.time() + 240
+        while time.time() < deadline and status.startswith("running"):
+            time.sleep(1)
+            status = c.predict(api_name="/train_status")[0]
+        assert status.startswith("done: round 1/1 done") and "mean reward" in status and "weights ready" in status, status
+        folder = status.split("run folder ")[1].split(" · ")[0]
+        rounds = [json.loads(x) for x in (Path(folder) / "rounds.jsonl").read_text().splitlines()]
+        assert len(rounds) == 1 and rounds[0]["samples"] == 8  # 2 prompts x 4 candidates, all of a random round
+        other = gradio_client.Client(url, verbose=False)
+        assert other.predict(api_name="/train_status")[0].startswith("no fine-tune started in this session")
+    finally:
+        for job in svc.jobs.values():
+            job.cancel()
+        demo.close()

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from dfusion_core.engine.config import SamplingParams
-from dfusion_core.shapesworld.experiment import Experiment, ExperimentConfig, paired_difference, report_markdown
+from dfusion_core.shapesworld.experiment import Arm, Experiment, ExperimentConfig, paired_difference, pooled_summary
+from dfusion_core.shapesworld.experiment_report import write_reports
 
 
 def brightness(images, prompts):
@@ -22,36 +23,63 @@ def test_paired_difference_by_hand():
     assert paired_difference(a, b, "action")["diff"] is None
 
 
-def test_smoke_experiment_runs_every_arm_and_resumes(sd1, tmp_path):
+def test_paired_difference_pools_training_seeds_and_pairs_a_single_base():
+    rows = lambda vals: [{"family": "spatial", "prompt": f"p{i // 2}", "seed": i % 2, "correct": v}
+                         for i, v in enumerate(vals)]
+    base = rows([0, 0, 0, 0])
+    d = paired_difference([rows([1, 1, 0, 0]), rows([1, 0, 0, 0])], base, "spatial")
+    assert d["per_run"] == [0.5, 0.25] and d["diff"] == 0.375  # per sample averaged over the runs, then over samples
+    assert d["ci95"][0] <= 0.375 <= d["ci95"][1]
+    with pytest.raises(ValueError, match="pair runs"):
+        paired_difference([rows([1, 1, 0, 0])] * 2, [base] * 3, "spatial")
+    p = pooled_summary([rows([1, 1, 0, 0]), rows([1, 0, 0, 0])], "all")
+    assert p["mean"] == 0.375 and p["per_run"] == [0.5, 0.25]
+
+
+def test_smoke_experiment_runs_every_part_and_resumes(sd1, tmp_path):
     cfg = ExperimentConfig.smoke()
     sampling = SamplingParams(num_steps=cfg.num_steps, height=64, width=64, guidance_scale=2.0)
     exp = Experiment(sd1, brightness, cfg, tmp_path, sampling=sampling, log=lambda *_: None)
-    summary = exp.run()
+    calib = exp.run("calibrate")
+    assert list(calib["arms"]) == ["base", "dpo/random", "ddpo/random", "dpok/random"]
+    summary = exp.run("headline")
     arms = summary["arms"]
     assert list(arms) == ["base", "dpo/random", "dpo/dfusion", "ddpo/random", "ddpo/dfusion", "dpok/random",
-                          "dpok/dfusion", "dpo/dfusion-no-mask"]
-    sizes = {c["pairs"] for c in summary["pair_sets"].values()}
-    assert len(sizes) == 1 and sizes.pop() >= 2  # every arm trains on the same number of pairs
+                          "dpok/dfusion"]
+    sig = summary["pair_signal"]
+    assert sig["random"]["pairs"] == sig["dfusion"]["pairs"] >= 2  # the offline arms train on as many pairs
+    assert sig["random"]["masked"] == 0 and sig["dfusion"]["masked"] >= 1  # random pairs have no fusion mask
     for name, a in arms.items():
-        fam = a["families"]
-        assert set(fam) == {"action", "attribute", "spatial", "all"}
-        lo, hi = fam["all"]["accuracy_ci95_prompts"]
-        assert lo <= fam["all"]["accuracy"] <= hi
-        assert (a["final_train_row"] is None) == (name == "base")
-    # random pairs are not fused, so they have no mask region
-    assert summary["pair_sets"]["random"]["change_inside_mask"] is None
-    assert summary["pair_sets"]["dfusion"]["change_whole"] is not None
-    assert set(summary["comparisons"]) == {"dpo", "ddpo", "dpok"}
-    assert (tmp_path / "accuracy.png").stat().st_size > 0 and (tmp_path / "triplets.png").stat().st_size > 0
-    md = report_markdown(summary, "python -m dfusion_core.shapesworld.experiment --smoke", ".")
-    assert "**Headline:**" in md and "| dpo | spatial |" in md
+        for split in ("train", "test"):
+            fam = a[split]
+            assert set(fam) == {"action", "attribute", "spatial", "all"}
+            lo, hi = fam["all"]["correct"]["ci95"]
+            assert lo <= fam["all"]["correct"]["mean"] <= hi
+            assert ("test_movement" in a) == (name != "base")
+    # on-policy arms ran rounds on fresh samples; the D-Fusion arm's include fused targets
+    ddpo = [json.loads(p.read_text()) for p in (tmp_path / "arms").glob("ddpo__*.json")]
+    assert {r["kind"] for r in ddpo} == {"random", "dfusion"}
+    assert all(len(r["train"]["rounds"]) == cfg.rounds for r in ddpo)
+    assert [r["train"]["rounds"][0]["fused"] > 0 for r in sorted(ddpo, key=lambda r: r["kind"])] == [True, False]
+    assert set(summary["comparisons"]["test"]) == {"dpo", "ddpo", "dpok"}
+    abl = exp.run("ablations")
+    assert set(abl["ablations"]) == {"dpo/dfusion-no-mask", "dpo/dfusion-masked-loss"}
+    masked = json.loads(exp.arm_path(Arm("dpo", "dfusion", 0, "masked-loss")).read_text())
+    assert masked["train"]["config"]["dpo_outside_weight"] == 0.0
+    assert "dfusion-no-mask" in abl["pair_signal"] and "dfusion-masked-loss" not in abl["pair_signal"]
+    path = write_reports(exp, "python -m dfusion_core.shapesworld.experiment --smoke", str(tmp_path / "docs" / "R.md"))
+    md = (tmp_path / "docs" / "R.md").read_text()
+    assert "**Headline:**" in md and "| dpo | spatial |" in md and "## Calibration" in md and "## Ablations" in md
+    assert path.is_file() and (tmp_path / "docs" / "results" / "accuracy.png").stat().st_size > 0
     # a re-run reuses pair sets and finished arms: the same numbers, no retraining
-    again = Experiment(sd1, brightness, cfg, tmp_path, sampling=sampling, log=lambda *_: None).run()
+    again = Experiment(sd1, brightness, cfg, tmp_path, sampling=sampling, log=lambda *_: None).run("headline")
     assert json.dumps(again["arms"], sort_keys=True) == json.dumps(arms, sort_keys=True)
 
 
 @pytest.mark.parametrize("flags,msg", [(["--algos", "sft"], "unknown"), (["--ablations", "nomask"], "unknown ablation"),
-                                       (["--extra", "/no/such/file.md"], "no such file")])
+                                       (["--extra", "/no/such/file.md"], "no such file"),
+                                       (["--seeds", "0", "0"], "distinct"), (["--rounds", "0"], ">= 1"),
+                                       (["--workers", "0"], "--workers"), (["--part", "all"], "invalid choice")])
 def test_bad_flags_are_one_line_errors(flags, msg, capsys):
     from dfusion_core.shapesworld.experiment import main
 

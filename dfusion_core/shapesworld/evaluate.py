@@ -102,7 +102,12 @@ def localisation(token_maps: torch.Tensor, tokens: tuple[int, ...], silhouette: 
 
 
 def evaluate(model: LoadedModel, scorer=None, split: str = "test", n_prompts: int = 40, seeds_per_prompt: int = 5,
-             sampling: SamplingParams | None = None, families=FAMILIES, seed: int = 0, progress=None) -> dict:
+             sampling: SamplingParams | None = None, families=FAMILIES, seed: int = 0, progress=None,
+             localise: bool = True) -> dict:
+    """`localise=False` samples plainly (no attention recording, no mask rows): the evidence harness's many arms
+    need accuracy, CLIP score and diversity only."""
+    from ..engine.sampling import sample
+
     sampling = sampling or SamplingParams()
     factors = tuple(model.defaults.get("layer_factors", (4,)))
     rng = random.Random(seed)
@@ -110,8 +115,11 @@ def evaluate(model: LoadedModel, scorer=None, split: str = "test", n_prompts: in
     specs = [(fam, s) for fam in families for s in prompt_list(fam, split, n_prompts)]
     for i, (fam, spec) in enumerate(specs):
         seeds = [seed * 100_000 + i * 100 + k for k in range(seeds_per_prompt)]
-        rec = record_attention(model, spec.text, seeds, sampling, layer_factors=factors)
-        obj_tokens = object_token_indices(model.tokenizer, spec)
+        if localise:
+            rec = record_attention(model, spec.text, seeds, sampling, layer_factors=factors)
+            obj_tokens = object_token_indices(model.tokenizer, spec)
+        else:
+            rec, obj_tokens = sample(model, spec.text, seeds, sampling), []
         div = diversity(rec.images)
         if scorer is not None:
             wrong = [list(perturbations(spec, rng).values()) for _ in seeds]

@@ -1,70 +1,135 @@
 """The paper's claim, checked with ground truth: do D-Fusion pairs align a model better than random pairs?
 
-    python -m dfusion_core.shapesworld.experiment --out runs/experiment --report docs/RESULTS.md     # the full comparison
-    python -m dfusion_core.shapesworld.experiment --out /tmp/smoke --smoke                            # minutes, same code
+    python -m dfusion_core.shapesworld.experiment --out runs/experiment --part calibrate     # the budget, train prompts
+    python -m dfusion_core.shapesworld.experiment --out runs/experiment --report docs/RESULTS.md   # the headline
+    python -m dfusion_core.shapesworld.experiment --out runs/experiment --part ablations --report docs/RESULTS.md
+    python -m dfusion_core.shapesworld.experiment --out /tmp/smoke --smoke                         # minutes, same code
 
-Every arm gets the same budget: pairs built by the CLIP scorer from the same candidates of the same TRAIN
-prompts (equal pair counts), the same training steps, learning rate, LoRA and seeds. Arms: the base model;
-DPO, DDPO and DPOK each on random pairs (the paper's baseline) and on D-Fusion pairs; DPO on D-Fusion pairs
-built with ablated settings (no mask, early / late steps, other threshold modes, reference-union-base).
-Every arm is evaluated on the TEST prompts (combinations never trained on) with the ground-truth checker and
-the CLIP scorer, on the same seeds. Settings are the paper's defaults; nothing is tuned on test prompts.
+Every arm trains on the same TRAIN prompts with the same budget. DPO trains offline on a fixed pair set: random
+pairs (candidates paired at random, the higher CLIP score wins; the paper's baseline) or D-Fusion pairs (fused
+targets over bases) built from the very same candidates, cut to one size. DDPO and DPOK run as their papers do,
+in on-policy rounds (training/onpolicy.py): each round samples fresh candidates from the current policy, pairs them
+(random arm: plain samples; D-Fusion arm: fused targets and their bases), scores them and trains PPO-clip /
+clipped PG + KL on them. The headline repeats every trained arm over several training seeds (LoRA start, batch
+order, noise and, on-policy, the rounds' samples).
 
-Resumable: pair sets and per-arm results are written as they finish and are reused on a re-run.
+Evaluation, the same seeds for every arm: TRAIN prompts with held-out seeds (the seeds the model was trained on
+are hashes of the prompt; these are not) and TEST prompts (combinations never trained on), per family: checker
+accuracy, CLIP score and diversity with 95% bootstrap intervals over prompts; each arm's movement from the base
+model and D-Fusion minus random as paired differences on the same prompts and seeds (pooled over training seeds,
+and per seed). Before any training, the pair signal of every pair set (training/pair_signal.py). The budget is
+chosen on TRAIN prompts only (`--part calibrate`: the random arms of the first seed, which the headline reuses).
+
+Resumable: pair sets and per-arm results are written as they finish and are reused on a re-run. `--workers N`
+runs arms in N processes (one torch thread each).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import time
+import zlib
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ..engine.ablation import change_inside_outside, default_ranges, mask_region
 from ..engine.config import FusionParams, MaskParams, SamplingParams, apply_model_defaults, fusion_defaults
 from ..engine.loading import LoadedModel
 from ..engine.pairs import PairingParams, PairRecord, build_pairs, build_random_pairs, load_pairs, save_pairs
 from .evaluate import evaluate, grouped_bootstrap
 from .world import FAMILIES, prompt_list
 
+PARTS = ("calibrate", "headline", "ablations")
+SPLITS = ("train", "test")
+METRICS = ("correct", "clip", "diversity")  # checker accuracy, CLIP score, diversity across a prompt's seeds
+
 
 @dataclass(frozen=True)
 class ExperimentConfig:
-    """One budget for every arm (defaults: the paper's training setup, sized for <= 60 min on 2 CPU cores)."""
+    """One budget for every arm, sized for the SD3-shaped default on 2 CPU cores (the headline <= 90 minutes)."""
 
-    train_prompts: int = 4  # train prompts per family that pairs are built from (8 pairs each)
-    num_candidates: int = 16  # candidates sampled and scored per prompt (paper: 16)
-    num_steps: int = 20  # DDIM steps everywhere (paper: 20)
-    train_steps: int = 150  # optimizer steps per arm
-    batch_size: int = 4  # pairs (DPO) or trajectories (DDPO, DPOK) per step
-    lr: float = 1e-4  # AdamW, LoRA rank 4 on attention (paper)
-    lora_rank: int = 4
-    eval_prompts: int = 16  # TEST prompts per family
-    eval_seeds: int = 3  # seeds per test prompt, the same for every arm
+    # ---- prompts and pair sets: every algorithm trains on the same TRAIN prompts
+    train_prompts: int = 4  # TRAIN prompts per family
+    num_candidates: int = 16  # candidates per prompt for the offline pair sets (paper: 16 -> 8 pairs a prompt)
+    num_steps: int = 20  # sampling steps everywhere (paper: 20)
+    pair_seed: int = 0  # candidate seeds of the offline pair sets
+    # ---- DPO, offline on a fixed pair set. Calibrated on TRAIN prompts (random pairs, docs/RESULTS.md): at the
+    # paper's beta 5000 the loss rose from 0.69 to ~2 instead of falling (lr 1e-3: accuracy unmoved; lr 3e-3: the
+    # model collapsed, accuracy 0.63 -> 0.25); at beta 500 it falls (0.71 -> 0.15) and the samples move
+    dpo_steps: int = 600  # optimizer steps
+    dpo_batch: int = 8  # pairs per step
+    dpo_lr: float = 1e-3  # AdamW
+    dpo_rank: int = 16  # LoRA rank on attention
+    dpo_beta: float = 500.0  # Diffusion-DPO beta, beta/2 convention (paper: 5000 for SD 1.5)
+    # ---- DDPO and DPOK, on-policy rounds. Calibrated on TRAIN prompts: at lr 3e-4 three rounds left every
+    # evaluation sample unchanged (approx KL 1e-8, no clipping); at 5e-3 with two passes KL ~1e-3, 2-5% clipped
+    rounds: int = 3  # sample -> pair -> score -> train rounds
+    round_candidates: int = 8  # fresh candidates per prompt per round
+    rl_batch: int = 8  # trajectories per optimizer step
+    rl_lr: float = 5e-3
+    inner_epochs: int = 2  # passes over a round's samples
+    steps_per_trajectory: int = 5  # denoising steps trained per trajectory and pass (random ones; 0 = all)
+    rl_rank: int = 4  # LoRA rank on attention (paper)
+    # ---- evaluation: the same seeds for every arm
+    eval_train_seeds: int = 6  # held-out seeds per TRAIN prompt
+    eval_prompts: int = 10  # TEST prompts per family
+    eval_seeds: int = 4  # seeds per TEST prompt
+    eval_seed: int = 1  # evaluation seeds derive from it (never a candidate seed: those are prompt hashes)
     algos: tuple[str, ...] = ("dpo", "ddpo", "dpok")
-    # DPO on D-Fusion pairs built with one setting changed: global fusion, early / late steps only, relative
-    # threshold instead of Otsu, reference-union-base mask, the paper's union of per-keyword masks
-    ablations: tuple[str, ...] = ("no-mask", "early", "late", "relative", "union-base", "union")
-    seed: int = 0
+    seeds: tuple[int, ...] = (0, 1, 2)  # training seeds: every trained arm of the headline runs once per seed
+    # ---- ablations (--part ablations): DPO on D-Fusion pairs built with one setting changed, or trained with the
+    # mask-weighted loss; run with the first training seed
+    ablations: tuple[str, ...] = ("no-mask", "early", "late", "union", "reference-only", "masked-loss")
 
     @classmethod
     def smoke(cls) -> "ExperimentConfig":
-        return cls(train_prompts=1, num_candidates=4, num_steps=4, train_steps=2, batch_size=2, eval_prompts=1,
-                   eval_seeds=2, ablations=("no-mask",))
+        return cls(train_prompts=1, num_candidates=4, num_steps=4, dpo_steps=2, dpo_batch=2, rounds=1,
+                   round_candidates=4, rl_batch=2, steps_per_trajectory=1, eval_train_seeds=2, eval_prompts=1,
+                   eval_seeds=2, seeds=(0,), ablations=("no-mask", "masked-loss"))
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One trained (or the base) model of the experiment."""
+
+    algo: str | None  # dpo | ddpo | dpok; None = the base model
+    kind: str | None = None  # random | dfusion
+    seed: int | None = None  # training seed
+    ablation: str | None = None  # DPO on D-Fusion pairs with this setting changed (fusion_variants / masked-loss)
+
+    @property
+    def name(self) -> str:
+        if self.algo is None:
+            return "base"
+        return f"{self.algo}/{self.kind}{'-' + self.ablation if self.ablation else ''}/s{self.seed}"
+
+    @property
+    def group(self) -> str:
+        """The name without the seed: the runs of one arm over training seeds."""
+        return self.name.rsplit("/s", 1)[0]
+
+    @property
+    def pair_set(self) -> str | None:
+        """The offline pair set it trains on (DPO only)."""
+        if self.algo != "dpo":
+            return None
+        if self.ablation and self.ablation != "masked-loss":
+            return f"dfusion-{self.ablation}"
+        return self.kind
 
 
 def fusion_variants(base: FusionParams, num_steps: int, names) -> dict[str, FusionParams]:
-    """The D-Fusion setting and its ablations, by name ('dfusion' = the model's fusion form, its dfusion.json over
-    the paper's defaults)."""
-    ranges = {name: (a, b) for name, a, b in default_ranges(num_steps)}
+    """The D-Fusion pair sets by name: 'dfusion' = the model's fusion form (its dfusion.json over the paper's
+    defaults) and one 'dfusion-<ablation>' per fusion ablation ('masked-loss' changes the loss, not the pairs)."""
+    half = max(base.start_step, num_steps // 2)
     table = {
         "no-mask": replace(base, use_mask=False),  # global fusion
-        "early": replace(base, start_step=min(ranges["early"][0], num_steps), end_step=min(ranges["early"][1], num_steps)),
-        "late": replace(base, start_step=min(ranges["late"][0], num_steps), end_step=num_steps),
+        "early": replace(base, end_step=half),  # the first half of the fused steps only
+        "late": replace(base, start_step=min(half + 1, num_steps), end_step=num_steps),
         "relative": replace(base, mask=replace(base.mask, threshold_mode="relative", threshold=0.5)),
         "area": replace(base, mask=replace(base.mask, threshold_mode="area", threshold=0.25)),
         "union-base": replace(base, mask=replace(base.mask, union_base=True)),
@@ -72,44 +137,65 @@ def fusion_variants(base: FusionParams, num_steps: int, names) -> dict[str, Fusi
         "no-hold": replace(base, hold_outside=False),  # the target's latents outside the mask not held
         "union": replace(base, mask=replace(base.mask, combine="union")),  # the paper's: OR of per-keyword masks
     }
-    unknown = [n for n in names if n not in table]
+    unknown = [n for n in names if n not in table and n != "masked-loss"]
     if unknown:
-        raise ValueError(f"unknown ablation(s) {unknown}; choose from {sorted(table)}")
-    return {"dfusion": base} | {f"dfusion-{n}": table[n] for n in names}
+        raise ValueError(f"unknown ablation(s) {unknown}; choose from {sorted([*table, 'masked-loss'])}")
+    return {"dfusion": base} | {f"dfusion-{n}": table[n] for n in names if n in table}
 
 
-def pair_consistency(records: list[PairRecord]) -> dict:
-    """How winner and loser differ: mean |winner - loser| (0..255) over the whole image, and, where a fusion
-    mask exists, inside vs outside it. Consistent pairs change the inside and keep the outside."""
-    whole, inside, outside, gaps = [], [], [], []
-    for r in records:
-        w, l = r.images["target"], r.images["base"]
-        everything = np.ones(w.size[::-1], dtype=bool)
-        whole.append(change_inside_outside(w, l, everything)[0])
-        gaps.append(float(r.scores["target"] - r.scores["base"]))
-        if r.fusion:  # random pairs are not fused: no mask
-            last = r.fusion["end_step"] or r.masks.shape[0]
-            i, o = change_inside_outside(w, l, mask_region(r.masks, r.fusion["start_step"], last, w.size[::-1]))
-            inside += [i] if not np.isnan(i) else []
-            outside += [o] if not np.isnan(o) else []
-    mean = lambda v: float(np.mean(v)) if v else None
-    return {"pairs": len(records), "score_gap": mean(gaps), "change_whole": mean(whole),
-            "change_inside_mask": mean(inside), "change_outside_mask": mean(outside)}
+def _runs(rows) -> list[list[dict]]:
+    """One run's rows (a list of dicts) or several runs' (a list of lists) -> a list of runs."""
+    return [rows] if not rows or isinstance(rows[0], dict) else list(rows)
 
 
-def paired_difference(rows_a: list[dict], rows_b: list[dict], family: str, key: str = "correct",
-                      n_boot: int = 2000, seed: int = 0) -> dict:
-    """Mean of a - b over the same (prompt, seed) samples, with a 95% bootstrap interval resampling prompts."""
-    pick = lambda rows: {(r["prompt"], r["seed"]): float(r[key]) for r in rows if family == "all" or r["family"] == family}
-    a, b = pick(rows_a), pick(rows_b)
+def paired_difference(rows_a, rows_b, family: str, key: str = "correct", n_boot: int = 2000, seed: int = 0) -> dict:
+    """Mean of a - b over the same (prompt, seed) samples, with a 95% bootstrap interval resampling prompts.
+
+    rows_a / rows_b: one run's evaluation rows, or several runs' (training seeds). Runs are paired in order (a
+    single run of b, the base model, pairs with every run of a); a sample's difference is averaged over the runs
+    first, so the interval is over prompts, not over seeds. `per_run`: each run's own mean difference (the spread
+    over training seeds)."""
+    ra, rb = _runs(rows_a), _runs(rows_b)
+    if len(rb) == 1:
+        rb = rb * len(ra)
+    if len(ra) != len(rb):
+        raise ValueError(f"{len(ra)} runs against {len(rb)}: pair runs one to one, or against a single run")
+    pick = lambda rows: {(r["prompt"], r["seed"]): float(r[key]) for r in rows
+                         if (family == "all" or r["family"] == family) and r.get(key) is not None}
+    per_sample: dict[tuple, list[float]] = {}
+    per_run = []
+    for a_rows, b_rows in zip(ra, rb):
+        a, b = pick(a_rows), pick(b_rows)
+        common = a.keys() & b.keys()
+        per_run.append(float(np.mean([a[k] - b[k] for k in common])) if common else None)
+        for k in common:
+            per_sample.setdefault(k, []).append(a[k] - b[k])
     by_prompt: dict[str, list[float]] = {}
-    for k in a.keys() & b.keys():
-        by_prompt.setdefault(k[0], []).append(a[k] - b[k])
+    for (prompt, _), diffs in per_sample.items():
+        by_prompt.setdefault(prompt, []).append(float(np.mean(diffs)))
     if not by_prompt:
-        return {"diff": None, "ci95": [None, None]}
+        return {"diff": None, "ci95": [None, None], "per_run": per_run}
     groups = list(by_prompt.values())
     diff = sum(map(sum, groups)) / sum(map(len, groups))
-    return {"diff": float(diff), "ci95": list(grouped_bootstrap(groups, n_boot, seed))}
+    return {"diff": float(diff), "ci95": list(grouped_bootstrap(groups, n_boot, seed)), "per_run": per_run}
+
+
+def pooled_summary(runs: list[list[dict]], family: str, key: str = "correct") -> dict:
+    """Mean of `key` over several runs' rows with a 95% interval resampling prompts (a prompt's samples from every
+    run form one group), and each run's mean."""
+    by_prompt: dict[str, list[float]] = {}
+    per_run = []
+    for rows in runs:
+        vals = [(r["prompt"], float(r[key])) for r in rows
+                if (family == "all" or r["family"] == family) and r.get(key) is not None]
+        per_run.append(float(np.mean([v for _, v in vals])) if vals else None)
+        for p, v in vals:
+            by_prompt.setdefault(p, []).append(v)
+    if not by_prompt:
+        return {"mean": None, "ci95": [None, None], "per_run": per_run}
+    groups = list(by_prompt.values())
+    return {"mean": sum(map(sum, groups)) / sum(map(len, groups)), "ci95": list(grouped_bootstrap(groups)),
+            "per_run": per_run}
 
 
 class Experiment:
@@ -119,16 +205,24 @@ class Experiment:
         s, mask = apply_model_defaults(model.defaults, SamplingParams(num_steps=cfg.num_steps), MaskParams())
         self.sampling = (sampling or s).validate()
         self.fusion = fusion_defaults(model.defaults, mask).validate(self.sampling.num_steps)  # the model's form
-        self.pairing = PairingParams(num_candidates=cfg.num_candidates, seed=cfg.seed).validate()
+        self.pairing = PairingParams(num_candidates=cfg.num_candidates, seed=cfg.pair_seed).validate()
         self.train_prompts = [p.text for fam in FAMILIES for p in prompt_list(fam, "train", cfg.train_prompts)]
         self._candidates: dict = {}
 
     # ---- pair sets ------------------------------------------------------------------------------
-    def pair_sets(self) -> dict[str, list[PairRecord]]:
-        """random + every D-Fusion variant, from one set of candidates; truncated to one common size."""
+    def pair_set_names(self, part: str) -> list[str]:
+        names = ["random", "dfusion"] if "dpo" in self.cfg.algos or part == "ablations" else []
+        if part == "ablations":
+            names += [n for n in fusion_variants(self.fusion, self.sampling.num_steps, self.cfg.ablations)
+                      if n != "dfusion"]
+        return names
+
+    def pair_sets(self, names: list[str]) -> dict[str, list[PairRecord]]:
+        """The named pair sets (random, dfusion, dfusion-<ablation>) from one set of candidates, each cut to one
+        common size (a fixed random subset); the signal of the cut set is written beside it."""
         variants = fusion_variants(self.fusion, self.sampling.num_steps, self.cfg.ablations)
         sets = {}
-        for name in ["random", *variants]:
+        for name in names:
             folder = self.out / "pairs" / name
             if (folder / "pairs.jsonl").is_file():
                 sets[name] = load_pairs(folder)
@@ -143,260 +237,264 @@ class Experiment:
             save_pairs(recs, folder)
             self.log(f"pairs {name}: {len(recs)} in {time.time() - t0:.0f}s")
             sets[name] = recs
-        n = min(len(r) for r in sets.values())
-        if n < 2:
-            raise ValueError(f"only {n} pairs could be built; raise train_prompts or num_candidates")
-        rng = np.random.default_rng(self.cfg.seed)
-        return {k: [v[i] for i in sorted(rng.permutation(len(v))[:n])] for k, v in sets.items()}
-
-    # ---- arms -------------------------------------------------------------------------------------
-    def arms(self) -> list[tuple[str, str | None, str | None]]:
-        """(arm name, algorithm, pair set); the base model has neither."""
-        out = [("base", None, None)]
-        for algo in self.cfg.algos:
-            out += [(f"{algo}/random", algo, "random"), (f"{algo}/dfusion", algo, "dfusion")]
-        out += [(f"dpo/dfusion-{a}", "dpo", f"dfusion-{a}") for a in self.cfg.ablations]
+        size = self.common_size(sets)
+        out = {}
+        for name, recs in sets.items():  # each set's cut depends on its name only, whatever else is loaded
+            rng = np.random.default_rng([self.cfg.pair_seed, zlib.crc32(name.encode())])
+            keep = sorted(rng.permutation(len(recs))[:size]) if len(recs) > size else range(len(recs))
+            out[name] = [recs[i] for i in keep]
+            self._write_signal(name, out[name])
         return out
 
+    def common_size(self, sets: dict[str, list[PairRecord]]) -> int:
+        """The size every pair set is cut to: the smaller of the random and D-Fusion sets (an ablation set that
+        comes out smaller keeps all its pairs; the report gives each set's count)."""
+        sizes = [len(sets[n]) if n in sets else len(load_pairs(self.out / "pairs" / n, with_images=False))
+                 for n in ("random", "dfusion") if n in sets or (self.out / "pairs" / n / "pairs.jsonl").is_file()]
+        size = min(sizes) if sizes else min(len(v) for v in sets.values())
+        if size < 2:
+            raise ValueError(f"only {size} pairs could be built; raise train_prompts or num_candidates")
+        return size
+
+    def _write_signal(self, name: str, records: list[PairRecord]) -> None:
+        from ..training.pair_signal import pair_signal
+        from . import check_images
+
+        path = self.out / "pairs" / name / "signal.json"
+        if not path.is_file():
+            path.write_text(json.dumps(pair_signal(records, check_images).as_dict()))
+
+    # ---- arms -------------------------------------------------------------------------------------
+    def arms(self, part: str) -> list[Arm]:
+        """The arms of a part: calibrate = the random arms of the first seed; headline = base + every algorithm x
+        {random, D-Fusion} x seed; ablations = DPO per ablation (and the D-Fusion / random DPO arms it is read
+        against), first seed."""
+        first = self.cfg.seeds[0]
+        if part == "calibrate":
+            return [Arm(None)] + [Arm(a, "random", first) for a in self.cfg.algos]
+        if part == "headline":
+            return [Arm(None)] + [Arm(a, k, s) for s in self.cfg.seeds for a in self.cfg.algos
+                                  for k in ("random", "dfusion")]
+        if part == "ablations":
+            return [Arm(None), Arm("dpo", "random", first), Arm("dpo", "dfusion", first)] + \
+                [Arm("dpo", "dfusion", first, a) for a in self.cfg.ablations]
+        raise ValueError(f"part must be one of {', '.join(PARTS)}, got {part!r}")
+
     def evaluate(self) -> dict:
-        return evaluate(self.model, self.scorer, "test", self.cfg.eval_prompts, self.cfg.eval_seeds, self.sampling,
-                        seed=self.cfg.seed)
+        """{"train": report on TRAIN prompts (held-out seeds), "test": report on TEST prompts}."""
+        c, s = self.cfg, self.cfg.eval_seed
+        return {"train": evaluate(self.model, self.scorer, "train", c.train_prompts, c.eval_train_seeds,
+                                  self.sampling, seed=s, localise=False),
+                "test": evaluate(self.model, self.scorer, "test", c.eval_prompts, c.eval_seeds, self.sampling,
+                                 seed=s, localise=False)}
 
-    def run_arm(self, name: str, algo: str | None, records: list[PairRecord] | None) -> dict:
-        from ..training.data import pairs_from_records
-        from ..training.trainer import TrainConfig, Trainer
+    def arm_path(self, arm: Arm) -> Path:
+        return self.out / "arms" / (arm.name.replace("/", "__") + ".json")
 
-        path = self._arm_path(name)
+    def run_arm(self, arm: Arm, records: list[PairRecord] | None = None) -> dict:
+        """Train (unless the base) and evaluate one arm; its result is written to arms/ and reused on a re-run."""
+        path = self.arm_path(arm)
         if path.is_file():
             return json.loads(path.read_text())
         t0 = time.time()
-        train_log = []
-        if algo is None:
-            report = self.evaluate()
+        if arm.algo is None:
+            train, reports = None, self.evaluate()
+        elif arm.algo in ("ddpo", "dpok"):
+            train, reports = self._on_policy(arm)
         else:
-            tc = TrainConfig(algo=algo, steps=self.cfg.train_steps, batch_size=self.cfg.batch_size, lr=self.cfg.lr,
-                             lora_rank=self.cfg.lora_rank, seed=self.cfg.seed, ckpt_every=self.cfg.train_steps)
-            tr = Trainer(self.model, pairs_from_records(records), tc, self.out / "train" / name.replace("/", "__"))
-            try:
-                train_log = tr.run(resume=True, progress=False).history
-                tr.net.eval()
-                report = self.evaluate()
-            finally:
-                tr.unload()
-        result = {"arm": name, "algo": algo, "pairs": None if records is None else len(records), "report": report,
-                  "seconds": time.time() - t0,
-                  "final_train_row": train_log[-1] if train_log else None}
+            if records is None:
+                records = self.pair_sets([arm.pair_set])[arm.pair_set]
+            train, reports = self._offline(arm, records)
+        result = {"arm": arm.name, "group": arm.group, **asdict(arm), "pairs": None if records is None else len(records),
+                  "seconds": time.time() - t0, "train": train, "reports": reports}
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(result))
-        fams = report["families"]
-        self.log(f"{name}: " + ", ".join(f"{f} {fams[f]['accuracy']:.3f}" for f in fams) + f" ({result['seconds']:.0f}s)")
+        fams = reports["test"]["families"]
+        self.log(f"{arm.name}: test " + ", ".join(f"{f} {fams[f]['accuracy']:.3f}" for f in fams) +
+                 f" ({result['seconds']:.0f}s)")
         return result
 
-    def _arm_path(self, name: str) -> Path:
-        return self.out / "arms" / (name.replace("/", "__") + ".json")
+    def _offline(self, arm: Arm, records: list[PairRecord]) -> tuple[dict, dict]:
+        from ..training.data import pairs_from_records
+        from ..training.trainer import TrainConfig, Trainer
 
-    def run(self, finished_only: bool = False) -> dict:
-        """Run every arm (or, with finished_only, report the arms already done without running the rest)."""
+        c = self.cfg
+        tc = TrainConfig(algo=arm.algo, steps=c.dpo_steps, batch_size=c.dpo_batch, lr=c.dpo_lr, lora_rank=c.dpo_rank,
+                         dpo_beta=c.dpo_beta, seed=arm.seed, ckpt_every=c.dpo_steps,
+                         dpo_outside_weight=0.0 if arm.ablation == "masked-loss" else 1.0)
+        tr = Trainer(self.model, pairs_from_records(records), tc, self.out / "train" / arm.name.replace("/", "__"))
+        try:
+            history = tr.run(resume=True, progress=False).history
+            tr.net.eval()
+            reports = self.evaluate()
+        finally:
+            tr.unload()
+        first = lambda k: float(np.mean([h[k] for h in history[:10]])) if history and k in history[0] else None
+        last = lambda k: float(np.mean([h[k] for h in history[-10:]])) if history and k in history[0] else None
+        return {"config": asdict(tc), "first_rows": {k: first(k) for k in ("loss", "implicit_acc", "reward_margin")},
+                "last_rows": {k: last(k) for k in ("loss", "implicit_acc", "reward_margin")},
+                "steps": len(history)}, reports
+
+    def _on_policy(self, arm: Arm) -> tuple[dict, dict]:
+        from ..training.onpolicy import OnPolicyConfig, OnPolicyTrainer
+
+        c = self.cfg
+        oc = OnPolicyConfig(algo=arm.algo, arm=arm.kind, rounds=c.rounds, batch_size=c.rl_batch, lr=c.rl_lr,
+                            lora_rank=c.rl_rank, inner_epochs=c.inner_epochs,
+                            steps_per_trajectory=c.steps_per_trajectory, seed=arm.seed, ckpt_every=10 ** 6)
+        # the rounds' candidates differ by training seed; round r's pairing seed derives from this one
+        pairing = PairingParams(num_candidates=c.round_candidates, seed=c.pair_seed * 1000 + 7 + arm.seed)
+        tr = OnPolicyTrainer(self.model, self.train_prompts, self.scorer, oc,
+                             self.out / "train" / arm.name.replace("/", "__"), self.sampling,
+                             None if arm.kind == "random" else self.fusion, pairing)
+        try:
+            res = tr.run(resume=True, progress=False)
+            tr.net.eval()
+            reports = self.evaluate()
+        finally:
+            tr.unload()
+        keep = ("round", "samples", "pairs", "fused", "reward_mean", "reward_std", "optimizer_steps", "loss", "ratio",
+                "approx_kl", "clipfrac", "kl", "sample_s", "train_s")
+        return {"config": asdict(oc), "rounds": [{k: r.get(k) for k in keep if k in r} for r in tr.rounds],
+                "steps": res.steps}, reports
+
+    # ---- the run ----------------------------------------------------------------------------------
+    def run(self, part: str = "headline", workers: int = 1, worker_spec: dict | None = None,
+            finished_only: bool = False) -> dict:
+        """Run a part's arms (with finished_only, only report those already done) and write results.json."""
         t0 = time.time()
-        sets = self.pair_sets()
-        consistency = {k: pair_consistency(v) for k, v in sets.items()}
-        results = {name: self.run_arm(name, algo, sets.get(src)) for name, algo, src in self.arms()
-                   if not finished_only or self._arm_path(name).is_file()}
-        comparisons = {}
-        for algo in self.cfg.algos:
-            a, b = results.get(f"{algo}/dfusion"), results.get(f"{algo}/random")
-            if a is None or b is None:
-                continue
-            comparisons[algo] = {}
-            for fam in [*FAMILIES, "all"]:
-                fa, fb = a["report"]["families"][fam], b["report"]["families"][fam]
-                comparisons[algo][fam] = {
-                    "dfusion": fa["accuracy"], "random": fb["accuracy"],
-                    "dfusion_ci95": fa["accuracy_ci95_prompts"], "random_ci95": fb["accuracy_ci95_prompts"],
-                    "separated": fa["accuracy_ci95_prompts"][0] > fb["accuracy_ci95_prompts"][1],
-                    "paired": paired_difference(a["report"]["rows"], b["report"]["rows"], fam),
-                }
-        summary = {"config": asdict(self.cfg), "sampling": asdict(self.sampling), "model": self.model.model_id,
-                   "train_prompts": self.train_prompts, "pair_sets": consistency, "comparisons": comparisons,
-                   "arms": {k: {"algo": v["algo"], "pairs": v["pairs"], "seconds": v["seconds"],
-                                "families": v["report"]["families"], "final_train_row": v["final_train_row"]}
-                            for k, v in results.items()},
-                   "hardware": hardware(), "wall_seconds_this_run": time.time() - t0}
-        (self.out / "results.json").write_text(json.dumps(summary, indent=1))
-        figures(summary, sets.get("dfusion", []), self.out)
+        arms = self.arms(part)
+        if not finished_only:
+            if workers > 1:
+                run_in_processes(self, arms, part, workers, worker_spec or {})
+            else:
+                sets = self.pair_sets(self.pair_set_names(part)) if any(a.pair_set for a in arms) else {}
+                for arm in arms:
+                    self.run_arm(arm, sets.get(arm.pair_set))
+        from .experiment_report import summarise
+
+        results = {a.name: json.loads(self.arm_path(a).read_text()) for a in arms if self.arm_path(a).is_file()}
+        signals = {n: json.loads(p.read_text()) for n in self.pair_set_names(part)
+                   if (p := self.out / "pairs" / n / "signal.json").is_file()}
+        summary = summarise(self, part, results, signals, time.time() - t0)
+        (self.out / f"results-{part}.json").write_text(json.dumps(summary, indent=1))
         return summary
 
 
-def hardware() -> dict:
-    import os
+# ---- several processes ------------------------------------------------------------------------------
+_WORKER: dict = {}
 
+
+def _worker_init(spec: dict) -> None:
+    """A worker process: one torch thread, its own model and scorer, the same experiment."""
+    from ..engine.loading import load_model
+    from ..engine.scoring import make_scorer
+
+    torch.set_num_threads(1)
+    model = load_model(spec.get("model"), device="cpu")
+    _WORKER["exp"] = Experiment(model, make_scorer(spec.get("scorer")), ExperimentConfig(**spec["config"]),
+                                spec["out"], log=lambda m: print(f"[{os.getpid()}] {m}", flush=True))
+
+
+def _worker_pairs(names: list[str]) -> None:
+    _WORKER["exp"].pair_sets(names)
+
+
+def _worker_arm(arm: Arm) -> str:
+    _WORKER["exp"].run_arm(arm)
+    return arm.name
+
+
+def run_in_processes(exp: Experiment, arms: list[Arm], part: str, workers: int, spec: dict) -> None:
+    """The part's arms over `workers` processes: the pair sets and the base first, the long on-policy arms next
+    (D-Fusion before random), the offline arms once their pair sets exist."""
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    todo = [a for a in arms if not exp.arm_path(a).is_file()]
+    spec = {**spec, "config": asdict(exp.cfg), "out": str(exp.out)}
+    names = exp.pair_set_names(part) if any(a.pair_set for a in todo) else []
+    with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_worker_init,
+                             initargs=(spec,)) as pool:
+        ready = pool.submit(_worker_pairs, names) if names else None
+        first = [a for a in todo if a.pair_set is None]
+        first.sort(key=lambda a: (a.algo is not None, a.kind != "dfusion"))
+        futures = [pool.submit(_worker_arm, a) for a in first]
+        if ready is not None:
+            ready.result()
+        futures += [pool.submit(_worker_arm, a) for a in todo if a.pair_set is not None]
+        for f in futures:
+            f.result()
+
+
+def hardware() -> dict:
     return {"machine": platform.machine(), "processor": platform.processor() or None, "cpus": os.cpu_count(),
             "threads": torch.get_num_threads(), "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
             "torch": torch.__version__, "python": platform.python_version()}
 
 
-def figures(summary: dict, dfusion_pairs: list[PairRecord], out: Path) -> None:
-    """accuracy.png (checker accuracy per arm and family, 95% intervals) and triplets.png (base | reference | target)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    arms = [a for a in summary["arms"] if "dfusion-" not in a]
-    fams = [*FAMILIES, "all"]
-    fig, ax = plt.subplots(figsize=(10, 4))
-    width = 0.8 / len(arms)
-    for i, arm in enumerate(arms):
-        f = summary["arms"][arm]["families"]
-        acc = np.array([f[x]["accuracy"] for x in fams])
-        ci = np.array([f[x]["accuracy_ci95_prompts"] for x in fams], dtype=float)
-        ax.bar(np.arange(len(fams)) + i * width, acc, width, yerr=[acc - ci[:, 0], ci[:, 1] - acc], capsize=2, label=arm)
-    ax.set_xticks(np.arange(len(fams)) + 0.4 - width / 2, fams)
-    ax.set_ylabel("checker accuracy (test prompts)")
-    ax.legend(fontsize=7, ncol=4)
-    fig.tight_layout()
-    fig.savefig(out / "accuracy.png", dpi=110)
-    plt.close(fig)
-    picks = [r for r in dfusion_pairs if r.images.get("reference") is not None][:6]
-    if picks:
-        fig, axes = plt.subplots(len(picks), 3, figsize=(4.5, 1.6 * len(picks)), squeeze=False)
-        for row, r in zip(axes, picks):
-            for ax, key in zip(row, ("base", "reference", "target")):
-                ax.imshow(r.images[key])
-                ax.set_xticks([]); ax.set_yticks([])
-                ax.set_title(f"{key} {r.scores[key]:.2f}", fontsize=7)
-            row[0].set_ylabel(r.prompt, fontsize=6, rotation=0, ha="right", va="center")
-        fig.tight_layout()
-        fig.savefig(out / "triplets.png", dpi=110, bbox_inches="tight")
-        plt.close(fig)
-
-
-def report_markdown(summary: dict, command: str, figure_dir: str) -> str:
-    """docs/RESULTS.md from results.json: tables with intervals, the verdict per algorithm and family."""
-    fams = [*FAMILIES, "all"]
-    cfg, hw = summary["config"], summary["hardware"]
-    ci = lambda c: f"[{c[0]:.2f}, {c[1]:.2f}]"
-    wins = [(a, f) for a, d in summary["comparisons"].items() for f in FAMILIES if d[f]["separated"]]
-    total = len(summary["comparisons"]) * len(FAMILIES)
-    missing = [n for n in ("base", *(f"{a}/{k}" for a in summary["config"]["algos"] for k in ("random", "dfusion")))
-               if n not in summary["arms"]]
-    lines = ["# Results: D-Fusion pairs vs random pairs on ShapesWorld", "",
-             f"**Headline:** D-Fusion pairs beat random pairs outside the 95% intervals in {len(wins)} of {total} "
-             "(algorithm, family) cells on held-out test prompts, judged by the ground-truth checker." +
-             (f" Arms not run (out of time): {', '.join(missing)}." if missing else ""), "",
-             "## Setup", "",
-             f"- Model: `{summary['model']}`; {summary['sampling']['num_steps']} DDIM steps, eta "
-             f"{summary['sampling']['eta']}, CFG {summary['sampling']['guidance_scale']}.",
-             f"- Pairs: {cfg['train_prompts']} TRAIN prompts per family, {cfg['num_candidates']} candidates each, chosen "
-             "by the ShapesWorld CLIP scorer (D-Fusion: best quarter as references, each twice, against the worst half; "
-             "random: candidates paired at random, the higher score wins); every pair set cut to the same size.",
-             f"- Training: {cfg['train_steps']} steps, batch {cfg['batch_size']}, AdamW lr {cfg['lr']}, LoRA rank "
-             f"{cfg['lora_rank']}, seed {cfg['seed']}, paper defaults otherwise (same for every arm).",
-             f"- Evaluation: {cfg['eval_prompts']} TEST prompts per family (combinations never trained on) x "
-             f"{cfg['eval_seeds']} seeds, the same for every arm; checker accuracy with 95% bootstrap intervals over "
-             "prompts; CLIP score; diversity = mean pairwise pixel difference between a prompt's seeds.",
-             f"- Hardware: {hw['cpus']} CPU cores ({hw['machine']}), {hw['threads']} torch threads, GPU: "
-             f"{hw['cuda'] or 'none'}; torch {hw['torch']}. Wall time of the run that wrote this: "
-             f"{summary['wall_seconds_this_run'] / 60:.1f} min (arms reused from an earlier run are not counted).", "",
-             "```bash", command, "```", "",
-             "## Checker accuracy on test prompts [95% CI over prompts]", "",
-             "| arm | pairs | " + " | ".join(fams) + " | CLIP (all) | diversity (all) |",
-             "| --- | --- | " + " | ".join("---" for _ in fams) + " | --- | --- |"]
-    for arm, a in summary["arms"].items():
-        f = a["families"]
-        lines.append(f"| {arm} | {a['pairs'] or '-'} | " + " | ".join(
-            f"{f[x]['accuracy']:.3f} {ci(f[x]['accuracy_ci95_prompts'])}" for x in fams) +
-            f" | {f['all'].get('clip_mean', float('nan')):.3f} | {f['all']['diversity']:.3f} |")
-    lines += ["", "## CLIP score and diversity on test prompts", "",
-              "CLIP score: mean [95% CI]; diversity: mean pairwise pixel difference between a prompt's seeds (a "
-              "collapse towards one image lowers it).", "",
-              "| arm | " + " | ".join(f"CLIP {x}" for x in fams) + " | " + " | ".join(f"diversity {x}" for x in FAMILIES) + " |",
-              "| --- | " + " | ".join("---" for _ in [*fams, *FAMILIES]) + " |"]
-    clip = lambda d: "-" if d.get("clip_mean") is None else f"{d['clip_mean']:.3f} {ci(d['clip_ci95'])}"
-    for arm, a in summary["arms"].items():
-        f = a["families"]
-        lines.append(f"| {arm} | " + " | ".join(clip(f[x]) for x in fams) + " | " +
-                     " | ".join(f"{f[x]['diversity']:.3f}" for x in FAMILIES) + " |")
-    lines += ["", "## D-Fusion minus random, per algorithm and family", "",
-              "`separated`: the two arms' 95% intervals do not overlap (the issue's criterion). `paired`: the "
-              "accuracy difference on the same prompts and seeds with a 95% bootstrap interval over prompts.", "",
-              "| algorithm | family | D-Fusion | random | separated | paired difference [95% CI] |",
-              "| --- | --- | --- | --- | --- | --- |"]
-    for algo, d in summary["comparisons"].items():
-        for fam in fams:
-            c = d[fam]
-            p = c["paired"]
-            pd = "-" if p["diff"] is None else f"{p['diff']:+.3f} {ci(p['ci95'])}"
-            lines.append(f"| {algo} | {fam} | {c['dfusion']:.3f} | {c['random']:.3f} | "
-                         f"{'yes' if c['separated'] else 'no'} | {pd} |")
-    lines += ["", "## Pair sets (train prompts)", "",
-              "Mean absolute pixel change (0-255) between winner and loser; inside / outside the fusion mask where "
-              "one exists. CLIP score gap = winner minus loser.", "",
-              "| pair set | pairs | CLIP score gap | change, whole image | inside mask | outside mask |",
-              "| --- | --- | --- | --- | --- | --- |"]
-    fmt = lambda v: "-" if v is None else f"{v:.3f}"
-    for name, c in summary["pair_sets"].items():
-        lines.append(f"| {name} | {c['pairs']} | {fmt(c['score_gap'])} | {fmt(c['change_whole'])} | "
-                     f"{fmt(c['change_inside_mask'])} | {fmt(c['change_outside_mask'])} |")
-    lines += ["", "## Figures", "", f"![accuracy per arm and family]({figure_dir}/accuracy.png)", "",
-              f"![base, reference and target of D-Fusion pairs]({figure_dir}/triplets.png)", ""]
-    return "\n".join(lines)
-
-
-def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default="runs/experiment")
-    ap.add_argument("--model", default=None, help="pipeline folder (default: the embedded ShapesWorld model)")
-    ap.add_argument("--scorer", default=None, help="scorer (default: the embedded ShapesWorld CLIP)")
-    ap.add_argument("--smoke", action="store_true", help="a few minutes: tiny budget, same code path")
-    ap.add_argument("--report", default=None, help="also write the markdown report here (e.g. docs/RESULTS.md); "
-                                                      "figures are copied beside it")
-    ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--finished-only", action="store_true", help="report the arms already finished, run nothing new")
-    ap.add_argument("--extra", default=None, help="a markdown file appended to the report (analysis, measured "
-                                                   "elsewhere, e.g. docs/results_extra.md)")
-    for f, v in asdict(ExperimentConfig()).items():
-        if isinstance(v, (int, float)):
-            ap.add_argument("--" + f.replace("_", "-"), type=type(v), default=None)
-        elif isinstance(v, tuple):
-            ap.add_argument("--" + f.replace("_", "-"), nargs="*", default=None, help=f"default: {' '.join(v)}")
-    a = ap.parse_args(argv)
-    if a.extra and not Path(a.extra).is_file():
-        ap.error(f"--extra {a.extra}: no such file")
-    if a.threads:
-        torch.set_num_threads(a.threads)
+def _config_from_args(ap: argparse.ArgumentParser, a) -> ExperimentConfig:
     base = ExperimentConfig.smoke() if a.smoke else ExperimentConfig()
     cfg = replace(base, **{f: tuple(v) if isinstance(v, list) else v for f in asdict(base)
                            if (v := getattr(a, f, None)) is not None})
     from ..training.trainer import ALGOS
 
-    bad = [x for x in cfg.algos if x not in ALGOS]
+    bad = [x for x in cfg.algos if x not in ("dpo", "ddpo", "dpok")]
     if bad:
-        ap.error(f"--algos: unknown {bad}; choose from {' '.join(ALGOS)}")
+        ap.error(f"--algos: unknown {bad}; choose from dpo ddpo dpok (of {' '.join(ALGOS)}, traj-dpo is not an arm)")
     try:
         fusion_variants(FusionParams(), cfg.num_steps, cfg.ablations)
     except ValueError as e:
         ap.error(f"--ablations: {e}")
+    for f in ("train_prompts", "num_candidates", "num_steps", "dpo_steps", "dpo_batch", "rounds", "round_candidates",
+              "rl_batch", "inner_epochs", "dpo_rank", "rl_rank", "eval_train_seeds", "eval_prompts", "eval_seeds"):
+        if getattr(cfg, f) < 1:
+            ap.error(f"--{f.replace('_', '-')} must be >= 1, got {getattr(cfg, f)}")
+    if not cfg.seeds or len(set(cfg.seeds)) != len(cfg.seeds) or min(cfg.seeds) < 0:
+        ap.error(f"--seeds: distinct integers >= 0, got {list(cfg.seeds)}")
+    if not (0 < cfg.dpo_lr < 1 and 0 < cfg.rl_lr < 1):
+        ap.error("--dpo-lr and --rl-lr must be in (0, 1)")
+    return cfg
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="runs/experiment")
+    ap.add_argument("--part", choices=PARTS, default="headline", help="calibrate: the budget on train prompts; "
+                    "headline: base + {dpo, ddpo, dpok} x {random, dfusion} x seeds; ablations (default: headline)")
+    ap.add_argument("--model", default=None, help="pipeline folder (default: the embedded ShapesWorld model)")
+    ap.add_argument("--scorer", default=None, help="scorer (default: the embedded ShapesWorld CLIP)")
+    ap.add_argument("--smoke", action="store_true", help="a few minutes: tiny budget, same code path")
+    ap.add_argument("--report", default=None, help="also write the markdown report here (e.g. docs/RESULTS.md) with "
+                    "every part finished in --out; figures go to results/ beside it")
+    ap.add_argument("--workers", type=int, default=1, help="arms run in this many processes, one thread each")
+    ap.add_argument("--finished-only", action="store_true", help="report the arms already finished, run nothing new")
+    ap.add_argument("--extra", default=None, help="a markdown file appended to the report (e.g. docs/results_extra.md)")
+    for f, v in asdict(ExperimentConfig()).items():
+        if isinstance(v, (int, float)):
+            ap.add_argument("--" + f.replace("_", "-"), type=type(v), default=None)
+        elif isinstance(v, tuple):
+            typ = int if v and isinstance(v[0], int) else str
+            ap.add_argument("--" + f.replace("_", "-"), nargs="*", type=typ, default=None,
+                            help=f"default: {' '.join(map(str, v))}")
+    a = ap.parse_args(argv)
+    if a.extra and not Path(a.extra).is_file():
+        ap.error(f"--extra {a.extra}: no such file")
+    if not 1 <= a.workers <= (os.cpu_count() or 1) * 4:
+        ap.error(f"--workers must be between 1 and {(os.cpu_count() or 1) * 4}, got {a.workers}")
+    cfg = _config_from_args(ap, a)
     from ..engine.loading import load_model
     from ..engine.scoring import make_scorer
+    from .experiment_report import write_reports
 
+    if a.workers > 1:
+        torch.set_num_threads(1)
     model = load_model(a.model, device="cpu" if not torch.cuda.is_available() else None)
-    summary = Experiment(model, make_scorer(a.scorer), cfg, a.out).run(finished_only=a.finished_only)
-    command = "python -m dfusion_core.shapesworld.experiment " + " ".join(argv if argv is not None else __import__("sys").argv[1:])
-    out = Path(a.out)
-    (out / "RESULTS.md").write_text(report_markdown(summary, command, "."))
-    if a.report:
-        import shutil
-
-        dest = Path(a.report)
-        fig_dir = dest.parent / "results"
-        fig_dir.mkdir(parents=True, exist_ok=True)
-        for png in ("accuracy.png", "triplets.png"):
-            if (out / png).is_file():
-                shutil.copy(out / png, fig_dir / png)
-        extra = Path(a.extra).read_text() if a.extra else ""
-        dest.write_text(report_markdown(summary, command, "results") + ("\n" + extra if extra else ""))
-    print(out / "RESULTS.md")
+    exp = Experiment(model, make_scorer(a.scorer), cfg, a.out)
+    exp.run(a.part, a.workers, {"model": a.model, "scorer": a.scorer}, finished_only=a.finished_only)
+    command = "python -m dfusion_core.shapesworld.experiment " + " ".join(
+        argv if argv is not None else __import__("sys").argv[1:])
+    print(write_reports(exp, command, a.report, a.extra))
 
 
 if __name__ == "__main__":
