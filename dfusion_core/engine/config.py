@@ -62,7 +62,7 @@ class MaskParams:
     threshold: float = 0.5  # absolute: attention prob; relative: fraction of max; area: kept fraction
     # mean: threshold the mean of the keywords' maps | union: threshold each keyword, OR them (paper). One
     # diffuse keyword (a colour word that also attends to the background) made the union cover 71-92% of the
-    # image on ShapesWorld's train prompts, i.e. near-global fusion (benchmarks/mask_quality.py, docs/RESULTS.md)
+    # image on ShapesWorld's train prompts, i.e. near-global fusion (benchmarks/mask_quality.py, docs/RESULTS-unet.md)
     combine: str = "mean"
     resize: str = "smooth"  # nearest (paper) | smooth (bilinear) when resizing to each fusion layer
     dilate: int = 0  # grow the mask by this many cells at mask resolution
