@@ -494,7 +494,7 @@ def main(argv=None) -> None:
     exp.run(a.part, a.workers, {"model": a.model, "scorer": a.scorer}, finished_only=a.finished_only)
     command = "python -m dfusion_core.shapesworld.experiment " + " ".join(
         argv if argv is not None else __import__("sys").argv[1:])
-    print(write_reports(exp, command, a.report, a.extra))
+    print(write_reports(exp, None if a.finished_only else command, a.report, a.extra))
 
 
 if __name__ == "__main__":

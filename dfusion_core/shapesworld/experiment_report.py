@@ -226,8 +226,9 @@ def report_markdown(parts: dict, commands: list[str], figure_dir: str) -> str:
              *_setup(any_part, commands)]
     if "calibrate" in parts:
         lines += ["## Calibration: does the budget move the model? (TRAIN prompts, held-out seeds)", "",
-                  "The random-pair arms of the first training seed against the base model; the budget was fixed here, "
-                  "before any D-Fusion arm or test prompt was looked at.", "", *_movement_table(parts["calibrate"], "train"), ""]
+                  "The random-pair arms of the first training seed against the base model. The budget was chosen "
+                  "before this run by probes on TRAIN prompts (below, 'How the budget was chosen'); no D-Fusion arm "
+                  "and no TEST prompt was used to choose it.", "", *_movement_table(parts["calibrate"], "train"), ""]
     h = parts.get("headline")
     if h is not None:
         for split, title in (("test", "TEST prompts (unseen combinations)"), ("train", "TRAIN prompts, held-out seeds")):
@@ -279,7 +280,13 @@ def figures(parts: dict, dfusion_pairs: list, out: Path) -> list[str]:
     fig.savefig(out / "accuracy.png", dpi=110)
     plt.close(fig)
     written.append("accuracy.png")
-    picks = [r for r in dfusion_pairs if r.images.get("reference") is not None][:6]
+    by_prompt = {}  # one pair per prompt, the families in turn
+    for r in dfusion_pairs:
+        if r.images.get("reference") is not None:
+            by_prompt.setdefault(r.prompt, r)
+    firsts = list(by_prompt.values())
+    step = max(1, len(firsts) // 6)
+    picks = firsts[::step][:6]
     if picks:
         fig, axes = plt.subplots(len(picks), 3, figsize=(4.5, 1.6 * len(picks)), squeeze=False)
         for row, r in zip(axes, picks):
@@ -295,15 +302,16 @@ def figures(parts: dict, dfusion_pairs: list, out: Path) -> list[str]:
     return written
 
 
-def write_reports(exp, command: str, report: str | None = None, extra: str | None = None) -> Path:
-    """RESULTS.md (and figures) in the output folder from every finished part, and at `report` if given."""
+def write_reports(exp, command: str | None, report: str | None = None, extra: str | None = None) -> Path:
+    """RESULTS.md (and figures) in the output folder from every finished part, and at `report` if given; the
+    commands that ran parts are listed in it (`command` None: a report-only run, not listed)."""
     from ..engine.pairs import load_pairs
 
     parts = {p: json.loads(f.read_text()) for p in ("calibrate", "headline", "ablations")
              if (f := exp.out / f"results-{p}.json").is_file()}
     cmds_file = exp.out / "commands.json"
     cmds = json.loads(cmds_file.read_text()) if cmds_file.is_file() else []
-    cmds = [c for c in cmds if c != command] + [command]
+    cmds = [c for c in cmds if c != command] + ([command] if command else [])
     cmds_file.write_text(json.dumps(cmds))
     folder = exp.out / "pairs" / "dfusion"
     pairs = load_pairs(folder) if (folder / "pairs.jsonl").is_file() else []
