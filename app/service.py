@@ -598,9 +598,12 @@ class AppService:
         if not 4 <= n <= 64:
             raise UserError(f"candidates per prompt must be between 4 and 64 (a round pairs the best quarter with "
                             f"the worst half), got {n}")
+        if not self.ready:  # the scorer loads with the model
+            raise UserError(self.model_status())
         if self.scorer is None or self.scorer_source is None:
-            raise UserError("on-policy rounds need the scorer (their rewards are its scores): start the app with "
-                            "--scorer default or an OpenCLIP scorer")
+            why = f" (it could not be loaded: {self.scorer_error})" if self.scorer_error else ""
+            raise UserError(f"on-policy rounds need the scorer (their rewards are its scores){why}: start the app "
+                            "with --scorer default or an OpenCLIP scorer")
         token = session.token or uuid.uuid4().hex
         out = (self.runs_dir / f"{cfg.algo}-rounds-{time.strftime('%Y%m%d-%H%M%S')}-{token[:6]}").resolve()
         session = replace(session, token=token)
