@@ -63,7 +63,9 @@ def test_smoke_experiment_runs_every_part_and_resumes(sd1, tmp_path):
     assert [r["train"]["rounds"][0]["fused"] > 0 for r in sorted(ddpo, key=lambda r: r["kind"])] == [True, False]
     assert set(summary["comparisons"]["test"]) == {"dpo", "ddpo", "dpok"}
     abl = exp.run("ablations")
-    assert set(abl["ablations"]) == {"dpo/dfusion-no-mask", "dpo/dfusion-masked-loss"}
+    assert set(abl["ablations"]) == {"dpo/dfusion-no-mask", "dpo/dfusion-masked-loss", "ddpo/dfusion-no-hold"}
+    no_hold = json.loads(exp.arm_path(Arm("ddpo", "dfusion", 0, "no-hold")).read_text())
+    assert no_hold["train"]["rounds"][0]["fused"] > 0 and "random" in abl["ablations"]["ddpo/dfusion-no-hold"]["test"]
     masked = json.loads(exp.arm_path(Arm("dpo", "dfusion", 0, "masked-loss")).read_text())
     assert masked["train"]["config"]["dpo_outside_weight"] == 0.0
     assert "dfusion-no-mask" in abl["pair_signal"] and "dfusion-masked-loss" not in abl["pair_signal"]
@@ -79,7 +81,8 @@ def test_smoke_experiment_runs_every_part_and_resumes(sd1, tmp_path):
 @pytest.mark.parametrize("flags,msg", [(["--algos", "sft"], "unknown"), (["--ablations", "nomask"], "unknown ablation"),
                                        (["--extra", "/no/such/file.md"], "no such file"),
                                        (["--seeds", "0", "0"], "distinct"), (["--rounds", "0"], ">= 1"),
-                                       (["--workers", "0"], "--workers"), (["--part", "all"], "invalid choice")])
+                                       (["--workers", "0"], "--workers"), (["--part", "all"], "invalid choice"),
+                                       (["--rl-ablations", "masked-loss"], "a DPO loss")])
 def test_bad_flags_are_one_line_errors(flags, msg, capsys):
     from dfusion_core.shapesworld.experiment import main
 

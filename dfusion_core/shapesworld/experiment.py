@@ -84,12 +84,15 @@ class ExperimentConfig:
     # ---- ablations (--part ablations): DPO on D-Fusion pairs built with one setting changed, or trained with the
     # mask-weighted loss; run with the first training seed
     ablations: tuple[str, ...] = ("no-mask", "early", "late", "union", "reference-only", "masked-loss")
+    # DDPO on-policy rounds whose D-Fusion targets are fused with one setting changed (no-hold: the target's
+    # latents outside the mask not held on the base's trajectory, so its steps are the fused sampler's own)
+    rl_ablations: tuple[str, ...] = ("no-hold",)
 
     @classmethod
     def smoke(cls) -> "ExperimentConfig":
         return cls(train_prompts=1, num_candidates=4, num_steps=4, dpo_steps=2, dpo_batch=2, rounds=1,
                    round_candidates=4, rl_batch=2, steps_per_trajectory=1, eval_train_seeds=2, eval_prompts=1,
-                   eval_seeds=2, seeds=(0,), ablations=("no-mask", "masked-loss"))
+                   eval_seeds=2, seeds=(0,), ablations=("no-mask", "masked-loss"), rl_ablations=("no-hold",))
 
 
 @dataclass(frozen=True)
@@ -276,8 +279,11 @@ class Experiment:
             return [Arm(None)] + [Arm(a, k, s) for s in self.cfg.seeds for a in self.cfg.algos
                                   for k in ("random", "dfusion")]
         if part == "ablations":
-            return [Arm(None), Arm("dpo", "random", first), Arm("dpo", "dfusion", first)] + \
-                [Arm("dpo", "dfusion", first, a) for a in self.cfg.ablations]
+            # the ablations first; the arms they are read against (the headline's, reused when finished) last
+            refs = [Arm(algo, k, first) for algo in ("dpo", "ddpo") if algo == "dpo" or self.cfg.rl_ablations
+                    for k in ("random", "dfusion")]
+            return [Arm(None)] + [Arm("dpo", "dfusion", first, a) for a in self.cfg.ablations] + \
+                [Arm("ddpo", "dfusion", first, a) for a in self.cfg.rl_ablations] + refs
         raise ValueError(f"part must be one of {', '.join(PARTS)}, got {part!r}")
 
     def evaluate(self) -> dict:
@@ -339,14 +345,16 @@ class Experiment:
         from ..training.onpolicy import OnPolicyConfig, OnPolicyTrainer
 
         c = self.cfg
+        fusion = None if arm.kind == "random" else self.fusion
+        if arm.ablation:
+            fusion = fusion_variants(self.fusion, self.sampling.num_steps, [arm.ablation])[f"dfusion-{arm.ablation}"]
         oc = OnPolicyConfig(algo=arm.algo, arm=arm.kind, rounds=c.rounds, batch_size=c.rl_batch, lr=c.rl_lr,
                             lora_rank=c.rl_rank, inner_epochs=c.inner_epochs,
                             steps_per_trajectory=c.steps_per_trajectory, seed=arm.seed, ckpt_every=10 ** 6)
         # the rounds' candidates differ by training seed; round r's pairing seed derives from this one
         pairing = PairingParams(num_candidates=c.round_candidates, seed=c.pair_seed * 1000 + 7 + arm.seed)
         tr = OnPolicyTrainer(self.model, self.train_prompts, self.scorer, oc,
-                             self.out / "train" / arm.name.replace("/", "__"), self.sampling,
-                             None if arm.kind == "random" else self.fusion, pairing)
+                             self.out / "train" / arm.name.replace("/", "__"), self.sampling, fusion, pairing)
         try:
             res = tr.run(resume=True, progress=False)
             tr.net.eval()
@@ -446,6 +454,12 @@ def _config_from_args(ap: argparse.ArgumentParser, a) -> ExperimentConfig:
         fusion_variants(FusionParams(), cfg.num_steps, cfg.ablations)
     except ValueError as e:
         ap.error(f"--ablations: {e}")
+    try:
+        fusion_variants(FusionParams(), cfg.num_steps, [a for a in cfg.rl_ablations if a != "masked-loss"])
+    except ValueError as e:
+        ap.error(f"--rl-ablations: {e}")
+    if "masked-loss" in cfg.rl_ablations:
+        ap.error("--rl-ablations: masked-loss is a DPO loss; on-policy ablations change the fusion")
     for f in ("train_prompts", "num_candidates", "num_steps", "dpo_steps", "dpo_batch", "rounds", "round_candidates",
               "rl_batch", "inner_epochs", "dpo_rank", "rl_rank", "eval_train_seeds", "eval_prompts", "eval_seeds"):
         if getattr(cfg, f) < 1:

@@ -66,8 +66,9 @@ def summarise(exp, part: str, results: dict[str, dict], signals: dict[str, dict]
     ablations = {}
     for g, runs in groups.items():
         if runs[0]["ablation"]:
-            ablations[g] = {split: {ref: _compare(runs, groups[f"dpo/{ref}"], split)
-                                    for ref in ("dfusion", "random") if f"dpo/{ref}" in groups} for split in SPLITS}
+            algo = runs[0]["algo"]
+            ablations[g] = {split: {ref: _compare(runs, groups[f"{algo}/{ref}"], split)
+                                    for ref in ("dfusion", "random") if f"{algo}/{ref}" in groups} for split in SPLITS}
     return {"part": part, "config": asdict(exp.cfg), "sampling": asdict(exp.sampling), "fusion": asdict(exp.fusion),
             "model": exp.model.model_id, "train_prompts": exp.train_prompts, "pair_signal": signals, "arms": arms,
             "comparisons": comparisons, "ablations": ablations, "hardware": hardware(), "wall_seconds_this_run": wall}
@@ -187,18 +188,20 @@ def _training_table(summary: dict) -> list[str]:
 
 
 def _ablation_table(summary: dict) -> list[str]:
-    lines = ["| DPO arm | pairs | test accuracy | minus dpo/dfusion, test | minus dpo/random, test | "
-             "minus dpo/dfusion, train | moved from base, test |", "| --- " * 7 + "|"]
-    for g in ["dpo/random", "dpo/dfusion", *summary["ablations"]]:
-        a = summary["arms"].get(g)
-        if a is None:
-            continue
-        ab = summary["ablations"].get(g, {})
-        cmp = lambda split, ref: est(ab[split][ref]["all"]["correct"]) if ref in ab.get(split, {}) else "-"
-        mv = a.get("test_movement", {}).get("all", {}).get("correct")
-        lines.append(f"| {g} | {a['pairs']} | {est(a['test']['all']['correct'], 'mean', signed=False)} | "
-                     f"{cmp('test', 'dfusion')} | {cmp('test', 'random')} | {cmp('train', 'dfusion')} | "
-                     f"{est(mv) if mv else '-'} |")
+    lines = ["| arm | pairs | test accuracy | minus D-Fusion arm, test | minus random arm, test | "
+             "minus D-Fusion arm, train | moved from base, test |", "| --- " * 7 + "|"]
+    algos = list(dict.fromkeys(a["algo"] for a in summary["arms"].values() if a["algo"]))
+    for algo in algos:
+        for g in [f"{algo}/random", f"{algo}/dfusion", *(x for x in summary["ablations"] if x.startswith(algo + "/"))]:
+            a = summary["arms"].get(g)
+            if a is None:
+                continue
+            ab = summary["ablations"].get(g, {})
+            cmp = lambda split, ref: est(ab[split][ref]["all"]["correct"]) if ref in ab.get(split, {}) else "-"
+            mv = a.get("test_movement", {}).get("all", {}).get("correct")
+            lines.append(f"| {g} | {a['pairs'] or '-'} | {est(a['test']['all']['correct'], 'mean', signed=False)} | "
+                         f"{cmp('test', 'dfusion')} | {cmp('test', 'random')} | {cmp('train', 'dfusion')} | "
+                         f"{est(mv) if mv else '-'} |")
     return lines
 
 
@@ -243,9 +246,11 @@ def report_markdown(parts: dict, commands: list[str], figure_dir: str) -> str:
                   "## Training", "", *_training_table(h), ""]
     if "ablations" in parts:
         a = parts["ablations"]
-        lines += ["## Ablations (DPO, first training seed)", "",
-                  "Each row is DPO on D-Fusion pairs built with one setting changed (`masked-loss`: the model's pairs, "
-                  "the Diffusion-DPO error counted inside the fusion mask only). Differences on all families, paired.", "",
+        lines += ["## Ablations (first training seed)", "",
+                  "DPO on D-Fusion pairs built with one setting changed (`masked-loss`: the model's pairs, the "
+                  "Diffusion-DPO error counted inside the fusion mask only), and DDPO rounds whose targets are fused "
+                  "with one setting changed. Differences on all families, paired, against the same algorithm's "
+                  "D-Fusion and random arms of the same seed.", "",
                   *_ablation_table(a), "", "Pair signal of the ablation pair sets:", "", *_signal_table(a), ""]
     lines += ["## Figures", "", f"![checker accuracy per arm]({figure_dir}/accuracy.png)", "",
               f"![base, reference and target of D-Fusion pairs]({figure_dir}/triplets.png)", ""]
