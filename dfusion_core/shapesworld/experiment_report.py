@@ -211,15 +211,15 @@ def _headline(parts: dict) -> list[str]:
         return ["**Headline:** the headline run has not been run yet in this output folder."]
     won, lost, total = cells(h, "test")
     twon, tlost, ttotal = cells(h, "train")
-    moved = sum(1 for g, a in h["arms"].items() if a["algo"] and
-                verdict(a.get("test_movement", a.get("train_movement"))["all"]["correct"]) != "includes 0")
+    trained = [a for a in h["arms"].values() if a["algo"]]
+    moves = [verdict(a["test_movement"]["all"]["correct"]) for a in trained if "test_movement" in a]
     n_seeds = len(h["config"]["seeds"])
     return [f"**Headline:** on TEST prompts (combinations never trained on), D-Fusion pairs beat random pairs in "
             f"**{won} of {total}** (algorithm, family) cells and lost {lost} (paired difference in checker accuracy, "
-            f"pooled over {n_seeds} training seed(s), 95% interval above / below 0); on TRAIN prompts with held-out "
-            f"seeds they won {twon} of {ttotal} and lost {tlost}. {moved} of "
-            f"{sum(1 for a in h['arms'].values() if a['algo'])} trained arms moved the test accuracy away from the "
-            "base model outside their interval."]
+            f"pooled over up to {n_seeds} training seeds, 95% interval above / below 0); on TRAIN prompts with "
+            f"held-out seeds they won {twon} of {ttotal} and lost {tlost}. Of {len(trained)} trained arms, "
+            f"{moves.count('below 0')} moved the test accuracy below the base model's and {moves.count('above 0')} "
+            "above it, outside their intervals."]
 
 
 def report_markdown(parts: dict, commands: list[str], figure_dir: str) -> str:
