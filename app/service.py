@@ -604,12 +604,16 @@ class AppService:
             why = f" (it could not be loaded: {self.scorer_error})" if self.scorer_error else ""
             raise UserError(f"on-policy rounds need the scorer (their rewards are its scores){why}: start the app "
                             "with --scorer default or an OpenCLIP scorer")
-        token = session.token or uuid.uuid4().hex
-        out = (self.runs_dir / f"{cfg.algo}-rounds-{time.strftime('%Y%m%d-%H%M%S')}-{token[:6]}").resolve()
-        session = replace(session, token=token)
+        session, out = self._run_folder(session, f"{cfg.algo}-rounds")
         self._launch(session, OnPolicyJob(self.model_source, prompts, self.scorer_source, n, cfg, out))
         return session, (f"started {cfg.algo} rounds ({cfg.arm} pairs) on {len(prompts)} prompt(s), {n} candidates "
                          f"each per round; the run's folder (log, rounds, checkpoints, LoRA weights) is {out}")
+
+    def _run_folder(self, session: Session, kind: str) -> tuple[Session, Path]:
+        """A new run's folder under runs_dir, named by kind, time and the session (which gets a token if new)."""
+        token = session.token or uuid.uuid4().hex
+        out = (self.runs_dir / f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}-{token[:6]}").resolve()
+        return replace(session, token=token), out
 
     def _job(self, session: Session):
         """The session's latest fine-tune (None before its first): other sessions' jobs are not its to see."""
@@ -649,9 +653,7 @@ class AppService:
                 load_training_pairs(self.store.root, cfg.algo)
             except ValueError as e:
                 raise UserError(str(e)) from None
-        token = session.token or uuid.uuid4().hex
-        out = (self.runs_dir / f"{cfg.algo}-{time.strftime('%Y%m%d-%H%M%S')}-{token[:6]}").resolve()
-        session = replace(session, token=token)
+        session, out = self._run_folder(session, cfg.algo)
         self._launch(session, TrainingJob(self.model_source, self.store.root, cfg, out))
         return session, (f"started {cfg.algo} on {len(labelled)} pairs; the run's folder (log, checkpoints, "
                          f"LoRA weights) is {out}")

@@ -335,11 +335,10 @@ class Experiment:
             reports = self.evaluate()
         finally:
             tr.unload()
-        first = lambda k: float(np.mean([h[k] for h in history[:10]])) if history and k in history[0] else None
-        last = lambda k: float(np.mean([h[k] for h in history[-10:]])) if history and k in history[0] else None
-        return {"config": asdict(tc), "first_rows": {k: first(k) for k in ("loss", "implicit_acc", "reward_margin")},
-                "last_rows": {k: last(k) for k in ("loss", "implicit_acc", "reward_margin")},
-                "steps": len(history)}, reports
+        keys = ("loss", "implicit_acc", "reward_margin")
+        mean = lambda rows, k: float(np.mean([h[k] for h in rows])) if rows and k in rows[0] else None
+        return {"config": asdict(tc), "first_rows": {k: mean(history[:10], k) for k in keys},
+                "last_rows": {k: mean(history[-10:], k) for k in keys}, "steps": len(history)}, reports
 
     def _on_policy(self, arm: Arm) -> tuple[dict, dict]:
         from ..training.onpolicy import OnPolicyConfig, OnPolicyTrainer
