@@ -1,5 +1,6 @@
 """The D-Fusion vs random comparison: the smoke run exercises every arm, the report and resumption."""
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -69,10 +70,12 @@ def test_smoke_experiment_runs_every_part_and_resumes(sd1, tmp_path):
     masked = json.loads(exp.arm_path(Arm("dpo", "dfusion", 0, "masked-loss")).read_text())
     assert masked["train"]["config"]["dpo_outside_weight"] == 0.0
     assert "dfusion-no-mask" in abl["pair_signal"] and "dfusion-masked-loss" not in abl["pair_signal"]
-    path = write_reports(exp, "python -m dfusion_core.shapesworld.experiment --smoke", str(tmp_path / "docs" / "R.md"))
-    md = (tmp_path / "docs" / "R.md").read_text()
+    path = write_reports(exp, "python -m dfusion_core.shapesworld.experiment --smoke", str(tmp_path / "docs" / "RESULTS-smoke.md"))
+    md = (tmp_path / "docs" / "RESULTS-smoke.md").read_text()
     assert "**Headline:**" in md and "| dpo | spatial |" in md and "## Calibration" in md and "## Ablations" in md
-    assert path.is_file() and (tmp_path / "docs" / "results" / "accuracy.png").stat().st_size > 0
+    figs = tmp_path / "docs" / "results-smoke"  # the figure folder is named after the report
+    assert path.is_file() and (figs / "accuracy.png").stat().st_size > 0 and (figs / "ablations.png").is_file()
+    assert "](results-smoke/ablations.png)" in md
     # a re-run reuses pair sets and finished arms: the same numbers, no retraining
     again = Experiment(sd1, brightness, cfg, tmp_path, sampling=sampling, log=lambda *_: None).run("headline")
     assert json.dumps(again["arms"], sort_keys=True) == json.dumps(arms, sort_keys=True)
@@ -80,7 +83,8 @@ def test_smoke_experiment_runs_every_part_and_resumes(sd1, tmp_path):
 
 @pytest.mark.parametrize("flags,msg", [(["--algos", "sft"], "unknown"), (["--ablations", "nomask"], "unknown ablation"),
                                        (["--extra", "/no/such/file.md"], "no such file"),
-                                       (["--seeds", "0", "0"], "distinct"), (["--rounds", "0"], ">= 1"),
+                                       (["--seeds", "0", "0"], "distinct"),
+                                       (["--ablation-seeds"], "distinct"), (["--rounds", "0"], ">= 1"),
                                        (["--workers", "0"], "--workers"), (["--part", "all"], "invalid choice"),
                                        (["--rl-ablations", "masked-loss"], "a DPO loss")])
 def test_bad_flags_are_one_line_errors(flags, msg, capsys):
@@ -98,6 +102,9 @@ def test_dfusion_pairs_use_the_models_fusion_form(sd1, tmp_path, monkeypatch):
     monkeypatch.setattr(sd1, "defaults", {**sd1.defaults, "start_step": 1, "hold_outside": True, "union_base": True})
     exp = Experiment(sd1, None, ExperimentConfig.smoke(), tmp_path)
     assert (exp.fusion.start_step, exp.fusion.hold_outside, exp.fusion.mask.union_base) == (1, True, True)
+    two = Experiment(sd1, None, replace(ExperimentConfig.smoke(), ablation_seeds=(0, 1)), tmp_path)
+    names = [a.name for a in two.arms("ablations")]
+    assert {"dpo/dfusion-no-mask/s1", "ddpo/dfusion-no-hold/s1", "dpo/random/s1", "ddpo/dfusion/s0"} <= set(names)
     v = fusion_variants(exp.fusion, 4, ("reference-only", "no-hold"))
     assert not v["dfusion-reference-only"].mask.union_base and v["dfusion-reference-only"].hold_outside
     assert not v["dfusion-no-hold"].hold_outside and v["dfusion-no-hold"].mask.union_base

@@ -82,8 +82,9 @@ class ExperimentConfig:
     algos: tuple[str, ...] = ("dpo", "ddpo", "dpok")
     seeds: tuple[int, ...] = (0, 1, 2)  # training seeds: every trained arm of the headline runs once per seed
     # ---- ablations (--part ablations): DPO on D-Fusion pairs built with one setting changed, or trained with the
-    # mask-weighted loss; run with the first training seed
+    # mask-weighted loss
     ablations: tuple[str, ...] = ("no-mask", "early", "late", "union", "reference-only", "masked-loss")
+    ablation_seeds: tuple[int, ...] = (0,)  # training seeds of the ablation arms and the arms they are read against
     # DDPO on-policy rounds whose D-Fusion targets are fused with one setting changed (no-hold: the target's
     # latents outside the mask not held on the base's trajectory, so its steps are the fused sampler's own)
     rl_ablations: tuple[str, ...] = ("no-hold",)
@@ -271,7 +272,7 @@ class Experiment:
     def arms(self, part: str) -> list[Arm]:
         """The arms of a part: calibrate = the random arms of the first seed; headline = base + every algorithm x
         {random, D-Fusion} x seed; ablations = DPO per ablation (and the D-Fusion / random DPO arms it is read
-        against), first seed."""
+        against) x ablation seed."""
         first = self.cfg.seeds[0]
         if part == "calibrate":
             return [Arm(None)] + [Arm(a, "random", first) for a in self.cfg.algos]
@@ -280,10 +281,11 @@ class Experiment:
                                   for k in ("random", "dfusion")]
         if part == "ablations":
             # the ablations first; the arms they are read against (the headline's, reused when finished) last
-            refs = [Arm(algo, k, first) for algo in ("dpo", "ddpo") if algo == "dpo" or self.cfg.rl_ablations
+            seeds = self.cfg.ablation_seeds
+            refs = [Arm(algo, k, s) for s in seeds for algo in ("dpo", "ddpo") if algo == "dpo" or self.cfg.rl_ablations
                     for k in ("random", "dfusion")]
-            return [Arm(None)] + [Arm("dpo", "dfusion", first, a) for a in self.cfg.ablations] + \
-                [Arm("ddpo", "dfusion", first, a) for a in self.cfg.rl_ablations] + refs
+            return [Arm(None)] + [Arm("dpo", "dfusion", s, a) for s in seeds for a in self.cfg.ablations] + \
+                [Arm("ddpo", "dfusion", s, a) for s in seeds for a in self.cfg.rl_ablations] + refs
         raise ValueError(f"part must be one of {', '.join(PARTS)}, got {part!r}")
 
     def evaluate(self) -> dict:
@@ -463,8 +465,10 @@ def _config_from_args(ap: argparse.ArgumentParser, a) -> ExperimentConfig:
               "rl_batch", "inner_epochs", "dpo_rank", "rl_rank", "eval_train_seeds", "eval_prompts", "eval_seeds"):
         if getattr(cfg, f) < 1:
             ap.error(f"--{f.replace('_', '-')} must be >= 1, got {getattr(cfg, f)}")
-    if not cfg.seeds or len(set(cfg.seeds)) != len(cfg.seeds) or min(cfg.seeds) < 0:
-        ap.error(f"--seeds: distinct integers >= 0, got {list(cfg.seeds)}")
+    for f in ("seeds", "ablation_seeds"):
+        v = getattr(cfg, f)
+        if not v or len(set(v)) != len(v) or min(v) < 0:
+            ap.error(f"--{f.replace('_', '-')}: distinct integers >= 0, got {list(v)}")
     if not (0 < cfg.dpo_lr < 1 and 0 < cfg.rl_lr < 1):
         ap.error("--dpo-lr and --rl-lr must be in (0, 1)")
     return cfg

@@ -208,7 +208,8 @@ def _ablation_table(summary: dict) -> list[str]:
 def _headline(parts: dict) -> list[str]:
     h = parts.get("headline")
     if h is None:
-        return ["**Headline:** the headline run has not been run yet in this output folder."]
+        return ["**Headline:** not in this report: its output folder holds no finished headline run (parts here: "
+                f"{', '.join(parts) or 'none'})."]
     won, lost, total = cells(h, "test")
     twon, tlost, ttotal = cells(h, "train")
     trained = [a for a in h["arms"].values() if a["algo"]]
@@ -246,12 +247,13 @@ def report_markdown(parts: dict, commands: list[str], figure_dir: str) -> str:
                   "## Training", "", *_training_table(h), ""]
     if "ablations" in parts:
         a = parts["ablations"]
-        lines += ["## Ablations (first training seed)", "",
+        lines += [f"## Ablations (training seeds {', '.join(map(str, a['config'].get('ablation_seeds', [0])))})", "",
                   "DPO on D-Fusion pairs built with one setting changed (`masked-loss`: the model's pairs, the "
                   "Diffusion-DPO error counted inside the fusion mask only), and DDPO rounds whose targets are fused "
                   "with one setting changed. Differences on all families, paired, against the same algorithm's "
-                  "D-Fusion and random arms of the same seed.", "",
-                  *_ablation_table(a), "", "Pair signal of the ablation pair sets:", "", *_signal_table(a), ""]
+                  "D-Fusion and random arms of the same seeds (pooled over them).", "",
+                  *_ablation_table(a), "", f"![checker accuracy of the ablation arms]({figure_dir}/ablations.png)", "",
+                  "Pair signal of the ablation pair sets:", "", *_signal_table(a), ""]
     lines += ["## Figures", "", f"![checker accuracy per arm]({figure_dir}/accuracy.png)", "",
               f"![base, reference and target of D-Fusion pairs]({figure_dir}/triplets.png)", ""]
     return "\n".join(lines)
@@ -285,6 +287,8 @@ def figures(parts: dict, dfusion_pairs: list, out: Path) -> list[str]:
     fig.savefig(out / "accuracy.png", dpi=110)
     plt.close(fig)
     written.append("accuracy.png")
+    if "ablations" in parts:
+        written.append(_ablation_figure(parts["ablations"], out / "ablations.png"))
     by_prompt = {}  # one pair per prompt, the families in turn
     for r in dfusion_pairs:
         if r.images.get("reference") is not None:
@@ -307,6 +311,27 @@ def figures(parts: dict, dfusion_pairs: list, out: Path) -> list[str]:
     return written
 
 
+def _ablation_figure(summary: dict, path: Path) -> str:
+    """ablations.png: checker accuracy (all families) of every ablation arm beside the arms it is read against."""
+    import matplotlib.pyplot as plt
+
+    groups = list(summary["arms"])
+    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(groups)), 3.6))
+    for i, split in enumerate(("test", "train")):
+        d = [summary["arms"][g][split]["all"]["correct"] for g in groups]
+        acc = np.array([x["mean"] for x in d], dtype=float)
+        c = np.array([x["ci95"] for x in d], dtype=float)
+        ax.bar(np.arange(len(groups)) + i * 0.4, acc, 0.4, yerr=[acc - c[:, 0], c[:, 1] - acc], capsize=2,
+               label=f"{split.upper()} prompts")
+    ax.set_xticks(np.arange(len(groups)) + 0.2, groups, rotation=30, ha="right", fontsize=7)
+    ax.set_ylabel("checker accuracy, all families")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path.name
+
+
 def write_reports(exp, command: str | None, report: str | None = None, extra: str | None = None) -> Path:
     """RESULTS.md (and figures) in the output folder from every finished part, and at `report` if given; the
     commands that ran parts are listed in it (`command` None: a report-only run, not listed)."""
@@ -324,10 +349,10 @@ def write_reports(exp, command: str | None, report: str | None = None, extra: st
     (exp.out / "RESULTS.md").write_text(report_markdown(parts, cmds, "."))
     if report:
         dest = Path(report)
-        fig_dir = dest.parent / "results"
+        fig_dir = dest.parent / dest.stem.lower()  # RESULTS.md -> results/, RESULTS-ablations.md -> results-ablations/
         fig_dir.mkdir(parents=True, exist_ok=True)
         for png in pngs:
             shutil.copy(exp.out / png, fig_dir / png)
-        text = report_markdown(parts, cmds, "results")
+        text = report_markdown(parts, cmds, fig_dir.name)
         dest.write_text(text + ("\n" + Path(extra).read_text() if extra else ""))
     return exp.out / "RESULTS.md"
