@@ -24,6 +24,22 @@ def test_paired_difference_by_hand():
     assert paired_difference(a, b, "action")["diff"] is None
 
 
+def test_paired_difference_interval_does_not_depend_on_the_hash_seed():
+    """The interval is a bootstrap over prompts by position: the prompts' order must not follow string hashing,
+    or the same results give a different interval in every process."""
+    import subprocess
+    import sys
+
+    code = ("from dfusion_core.shapesworld.experiment import paired_difference as d\n"
+            "a = [{'family': 'f', 'prompt': f'prompt {i}', 'seed': s, 'correct': ((i * 37 + s * 11) % 17) / 17} "
+            "for i in range(12) for s in range(3)]\n"
+            "b = [{**r, 'correct': float(i % 2)} for i, r in enumerate(a)]\n"
+            "print(d(a, b, 'all')['ci95'])")
+    outs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                           env={**__import__("os").environ, "PYTHONHASHSEED": h}).stdout for h in ("1", "2", "3")}
+    assert len(outs) == 1, outs
+
+
 def test_paired_difference_pools_training_seeds_and_pairs_a_single_base():
     rows = lambda vals: [{"family": "spatial", "prompt": f"p{i // 2}", "seed": i % 2, "correct": v}
                          for i, v in enumerate(vals)]

@@ -188,8 +188,8 @@ def _training_table(summary: dict) -> list[str]:
 
 
 def _ablation_table(summary: dict) -> list[str]:
-    lines = ["| arm | pairs | test accuracy | minus D-Fusion arm, test | minus random arm, test | "
-             "minus D-Fusion arm, train | moved from base, test |", "| --- " * 7 + "|"]
+    lines = ["| arm | seeds | pairs | test accuracy | minus D-Fusion arm, test | minus random arm, test | "
+             "per seed, minus random, test | minus D-Fusion arm, train | moved from base, test |", "| --- " * 9 + "|"]
     algos = list(dict.fromkeys(a["algo"] for a in summary["arms"].values() if a["algo"]))
     for algo in algos:
         for g in [f"{algo}/random", f"{algo}/dfusion", *(x for x in summary["ablations"] if x.startswith(algo + "/"))]:
@@ -199,9 +199,11 @@ def _ablation_table(summary: dict) -> list[str]:
             ab = summary["ablations"].get(g, {})
             cmp = lambda split, ref: est(ab[split][ref]["all"]["correct"]) if ref in ab.get(split, {}) else "-"
             mv = a.get("test_movement", {}).get("all", {}).get("correct")
-            lines.append(f"| {g} | {a['pairs'] or '-'} | {est(a['test']['all']['correct'], 'mean', signed=False)} | "
-                         f"{cmp('test', 'dfusion')} | {cmp('test', 'random')} | {cmp('train', 'dfusion')} | "
-                         f"{est(mv) if mv else '-'} |")
+            per = ab.get("test", {}).get("random", {}).get("all", {}).get("correct", {}).get("per_run") or []
+            lines.append(f"| {g} | {', '.join(map(str, a['seeds']))} | {a['pairs'] or '-'} | "
+                         f"{est(a['test']['all']['correct'], 'mean', signed=False)} | {cmp('test', 'dfusion')} | "
+                         f"{cmp('test', 'random')} | {', '.join(f'{x:+.3f}' for x in per if x is not None) or '-'} | "
+                         f"{cmp('train', 'dfusion')} | {est(mv) if mv else '-'} |")
     return lines
 
 
