@@ -86,7 +86,8 @@ def test_smoke_experiment_runs_every_part_and_resumes(sd1, tmp_path):
     masked = json.loads(exp.arm_path(Arm("dpo", "dfusion", 0, "masked-loss")).read_text())
     assert masked["train"]["config"]["dpo_outside_weight"] == 0.0
     assert "dfusion-no-mask" in abl["pair_signal"] and "dfusion-masked-loss" not in abl["pair_signal"]
-    path = write_reports(exp, "python -m dfusion_core.shapesworld.experiment --smoke", str(tmp_path / "docs" / "RESULTS-smoke.md"))
+    path = write_reports(exp, "python -m dfusion_core.shapesworld.experiment --smoke",
+                         str(tmp_path / "docs" / "RESULTS-smoke.md"))
     md = (tmp_path / "docs" / "RESULTS-smoke.md").read_text()
     assert "**Headline:**" in md and "| dpo | spatial |" in md and "## Calibration" in md and "## Ablations" in md
     figs = tmp_path / "docs" / "results-smoke"  # the figure folder is named after the report

@@ -171,9 +171,9 @@ def paired_difference(rows_a, rows_b, family: str, key: str = "correct", n_boot:
     per_run = []
     for a_rows, b_rows in zip(ra, rb):
         a, b = pick(a_rows), pick(b_rows)
-        common = a.keys() & b.keys()
-        per_run.append(float(np.mean([a[k] - b[k] for k in sorted(common)])) if common else None)
-        for k in sorted(common):  # a fixed order: the bootstrap resamples prompts by position
+        common = sorted(a.keys() & b.keys())  # a fixed order: the bootstrap resamples prompts by position
+        per_run.append(float(np.mean([a[k] - b[k] for k in common])) if common else None)
+        for k in common:
             per_sample.setdefault(k, []).append(a[k] - b[k])
     by_prompt: dict[str, list[float]] = {}
     for (prompt, _), diffs in per_sample.items():
@@ -283,8 +283,8 @@ class Experiment:
         if part == "ablations":
             # the ablations first; the arms they are read against (the headline's, reused when finished) last
             seeds = self.cfg.ablation_seeds
-            refs = [Arm(algo, k, s) for s in seeds for algo in ("dpo", "ddpo") if algo == "dpo" or self.cfg.rl_ablations
-                    for k in ("random", "dfusion")]
+            algos = ("dpo", "ddpo") if self.cfg.rl_ablations else ("dpo",)
+            refs = [Arm(algo, k, s) for s in seeds for algo in algos for k in ("random", "dfusion")]
             return [Arm(None)] + [Arm("dpo", "dfusion", s, a) for s in seeds for a in self.cfg.ablations] + \
                 [Arm("ddpo", "dfusion", s, a) for s in seeds for a in self.cfg.rl_ablations] + refs
         raise ValueError(f"part must be one of {', '.join(PARTS)}, got {part!r}")

@@ -249,7 +249,8 @@ def report_markdown(parts: dict, commands: list[str], figure_dir: str) -> str:
                   "## Training", "", *_training_table(h), ""]
     if "ablations" in parts:
         a = parts["ablations"]
-        lines += [f"## Ablations (training seeds {', '.join(map(str, a['config'].get('ablation_seeds', [0])))})", "",
+        seeds = ", ".join(map(str, a["config"].get("ablation_seeds", [0])))  # summaries before the option: seed 0
+        lines += [f"## Ablations (training seeds {seeds})", "",
                   "DPO on D-Fusion pairs built with one setting changed (`masked-loss`: the model's pairs, the "
                   "Diffusion-DPO error counted inside the fusion mask only), and DDPO rounds whose targets are fused "
                   "with one setting changed. Differences on all families, paired, against the same algorithm's "
@@ -276,11 +277,7 @@ def figures(parts: dict, dfusion_pairs: list, out: Path) -> list[str]:
     width = 0.8 / max(1, len(groups))
     for ax, split in zip(axes, ("test", "train")):
         for i, g in enumerate(groups):
-            d = [summary["arms"][g][split][f]["correct"] for f in FAMS]
-            acc = np.array([x["mean"] for x in d], dtype=float)
-            c = np.array([x["ci95"] for x in d], dtype=float)
-            ax.bar(np.arange(len(FAMS)) + i * width, acc, width, yerr=[acc - c[:, 0], c[:, 1] - acc], capsize=2,
-                   label=g)
+            _bars(ax, [summary["arms"][g][split][f]["correct"] for f in FAMS], i * width, width, g)
         ax.set_xticks(np.arange(len(FAMS)) + 0.4 - width / 2, FAMS)
         ax.set_title(f"{split.upper()} prompts")
     axes[0].set_ylabel("checker accuracy")
@@ -313,6 +310,13 @@ def figures(parts: dict, dfusion_pairs: list, out: Path) -> list[str]:
     return written
 
 
+def _bars(ax, summaries: list[dict], offset: float, width: float, label: str) -> None:
+    """One bar per pooled summary ({"mean", "ci95"}) at 0, 1, ... + offset, its 95% interval as the error bar."""
+    acc = np.array([x["mean"] for x in summaries], dtype=float)
+    c = np.array([x["ci95"] for x in summaries], dtype=float)
+    ax.bar(np.arange(len(summaries)) + offset, acc, width, yerr=[acc - c[:, 0], c[:, 1] - acc], capsize=2, label=label)
+
+
 def _ablation_figure(summary: dict, path: Path) -> str:
     """ablations.png: checker accuracy (all families) of every ablation arm beside the arms it is read against."""
     import matplotlib.pyplot as plt
@@ -320,11 +324,8 @@ def _ablation_figure(summary: dict, path: Path) -> str:
     groups = list(summary["arms"])
     fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(groups)), 3.6))
     for i, split in enumerate(("test", "train")):
-        d = [summary["arms"][g][split]["all"]["correct"] for g in groups]
-        acc = np.array([x["mean"] for x in d], dtype=float)
-        c = np.array([x["ci95"] for x in d], dtype=float)
-        ax.bar(np.arange(len(groups)) + i * 0.4, acc, 0.4, yerr=[acc - c[:, 0], c[:, 1] - acc], capsize=2,
-               label=f"{split.upper()} prompts")
+        _bars(ax, [summary["arms"][g][split]["all"]["correct"] for g in groups], i * 0.4, 0.4,
+              f"{split.upper()} prompts")
     ax.set_xticks(np.arange(len(groups)) + 0.2, groups, rotation=30, ha="right", fontsize=7)
     ax.set_ylabel("checker accuracy, all families")
     ax.legend(fontsize=7)
