@@ -3,7 +3,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler
 
-from dfusion_core.engine.ddim import ddim_step, make_schedule, step_log_prob
+from dfusion_core.engine.ddim import ddim_step, make_schedule, mean_sq_residual, step_log_prob
 
 BASE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
             clip_sample=False, set_alpha_to_one=False, steps_offset=1)
@@ -46,3 +46,19 @@ def test_log_prob_is_gaussian_density_and_peaks_at_mean():
     torch.testing.assert_close(at_mean, expected.view(1))
     assert step_log_prob(mean + 0.3, mean, std) < at_mean
     assert step_log_prob(mean + 0.3, mean, std * 0) == 0  # deterministic step (eta 0): defined as 0
+
+
+def test_mean_sq_residual_inverts_the_log_prob():
+    """The residual recovered from a step's log-prob is the mean of ((prev - mean) / std)^2: about 1 for a draw
+    of the Gaussian, 9 for one shifted by 3 stds everywhere, 0 for a deterministic step."""
+    g = torch.Generator().manual_seed(0)
+    mean = torch.randn(3, 4, 8, 8, generator=g)
+    std = torch.tensor([0.5, 7e-4, 0.0]).view(3, 1, 1, 1)
+    draw = mean + std * torch.randn(mean.shape, generator=g)
+    r = mean_sq_residual(step_log_prob(draw, mean, std), std.flatten())
+    want = ((draw[:2] - mean[:2]) / std[:2]) ** 2
+    torch.testing.assert_close(r[:2], want.mean(dim=(1, 2, 3)), rtol=1e-3, atol=1e-3)
+    assert abs(float(r[0]) - 1) < 0.2 and float(r[2]) == 0.0
+    shifted = mean + 3 * std
+    torch.testing.assert_close(mean_sq_residual(step_log_prob(shifted, mean, std), std.flatten())[:2],
+                               torch.tensor([9.0, 9.0]), rtol=1e-3, atol=1e-2)

@@ -12,7 +12,7 @@ from dfusion_core.data.records import PairRecord, save_pairs
 from dfusion_core.data.trajectory import Trajectory
 from dfusion_core.engine.config import SamplingParams
 from dfusion_core.engine.pairs import PairingParams
-from dfusion_core.engine.sampling import recompute_log_probs
+from dfusion_core.engine.sampling import recompute_log_probs, sampler_stds
 from dfusion_core.training import losses
 from dfusion_core.training.onpolicy import OnPolicyConfig, OnPolicyTrainer, local_batch, round_samples
 from dfusion_core.training.pair_signal import pair_signal
@@ -20,6 +20,12 @@ from dfusion_core.training.pair_signal import pair_signal
 PROMPTS = ["a red dog", "a blue cat"]
 SAMPLING = SamplingParams(num_steps=3)
 PAIRING = PairingParams(num_candidates=4)  # D-Fusion: 1 reference x 2 bases per prompt -> 2 targets + 2 bases
+
+
+def step_log_prob_rows(x, mean, stds):
+    from dfusion_core.engine.ddim import step_log_prob
+
+    return step_log_prob(x, mean, stds.view(-1, 1, 1, 1).expand(-1, 1, 1, 1))
 
 
 def brightness(images, prompts):
@@ -67,7 +73,7 @@ def test_a_process_passes_over_its_samples_once_then_wraps_around_them():
 def two_rounds(sd1, tmp_path_factory):
     """Round 0 collected and trained (lr high enough to move the tiny model), round 1 collected and trained."""
     out = tmp_path_factory.mktemp("onpolicy")
-    cfg = OnPolicyConfig(algo="ddpo", rounds=2, batch_size=4, lr=1e-2, inner_epochs=2)
+    cfg = OnPolicyConfig(algo="ddpo", rounds=2, batch_size=4, lr=1e-2, inner_epochs=2, max_step_residual=0)
     tr = OnPolicyTrainer(sd1, PROMPTS, brightness, cfg, out, SAMPLING, pairing=PAIRING)
     try:
         res = {"lora0": _state(tr)}
@@ -89,14 +95,35 @@ def two_rounds(sd1, tmp_path_factory):
         tr.unload()
 
 
-def test_a_rounds_advantages_are_normalised_per_prompt_over_all_its_samples(two_rounds):
+def test_a_rounds_advantages_are_normalised_per_prompt_and_kind(two_rounds):
+    """Plain draws among themselves, fused targets among themselves (advantage_groups prompt-kind); per prompt
+    over all samples they would differ."""
     d = two_rounds["d0"]
     assert sorted(d.prompts) == sorted(PROMPTS * 4) and sum(d.fused) == 4  # 2 targets + 2 bases per prompt
+    r = d.rewards.numpy()
+    for p in PROMPTS:
+        for kind in (True, False):
+            idx = [i for i, (q, f) in enumerate(zip(d.prompts, d.fused)) if q == p and f == kind]
+            want = (r[idx] - r[idx].mean()) / (r[idx].std() + 1e-8)
+            np.testing.assert_allclose(d.advantages[idx].numpy(), want, atol=1e-6)
+    per_prompt = losses.normalise_rewards(d.rewards, d.prompts)
+    assert (per_prompt - d.advantages).abs().max() > 1e-3
+
+
+def test_per_prompt_advantages_over_all_samples_of_a_round(sd1, tmp_path):
+    cfg = OnPolicyConfig(algo="ddpo", rounds=1, batch_size=4, advantage_groups="prompt")
+    tr = OnPolicyTrainer(sd1, PROMPTS, brightness, cfg, tmp_path, SAMPLING, pairing=PAIRING)
+    try:
+        d = tr.collect_round(0)
+    finally:
+        tr.unload()
     r = d.rewards.numpy()
     for p in PROMPTS:
         idx = [i for i, q in enumerate(d.prompts) if q == p]
         want = (r[idx] - r[idx].mean()) / (r[idx].std() + 1e-8)
         np.testing.assert_allclose(d.advantages[idx].numpy(), want, atol=1e-6)
+    with pytest.raises(ValueError, match="advantage_groups"):
+        OnPolicyConfig(advantage_groups="kind").validate()
 
 
 def test_old_log_probs_of_a_round_are_the_policy_at_its_start(two_rounds):
@@ -135,6 +162,53 @@ def test_a_held_fusions_targets_keep_the_log_probs_fuse_recomputed(sd1, tmp_path
             SimpleNamespace(prompt="p", base_seed=3, ref_seed=2, extra={}, fusion={"hold_outside": False}),
             SimpleNamespace(prompt="p", base_seed=4, ref_seed=5, extra={"kind": "random"}, fusion={})]
     assert held_targets(recs) == {("p", (1, 2))}
+
+
+@pytest.mark.parametrize("name", ["sd1", "sd3"])
+def test_sampler_stds_are_the_steps_own(name, request):
+    """The per-step std taken from a step on zeros equals the std of real steps (it never reads the output)."""
+    model = request.getfixturevalue(name)
+    sampling = SamplingParams(num_steps=4, eta=0.7, flow_sampler="sde")
+    fam = model.family
+    schedule = fam.schedule(model.pipe.scheduler, sampling.num_steps)
+    g = torch.Generator().manual_seed(0)
+    x, out = torch.randn(4, 4, 8, 8, generator=g), torch.randn(4, 4, 8, 8, generator=g)
+    res = fam.step(schedule, out, x, [0, 1, 2, 3], sampling, None)
+    torch.testing.assert_close(sampler_stds(model, sampling), res.std.flatten(1)[:, 0].float())
+    assert (sampler_stds(model, sampling)[:-1] > 0).all()
+
+
+def test_steps_the_policy_would_not_draw_are_left_out(sd1, tmp_path):
+    """drawable_steps keeps the policy's own draws and drops a step moved 3 stds off its mean; a round keeps every
+    step of its plain samples, and an optimizer step trains only its drawable rows (none left: a zero step)."""
+    stds = torch.tensor([0.5, 0.1, 7e-4])
+    mean = torch.zeros(2, 3, 4, 8, 8)
+    g = torch.Generator().manual_seed(1)
+    draws = mean + stds.view(1, 3, 1, 1, 1) * torch.randn(mean.shape, generator=g)
+    draws[1, 2] += 3 * stds[2]  # the last step of the second trajectory: off the policy
+    lp = torch.stack([step_log_prob_rows(draws[i], mean[i], stds) for i in range(2)])
+    assert losses.drawable_steps(lp, stds, 2.0).tolist() == [[True, True, True], [True, True, False]]
+    assert losses.drawable_steps(lp, stds, 0).all()
+
+    from dfusion_core.engine.config import FusionParams
+
+    cfg = OnPolicyConfig(algo="ddpo", rounds=1, batch_size=4, lr=1e-2, max_step_residual=2.0)
+    tr = OnPolicyTrainer(sd1, PROMPTS, brightness, cfg, tmp_path, SAMPLING,
+                         fusion=FusionParams(start_step=1, hold_outside=True), pairing=PAIRING)
+    try:
+        d = tr.collect_round(0)
+        plain = [i for i, f in enumerate(d.fused) if not f]
+        assert d.drawable[plain].all() and d.info["plain_steps_dropped"] == 0
+        want = losses.drawable_steps(d.old_log_probs, sampler_stds(sd1, SAMPLING), 2.0)
+        assert torch.equal(d.drawable, want) and d.info["fused_steps_dropped"] == int((~want).sum())
+        d.drawable = torch.zeros_like(d.drawable)
+        d.drawable[0, 1] = True
+        idx, js = torch.tensor([0, 1]), torch.arange(SAMPLING.num_steps).repeat(2, 1)
+        assert tr._update(d, idx, js)["rows"] == 1  # only trajectory 0's step 1
+        row = tr._update(d, torch.tensor([1]), js[:1])  # nothing drawable: a step of weight 0
+    finally:
+        tr.unload()
+    assert row["rows"] == 1 and row["loss"] == 0.0 and row["grad_norm"] == 0.0
 
 
 def test_one_on_policy_round_moves_the_lora(two_rounds):

@@ -207,6 +207,8 @@ def test_mask_weighted_dpo_reads_the_errors_inside_the_fusion_mask(sd1, pair_dir
         plain.unload()
     with pytest.raises(ValueError, match="dpo_outside_weight"):
         TrainConfig(dpo_outside_weight=1.5).validate()
+    with pytest.raises(ValueError, match="max_step_residual"):
+        TrainConfig(max_step_residual=0.5).validate()  # a draw of the policy itself gives ~1
 
 
 def test_two_steps_resume_two_steps_equals_four(sd1, pair_dir, tmp_path):

@@ -234,3 +234,15 @@ def recompute_log_probs(model: LoadedModel, prompt: str, trajectory: Trajectory,
         res = fam.step(schedule, out, x, ks, sampling, None)
         out_lp.append(step_log_prob(x_next, res.mean, res.std).cpu())
     return torch.cat(out_lp)
+
+
+def sampler_stds(model: LoadedModel, sampling: SamplingParams) -> torch.Tensor:
+    """Per-step std of the sampler's Gaussian transitions ([steps], on the CPU). It depends on the schedule and
+    eta (and the flow sampler) only, not on the model's output, so one step on zeros gives every step's."""
+    sampling = sampling.validate()
+    fam = model.family
+    schedule = fam.schedule(model.pipe.scheduler, sampling.num_steps)
+    n = len(schedule.timesteps)
+    zeros = torch.zeros(n, 1, 1, 1)
+    res = fam.step(schedule, zeros, zeros, list(range(n)), sampling, None)
+    return res.std.flatten(1)[:, 0].float().cpu()

@@ -44,6 +44,7 @@ from .evaluate import evaluate, grouped_bootstrap
 from .world import FAMILIES, prompt_list
 
 PARTS = ("calibrate", "headline", "ablations")
+RL_LOSS_ABLATIONS = ("drawable-steps", "per-prompt-advantages")  # on-policy ablations that change the training, not the fusion
 SPLITS = ("train", "test")
 METRICS = ("correct", "clip", "diversity")  # checker accuracy, CLIP score, diversity across a prompt's seeds
 
@@ -73,6 +74,8 @@ class ExperimentConfig:
     rl_lr: float = 5e-3
     inner_epochs: int = 2  # passes over a round's samples
     steps_per_trajectory: int = 5  # denoising steps trained per trajectory and pass (random ones; 0 = all)
+    max_step_residual: float = 0.0  # TrainConfig's: 0 = every step of a fused target trained (the paper)
+    advantage_groups: str = "prompt-kind"  # OnPolicyConfig's: plain draws and fused targets normalised apart
     rl_rank: int = 4  # LoRA rank on attention (paper)
     # ---- evaluation: the same seeds for every arm
     # (18 and 8, not 6 and 4: at 6 the calibration's interval reached 0 exactly; a sample costs ~0.3 s on one core)
@@ -87,7 +90,9 @@ class ExperimentConfig:
     ablations: tuple[str, ...] = ("no-mask", "early", "late", "union", "reference-only", "masked-loss")
     ablation_seeds: tuple[int, ...] = (0,)  # training seeds of the ablation arms and the arms they are read against
     # DDPO on-policy rounds whose D-Fusion targets are fused with one setting changed (no-hold: the target's
-    # latents outside the mask not held on the base's trajectory, so its steps are the fused sampler's own)
+    # latents outside the mask not held on the base's trajectory, so its steps are the fused sampler's own), or
+    # trained without the steps the plain policy would not draw (drawable-steps: max_step_residual 2), or with
+    # advantages normalised per prompt over targets and bases together (per-prompt-advantages)
     rl_ablations: tuple[str, ...] = ("no-hold",)
 
     @classmethod
@@ -348,11 +353,14 @@ class Experiment:
 
         c = self.cfg
         fusion = None if arm.kind == "random" else self.fusion
-        if arm.ablation:
+        if arm.ablation and arm.ablation not in RL_LOSS_ABLATIONS:
             fusion = fusion_variants(self.fusion, self.sampling.num_steps, [arm.ablation])[f"dfusion-{arm.ablation}"]
         oc = OnPolicyConfig(algo=arm.algo, arm=arm.kind, rounds=c.rounds, batch_size=c.rl_batch, lr=c.rl_lr,
                             lora_rank=c.rl_rank, inner_epochs=c.inner_epochs,
-                            steps_per_trajectory=c.steps_per_trajectory, seed=arm.seed, ckpt_every=10 ** 6)
+                            steps_per_trajectory=c.steps_per_trajectory, seed=arm.seed, ckpt_every=10 ** 6,
+                            max_step_residual=2.0 if arm.ablation == "drawable-steps" else c.max_step_residual,
+                            advantage_groups="prompt" if arm.ablation == "per-prompt-advantages"
+                            else c.advantage_groups)
         # the rounds' candidates differ by training seed; round r's pairing seed derives from this one
         pairing = PairingParams(num_candidates=c.round_candidates, seed=c.pair_seed * 1000 + 7 + arm.seed)
         tr = OnPolicyTrainer(self.model, self.train_prompts, self.scorer, oc,
@@ -457,11 +465,15 @@ def _config_from_args(ap: argparse.ArgumentParser, a) -> ExperimentConfig:
     except ValueError as e:
         ap.error(f"--ablations: {e}")
     try:
-        fusion_variants(FusionParams(), cfg.num_steps, [a for a in cfg.rl_ablations if a != "masked-loss"])
+        fusion_variants(FusionParams(), cfg.num_steps, [a for a in cfg.rl_ablations if a not in RL_LOSS_ABLATIONS])
     except ValueError as e:
         ap.error(f"--rl-ablations: {e}")
     if "masked-loss" in cfg.rl_ablations:
-        ap.error("--rl-ablations: masked-loss is a DPO loss; on-policy ablations change the fusion")
+        ap.error("--rl-ablations: masked-loss is a DPO loss; on-policy ablations change the fusion or the steps")
+    if cfg.advantage_groups not in ("prompt-kind", "prompt"):
+        ap.error(f"--advantage-groups must be prompt-kind or prompt, got {cfg.advantage_groups!r}")
+    if not (cfg.max_step_residual == 0 or cfg.max_step_residual >= 1):
+        ap.error(f"--max-step-residual must be 0 or >= 1, got {cfg.max_step_residual}")
     for f in ("train_prompts", "num_candidates", "num_steps", "dpo_steps", "dpo_batch", "rounds", "round_candidates",
               "rl_batch", "inner_epochs", "dpo_rank", "rl_rank", "eval_train_seeds", "eval_prompts", "eval_seeds"):
         if getattr(cfg, f) < 1:

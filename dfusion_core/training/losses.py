@@ -18,6 +18,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..engine.ddim import mean_sq_residual
+
 
 def diffusion_dpo_loss(err_w: torch.Tensor, err_l: torch.Tensor, ref_err_w: torch.Tensor, ref_err_l: torch.Tensor,
                        beta: float = 5000.0) -> tuple[torch.Tensor, dict]:
@@ -78,6 +80,17 @@ def ppo_clip_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.
     stats = {"ratio": ratio.mean().item(), "clipfrac": ((ratio - 1).abs() > clip_range).float().mean().item(),
              "approx_kl": (0.5 * (logp - old_logp) ** 2).mean().item()}
     return loss.mean(), stats
+
+
+def drawable_steps(log_probs: torch.Tensor, stds: torch.Tensor, max_residual: float) -> torch.Tensor:
+    """[n, steps] True where a recorded step is one the policy could have drawn: its mean squared standardised
+    residual under the policy (mean_sq_residual of the policy's log-prob) is at most max_residual (a draw of the
+    policy gives about 1). A fused target was drawn by the fused sampler; a policy gradient on a step the plain
+    model would not take is not the policy's gradient, and with a small std it dominates every batch it is in.
+    max_residual 0 keeps every step."""
+    if max_residual == 0:
+        return torch.ones(log_probs.shape, dtype=torch.bool)
+    return mean_sq_residual(log_probs.float().cpu(), stds.float().cpu().view(1, -1)) <= max_residual
 
 
 def gaussian_kl(mean_p: torch.Tensor, mean_q: torch.Tensor, std: torch.Tensor) -> torch.Tensor:

@@ -9,13 +9,16 @@ Each round r:
    (engine/pairs.build_pairs: fused targets vs bases), the random arm pairs plain samples
    (engine/pairs.build_random_pairs); both are scored by the scorer;
 2. takes the round's samples = the distinct trajectories of its pairs (targets and bases; for random pairs every
-   candidate) with their scores as rewards, and normalises the rewards per prompt over ALL its samples of the
-   round (losses.normalise_rewards), so an advantage reflects the reward gap, not +/-1 per pair;
+   candidate) with their scores as rewards, and normalises the rewards per prompt over all its samples of one
+   kind (`advantage_groups`: the plain draws among themselves, the fused targets among themselves; or per
+   prompt over all, "prompt"), so an advantage reflects the reward gap, not +/-1 per pair;
 3. fixes the old log-probs: the policy's at the start of the round. A plain sample's are those it was sampled
    with; a fused target was drawn by the fused sampler, so its are recomputed under the plain current policy;
 4. trains `inner_epochs` passes over the samples (shuffled), `batch_size` trajectories per optimizer step, on
    every denoising step of each trajectory (or `steps_per_trajectory` random ones), with PPO-clip (ddpo) or
-   clipped PG + KL to the pre-trained model (dpok). Rows of one optimizer step are accumulated in chunks of
+   clipped PG + KL to the pre-trained model (dpok); optionally without a fused target's steps that the plain
+   policy would not draw (`max_step_residual`, losses.drawable_steps: on the shipped model its last step, held
+   to the base outside the mask, lies ~7 stds from the plain model's mean). Rows of one optimizer step are accumulated in chunks of
    `micro_batch` (ddpo-pytorch accumulates over timesteps the same way).
 A checkpoint is written after every round; a resumed run restarts at the next round and continues exactly
 (round r's samples depend only on the LoRA after round r - 1 and the seeds).
@@ -51,12 +54,13 @@ import torch
 from ..engine.config import FusionParams, SamplingParams
 from ..engine.loading import LoadedModel
 from ..engine.pairs import PairingParams, build_pairs, build_random_pairs, shard_prompts
-from ..engine.sampling import recompute_log_probs, validate_prompt
+from ..engine.sampling import recompute_log_probs, sampler_stds, validate_prompt
 from . import losses
-from .trainer import TrainConfig, Trainer, TrainResult, _step_generator
+from .trainer import TrainConfig, Trainer, TrainResult, _step_generator, drawable_rows
 
 ARMS = ("dfusion", "random")
 ON_POLICY_ALGOS = ("ddpo", "dpok")
+ADVANTAGE_GROUPS = ("prompt-kind", "prompt")
 
 
 @dataclass
@@ -69,6 +73,11 @@ class OnPolicyConfig(TrainConfig):
     steps_per_trajectory: int = 0  # denoising steps trained per trajectory per inner epoch; 0 = all (the papers)
     micro_batch: int = 0  # (trajectory, step) rows per forward pass inside one optimizer step; 0 = all at once
     sample_batch: int = 16  # images per batched sampling / fusion call while collecting a round
+    # rewards are normalised per prompt and kind (plain draws among themselves, fused targets among themselves),
+    # or per prompt over all samples ("prompt"). Per prompt, a D-Fusion round's plain draws (its bases) score
+    # below its targets and nearly all get negative advantages: trained alone they collapsed the shipped model in
+    # two rounds (reward 0.85 -> 0.22), and with the targets they took TEST accuracy from 0.53 to 0.30
+    advantage_groups: str = "prompt-kind"
 
     def validate(self) -> "OnPolicyConfig":
         if self.algo not in ON_POLICY_ALGOS:
@@ -76,6 +85,9 @@ class OnPolicyConfig(TrainConfig):
                              "(dpo and traj-dpo train offline on a pair set: use train --data)")
         if self.arm not in ARMS:
             raise ValueError(f"arm must be one of {', '.join(ARMS)}, got {self.arm!r}")
+        if self.advantage_groups not in ADVANTAGE_GROUPS:
+            raise ValueError(f"advantage_groups must be one of {', '.join(ADVANTAGE_GROUPS)}, "
+                             f"got {self.advantage_groups!r}")
         for name in ("rounds", "sample_batch"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
@@ -100,6 +112,7 @@ class RoundData:
     n_pairs: int = 0
     info: dict = field(default_factory=dict)
     seeds: list = field(default_factory=list)  # per sample (seed, None), a fused target's (base seed, ref seed)
+    drawable: torch.Tensor | None = None  # [n, steps] bool: trained steps (losses.drawable_steps); None = all
 
 
 def round_seed(seed: int, r: int) -> int:
@@ -171,6 +184,7 @@ class OnPolicyTrainer(Trainer):
         self.round = 0
         self.rounds: list[dict] = []
         self._setup(model, sampling, out_dir, accelerator)
+        self.stds = sampler_stds(model, self.sampling)
         if len(self.prompts) < self.acc.num_processes:
             raise ValueError(f"{len(self.prompts)} prompts for {self.acc.num_processes} processes: every process "
                              "needs a prompt of its own")
@@ -217,8 +231,8 @@ class OnPolicyTrainer(Trainer):
         return records
 
     def collect_round(self, r: int, progress: bool = False) -> RoundData:
-        """Sample, pair and score round r on this process's prompts; advantages per prompt over all its samples
-        (a prompt's samples are all on one process); old log-probs fixed."""
+        """Sample, pair and score round r on this process's prompts; advantages per prompt (and kind) over its
+        samples (a prompt's samples are all on one process); old log-probs fixed."""
         t0 = time.perf_counter()
         records = self._round_records(r, progress)
         rows = distinct_samples(records)
@@ -228,19 +242,25 @@ class OnPolicyTrainer(Trainer):
             raise ValueError(f"round {r} gave {' + '.join(map(str, counts))} samples over the processes: every "
                              "process needs one and the round two; use more candidates or prompts")
         rw = torch.tensor(rewards, dtype=torch.float64)
-        adv = losses.normalise_rewards(rw, prompts, self.cfg.adv_clip)
+        groups = prompts if self.cfg.advantage_groups == "prompt" else list(zip(prompts, fused))
+        adv = losses.normalise_rewards(rw, groups, self.cfg.adv_clip)
         inner = self.acc.unwrap_model(self.net)
         plain = held_targets(records)  # their log-probs were recomputed under this policy when they were fused
         old = [recompute_log_probs(self.model, p, t, self.sampling, denoiser=inner) if f and (p, s) not in plain
                else t.log_probs.float() for p, t, f, s in zip(prompts, trajs, fused, seeds)]
-        info = {"sample_s": time.perf_counter() - t0, "n_fused": sum(fused)}
-        return RoundData(r, prompts, trajs, rw, fused, adv, torch.stack([o.cpu() for o in old]), len(records), info,
-                         seeds)
+        old = torch.stack([o.cpu() for o in old])
+        drawable = losses.drawable_steps(old, self.stds, self.cfg.max_step_residual)
+        info = {"sample_s": time.perf_counter() - t0, "n_fused": sum(fused),
+                "fused_steps": sum(fused) * old.shape[1], "fused_steps_dropped": int((~drawable[fused]).sum()),
+                "plain_steps_dropped": int((~drawable[[not f for f in fused]]).sum())}
+        return RoundData(r, prompts, trajs, rw, fused, adv, old, len(records), info, seeds, drawable)
 
     def merge_round(self, data: RoundData) -> dict:
         """A round over all processes: pairs and fused targets summed, every sample's row (prompt, seeds, reward,
         advantage, process) in process order, the slowest process's sampling time."""
+        counts = ("fused_steps", "fused_steps_dropped", "plain_steps_dropped")
         mine = {"pairs": data.n_pairs, "fused": data.info.get("n_fused", 0), "sample_s": data.info.get("sample_s", 0.0),
+                **{k: data.info.get(k, 0) for k in counts},
                 "samples": [{"round": data.round, "prompt": p, "seed": s[0], "ref_seed": s[1], "fused": f,
                              "reward": float(rw), "advantage": float(a), "rank": self.acc.process_index}
                             for p, s, f, rw, a in zip(data.prompts, data.seeds, data.fused, data.rewards.tolist(),
@@ -248,7 +268,7 @@ class OnPolicyTrainer(Trainer):
         parts = self._gather(mine)
         return {"round": data.round, "pairs": sum(m["pairs"] for m in parts), "fused": sum(m["fused"] for m in parts),
                 "sample_s": max(m["sample_s"] for m in parts), "samples": [s for m in parts for s in m["samples"]],
-                "processes": len(parts)}
+                "processes": len(parts), **{k: sum(m[k] for m in parts) for k in counts}}
 
     # ---- training on a round ---------------------------------------------------------------------
     def _round_steps(self, n: int, r: int, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -265,6 +285,10 @@ class OnPolicyTrainer(Trainer):
         last micro-batch's backward synchronises the gradients (DDP averages them over the processes there), so
         processes whose batches split into different numbers of micro-batches still meet once per step."""
         rows = [(int(i), int(j)) for i, row in zip(idx, js) for j in row]
+        if data.drawable is not None:
+            rows, scale = drawable_rows(rows, data.drawable)
+        else:
+            scale = 1.0
         chunk = self.cfg.micro_batch or len(rows)
         t0 = time.perf_counter()
         total, sums = 0.0, {}
@@ -275,7 +299,7 @@ class OnPolicyTrainer(Trainer):
                 loss, stats = self._pg_objective([data.trajectories[i] for i in ti], tj,
                                                  [data.prompts[i] for i in ti], data.old_log_probs[ti, tj],
                                                  data.advantages[ti])
-                w = len(part) / len(rows)
+                w = len(part) / len(rows) * scale
                 self.acc.backward(loss * w)
             total += loss.item() * w
             for k, v in stats.items():
@@ -388,6 +412,7 @@ def round_summary(merged: dict, history: list[dict], train_s: float) -> dict:
     rw = torch.tensor([s["reward"] for s in merged["samples"]], dtype=torch.float64)
     return {"round": merged["round"], "samples": len(rw), "pairs": merged["pairs"], "fused": merged["fused"],
             "processes": merged["processes"], "reward_mean": float(rw.mean()),
+            **{k: merged.get(k, 0) for k in ("fused_steps", "fused_steps_dropped", "plain_steps_dropped")},
             "reward_std": float(rw.std(unbiased=False)),
             "optimizer_steps": len(rows), "loss": math.fsum(h["loss"] for h in rows) / len(rows),
             "ratio": mean("ratio"), "approx_kl": mean("approx_kl"), "clipfrac": mean("clipfrac"),

@@ -32,7 +32,7 @@ from ..engine.config import SamplingParams
 from ..engine.ddim import step_log_prob
 from ..engine.masks import resize_mask
 from ..engine.loading import Conditioning, LoadedModel
-from ..engine.sampling import guided_output, recompute_log_probs
+from ..engine.sampling import guided_output, recompute_log_probs, sampler_stds
 from . import losses
 from .data import PreferencePair, check_pairs
 
@@ -61,6 +61,10 @@ class TrainConfig:
     adv_clip: float = 5.0  # DDPO/DPOK advantage clip
     kl_coef: float = 0.01  # DPOK KL weight
     inner_epochs: int = 2  # DDPO/DPOK: optimizer steps on each drawn batch
+    # DDPO/DPOK: leave out recorded steps whose mean squared standardised residual under the plain model exceeds
+    # this (>= 1; the policy's own draws give ~1, the shipped model's fused targets ~50 at their last step, whose
+    # std is 7e-4, so its gradient swamps a batch). 0 = train every step (the paper)
+    max_step_residual: float = 0.0
     steps_per_trajectory: int = 1  # denoising steps sampled per trajectory per optimizer step (all = paper)
     ckpt_every: int = 50  # checkpoint (and LoRA export) every N steps
     seed: int = 0  # batches, timesteps and noise derive from (seed, step)
@@ -83,6 +87,9 @@ class TrainConfig:
             raise ValueError(f"dpo_outside_weight must be in [0, 1], got {self.dpo_outside_weight}")
         if not (0 < self.clip_eps < 1):
             raise ValueError(f"clip_eps must be in (0, 1), got {self.clip_eps}")
+        if not (self.max_step_residual == 0 or self.max_step_residual >= 1):
+            raise ValueError(f"max_step_residual must be 0 (train every step) or >= 1 (a draw of the policy gives "
+                             f"about 1), got {self.max_step_residual}")
         if self.mixed_precision not in ("no", "fp16", "bf16"):
             raise ValueError(f"mixed_precision must be no, fp16 or bf16, got {self.mixed_precision!r}")
         return self
@@ -97,6 +104,13 @@ class TrainResult:
 
 def _step_generator(seed: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + step)
+
+
+def drawable_rows(rows: list[tuple[int, int]], drawable: torch.Tensor) -> tuple[list[tuple[int, int]], float]:
+    """The (trajectory, step) rows of a batch whose step the policy could have drawn (losses.drawable_steps), and
+    the loss scale: 1, or 0 with the batch's first row when none is left (a zero step keeps processes in step)."""
+    kept = [(i, j) for i, j in rows if drawable[i, j]]
+    return (kept, 1.0) if kept else (rows[:1], 0.0)
 
 
 class Trainer:
@@ -223,6 +237,8 @@ class Trainer:
                 raise ValueError(f"{self.cfg.algo} needs scored pairs: build them with a scorer")
             self.advantages = losses.normalise_rewards(torch.tensor(self.rewards, dtype=torch.float64),
                                                        self.traj_prompts, self.cfg.adv_clip)  # cast at use
+            self.drawable = losses.drawable_steps(torch.stack(self.plain_logp), sampler_stds(self.model, self.sampling),
+                                                  self.cfg.max_step_residual)
 
     def _policy_step(self, net, trajs, js, prompts):
         """Mean, std and log-prob of the next latent at step index js[i] of each trajectory under `net`
@@ -325,11 +341,13 @@ class Trainer:
         idx = torch.randint(0, len(self.trajs), (self.cfg.batch_size,), generator=gb)
         js_all = self._draw_steps(gb, self.cfg.batch_size)
         sel = self._local(torch.arange(self.cfg.batch_size))
-        ti = [int(i) for i in idx[sel] for _ in range(js_all.shape[1])]
-        js = [int(j) for row in js_all[sel] for j in row]
+        rows, scale = drawable_rows([(int(i), int(j)) for i, row in zip(idx[sel], js_all[sel]) for j in row],
+                                    self.drawable)
+        ti, js = [i for i, _ in rows], [j for _, j in rows]
         trajs, prompts = [self.trajs[i] for i in ti], [self.traj_prompts[i] for i in ti]
         old = torch.stack([self.plain_logp[i][j] for i, j in zip(ti, js)])
         loss, stats = self._pg_objective(trajs, js, prompts, old, self.advantages[ti])
+        loss = loss * scale
         stats["reward_mean"] = math.fsum(self.rewards) / len(self.rewards)  # all scored (checked up front)
         return loss, stats
 
