@@ -80,7 +80,11 @@ def test_smoke_experiment_runs_every_part_and_resumes(sd1, tmp_path):
     assert [r["train"]["rounds"][0]["fused"] > 0 for r in sorted(ddpo, key=lambda r: r["kind"])] == [True, False]
     assert set(summary["comparisons"]["test"]) == {"dpo", "ddpo", "dpok"}
     abl = exp.run("ablations")
-    assert set(abl["ablations"]) == {"dpo/dfusion-no-mask", "dpo/dfusion-masked-loss", "ddpo/dfusion-no-hold"}
+    assert set(abl["ablations"]) == {"dpo/dfusion-no-mask", "dpo/dfusion-masked-loss", "ddpo/dfusion-no-hold",
+                                     "ddpo/dfusion-per-prompt-advantages"}
+    groups = {a: json.loads(exp.arm_path(Arm("ddpo", "dfusion", 0, a)).read_text())["train"]["config"]
+              ["advantage_groups"] for a in (None, "per-prompt-advantages")}
+    assert groups == {None: "prompt-kind", "per-prompt-advantages": "prompt"}
     no_hold = json.loads(exp.arm_path(Arm("ddpo", "dfusion", 0, "no-hold")).read_text())
     assert no_hold["train"]["rounds"][0]["fused"] > 0 and "random" in abl["ablations"]["ddpo/dfusion-no-hold"]["test"]
     masked = json.loads(exp.arm_path(Arm("dpo", "dfusion", 0, "masked-loss")).read_text())
@@ -103,7 +107,9 @@ def test_smoke_experiment_runs_every_part_and_resumes(sd1, tmp_path):
                                        (["--seeds", "0", "0"], "distinct"),
                                        (["--ablation-seeds"], "distinct"), (["--rounds", "0"], ">= 1"),
                                        (["--workers", "0"], "--workers"), (["--part", "all"], "invalid choice"),
-                                       (["--rl-ablations", "masked-loss"], "a DPO loss")])
+                                       (["--rl-ablations", "masked-loss"], "a DPO loss"),
+                                       (["--advantage-groups", "kind"], "--advantage-groups"),
+                                       (["--max-step-residual", "0.5"], "--max-step-residual")])
 def test_bad_flags_are_one_line_errors(flags, msg, capsys):
     from dfusion_core.shapesworld.experiment import main
 

@@ -117,7 +117,9 @@ def _setup(summary: dict, commands: list[str]) -> list[str]:
             f"{c['dpo_lr']}, LoRA rank {c['dpo_rank']}, beta {c['dpo_beta']:g}.",
             f"- DDPO / DPOK (on-policy): {c['rounds']} rounds; each samples {c['round_candidates']} fresh candidates per "
             "prompt from the current policy, pairs them (random arm: plain samples; D-Fusion arm: fused targets and "
-            "their bases), scores them with the CLIP scorer, normalises rewards per prompt and trains "
+            "their bases), scores them with the CLIP scorer, normalises rewards per prompt "
+            f"{'and kind (bases among bases, targets among targets)' if c.get('advantage_groups', 'prompt') == 'prompt-kind' else 'over all its samples'}"
+            " and trains "
             f"{c['inner_epochs']} pass(es), batch {c['rl_batch']} trajectories, {c['steps_per_trajectory'] or 'all'} "
             f"denoising steps per trajectory, lr {c['rl_lr']}, LoRA rank {c['rl_rank']}, PPO clip 0.1 (DPOK: + KL "
             "0.01 to the base model).",
@@ -176,9 +178,10 @@ def _training_table(summary: dict) -> list[str]:
             if "rounds" in t:
                 rw = " -> ".join(f"{r['reward_mean']:.3f}" for r in t["rounds"])
                 last = t["rounds"][-1] if t["rounds"] else {}
+                kl = f", KL to the base model {last['kl']:.3f}" if "kl" in last else ""
                 text = (f"reward mean per round {rw}; last round ratio {last.get('ratio', float('nan')):.4f}, "
                         f"approx KL {last.get('approx_kl', float('nan')):.2e}, clip fraction "
-                        f"{last.get('clipfrac', float('nan')):.3f}; {t['steps']} optimizer steps")
+                        f"{last.get('clipfrac', float('nan')):.3f}{kl}; {t['steps']} optimizer steps")
             else:
                 f, l = t["first_rows"], t["last_rows"]
                 text = (f"loss {f['loss']:.3f} -> {l['loss']:.3f}, implicit accuracy "
@@ -253,7 +256,9 @@ def report_markdown(parts: dict, commands: list[str], figure_dir: str) -> str:
         lines += [f"## Ablations (training seeds {seeds})", "",
                   "DPO on D-Fusion pairs built with one setting changed (`masked-loss`: the model's pairs, the "
                   "Diffusion-DPO error counted inside the fusion mask only), and DDPO rounds whose targets are fused "
-                  "with one setting changed. Differences on all families, paired, against the same algorithm's "
+                  "with one setting changed or that train differently (`per-prompt-advantages`: rewards normalised "
+                  "per prompt over targets and bases together; `drawable-steps`: without the steps the plain policy "
+                  "would not draw). Differences on all families, paired, against the same algorithm's "
                   "D-Fusion and random arms of the same seeds (pooled over them).", "",
                   *_ablation_table(a), "", f"![checker accuracy of the ablation arms]({figure_dir}/ablations.png)", "",
                   "Pair signal of the ablation pair sets:", "", *_signal_table(a), ""]

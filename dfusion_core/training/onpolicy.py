@@ -77,7 +77,7 @@ class OnPolicyConfig(TrainConfig):
     # or per prompt over all samples ("prompt"). Per prompt, a D-Fusion round's plain draws (its bases) score
     # below its targets and nearly all get negative advantages: trained alone they collapsed the shipped model in
     # two rounds (reward 0.85 -> 0.22), and with the targets they took TEST accuracy from 0.53 to 0.30
-    advantage_groups: str = "prompt-kind"
+    advantage_groups: str = "prompt-kind"  # prompt-kind (plain draws and fused targets apart) | prompt (all together)
 
     def validate(self) -> "OnPolicyConfig":
         if self.algo not in ON_POLICY_ALGOS:

@@ -64,7 +64,7 @@ class TrainConfig:
     # DDPO/DPOK: leave out recorded steps whose mean squared standardised residual under the plain model exceeds
     # this (>= 1; the policy's own draws give ~1, the shipped model's fused targets ~50 at their last step, whose
     # std is 7e-4, so its gradient swamps a batch). 0 = train every step (the paper)
-    max_step_residual: float = 0.0
+    max_step_residual: float = 0.0  # DDPO/DPOK: leave out steps the plain model would not draw (e.g. 2); 0 = none
     steps_per_trajectory: int = 1  # denoising steps sampled per trajectory per optimizer step (all = paper)
     ckpt_every: int = 50  # checkpoint (and LoRA export) every N steps
     seed: int = 0  # batches, timesteps and noise derive from (seed, step)
