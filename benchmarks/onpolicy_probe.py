@@ -8,7 +8,7 @@
 mean squared standardised residual ((x_next - mean) / std)^2 of the target's and the base's recorded steps under
 the plain model (a draw of the policy gives ~1), median and max over pairs, and the sampler's std per step.
 
-`train`: one DDPO (or --algo dpok) D-Fusion arm of the experiment (ExperimentConfig, training seed 0) whose
+`train`: one DDPO (or --algo dpok) D-Fusion arm of the experiment (ExperimentConfig, training seed --seed) whose
 rounds train only one half of their samples (the other half still counts in the advantages): `bases-only` (the
 plain draws) or `targets-only` (the fused targets); then the experiment's evaluation (TRAIN prompts x held-out
 seeds, TEST prompts). Prints the rounds' reward and approx KL and the checker accuracy per family; writes
@@ -78,7 +78,7 @@ def _trainer_for_half(half: str):
     return HalfTrainer
 
 
-def train_half(out: Path, half: str, algo: str, advantage_groups: str) -> dict:
+def train_half(out: Path, half: str, algo: str, advantage_groups: str, seed: int = 0) -> dict:
     from dfusion_core.engine.pairs import PairingParams
     from dfusion_core.shapesworld.experiment import Experiment
     from dfusion_core.training.onpolicy import OnPolicyConfig
@@ -87,8 +87,8 @@ def train_half(out: Path, half: str, algo: str, advantage_groups: str) -> dict:
     exp = Experiment(model, scorer, c, out)
     oc = OnPolicyConfig(algo=algo, arm="dfusion", rounds=c.rounds, batch_size=c.rl_batch, lr=c.rl_lr,
                         lora_rank=c.rl_rank, inner_epochs=c.inner_epochs, steps_per_trajectory=c.steps_per_trajectory,
-                        seed=0, ckpt_every=10 ** 6, advantage_groups=advantage_groups)
-    pairing = PairingParams(num_candidates=c.round_candidates, seed=c.pair_seed * 1000 + 7)  # the arm's, seed 0
+                        seed=seed, ckpt_every=10 ** 6, advantage_groups=advantage_groups)
+    pairing = PairingParams(num_candidates=c.round_candidates, seed=c.pair_seed * 1000 + 7 + seed)  # the arm's
     t0 = time.time()
     tr = _trainer_for_half(half)(model, exp.train_prompts, scorer, oc, out / "train", exp.sampling, exp.fusion,
                                  pairing)
@@ -102,7 +102,8 @@ def train_half(out: Path, half: str, algo: str, advantage_groups: str) -> dict:
     for r in tr.rounds:
         print(f"round {r['round']}: reward {r['reward_mean']:.3f}, approx KL {r['approx_kl']:.2e}")
     print(json.dumps(acc))
-    return {"half": half, "algo": algo, "advantage_groups": advantage_groups, "rounds": tr.rounds, "accuracy": acc,
+    return {"half": half, "algo": algo, "advantage_groups": advantage_groups, "seed": seed, "rounds": tr.rounds,
+            "accuracy": acc,
             "seconds": time.time() - t0}
 
 
@@ -113,13 +114,15 @@ def main(argv=None) -> None:
     ap.add_argument("--algo", choices=("ddpo", "dpok"), default="ddpo")
     ap.add_argument("--advantage-groups", choices=("prompt", "prompt-kind"), default="prompt",
                     help="prompt: the rounds as the first headline ran them (default here)")
+    ap.add_argument("--seed", type=int, default=0, help="training seed (the experiment's arm of that seed)")
     ap.add_argument("--out", default=None, help="default: runs/onpolicy-probe/<probe>[-<half>-<algo>-<groups>]")
     a = ap.parse_args(argv)
     torch.set_num_threads(1)
-    name = a.probe if a.probe == "residuals" else f"train-{a.half}-{a.algo}-{a.advantage_groups}"
+    name = a.probe if a.probe == "residuals" else f"train-{a.half}-{a.algo}-{a.advantage_groups}" + \
+        (f"-s{a.seed}" if a.seed else "")
     out = Path(a.out or f"runs/onpolicy-probe/{name}")
     out.mkdir(parents=True, exist_ok=True)
-    res = residuals(out) if a.probe == "residuals" else train_half(out, a.half, a.algo, a.advantage_groups)
+    res = residuals(out) if a.probe == "residuals" else train_half(out, a.half, a.algo, a.advantage_groups, a.seed)
     (out / "result.json").write_text(json.dumps(res, indent=1))
 
 
