@@ -96,6 +96,7 @@ def test_smoke_experiment_runs_every_part_and_resumes(sd1, tmp_path):
     assert "**Headline:**" in md and "| dpo | spatial |" in md and "## Calibration" in md and "## Ablations" in md
     figs = tmp_path / "docs" / "results-smoke"  # the figure folder is named after the report
     assert path.is_file() and (figs / "accuracy.png").stat().st_size > 0 and (figs / "ablations.png").is_file()
+    assert (figs / "triplets.png").stat().st_size > 0  # base | reference | target of the D-Fusion pairs
     assert "](results-smoke/ablations.png)" in md
     # a re-run reuses pair sets and finished arms: the same numbers, no retraining
     again = Experiment(sd1, brightness, cfg, tmp_path, sampling=sampling, log=lambda *_: None).run("headline")

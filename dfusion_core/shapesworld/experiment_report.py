@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -301,13 +302,17 @@ def figures(parts: dict, dfusion_pairs: list, out: Path) -> list[str]:
     step = max(1, len(firsts) // 6)
     picks = firsts[::step][:6]
     if picks:
-        fig, axes = plt.subplots(len(picks), 3, figsize=(4.5, 1.6 * len(picks)), squeeze=False)
+        # the prompt gets a column of its own: as a y-label it squeezed the square images and left tall gaps
+        fig, axes = plt.subplots(len(picks), 4, figsize=(6.4, 1.5 * len(picks)), squeeze=False,
+                                 gridspec_kw={"width_ratios": [1.6, 1, 1, 1]})
         for row, r in zip(axes, picks):
-            for ax, key in zip(row, ("base", "reference", "target")):
+            row[0].axis("off")
+            row[0].text(1.0, 0.5, textwrap.fill(r.prompt, 28), fontsize=7, ha="right", va="center",
+                        transform=row[0].transAxes)
+            for ax, key in zip(row[1:], ("base", "reference", "target")):
                 ax.imshow(r.images[key])
                 ax.set_xticks([]); ax.set_yticks([])
                 ax.set_title(f"{key} {r.scores[key]:.2f}", fontsize=7)
-            row[0].set_ylabel(r.prompt, fontsize=6, rotation=0, ha="right", va="center")
         fig.tight_layout()
         fig.savefig(out / "triplets.png", dpi=110, bbox_inches="tight")
         plt.close(fig)
