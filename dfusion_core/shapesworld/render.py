@@ -157,8 +157,10 @@ Placement = list[tuple[ObjectSpec, float, float, float]]  # (object, cx, cy, rad
 
 
 def _size(r: float, rng: random.Random, style: SceneStyle) -> float:
-    """v2: a radius jittered by 1 +- size_jitter (v1: unchanged, no draw)."""
-    return r if style.version < 2 else r * (1 + rng.uniform(-style.size_jitter, style.size_jitter))
+    """v2+: a radius scaled by the style's object_scale and jittered by 1 +- size_jitter (v1: unchanged, no draw)."""
+    if style.version < 2:
+        return r
+    return r * style.object_scale * (1 + rng.uniform(-style.size_jitter, style.size_jitter))
 
 
 def _single(prompt: PromptSpec, rng: random.Random, style: SceneStyle) -> Placement:
@@ -176,7 +178,7 @@ def _spatial(prompt: PromptSpec, rng: random.Random, style: SceneStyle) -> Place
     ra, rb = _size(ra, rng, style), _size(rb, rng, style)
     ua, da, la, ria = extents(a.shape, ra)
     ub, db, lb, rib = extents(b.shape, rb)
-    gap = rng.uniform(4, 12)
+    gap = rng.uniform(4, 12) * (style.object_scale if style.version >= 2 else 1.0)
     jitter = rng.uniform(-4, 4)
     along = {"above": -(da + ub + gap), "below": db + ua + gap,
              "on the left of": -(ria + lb + gap), "on the right of": rib + la + gap}[prompt.relation]

@@ -56,7 +56,7 @@ LATENT = IMAGE_SIZE // 4  # the shipped VAE is f4: 64x64 images -> 16x16x4 laten
 @dataclass
 class MMDiTConfig:
     seed: int = 0
-    world_version: int = 2  # scenes of this world version (2: backgrounds, tint, jitter)
+    world_version: int = 2  # scenes of this world version (2: backgrounds, tint, jitter; 3: v2 with smaller objects)
     n_scenes: int = 16000  # rendered scenes encoded once (the prototype used 12,000 v1 scenes)
     family_weights: tuple = (("simple", 0.1), ("action", 0.3), ("attribute", 0.3), ("spatial", 0.3))
     patch: int = 2  # transformer patch size over the 16x16 latent (2: an 8x8 token grid)
@@ -84,6 +84,10 @@ class MMDiTConfig:
     vae_steps: int = 1500  # AdamW steps of that fine-tuning (0 = keep the shipped autoencoder)
     vae_lr: float = 3e-4
     base: str = str(SHIPPED)  # pipeline folder whose autoencoder and text encoder (frozen) the model builds on
+    # an earlier SD3-shaped model folder (e.g. assets/shapesworld, the v2 default) to start from: its transformer's
+    # blocks are copied (patch embedding and output layer converted to this patch size) and its autoencoder,
+    # already tuned to v2-style scenes, is used frozen instead of tuning --base's ('' = train from scratch)
+    init: str = ""
 
 
 def _log(out: Path, **row) -> None:
@@ -120,6 +124,35 @@ def build_transformer(cfg: MMDiTConfig, text_hidden: int, text_proj: int):
         attention_head_dim=cfg.head_dim, num_attention_heads=cfg.heads, joint_attention_dim=2 * text_hidden,
         caption_projection_dim=cfg.heads * cfg.head_dim, pooled_projection_dim=2 * text_proj,
         pos_embed_max_size=LATENT // cfg.patch)
+
+
+def convert_patch(state: dict, old_patch: int, new_patch: int, channels: int = 4) -> dict:
+    """A transformer state dict re-cut to another patch size, so an earlier model's blocks can start a new one.
+
+    The patch embedding (a conv of kernel = stride = patch) is summed over (old) / spread over (new) kernel cells so a
+    uniform region gives the same token as before; the output layer (p*p*C values per token, laid out (p, p, C)) is
+    averaged over the old sub-pixels and repeated over the new ones. Positional tables are rebuilt by the model."""
+    out = {k: v for k, v in state.items() if not k.startswith("pos_embed.pos_embed")}
+    w = state["pos_embed.proj.weight"]  # [D, C, p, p]
+    summed = w.sum(dim=(2, 3), keepdim=True)
+    out["pos_embed.proj.weight"] = summed.expand(-1, -1, new_patch, new_patch) / new_patch ** 2
+    for name in ("proj_out.weight", "proj_out.bias"):
+        t = state[name]
+        per_cell = t.reshape(old_patch * old_patch, channels, *t.shape[1:]).mean(0)
+        out[name] = per_cell.repeat(new_patch * new_patch, *([1] * (t.dim() - 1)))
+    return out
+
+
+def init_from(transformer, folder: Path, patch: int) -> None:
+    """Load an earlier SD3-shaped model's transformer weights into `transformer` (patch size converted)."""
+    from diffusers import SD3Transformer2DModel
+
+    old = SD3Transformer2DModel.from_pretrained(folder / "transformer").float()
+    state = convert_patch(old.state_dict(), old.config.patch_size, patch, old.config.out_channels)
+    missing, unexpected = transformer.load_state_dict(state, strict=False)
+    bad = [k for k in missing + unexpected if not k.startswith("pos_embed.pos_embed")]
+    if bad:
+        raise ValueError(f"{folder} does not match this transformer's shape: {bad[:5]}")
 
 
 def build_pipeline(cfg: MMDiTConfig, transformer, vae, text_encoder, tokenizer):
@@ -281,8 +314,15 @@ def train(cfg: MMDiTConfig, out: Path, resume: bool = False, export_only: bool =
     """Encode the data (once), then train until the time or step budget is spent; checkpoint and export."""
     torch.manual_seed(cfg.seed)
     vae, te, tok = load_frozen(Path(cfg.base))
-    vae = tune_vae(cfg, out, vae)
-    tr = Trainer(cfg, build_transformer(cfg, te.config.hidden_size, te.config.projection_dim))
+    transformer = build_transformer(cfg, te.config.hidden_size, te.config.projection_dim)
+    if cfg.init:
+        from diffusers import AutoencoderKL
+
+        init_from(transformer, Path(cfg.init), cfg.patch)
+        vae = AutoencoderKL.from_pretrained(Path(cfg.init) / "vae").float().eval().requires_grad_(False)
+    else:
+        vae = tune_vae(cfg, out, vae)
+    tr = Trainer(cfg, transformer)
     ckpt = out / "state.pt"
     if ckpt.exists() and not (resume or export_only):
         raise SystemExit(f"error: {ckpt} exists; pass --resume to continue it or choose another --out")

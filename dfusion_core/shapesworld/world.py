@@ -15,7 +15,9 @@ the shipped v1 models). Version 2 adds variation that no caption mentions: a lig
 background running linearly between two colours, faint cloudy texture and an optional faint weave, a global
 lighting tint over the whole scene, and wider object size and position jitter that keeps every relation
 true. A random pair of v2 scenes differs in all of it; a pair that keeps it differs only where the
-caption's objects are. The caption grammar, the families and the train/test split are the same in both.
+caption's objects are. Version 3 is version 2 with objects at 3/4 of the size (a two-object scene covers far less
+of the canvas, so a fusion mask on a 16x16 token grid can leave most of the image to the base). The caption
+grammar, the families and the train/test split are the same in every version.
 """
 from __future__ import annotations
 
@@ -61,20 +63,31 @@ class SceneStyle:
     stack_offset: float = 0.3  # stacked on: horizontal offset, up to this x the narrower half-width
     contain_offset: float = 0.5  # containing: inner object moved up to this x its free room
     min_bg_distance: float = 100.0  # every background pixel stays this far (RGB) from every lit object colour
+    object_scale: float = 1.0  # every object's radius (and a spatial pair's gap) scaled by this; v3: 0.75
 
     def __post_init__(self):
         if self.version not in WORLD_VERSIONS:
             raise ValueError(f"world version must be one of {WORLD_VERSIONS}, got {self.version}")
+        if not 0.3 <= self.object_scale <= 1.5:
+            raise ValueError(f"object_scale must be in [0.3, 1.5], got {self.object_scale}")
 
 
-WORLD_VERSIONS: tuple[int, ...] = (1, 2)
+WORLD_VERSIONS: tuple[int, ...] = (1, 2, 3)
 V1 = SceneStyle(version=1)
 V2 = SceneStyle(version=2)
+# Version 3: version 2's scenes with objects at 3/4 of the size, so that the union of two scenes' keyword objects
+# (what a union-base fusion mask covers) stays well under half of a 16x16 token grid.
+V3 = SceneStyle(version=3, object_scale=0.75)
+_STYLES = {1: V1, 2: V2, 3: V3}
 
 
 def scene_style(version: int | SceneStyle) -> SceneStyle:
     """The default style of a world version (a SceneStyle passes through)."""
-    return version if isinstance(version, SceneStyle) else SceneStyle(version=int(version))
+    if isinstance(version, SceneStyle):
+        return version
+    if int(version) not in _STYLES:
+        raise ValueError(f"world version must be one of {WORLD_VERSIONS}, got {version}")
+    return _STYLES[int(version)]
 
 
 @dataclass(frozen=True)
