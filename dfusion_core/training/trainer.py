@@ -402,13 +402,22 @@ class Trainer:
             shutil.rmtree(left, ignore_errors=True)
         if self.cfg.lora_rank > 0:
             layers = self.family.lora_export(self.trainable_state())  # unet_lora_layers / transformer_lora_layers
-            type(self.model.pipe).save_lora_weights(built, **layers, safe_serialization=True)
+            type(self.model.pipe).save_lora_weights(built, **layers, **self._adapter_metadata(inner, layers),
+                                                    safe_serialization=True)
             (built / "train_config.json").write_text(json.dumps(asdict(self.cfg), indent=2))
             move_files_into(built, dest)
         else:
             inner.save_pretrained(built)
             replace_folder(built, dest / self.family.denoiser_attr)
             write_text_atomic(dest / "train_config.json", json.dumps(asdict(self.cfg), indent=2))
+
+    @staticmethod
+    def _adapter_metadata(inner, layers: dict) -> dict:
+        """The adapter's peft config (rank, lora_alpha, targets) for each exported component, as diffusers' own
+        training scripts save it: without it `load_lora_weights` assumes lora_alpha = rank, so an adapter trained
+        at alpha != rank would come back at the wrong scale."""
+        config = inner.peft_config["dfusion"].to_dict()
+        return {name.replace("_lora_layers", "_lora_adapter_metadata"): config for name in layers}
 
     def resume(self) -> bool:
         marker = self.out / "latest_checkpoint"
