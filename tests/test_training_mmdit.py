@@ -139,3 +139,24 @@ def test_exported_transformer_lora_loads_back_and_changes_samples(pipelines_dir,
     tuned = sample(tuned_model, "a red dog", [1], SP).trajectories[0]
     assert torch.equal(plain.latents[0], tuned.latents[0])
     assert (plain.final - tuned.final).abs().max() > 1e-4
+
+
+def test_pairs_drawn_with_flow_ddim_train_on_ddim_log_probs(sd3, tmp_path):
+    """The trainer steps with the sampler that drew the pairs: an unfused base's recomputed log-probs equal the
+    ones recorded while sampling (under the SDE they would differ by nats per element)."""
+    from dataclasses import replace
+
+    sp = SamplingParams(num_steps=4, eta=0.7, guidance_scale=3.0, flow_sampler="ddim")
+    recs = build_pairs(sd3, ["a red dog", "a blue cat"], brightness, sp, pairing=PairingParams(num_candidates=4))
+    pairs = pairs_from_records(recs)
+    assert {p.flow_sampler for p in pairs} == {"ddim"}
+    tr = Trainer(sd3, pairs, TrainConfig(algo="ddpo", steps=1, batch_size=2), tmp_path)
+    try:
+        assert tr.sampling.flow_sampler == "ddim"
+        base = [i for i, t in enumerate(tr.trajs) if any(t is p.loser for p in pairs)]
+        for i in base[:2]:
+            torch.testing.assert_close(tr.plain_logp[i], tr.trajs[i].log_probs, atol=2e-3, rtol=1e-3)
+    finally:
+        tr.unload()
+    with pytest.raises(ValueError, match="different flow samplers"):
+        Trainer(sd3, [pairs[0], replace(pairs[1], flow_sampler="sde")], TrainConfig(algo="dpo", steps=1), tmp_path)

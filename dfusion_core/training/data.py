@@ -27,6 +27,7 @@ class PreferencePair:
     # [h, w] in [0, 1]: the fusion mask of a D-Fusion pair (its per-step masks averaged over the fused steps),
     # where winner and loser differ by construction; None for a pair without one (random pairs)
     mask: object = None
+    flow_sampler: str = "sde"  # flow models: the sampler that drew the trajectories (their log-probs are its own)
 
 
 def pair_mask(masks) -> "torch.Tensor | None":
@@ -49,7 +50,8 @@ def pairs_from_records(records: list[PairRecord]) -> list[PreferencePair]:
         sw, sb = (r.scores.get("target"), r.scores.get("base")) if r.label == "target" else \
             (r.scores.get("base"), r.scores.get("target"))
         out.append(PreferencePair(r.prompt, tw, tb, sw, sb, int(s["num_steps"]), float(s["eta"]),
-                                  float(s["guidance_scale"]), s.get("negative_prompt", ""), pair_mask(r.masks)))
+                                  float(s["guidance_scale"]), s.get("negative_prompt", ""), pair_mask(r.masks),
+                                  s.get("flow_sampler", "sde")))  # records from before the choice: SDE
     return out
 
 
@@ -82,6 +84,10 @@ def check_pairs(pairs: list[PreferencePair], algo: str | None = None) -> None:
                          "models, sizes or step counts; train on one kind at a time")
     if len({(p.num_steps, p.eta, p.guidance_scale) for p in pairs}) != 1:
         raise ValueError("pairs were sampled with different steps / eta / guidance; train on one setting at a time")
+    samplers = sorted({p.flow_sampler for p in pairs})
+    if len(samplers) != 1:
+        raise ValueError(f"pairs were drawn with different flow samplers ({', '.join(samplers)}): their log-probs are "
+                         "of different step distributions; train on one sampler at a time")
     if algo in LOG_PROB_ALGOS:
         check_log_probs(pairs, algo)
 

@@ -121,7 +121,8 @@ class Trainer:
         self.pairs = pairs
         p0 = pairs[0]
         self._setup(model, SamplingParams(num_steps=p0.num_steps, eta=p0.eta, guidance_scale=p0.guidance_scale,
-                                          negative_prompt=p0.negative_prompt), out_dir, accelerator)
+                                          negative_prompt=p0.negative_prompt, flow_sampler=p0.flow_sampler),
+                    out_dir, accelerator)
         if cfg.algo in ("traj-dpo", "ddpo", "dpok"):
             self._prepare_trajectories()
 
