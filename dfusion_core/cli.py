@@ -20,7 +20,7 @@ from pathlib import Path
 
 from .engine import offline  # noqa: F401
 from .engine.config import COMBINE_MODES, FUSION_LAYER_PRESETS, RESIZE_MODES, THRESHOLD_MODES, FusionParams, MaskParams, \
-    SamplingParams, apply_model_defaults, field_comments, fusion_defaults, model_defaults, read_config_json
+    SamplingParams, field_comments, model_defaults, read_config_json
 
 # engine.loading.DEFAULT_MODEL without importing torch (the help must not wait for it); tests check they agree
 SHIPPED_MODEL = Path(__file__).resolve().parent.parent / "assets" / "shapesworld"
@@ -172,27 +172,29 @@ def _build_tiny(kind: str, state=None) -> str:
     return path[0]
 
 
-def _params(a, model) -> tuple[SamplingParams, FusionParams]:
-    s, m = apply_model_defaults(model.defaults, SamplingParams(), MaskParams())
-    s = SamplingParams(**{**asdict(s), **{k: v for k, v in {
+def _params(a, model) -> tuple[SamplingParams, FusionParams | None]:
+    """The model's defaults (LoadedModel.default_sampling / default_fusion, as the library uses them) under the
+    flags given; the fusion settings only for commands that fuse (None otherwise, and not validated)."""
+    s = SamplingParams(**{**asdict(model.default_sampling()), **{k: v for k, v in {
         "num_steps": a.steps, "eta": a.eta, "guidance_scale": a.cfg, "negative_prompt": a.negative,
         "height": a.height, "width": a.width, "flow_sampler": a.flow_sampler}.items() if v is not None}})
-    f = fusion_defaults(model.defaults, m)  # the paper's, under the model's dfusion.json
-    if hasattr(a, "threshold_mode"):
-        mk = {k: v for k, v in {"keywords": tuple(a.keywords) if a.keywords else None,
-                                "threshold_mode": a.threshold_mode, "threshold": a.threshold, "resize": a.resize,
-                                "combine": a.combine,
-                                "dilate": a.dilate, "feather": a.feather,
-                                "layer_factors": tuple(a.mask_factors) if a.mask_factors else None}.items() if v is not None}
-        if a.union_base is not None:
-            mk["union_base"] = a.union_base
-        layers = None
-        if a.layers:
-            layers = a.layers[0] if len(a.layers) == 1 and a.layers[0] in FUSION_LAYER_PRESETS else tuple(a.layers)
-        f = replace(f, **{k: v for k, v in {"start_step": a.start_step, "end_step": a.end_step,
-                                            "layers": layers, "hold_outside": a.hold_outside}.items() if v is not None},
-                    use_mask=f.use_mask and not a.no_mask, mask=MaskParams(**{**asdict(f.mask), **mk}))
     s.validate()
+    if not hasattr(a, "threshold_mode"):
+        return s, None
+    f = model.default_fusion()
+    mk = {k: v for k, v in {"keywords": tuple(a.keywords) if a.keywords else None,
+                            "threshold_mode": a.threshold_mode, "threshold": a.threshold, "resize": a.resize,
+                            "combine": a.combine,
+                            "dilate": a.dilate, "feather": a.feather,
+                            "layer_factors": tuple(a.mask_factors) if a.mask_factors else None}.items() if v is not None}
+    if a.union_base is not None:
+        mk["union_base"] = a.union_base
+    layers = None
+    if a.layers:
+        layers = a.layers[0] if len(a.layers) == 1 and a.layers[0] in FUSION_LAYER_PRESETS else tuple(a.layers)
+    f = replace(f, **{k: v for k, v in {"start_step": a.start_step, "end_step": a.end_step,
+                                        "layers": layers, "hold_outside": a.hold_outside}.items() if v is not None},
+                use_mask=f.use_mask and not a.no_mask, mask=MaskParams(**{**asdict(f.mask), **mk}))
     f.validate(s.num_steps)
     return s, f
 
@@ -579,9 +581,19 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _quiet_loading() -> None:
+    """No per-component loading bars on stderr: a command's stderr is its errors (one line each)."""
+    from diffusers.utils import logging as dlog
+    from transformers.utils import logging as tlog
+
+    dlog.disable_progress_bar()
+    tlog.disable_progress_bar()
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = build_parser()
     a = ap.parse_args(argv)
+    _quiet_loading()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)

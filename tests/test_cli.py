@@ -268,3 +268,50 @@ def test_import_reports_per_file_and_skips_what_the_store_holds(tmp_path, capsys
     code, out, err = _main(capsys, "import", "--source", str(tmp_path / "missing"), "--store", str(tmp_path / "new"))
     assert code == 2 and out == "" and err.strip() == f"error: {tmp_path / 'missing'} does not exist"
     assert not (tmp_path / "new").exists()  # no store created for nothing
+
+
+def test_size_not_divisible_by_the_patch_is_one_clear_line(pipelines_dir, sd3, tmp_path):
+    """On an 8x autoencoder with patch 2 an image side must be a multiple of 16: 72 px is refused up front (exit 2,
+    one line) by sample and fuse, instead of the transformer's RuntimeError."""
+    import shutil
+
+    from dfusion_core.engine.tiny import _vae
+
+    folder = tmp_path / "sd3-x8"
+    shutil.copytree(pipelines_dir / "sd3", folder, symlinks=True)
+    shutil.rmtree(folder / "vae")
+    _vae(blocks=(32, 32, 32, 64)).save_pretrained(folder / "vae")
+    for cmd, extra in [("sample", ["--seeds", "0"]), ("fuse", ["--base-seed", "1", "--ref-seed", "2"])]:
+        p = run(cmd, "--model", str(folder), "--prompt", "a red dog", "--steps", "4", "--height", "72",
+                "--width", "64", *extra)
+        assert p.returncode == 2, p.stderr
+        assert "multiples of 16" in p.stderr and "Traceback" not in p.stderr, p.stderr
+        assert len(p.stderr.strip().splitlines()) == 1, p.stderr
+
+
+def test_library_defaults_are_the_models_as_on_the_command_line(pipelines_dir, sd3, tmp_path):
+    """sample() with no settings uses the model's dfusion.json (here CFG 2, eta 0.4), as `sample` does: the same
+    image from Python and from the CLI. A sampling-only command ignores fusion settings (2 steps is fine although
+    the paper's fusion starts at step 3)."""
+    import shutil
+
+    import numpy as np
+    from PIL import Image
+
+    from dfusion_core.engine.loading import load_model
+    from dfusion_core.engine.sampling import sample
+
+    folder = tmp_path / "sd3-defaults"
+    shutil.copytree(pipelines_dir / "sd3", folder, symlinks=True)
+    (folder / "dfusion.json").write_text(json.dumps({"guidance_scale": 2.0, "eta": 0.4, "num_steps": 2}))
+    model = load_model(folder, device="cpu")
+    s = model.default_sampling()
+    assert (s.guidance_scale, s.eta, s.num_steps) == (2.0, 0.4, 2)
+    lib = np.asarray(sample(model, "a red dog", [3]).images[0], dtype=np.int16)
+    p = run("sample", "--model", str(folder), "--prompt", "a red dog", "--seeds", "3", "--out", str(tmp_path / "out"))
+    assert p.returncode == 0, p.stderr
+    cli = np.asarray(Image.open(tmp_path / "out" / "seed3.png"), dtype=np.int16)
+    assert np.abs(lib - cli).max() <= 1
+    p = run("sample", "--model", str(folder), "--prompt", "a red dog", "--seeds", "3", "--steps", "1",
+            "--out", str(tmp_path / "out1"))
+    assert p.returncode == 0, p.stderr

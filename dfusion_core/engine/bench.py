@@ -48,7 +48,7 @@ def _timed_rounds(model: LoadedModel, fns: dict, repeats: int) -> dict[str, tupl
 
 def run_bench(model: LoadedModel, prompt: str, sampling: SamplingParams, fusion: FusionParams | None = None,
               repeats: int = 5, base_seed: int = 1, ref_seed: int = 2) -> dict:
-    fusion = fusion or FusionParams()
+    fusion = fusion or model.default_fusion()
     first = sample(model, prompt, [base_seed], sampling)  # the base, as candidate sampling leaves it
     base, base_image = first.trajectories[0], first.images[0]
     cache = ReferenceCache(max_bytes=8 << 30)

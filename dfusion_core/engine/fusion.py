@@ -154,8 +154,8 @@ def _cached_entries(model, prompt, pairs, plan_bases, cache, sampling, map_layer
 
 def plan_fusion(model: LoadedModel, prompt: str, pairs, sampling, fusion, bases, cache, previous) -> _Plan:
     """Validate, resolve keywords and layers, look up the cache and decide which steps each target computes."""
-    sampling = (sampling or SamplingParams()).validate()
-    fusion = (fusion or FusionParams()).validate(sampling.num_steps)
+    sampling = (sampling or model.default_sampling()).validate()
+    fusion = (fusion or model.default_fusion()).validate(sampling.num_steps)
     validate_prompt(prompt)
     if not pairs:
         raise ValueError("no (base_seed, ref_seed) pair given")
@@ -387,7 +387,7 @@ def record_attention(model: LoadedModel, prompt: str, seeds: list[int], sampling
                      map_softmax: str = "joint") -> AttentionRecording:
     """Sample `seeds` while recording their cross-attention maps (no fusion): for mask inspection and the
     localisation metrics. `steps` (1-based, inclusive) limits the steps averaged (default: all)."""
-    sampling = (sampling or SamplingParams()).validate()
+    sampling = (sampling or model.default_sampling()).validate()
     validate_prompt(prompt)
     for s in seeds:
         check_seed(s)

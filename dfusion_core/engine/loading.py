@@ -16,7 +16,7 @@ from PIL import Image
 
 from . import offline  # noqa: F401  (sets the no-network environment before diffusers is imported)
 from .attention import AttentionController
-from .config import model_defaults
+from .config import FusionParams, MaskParams, SamplingParams, apply_model_defaults, fusion_defaults, model_defaults
 from .families import FAMILIES, ModelFamily
 
 ASSETS = Path(__file__).resolve().parents[2] / "assets"
@@ -114,6 +114,15 @@ class LoadedModel:
             self.use_lora(None)
         return True
 
+    def default_sampling(self) -> SamplingParams:
+        """The paper's sampling settings under this model's family and dfusion.json defaults: what the library,
+        the CLI and the app use when not told otherwise."""
+        return apply_model_defaults(self.defaults, SamplingParams(), MaskParams())[0]
+
+    def default_fusion(self) -> FusionParams:
+        """The paper's fusion (and mask) settings under this model's defaults, as default_sampling."""
+        return fusion_defaults(self.defaults, apply_model_defaults(self.defaults, SamplingParams(), MaskParams())[1])
+
     @property
     def tokenizer(self):
         return self.pipe.tokenizer
@@ -130,10 +139,16 @@ class LoadedModel:
     def latent_shape(self, height: int | None, width: int | None) -> tuple[int, int, int]:
         dh, dw = self.default_size()
         h, w = height or dh, width or dw
-        f = self.vae_scale_factor
+        f = self.vae_scale_factor * self.patch_size  # an MMDiT cuts the latent into patch x patch tokens
         if h % f or w % f:
-            raise ValueError(f"height and width must be multiples of {f} for this model, got {h}x{w}")
-        return self.denoiser.config.in_channels, h // f, w // f
+            why = f" ({self.vae_scale_factor}x autoencoder, patch {self.patch_size})" if self.patch_size > 1 else ""
+            raise ValueError(f"height and width must be multiples of {f} for this model{why}, got {h}x{w}")
+        return self.denoiser.config.in_channels, h // self.vae_scale_factor, w // self.vae_scale_factor
+
+    @property
+    def patch_size(self) -> int:
+        """Latent cells per image token side (an MMDiT's patch; 1 for a UNet)."""
+        return int(getattr(self.denoiser.config, "patch_size", None) or 1)
 
     @torch.no_grad()
     def encode(self, prompts: list[str], negative_prompt: str, cfg: bool, height: int, width: int) -> Conditioning:

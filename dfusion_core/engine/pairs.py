@@ -147,8 +147,8 @@ def build_pairs(model: LoadedModel, prompts: list[str], scorer, sampling: Sampli
     With `pairing.label == "score"` each record's label is the scorer's verdict (base or target) and ties
     within `min_gap` are dropped. `stats` (a dict) receives counts: fused, dropped_gap (reference less than
     min_gap above the base: not fused), dropped_tie (target and base tied: fused, not kept), kept."""
-    sampling = (sampling or SamplingParams()).validate()
-    fusion = (fusion or FusionParams()).validate(sampling.num_steps)
+    sampling = (sampling or model.default_sampling()).validate()
+    fusion = (fusion or model.default_fusion()).validate(sampling.num_steps)
     pairing = (pairing or PairingParams()).validate()
     if not prompts:
         raise ValueError("no prompts given")
@@ -184,7 +184,7 @@ def build_random_pairs(model: LoadedModel, prompts: list[str], scorer, sampling:
 
     `candidates` (a dict, shared between calls) keeps each prompt's sampled and scored candidates, so the
     random and the D-Fusion pairs of an experiment come from the very same images at half the cost."""
-    sampling = (sampling or SamplingParams()).validate()
+    sampling = (sampling or model.default_sampling()).validate()
     pairing = (pairing or PairingParams()).validate()
     records = []
     _count(stats, "dropped_tie", 0)
@@ -293,8 +293,8 @@ def build_into(out_dir: str | Path, model: LoadedModel, prompts: list[str], scor
     `done` once and waits for all of them before any calls this, so all deal out the same remaining list. A
     prompt that raises is reported in "failed" with its error and left unmarked (a rerun retries it).
     `progress(i, n)`: i of this process's n prompts built. Returns this process's report (merge_reports)."""
-    sampling = (sampling or SamplingParams()).validate()
-    fusion = None if random else (fusion or FusionParams()).validate(sampling.num_steps)
+    sampling = (sampling or model.default_sampling()).validate()
+    fusion = None if random else (fusion or model.default_fusion()).validate(sampling.num_steps)
     pairing = (pairing or PairingParams()).validate()
     done = done_markers(out_dir) if done is None else done
     keys = {p: prompt_key(model.model_id, p, sampling, fusion, pairing) for p in dict.fromkeys(prompts)}

@@ -169,7 +169,7 @@ class SampleResult:
 def sample(model: LoadedModel, prompts: str | list[str], seeds: list[int], sampling: SamplingParams | None = None,
            batch_size: int = 16) -> SampleResult:
     """Sample one image per seed (a single prompt is repeated for every seed)."""
-    sampling = (sampling or SamplingParams()).validate()
+    sampling = (sampling or model.default_sampling()).validate()
     prompts = [prompts] * len(seeds) if isinstance(prompts, str) else list(prompts)
     if len(prompts) != len(seeds):
         raise ValueError(f"{len(prompts)} prompts for {len(seeds)} seeds")
