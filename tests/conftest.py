@@ -7,8 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
+# the tests never download: set before any Hugging Face library is imported (dfusion_core itself leaves it to users)
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import dfusion_core  # noqa: E402,F401  (sets the offline environment)
+import dfusion_core  # noqa: E402,F401  (telemetry off)
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 

@@ -1,6 +1,7 @@
 """Any SD 1.x / 2.x / SDXL folder loads; anything else gets a clear error."""
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 from conftest import write_random_lora
@@ -47,8 +48,24 @@ def test_corrupt_weights(pipelines_dir, sd1, tmp_path):
 
 
 def test_hub_id_without_network_is_a_clear_error():
-    with pytest.raises(ModelLoadError, match="no network here"):
+    with pytest.raises(ModelLoadError, match="not in the local Hugging Face cache and downloads are off"):
         load_model("someone/some-model-that-is-not-cached", device="cpu")
+
+
+def test_importing_the_library_leaves_downloads_on_and_telemetry_off():
+    """A notebook that imports dfusion_core can still load a hub id: only telemetry is switched off."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE",
+                                                            "HF_HUB_DISABLE_TELEMETRY")}
+    code = ("import os, dfusion_core; from huggingface_hub import constants; "
+            "print(os.environ.get('HF_HUB_OFFLINE'), constants.HF_HUB_OFFLINE, os.environ.get('HF_HUB_DISABLE_TELEMETRY'))")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120,
+                         cwd=str(Path(__file__).resolve().parent.parent))
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["None", "False", "1"]
 
 
 def test_fp16_on_cpu_is_refused(pipelines_dir):

@@ -290,9 +290,7 @@ def load_model(model: str | os.PathLike | None = None, device: str | None = None
                                                                    "requires_safety_checker": False}
         pipe = DiffusionPipeline.from_pretrained(source, dtype=dt, **extra)
     except (OSError, ValueError, json.JSONDecodeError, KeyError, RuntimeError) as e:
-        where = "folder" if is_local else "hub id"
-        hint = "" if is_local else " (no network here: download the model to a folder and pass its path)"
-        raise ModelLoadError(f"could not load {where} {source!r}: {str(e).splitlines()[0]}{hint}") from None
+        raise ModelLoadError(_load_failure(source, is_local, e)) from None
     kind = SUPPORTED.get(type(pipe).__name__)
     if kind is None:
         raise ModelLoadError(f"{source} is a {type(pipe).__name__}; supported: {', '.join(SUPPORTED)}")
@@ -320,6 +318,19 @@ def load_model(model: str | os.PathLike | None = None, device: str | None = None
     if lora is not None:  # named, so use_lora can switch it off and on
         lm.lora_folders = {name: str(lp) for name in lm.lora_adapters()}
     return lm
+
+
+def _load_failure(source: str, is_local: bool, error: Exception) -> str:
+    """One line on why `source` did not load; a hub id says whether downloads were off or failed."""
+    first = str(error).splitlines()[0] if str(error) else type(error).__name__
+    if is_local:
+        return f"could not load folder {source!r}: {first}"
+    from huggingface_hub import constants
+
+    why = ("it is not in the local Hugging Face cache and downloads are off (HF_HUB_OFFLINE=1)" if constants.HF_HUB_OFFLINE
+           else "it is not in the local Hugging Face cache and could not be downloaded (network, name or access)")
+    return (f"could not load hub id {source!r}: {why}. Download it to a folder and pass its path, or unset "
+            f"HF_HUB_OFFLINE on a machine with a network ({first})")
 
 
 def _absent_components(folder: Path, cls: str) -> dict:
