@@ -523,7 +523,7 @@ def _add_train(sub) -> None:
         flag, doc = "--" + fld.name.replace("_", "-"), f"{notes.get(fld.name, '')} (default: {_fmt(fld.default)})"
         if fld.name == "lora_targets":
             p.add_argument(flag, nargs="+", default=None, help=doc)
-        elif fld.name in ("algo", "mixed_precision"):
+        elif isinstance(fld.default, str):  # algo, mixed_precision, weighting: validated by TrainConfig
             p.add_argument(flag, default=None, help=doc)
         else:
             typ = float if isinstance(fld.default, float) or fld.default is None else int

@@ -160,3 +160,49 @@ def test_pairs_drawn_with_flow_ddim_train_on_ddim_log_probs(sd3, tmp_path):
         tr.unload()
     with pytest.raises(ValueError, match="different flow samplers"):
         Trainer(sd3, [pairs[0], replace(pairs[1], flow_sampler="sde")], TrainConfig(algo="dpo", steps=1), tmp_path)
+
+
+def test_logit_normal_weighting_draws_the_pretraining_noise_levels(sd3, sd3_pairs, tmp_path):
+    """weighting=logit_normal: the DPO step's sigmas are sigma(index = floor(sigmoid(N(0,1)) * T)) from the step's
+    generator, as diffusers' SD3 script draws them; uniform draws spread over the whole schedule."""
+    from dfusion_core.training.trainer import train_timestep_indices
+
+    g = torch.Generator().manual_seed(0)
+    uni = train_timestep_indices("uniform", 1000, 20000, g).float() / 1000
+    ln = train_timestep_indices("logit_normal", 1000, 20000, g).float() / 1000
+    assert abs(uni.std() - 0.289) < 0.01 and abs(ln.std() - 0.21) < 0.01  # sigmoid(N(0,1)) has std ~0.21
+    assert abs(ln.mean() - 0.5) < 0.01 and (ln < 0.05).float().mean() < 0.01
+    tr = Trainer(sd3, sd3_pairs, TrainConfig(algo="dpo", steps=1, batch_size=2, weighting="logit_normal"), tmp_path)
+    try:
+        _, _, t_in, _, _ = tr._noised_pairs(_step_generator(0, 4))
+        g = _step_generator(0, 4)
+        torch.randint(0, len(sd3_pairs), (2,), generator=g)  # the pair draw comes first
+        idx = (torch.sigmoid(torch.randn(2, generator=g)) * 1000).long()
+        torch.testing.assert_close(t_in, torch.cat([tr.schedule.train_sigmas[idx]] * 2).float() * 1000)
+    finally:
+        tr.unload()
+    with pytest.raises(ValueError, match="weighting must be one of"):
+        TrainConfig(weighting="cosmap").validate()
+
+
+def test_dpok_kl_on_flow_grpos_scale_is_the_exact_kl_times_the_step(sd3, sd3_pairs, sd1, tmp_path):
+    tr = Trainer(sd3, sd3_pairs, TrainConfig(algo="dpok", steps=1, batch_size=2), tmp_path)
+    try:
+        with torch.no_grad():
+            for p in tr.params:  # the policy away from the frozen model, so the KL is not 0
+                p.add_(0.05 * torch.randn_like(p))
+            trajs, prompts = tr.trajs[:2], tr.traj_prompts[:2]
+            old, adv = torch.stack([tr.plain_logp[i][2] for i in range(2)]), torch.ones(2)
+            _, exact = tr._pg_objective(trajs, [2, 2], prompts, old, adv)
+            tr.cfg.kl_scale = "flow_grpo"
+            _, scaled = tr._pg_objective(trajs, [2, 2], prompts, old, adv)
+    finally:
+        tr.unload()
+    dt = float(tr.schedule.sigmas[2] - tr.schedule.sigmas[3])
+    assert exact["kl"] > 0 and 0 < dt < 1
+    assert abs(scaled["kl"] - exact["kl"] * dt) < 1e-6 * max(1.0, exact["kl"])
+    with pytest.raises(ValueError, match="needs a flow model"):
+        from dfusion_core.engine.config import SamplingParams as SP1
+        pairs1 = pairs_from_records(build_pairs(sd1, ["a red dog", "a blue cat"], brightness, SP1(num_steps=3),
+                                                pairing=PairingParams(num_candidates=4)))
+        Trainer(sd1, pairs1, TrainConfig(algo="dpok", steps=1, batch_size=2, kl_scale="flow_grpo"), tmp_path / "u")

@@ -47,7 +47,7 @@ class ModelFamily:
     def train_noised(self, schedule, x0: torch.Tensor, noise: torch.Tensor,
                      step_or_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Training: (noised latent, regression target, denoiser timestep) per row. `step_or_t` is an integer
-        in [0, schedule.num_train_timesteps) per row, drawn uniformly by the trainer for every family."""
+        in [0, schedule.num_train_timesteps) per row, drawn by the trainer (TrainConfig.weighting) for every family."""
         raise NotImplementedError
 
     def lora_export(self, peft_state: dict) -> dict:
@@ -140,9 +140,10 @@ class MMDiTFlow(ModelFamily):
 
     def train_noised(self, schedule, x0, noise, step_or_t):
         """Rectified flow: x_sigma = (1 - sigma) x0 + sigma noise, target the velocity noise - x0. sigma is the
-        scheduler's training sigma at index `step_or_t` (with its shift), so sigma is drawn uniformly over
-        the training sigmas: diffusers' SD3 training script with its default weighting ("none"), not the
-        logit-normal option. The transformer is given sigma * num_train_timesteps, as when sampling."""
+        scheduler's training sigma at index `step_or_t` (with its shift). The trainer draws the index uniformly
+        (diffusers' SD3 script with --weighting_scheme none) or logit-normally (that script's default,
+        logit_normal; TrainConfig.weighting). The transformer is given sigma * num_train_timesteps, as when
+        sampling."""
         sigma = schedule.train_sigmas[step_or_t.long().cpu()]
         x_t, target = flow_noised(x0, noise, sigma)
         return x_t, target, (sigma * schedule.num_train_timesteps).to(x0.device, torch.float32)

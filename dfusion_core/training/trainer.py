@@ -37,6 +37,7 @@ from . import losses
 from .data import PreferencePair, check_pairs
 
 ALGOS = ("dpo", "traj-dpo", "ddpo", "dpok")
+WEIGHTINGS = ("uniform", "logit_normal")
 
 
 @dataclass
@@ -53,13 +54,21 @@ class TrainConfig:
     lora_rank: int = 4  # LoRA rank on the denoiser's attention; 0 = full fine-tune
     lora_alpha: float | None = None  # LoRA scaling numerator; None = the rank (scale 1)
     lora_targets: tuple[str, ...] | None = None  # attention projections adapted; None = the model family's
+    # how a Diffusion-DPO step draws its noise level: uniform over the training schedule (Diffusion-DPO, and
+    # diffusers' SD3 script with --weighting_scheme none) or logit_normal (u = sigmoid(N(0, 1)), the density SD3
+    # and ShapesWorld's flow models were pre-trained with; the default of diffusers' SD3 training script)
+    weighting: str = "uniform"  # uniform | logit_normal: the training noise levels of dpo
     dpo_beta: float = 5000.0  # Diffusion-DPO beta in the beta/2 convention (= 2500 without the 1/2; see losses)
     # a D-Fusion pair differs only inside its fusion mask; pairs without a mask (random pairs) weigh everywhere 1
     dpo_outside_weight: float = 1.0  # DPO error weight outside the pair's fusion mask (1 = paper, 0 = inside only)
     traj_beta: float = 0.1  # trajectory DPO beta
     clip_eps: float = 0.1  # ratio clip for traj-dpo, ddpo and dpok
     adv_clip: float = 5.0  # DDPO/DPOK advantage clip
+    # DPOK's KL term is the exact per-step Gaussian KL to the frozen model. Flow-GRPO's (its KL loss) equals that
+    # KL times the step's sigma decrement dt, so at the same coefficient this one weighs 1/dt more (3.7x-112x on
+    # a 20-step schedule); kl_scale flow_grpo multiplies by dt so a coefficient reads on Flow-GRPO's scale
     kl_coef: float = 0.01  # DPOK KL weight
+    kl_scale: str = "exact"  # exact (per-step Gaussian KL) | flow_grpo (x the step's dt; flow models only)
     inner_epochs: int = 2  # DDPO/DPOK: optimizer steps on each drawn batch
     # DDPO/DPOK: leave out recorded steps whose mean squared standardised residual under the plain model exceeds
     # this (>= 1; the policy's own draws give ~1, the shipped model's fused targets ~50 at their last step, whose
@@ -90,6 +99,10 @@ class TrainConfig:
         if not (self.max_step_residual == 0 or self.max_step_residual >= 1):
             raise ValueError(f"max_step_residual must be 0 (train every step) or >= 1 (a draw of the policy gives "
                              f"about 1), got {self.max_step_residual}")
+        if self.kl_scale not in ("exact", "flow_grpo"):
+            raise ValueError(f"kl_scale must be exact or flow_grpo, got {self.kl_scale!r}")
+        if self.weighting not in WEIGHTINGS:
+            raise ValueError(f"weighting must be one of {', '.join(WEIGHTINGS)}, got {self.weighting!r}")
         if self.mixed_precision not in ("no", "fp16", "bf16"):
             raise ValueError(f"mixed_precision must be no, fp16 or bf16, got {self.mixed_precision!r}")
         return self
@@ -104,6 +117,15 @@ class TrainResult:
 
 def _step_generator(seed: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + step)
+
+
+def train_timestep_indices(weighting: str, num_train_timesteps: int, n: int, g: torch.Generator) -> torch.Tensor:
+    """n indices into the training schedule: uniform, or logit-normal as diffusers' compute_density_for_timestep_
+    sampling draws them (u = sigmoid(N(0, 1)), index = floor(u * T)), so the noise levels pre-training saw most."""
+    if weighting == "uniform":
+        return torch.randint(0, num_train_timesteps, (n,), generator=g)
+    u = torch.sigmoid(torch.randn(n, generator=g))
+    return (u * num_train_timesteps).long().clamp_(0, num_train_timesteps - 1)
 
 
 def drawable_rows(rows: list[tuple[int, int]], drawable: torch.Tensor) -> tuple[list[tuple[int, int]], float]:
@@ -142,6 +164,9 @@ class Trainer:
         self.sampling = sampling
         self.num_steps, self.eta, self.cfg_scale = sampling.num_steps, sampling.eta, sampling.guidance_scale
         self.schedule = self.family.schedule(model.pipe.scheduler, self.num_steps)
+        if cfg.kl_scale == "flow_grpo" and getattr(self.schedule, "sigmas", None) is None:
+            raise ValueError("kl_scale flow_grpo needs a flow model (SD3 family): a UNet's DDIM steps have no sigma "
+                             "decrement; use kl_scale exact")
         net = model.denoiser
         net.requires_grad_(False)
         for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
@@ -261,7 +286,7 @@ class Trainer:
         """This step's pairs, noised: rows [winners; losers] share each pair's timestep and noise.
         Returns (x_t, target, denoiser timesteps, conditioning, the pairs here)."""
         idx = torch.randint(0, len(self.pairs), (self.cfg.batch_size,), generator=g)
-        t_all = torch.randint(0, self.schedule.num_train_timesteps, (self.cfg.batch_size,), generator=g)
+        t_all = train_timestep_indices(self.cfg.weighting, self.schedule.num_train_timesteps, self.cfg.batch_size, g)
         noise_all = torch.randn((self.cfg.batch_size, *self.pairs[0].winner.latents[-1].shape), generator=g)
         sel = self._local(torch.arange(self.cfg.batch_size))
         pairs = [self.pairs[int(i)] for i in idx[sel]]
@@ -334,6 +359,9 @@ class Trainer:
         with torch.no_grad(), self.reference() as ref:
             ref_mean, _, _ = self._policy_step(ref, trajs, js, prompts)
         kl = losses.gaussian_kl(mean, ref_mean, std)
+        if self.cfg.kl_scale == "flow_grpo":  # Flow-GRPO's scale: the exact KL times the step's sigma decrement
+            sig = self.schedule.sigmas
+            kl = kl * torch.tensor([float(sig[j] - sig[j + 1]) for j in js]).to(kl)
         return losses.dpok_loss(logp, old, adv, kl, self.cfg.kl_coef, self.cfg.clip_eps)
 
     def _loss_pg(self, g):
