@@ -58,9 +58,9 @@ def test_joint_processor_equals_diffusers_default_and_records_maps(sd3, softmax)
     assert set(maps) == set(joint)
     n_img = (x.shape[-1] // 2) * (x.shape[-2] // 2)
     for m in maps.values():
-        assert m.shape == (n_img, 77)
+        assert m.shape == (n_img, 77 + sd3.sequence_length)  # CLIP's tokens, then the zero rows in T5's place
         sums = m.sum(-1)
-        if softmax == "text":  # a distribution over the 77 text keys
+        if softmax == "text":  # a distribution over the text keys
             torch.testing.assert_close(sums, torch.ones(n_img), atol=1e-5, rtol=0)
         else:  # the text share of a softmax over image + text keys
             assert bool((sums < 1).all()) and bool((sums > 0).all())
@@ -109,7 +109,7 @@ def test_global_swap_makes_target_image_tokens_read_the_references_keys(sd3):
 def test_fusion_on_an_mmdit_reports_per_token_maps_and_masks(sd3):
     res = fuse(sd3, "a red dog next to a blue cat", 1, 2, SP, FusionParams(start_step=1, layers="all"))
     _, lh, lw = sd3.latent_shape(None, None)
-    assert res.token_maps.shape == (77, lh // 2, lw // 2)  # one map per text token on the patch grid
+    assert res.token_maps.shape == (77 + sd3.sequence_length, lh // 2, lw // 2)  # a map per text token, patch grid
     assert res.masks.shape == (SP.num_steps, lh // 2, lw // 2)
     assert 0 < float(res.masks.mean()) < 1
     kw = res.token_groups[res.keywords.index("dog")]
@@ -234,3 +234,27 @@ def test_text_softmax_maps_are_a_fusion_option_and_a_cache_key(sd3):
     torch.testing.assert_close(t, torch.ones_like(t), atol=1e-4, rtol=0)
     with pytest.raises(ValueError, match="map_softmax"):
         MaskParams(map_softmax="image").validate()
+
+
+@pytest.mark.parametrize("length", [None, 0])
+def test_plain_sample_without_t5_is_stock_diffusers_image(pipelines_dir, sd3, tmp_path, length):
+    """Without T5 a prompt is encoded as StableDiffusion3Pipeline encodes it: CLIP's tokens and 256 zero rows (which
+    the context embedder's bias makes non-zero), or the length a folder's dfusion.json names (0 for ShapesWorld)."""
+    import json
+    import shutil
+
+    from dfusion_core.engine.config import SamplingParams
+    from dfusion_core.engine.loading import load_model
+    from dfusion_core.engine.sampling import sample
+
+    folder = tmp_path / "sd3"
+    shutil.copytree(pipelines_dir / "sd3", folder, symlinks=True)
+    if length is not None:
+        (folder / "dfusion.json").write_text(json.dumps({"max_sequence_length": length}))
+    m = load_model(folder, device="cpu")
+    assert m.sequence_length == (256 if length is None else 0) and m.t5_length == 0
+    ours = sample(m, "a red dog", [5], SamplingParams(num_steps=4, guidance_scale=3.0, flow_sampler="ode",
+                                                      eta=0.0)).trajectories[0].final
+    stock = m.pipe("a red dog", num_inference_steps=4, guidance_scale=3.0, generator=torch.Generator().manual_seed(5),
+                   output_type="latent", **({} if length is None else {"max_sequence_length": length})).images[0]
+    torch.testing.assert_close(ours, stock, atol=1e-5, rtol=1e-5)

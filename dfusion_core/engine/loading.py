@@ -165,18 +165,27 @@ class LoadedModel:
         if self.kind == "sd3":
             pe, npe, ppe, nppe = pipe.encode_prompt(
                 prompts, None, None, device=self.device, num_images_per_prompt=1, do_classifier_free_guidance=cfg,
-                negative_prompt=neg, max_sequence_length=self.t5_length)
+                negative_prompt=neg, max_sequence_length=self.sequence_length)
             return Conditioning(pe, npe if cfg else None, {"pooled_projections": ppe},
                                 {"pooled_projections": nppe} if cfg else None)
         pe, npe = pipe.encode_prompt(prompts, self.device, 1, cfg, negative_prompt=neg)
         return Conditioning(pe, npe if cfg else None)
 
     @property
+    def sequence_length(self) -> int:
+        """SD3: text tokens after CLIP's 77, T5's or, without T5, the zero rows stock diffusers puts in their place
+        (the context embedder's bias makes them non-zero, so they change the image): 256 as in
+        StableDiffusion3Pipeline, unless the folder's dfusion.json sets max_sequence_length (the ShapesWorld
+        models were trained with 0, i.e. CLIP's tokens alone; stock diffusers draws them with
+        max_sequence_length=0)."""
+        return int(self.defaults.get("max_sequence_length", 256)) if self.kind == "sd3" else 0
+
+    @property
     def t5_length(self) -> int:
-        """SD3: T5 tokens after the 77 CLIP tokens (0 without T5: the zeros diffusers puts there carry nothing)."""
+        """SD3: T5 tokens that read the prompt after the 77 CLIP tokens (0 without T5)."""
         if self.kind != "sd3" or getattr(self.pipe, "text_encoder_3", None) is None:
             return 0
-        return int(self.defaults.get("max_sequence_length", 256))
+        return self.sequence_length
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> list[Image.Image]:

@@ -301,7 +301,9 @@ FUSION_DEFAULTS = {"union_base": True, "dilate": 2, "start_step": 1, "layers": "
 def dfusion_defaults(cfg: MMDiTConfig) -> dict:
     """Per-model defaults the engine reads from the folder (dfusion_core.engine.config.model_defaults)."""
     return {"guidance_scale": cfg.guidance_scale, "eta": 0.7, "height": IMAGE_SIZE, "width": IMAGE_SIZE,
-            "world": "shapesworld", "world_version": cfg.world_version, **FUSION_DEFAULTS}
+            "world": "shapesworld", "world_version": cfg.world_version,
+            "max_sequence_length": 0,  # trained on CLIP's 77 tokens alone (encode_captions), no zero T5 rows
+            **FUSION_DEFAULTS}
 
 
 def _checkpoint(out: Path, tr: Trainer, parts, loss: float | None) -> None:
