@@ -294,10 +294,10 @@ class AppService:
             if cut:
                 rest = prompt[cut[0].start:]
                 rest = rest if len(rest) <= 60 else rest[:57] + "..."
-                who = "only T5 reads it" if self._model.t5_length else "the model never sees it"
+                who = ("only T5 reads it, so those words' masks come from T5's tokens alone" if self._model.t5_length
+                       else "the model never sees it, and those words cannot be mask keywords")
                 notes.insert(0, f"the prompt is longer than the CLIP text encoder reads (77 tokens): from "
-                                f"'{rest}' on it is cut ({len(cut)} words; {who}), and those words cannot be "
-                                "mask keywords")
+                                f"'{rest}' on it is cut ({len(cut)} words; {who})")
         return notes
 
     # ---- actions -----------------------------------------------------------------------------------

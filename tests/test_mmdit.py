@@ -258,3 +258,25 @@ def test_plain_sample_without_t5_is_stock_diffusers_image(pipelines_dir, sd3, tm
     stock = m.pipe("a red dog", num_inference_steps=4, guidance_scale=3.0, generator=torch.Generator().manual_seed(5),
                    output_type="latent", **({} if length is None else {"max_sequence_length": length})).images[0]
     torch.testing.assert_close(ours, stock, atol=1e-5, rtol=1e-5)
+
+
+def test_with_t5_a_keyword_past_clips_limit_maps_to_its_t5_tokens(pipelines_dir, tmp_path):
+    """CLIP reads 77 tokens, T5 (here 256) reads further: a keyword only T5 sees gets its T5 positions; one beyond
+    both limits is refused naming both."""
+    import json
+    import shutil
+
+    from conftest import _load
+
+    from dfusion_core.engine.loading import load_model
+
+    _load("sd3-t5", pipelines_dir)
+    folder = tmp_path / "sd3-t5-long"
+    shutil.copytree(pipelines_dir / "sd3-t5", folder, symlinks=True)
+    (folder / "dfusion.json").write_text(json.dumps({"max_sequence_length": 256}))
+    m = load_model(folder, device="cpu")
+    prompt = "a " * 80 + "dog"  # 'a': one CLIP token, two of the tiny T5's
+    (group,) = m.family.token_groups(m, prompt, ["dog"])
+    assert group and all(p >= 77 for p in group)  # T5's positions only: CLIP cut the word
+    with pytest.raises(ValueError, match="beyond both text encoders"):
+        m.family.token_groups(m, "a " * 200 + "cat", ["cat"])

@@ -159,11 +159,16 @@ class MMDiTFlow(ModelFamily):
     def token_groups(self, model, prompt, keywords):
         """CLIP positions (0..76, both CLIP encoders share them) united with T5's (77 + i) when T5 is loaded:
         CLIP and T5 split words differently, a keyword owns what it maps to in each."""
-        groups = keyword_token_indices(model.tokenizer, prompt, keywords)
         if model.t5_length == 0:
-            return groups
+            return keyword_token_indices(model.tokenizer, prompt, keywords)
+        # past CLIP's 77 tokens a keyword may still be within T5's: refused only when neither encoder reads it
+        groups = keyword_token_indices(model.tokenizer, prompt, keywords, beyond_limit_ok=True)
         clip_len = model.tokenizer.model_max_length
         t5 = keyword_positions(model.pipe.tokenizer_3, prompt, keywords, offset=clip_len, limit=model.t5_length)
+        for kw, c, t in zip(keywords, groups, t5):
+            if not c and not t:
+                raise ValueError(f"keyword {kw!r} lies beyond both text encoders' limits (CLIP {clip_len} tokens, "
+                                 f"T5 {model.t5_length})")
         return [tuple(sorted(set(c) | set(t))) for c, t in zip(groups, t5)]
 
     def map_layers(self, denoiser, kinds, factors):

@@ -197,11 +197,14 @@ def default_keywords(tokenizer, prompt: str) -> list[str]:
     return out
 
 
-def keyword_token_indices(tokenizer, prompt: str, keywords: list[str] | tuple[str, ...]) -> list[tuple[int, ...]]:
+def keyword_token_indices(tokenizer, prompt: str, keywords: list[str] | tuple[str, ...],
+                          beyond_limit_ok: bool = False) -> list[tuple[int, ...]]:
     """Token positions of each keyword (a word or a multi-word phrase; every occurrence in the prompt).
 
     Words match regardless of case and of how an accent was typed. Occurrences cut by the 77-token limit are
-    left out; a keyword absent from the prompt, or with no occurrence within the limit, is a ValueError naming it.
+    left out; a keyword absent from the prompt, or with no occurrence within the limit, is a ValueError naming it
+    (with `beyond_limit_ok`, a keyword lying wholly beyond the limit gets an empty tuple instead: another text
+    encoder, such as SD3's T5, may still read it).
     """
     words = word_tokens(tokenizer, prompt, warn=False)
     keys = [_key(w.word) for w in words]
@@ -220,6 +223,9 @@ def keyword_token_indices(tokenizer, prompt: str, keywords: list[str] | tuple[st
         usable = [h for h in hits if all(w.token_indices and not w.truncated for w in h)]
         if not usable:
             if any(w.truncated for h in hits for w in h):
+                if beyond_limit_ok:
+                    result.append(())
+                    continue
                 raise ValueError(f"keyword {kw!r} lies beyond the 77-token limit of the text encoder")
             raise ValueError(f"keyword {kw!r} has no token the text encoder sees")
         result.append(tuple(sorted({i for h in usable for w in h for i in w.token_indices})))
