@@ -258,3 +258,31 @@ def test_fusion_transfer_metrics_on_known_images():
     assert abs(m["moved"] - (1 - np.abs(tgt.astype(float) - ref).mean() / full_gap)) < 1e-12
     table = summarise([{"form": "f", "family": "spatial", **m}, {"form": "f", "family": "spatial", **m}])
     assert table["f"]["spatial"]["pairs"] == 2 and table["f"]["spatial"]["keep"] == 0.0
+    assert m["coverage"] == 0.5  # the top half
+    assert abs(m["ratio"] - np.abs(tgt.astype(float) - base).mean() / full_gap) < 1e-12
+    assert table["f"]["spatial"]["coverage"] == 0.5 and table["f"]["all"]["ratio"] == m["ratio"]
+
+
+def test_choose_form_needs_both_consistency_and_transfer(tmp_path):
+    """The most accepted form among those whose whole-image ratio and median coverage are under their limits;
+    a form copying the reference (ratio ~1, coverage 0.9) never wins however often it is accepted."""
+    import json
+
+    from dfusion_core.engine.config import FusionParams, MaskParams, SamplingParams, apply_model_defaults, \
+        fusion_defaults
+    from dfusion_core.shapesworld.fusion_transfer import choose_form, write_defaults
+
+    row = lambda acc, ratio, cov: {"all": {"accept": acc, "ratio": ratio, "coverage": cov}}
+    table = {"copy": row(0.95, 0.97, 0.9), "tight": row(0.55, 0.25, 0.3), "loose": row(0.7, 0.38, 0.45),
+             "global_from_step1": row(0.99, 0.2, 0.1)}
+    assert choose_form(table) == "loose"
+    assert choose_form(table, max_ratio=0.3) == "tight"
+    assert choose_form({"copy": row(0.95, 0.97, 0.9)}) is None
+    fp = FusionParams(start_step=2, layers="all", hold_outside=True, mask=MaskParams(union_base=True, dilate=1))
+    (tmp_path / "dfusion.json").write_text(json.dumps({"guidance_scale": 3.0}))
+    data = write_defaults(tmp_path, "loose", fp)
+    assert data["guidance_scale"] == 3.0 and data["fusion_form"] == "loose"
+    s, m = apply_model_defaults(json.loads((tmp_path / "dfusion.json").read_text()), SamplingParams(), MaskParams())
+    back = fusion_defaults(data, m)
+    assert (back.start_step, back.layers, back.hold_outside, back.mask.union_base, back.mask.dilate) == \
+        (2, "all", True, True, 1)

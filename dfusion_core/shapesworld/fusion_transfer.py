@@ -6,11 +6,15 @@ Per TRAIN prompt: sample N candidates, check each with the ground-truth checker,
 checker-correct candidate (reference) with a checker-wrong one (base), at most `--pairs-per-prompt`. Each
 pair is fused under several fusion forms; per family and form the table gives:
   * accept: the share of targets the checker passes (the reference's alignment carried over);
+  * ratio: whole-image |target - base| / |reference - base| (how much of the pair's difference the target
+    keeps: low = consistent with the base; a target that copies the reference scores ~1);
+  * coverage: the median share of the image inside the fusion mask (a mask over the whole image is no mask);
   * keep: |target - base| outside the fusion mask / |reference - base| there (the base kept where the mask
-    is not; the floor is <= 1/3);
+    is not; read together with coverage: outside a 90% mask is 10% of the image);
   * moved: 1 - |target - reference| / |base - reference| over the whole image (how far the target went).
 The mask is the one the fusion used: its per-step masks (grown by the dilation) averaged over the fused steps,
-> 0.5, upsampled (nearest).
+> 0.5, upsampled (nearest). `--write-defaults` picks the form by both criteria at once (choose_form: the most
+accepted form whose ratio and median coverage stay under their limits) and writes it to the model's dfusion.json.
 """
 from __future__ import annotations
 
@@ -38,8 +42,12 @@ def fusion_forms(defaults: dict, mask: MaskParams) -> dict[str, FusionParams]:
     can move a target at all)."""
     union = replace(mask, union_base=True, dilate=1)
     held = FusionParams(start_step=1, layers="all", hold_outside=True, mask=union)
+    reference_only = FusionParams(start_step=1, layers="all", mask=replace(mask, union_base=False, dilate=0))
     return {"default": fusion_defaults(defaults, mask),
-            "reference_only": FusionParams(start_step=1, layers="all", mask=replace(mask, union_base=False)),
+            "reference_only": reference_only,
+            "reference_only_held": replace(reference_only, hold_outside=True),
+            "union_base_held": replace(held, mask=replace(union, dilate=0)),
+            "union_base_held_from3": replace(held, start_step=3, mask=replace(union, dilate=0)),
             "union_base_dilated": FusionParams(start_step=1, layers="all", mask=union),
             "union_base_dilated_held": held,
             "union_base_dilated_held_nearest": replace(held, mask=replace(union, resize="nearest")),
@@ -65,7 +73,10 @@ def pair_metrics(res, prompt: str) -> dict:
     t, b, r = _pixels(res.target_image), _pixels(res.base_image), _pixels(res.reference_image)
     out = ~_pixel_mask(res, t.shape[0]) if res.fusion.use_mask else np.zeros(t.shape[:2], bool)
     rb_out = np.abs(r - b)[out].mean() if out.any() else float("nan")
+    rb = np.abs(r - b).mean()
     return {"accept": bool(check(np.asarray(res.target_image), prompt).correct),
+            "ratio": float(np.abs(t - b).mean() / rb) if rb > 0 else float("nan"),
+            "coverage": float(1 - out.mean()),
             "keep": float(np.abs(t - b)[out].mean() / rb_out) if out.any() and rb_out > 0 else float("nan"),
             "moved": float(1 - np.abs(t - r).mean() / max(np.abs(b - r).mean(), 1e-9))}
 
@@ -119,10 +130,45 @@ def summarise(rows: list[dict]) -> dict:
         for fam in sorted(fams, key=lambda f: (f == "all", f)):
             rs = fams[fam]
             keep = [x["keep"] for x in rs if x["keep"] == x["keep"]]
+            ratio = [x["ratio"] for x in rs if x.get("ratio", float("nan")) == x.get("ratio", float("nan"))]
             out[form][fam] = {"pairs": len(rs), "accept": float(np.mean([x["accept"] for x in rs])),
+                              "ratio": float(np.mean(ratio)) if ratio else None,
+                              "coverage": float(np.median([x["coverage"] for x in rs])) if "coverage" in rs[0] else None,
                               "keep": float(np.mean(keep)) if keep else None,
                               "moved": float(np.mean([x["moved"] for x in rs]))}
     return out
+
+
+DEFAULT_KEYS = ("union_base", "dilate", "resize", "start_step", "layers", "hold_outside")  # what dfusion.json keeps
+
+
+def choose_form(table: dict, max_ratio: float = 0.4, max_coverage: float = 0.5) -> str | None:
+    """The form the model should fuse with, judged on all families at once: among masked forms whose mean
+    whole-image ratio <= max_ratio and median coverage <= max_coverage (consistent with the base), the one the
+    checker accepts most often (ties: the lower ratio). None when no form is consistent enough."""
+    ok = [(v["all"]["accept"], -v["all"]["ratio"], name) for name, v in table.items()
+          if name != "global_from_step1" and v["all"].get("ratio") is not None and v["all"].get("coverage") is not None
+          and v["all"]["ratio"] <= max_ratio and v["all"]["coverage"] <= max_coverage]
+    return max(ok)[2] if ok else None
+
+
+def form_defaults(fp: FusionParams) -> dict:
+    """A form's dfusion.json keys (engine.config.fusion_defaults / apply_model_defaults read them back)."""
+    flat = {**asdict(fp.mask), **{k: v for k, v in asdict(fp).items() if k != "mask"}}
+    return {k: (list(flat[k]) if isinstance(flat[k], tuple) else flat[k]) for k in DEFAULT_KEYS}
+
+
+def write_defaults(folder, form: str, fp: FusionParams) -> dict:
+    """Merge the chosen form into FOLDER/dfusion.json (other keys kept) and return the file's content."""
+    from pathlib import Path
+
+    from ..data.atomic import write_text_atomic
+
+    path = Path(folder) / "dfusion.json"
+    data = json.loads(path.read_text()) if path.is_file() else {}
+    data.update({**form_defaults(fp), "fusion_form": form})
+    write_text_atomic(path, json.dumps(data, indent=2))
+    return data
 
 
 def main(argv=None) -> int:
@@ -134,6 +180,10 @@ def main(argv=None) -> int:
     p.add_argument("--forms", default=None, help="comma-separated fusion forms to compare (default: all)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--out", default=None, help="write the rows and the table as JSON here")
+    p.add_argument("--write-defaults", action="store_true",
+                   help="write the form choose_form picks into the model folder's dfusion.json")
+    p.add_argument("--max-ratio", type=float, default=0.4, help="choose_form: whole-image ratio limit (0.4)")
+    p.add_argument("--max-coverage", type=float, default=0.5, help="choose_form: median mask coverage limit (0.5)")
     a = p.parse_args(argv)
     if min(a.prompts, a.candidates, a.pairs_per_prompt) < 1:
         p.error("--prompts, --candidates and --pairs-per-prompt must be at least 1")
@@ -141,13 +191,23 @@ def main(argv=None) -> int:
         torch.set_num_threads(a.threads)
     forms = [f.strip() for f in a.forms.split(",") if f.strip()] if a.forms else None
     try:
-        res = run(load_model(a.model, device="cpu"), a.prompts, a.candidates, a.pairs_per_prompt, forms=forms)
+        model = load_model(a.model, device="cpu")
+        res = run(model, a.prompts, a.candidates, a.pairs_per_prompt, forms=forms)
     except ValueError as e:
         p.error(str(e))
+    res["chosen"] = choose_form(res["table"], a.max_ratio, a.max_coverage)
     if a.out:
         with open(a.out, "w") as f:
             json.dump(res, f, indent=1)
-    print(json.dumps(res["table"], indent=1))
+    print(json.dumps({"table": res["table"], "chosen": res["chosen"]}, indent=1))
+    if a.write_defaults:
+        if res["chosen"] is None:
+            print("error: no form meets both limits; dfusion.json left as it was", file=sys.stderr)
+            return 1
+        from ..engine.loading import DEFAULT_MODEL
+
+        fp = FusionParams(**{**res["forms"][res["chosen"]], "mask": MaskParams(**res["forms"][res["chosen"]]["mask"])})
+        write_defaults(a.model or DEFAULT_MODEL, res["chosen"], fp)
     return 0
 
 
