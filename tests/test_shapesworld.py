@@ -143,7 +143,7 @@ def test_evaluation_and_model_card_run_end_to_end(sd1, tmp_path):
     import json
 
     from dfusion_core.engine.config import SamplingParams
-    from dfusion_core.shapesworld.evaluate import auroc, evaluate, wilson
+    from dfusion_core.shapesworld.evaluate import auroc, evaluate, wilson, within_prompt_auroc
     from dfusion_core.shapesworld.model_card import render as card
 
     ev = evaluate(sd1, scorer=lambda ims, ps: np.linspace(0, 1, len(ims)), n_prompts=1, seeds_per_prompt=2,
@@ -158,16 +158,23 @@ def test_evaluation_and_model_card_run_end_to_end(sd1, tmp_path):
     text = card(ev, {"images": 10, "accept_true": 1.0, "accept_perturbed": 0.0}, None, log, log,
                 prior_unet_steps=4500, vae_steps=1200, model_dir=tmp_path)  # a folder without transformer/: a UNet
     assert "trained 7,000 (4,500 + 2,500 continued) steps" in text and "trained 1200 steps" in text
-    row = {"pairs": 24, "accept": 0.5, "keep": 0.2, "moved": 0.6}
+    row = {"pairs": 24, "accept": 0.5, "ratio": 0.35, "coverage": 0.6, "keep": 0.2, "moved": 0.6}
     fusion = {"candidates": 16, "table": {"default": {"spatial": row, "all": row},
                                           "global_from_step1": {"all": {**row, "keep": None, "moved": 0.7}}}}
     text = card(ev, {"images": 10, "accept_true": 1.0, "accept_perturbed": 0.0}, None, log, log, fusion=fusion)
-    assert "| default | spatial | 24 | 0.50 | 0.20 | 0.60 |" in text
-    assert "| default fusion: checker accepts >= 60% of targets on >= 40 pairs | 0.50 on 24 pairs | **not met** |" in text
-    assert "| default fusion keeps the base outside the mask: keep <= 1/3 | 0.200 | met |" in text
+    assert "| default | spatial | 24 | 0.50 | 0.35 | 0.60 | 0.20 | 0.60 |" in text
+    assert "| default fusion: checker accepts >= 60% of targets on >= 60 pairs | 0.50 on 24 pairs | **not met** |" in text
+    assert "| default fusion: median mask coverage <= 0.5 | 0.60 | **not met** |" in text
+    assert "| default fusion: whole-image |target - base| / |reference - base| <= 0.4 | 0.35 | met |" in text
+    assert "CLIP AUROC within a prompt" in text
     assert "global swap from step 1 moves the target >= 50% of the way | 0.70 | met |" in text
     json.dumps({k: v for k, v in ev.items() if k != "rows"})  # the summary is plain JSON
     assert auroc([0.9, 0.8], [0.1, 0.2]) == 1.0 and auroc([0.5], [0.5]) == 0.5
+    rows = [{"prompt": "p", "correct": True, "clip": 0.3}, {"prompt": "p", "correct": False, "clip": 0.2},
+            {"prompt": "q", "correct": True, "clip": 0.1}, {"prompt": "q", "correct": False, "clip": 0.9},
+            {"prompt": "q", "correct": False, "clip": 0.0}]
+    assert within_prompt_auroc(rows) == (1 * 1 + 0.5 * 2) / 3  # p: 1 of 1 pairs right; q: 1 of 2
+    assert auroc([0.3, 0.1], [0.2, 0.9, 0.0]) != within_prompt_auroc(rows)  # pooled mixes prompts
     lo, hi = wilson(5, 10)
     assert lo < 0.5 < hi
 

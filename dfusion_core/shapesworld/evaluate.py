@@ -75,6 +75,23 @@ def auroc(pos: list[float], neg: list[float]) -> float:
     return float(((p > n).sum() + 0.5 * (p == n).sum()) / (p.size * n.size))
 
 
+def within_prompt_auroc(rows: list[dict], key: str = "clip") -> float:
+    """AUROC of `key` for checker-correct vs wrong images of the SAME prompt, pooled over prompts by pair count
+    (a pair is chosen among one prompt's candidates, so this is the ranking that counts); nan when no prompt
+    has both."""
+    by_prompt: dict[str, list[dict]] = {}
+    for r in rows:
+        by_prompt.setdefault(r["prompt"], []).append(r)
+    wins = pairs = 0.0
+    for rs in by_prompt.values():
+        pos = [r[key] for r in rs if r["correct"]]
+        neg = [r[key] for r in rs if not r["correct"]]
+        if pos and neg:
+            wins += auroc(pos, neg) * len(pos) * len(neg)
+            pairs += len(pos) * len(neg)
+    return wins / pairs if pairs else float("nan")
+
+
 def object_token_indices(tokenizer, spec: PromptSpec) -> list[tuple[int, ...]]:
     """Token positions of each object's own words (colours differ, so 'colour ... shape' is unique)."""
     words = word_tokens(tokenizer, spec.text, warn=False)
@@ -183,6 +200,7 @@ def summarise(rows: list[dict], split: str, sampling: SamplingParams, seeds_per_
             d["clip_ci95"] = bootstrap_ci(rs, "clip")
             d["clip_auroc_correct_vs_wrong"] = auroc([r["clip"] for r in rs if r["correct"]],
                                                      [r["clip"] for r in rs if not r["correct"]])
+            d["clip_auroc_within_prompt"] = within_prompt_auroc(rs)
             ok = [r["clip_beats_perturbations"] for r in rs if r["correct"]]
             d["clip_true_caption_wins"] = float(np.mean(ok)) if ok else float("nan")
         out["families"][fam] = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in d.items()}

@@ -5,7 +5,10 @@
 Independent of the generator: its own text tower and tokenizer path (open_clip's), no shared weights.
 Each image is contrasted with the batch's captions AND with perturbed versions of its own caption
 (attribute swapped, relation flipped, object replaced), so the score reflects binding and relations, not
-only which colours are present. Images are clean renders, blurred/noisy renders, and - with --vae - the
+only which colours are present. Each caption is also contrasted with the batch's images AND with a render of a
+near miss of itself (a perturbed caption, or one of its two objects alone): pairs are chosen among one prompt's
+candidates, so what counts is that the true image outranks wrong images of the same prompt (within-prompt
+ranking), not only that an image picks its caption. Images are clean renders, blurred/noisy renders, and - with --vae - the
 generator's autoencoder round trip, so scores transfer to generated images. The evaluator sees captions of
 every combination (train and test): it is the measuring instrument, not the model being aligned.
 Writes an open_clip folder (open_clip_config.json + open_clip_model.safetensors) loaded by the scorer.
@@ -25,7 +28,7 @@ import torch.nn.functional as F
 from ..data.atomic import replace_folder, write_atomic
 from .render import render
 from .validate_checker import degrade_noise
-from .world import FAMILIES, IMAGE_SIZE, perturbations, prompts, scene_style
+from .world import FAMILIES, IMAGE_SIZE, ObjectSpec, PromptSpec, perturbations, prompts, scene_style
 
 MODEL_CFG = {
     "embed_dim": 128,
@@ -43,12 +46,19 @@ def _log(out: Path, **row):
 
 
 def _vae_roundtrip(vae_ckpt: str | None):
+    """The generator's autoencoder round trip: a train_generator vae.pt, or a diffusers AutoencoderKL folder (a
+    pipeline's vae/, e.g. assets/shapesworld/vae)."""
     if not vae_ckpt:
         return None
-    from .train_generator import build_vae
+    if Path(vae_ckpt).is_dir():
+        from diffusers import AutoencoderKL
 
-    vae = build_vae()
-    vae.load_state_dict(torch.load(vae_ckpt, weights_only=False)["model"])
+        vae = AutoencoderKL.from_pretrained(vae_ckpt).float()
+    else:
+        from .train_generator import build_vae
+
+        vae = build_vae()
+        vae.load_state_dict(torch.load(vae_ckpt, weights_only=False)["model"])
     vae.eval().requires_grad_(False)
 
     @torch.no_grad()
@@ -68,6 +78,16 @@ def export(model, out: Path) -> None:
     save_file({k: v.detach().half().contiguous() for k, v in model.state_dict().items()},
               str(tmp / "open_clip_model.safetensors"))
     replace_folder(tmp, out)
+
+
+def near_miss(spec: PromptSpec, rng: random.Random) -> PromptSpec:
+    """A caption close to `spec` that an image of `spec` must not satisfy: one of its perturbations (attribute or
+    texture swapped, relation flipped, object replaced) or, for two objects, one of them alone (a generator's
+    commonest failure is a missing object)."""
+    if len(spec.objects) == 2 and rng.random() < 0.25:
+        kept = spec.objects[rng.randrange(2)]
+        return PromptSpec("simple", (ObjectSpec(kept.colour, kept.shape),))
+    return rng.choice(list(perturbations(spec, rng).values()))
 
 
 def train(out: Path, steps: int, batch: int, lr: float, vae_ckpt: str | None, seed: int = 0, threads: int = 2,
@@ -99,22 +119,25 @@ def train(out: Path, steps: int, batch: int, lr: float, vae_ckpt: str | None, se
     t0 = time.time()
     while step < steps:
         specs = [rng.choice(pool) for _ in range(batch)]
+        near = [near_miss(s, rng) for s in specs]  # one wrong image per caption, rendered like the true one
         imgs = []
-        for s in specs:
+        for s in specs + near:
             im = render(s, rng, style).image
             imgs.append(degrade_noise(im, nrng) if rng.random() < 0.4 else im)
         x = torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).float() / 127.5 - 1
         if roundtrip is not None:
-            k = batch // 3
-            x[:k] = roundtrip(x[:k])
+            k = len(imgs) // 3
+            pick = torch.randperm(len(imgs), generator=torch.Generator().manual_seed(step))[:k]
+            x[pick] = roundtrip(x[pick])
         negs = [list(perturbations(s, rng).values()) for s in specs]
         texts = [s.text for s in specs] + [n.text for ns in negs for n in ns]
         img_f = F.normalize(model.encode_image(x), dim=-1)
         txt_f = F.normalize(model.encode_text(tok(texts)), dim=-1)
-        logits = model.logit_scale.exp() * img_f @ txt_f.T  # [B, B + negatives]
+        logits = model.logit_scale.exp() * img_f @ txt_f.T  # [2B images, B + negative captions]
         labels = torch.arange(batch)
-        # image -> text over the batch's captions and all hard negatives; text -> image over the batch
-        loss = (F.cross_entropy(logits, labels) + F.cross_entropy(logits[:, :batch].T, labels)) / 2
+        # image -> text over the batch's captions and all hard negative captions; text -> image over the batch's
+        # images and the near-miss images (a caption must outrank the wrong images of its own prompt)
+        loss = (F.cross_entropy(logits[:batch], labels) + F.cross_entropy(logits[:, :batch].T, labels)) / 2
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -141,9 +164,10 @@ def main(argv=None) -> None:
     ap.add_argument("--steps", type=int, default=1500, help="optimiser steps, total across resumes (1500)")
     ap.add_argument("--batch", type=int, default=64, help="images per step (64)")
     ap.add_argument("--lr", type=float, default=1e-3, help="AdamW peak learning rate (1e-3)")
-    ap.add_argument("--vae", default=None, help="generator's vae.pt for autoencoder round-trip augmentation")
-    ap.add_argument("--world-version", type=int, default=1, choices=(1, 2),
-                    help="ShapesWorld version of the training scenes (1; 2 for the SD3-shaped default model)")
+    ap.add_argument("--vae", default=None, help="generator's autoencoder (vae.pt or a diffusers vae/ folder) for "
+                    "round-trip augmentation")
+    ap.add_argument("--world-version", type=int, default=1, choices=(1, 2, 3),
+                    help="ShapesWorld version of the training scenes (1; 2 or 3 for the SD3-shaped models)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads (2)")
     a = ap.parse_args(argv)
     train(Path(a.out), a.steps, a.batch, a.lr, a.vae, threads=a.threads, world_version=a.world_version)
