@@ -342,15 +342,19 @@ class AppService:
 
     @staticmethod
     def suggested_seeds(session: Session) -> tuple[int, int]:
-        """(base, reference) to fuse first: the lowest- and highest-scored candidates (else the first and last)."""
+        """(base, reference) to fuse first: the highest-scored candidate the world's checker passes and the
+        lowest-scored one it rejects (build-pairs --pick checker); without a checker verdict on a side, the
+        highest / lowest score there is; unscored, the last and first candidates."""
         cands = list(session.candidates.values())
         if all(c.score is not None for c in cands):
-            best = max(cands, key=lambda c: c.score).seed
-            worst = min(cands, key=lambda c: c.score).seed
+            passing = [c for c in cands if c.correct] or cands
+            failing = [c for c in cands if c.correct is False] or cands
+            best = max(passing, key=lambda c: c.score).seed
+            worst = min(failing, key=lambda c: c.score).seed
         else:
             best, worst = cands[-1].seed, cands[0].seed
         if best == worst:
-            best = cands[-1].seed
+            best = next((c.seed for c in reversed(cands) if c.seed != worst), best)
         return worst, best
 
     def example_prompts(self) -> list[str]:

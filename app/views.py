@@ -90,11 +90,15 @@ def pair_notes(coverage: float | None, base_image, target_image) -> list[str]:
 def _verdicts(scores: dict) -> list[str]:
     """One neutral line each for the scorer and the checker on target against base."""
     out = []
+    t, b = scores.get("target checker"), scores.get("base checker")
     if "base" in scores and "target" in scores:
         d = scores["target"] - scores["base"]
+        higher = "target" if d > 0 else "base"
+        verdict_of = {"target": t, "base": b}[higher]
+        rejected = verdict_of is not None and not verdict_of  # the scorer's favourite fails the checker: say so
         out.append("scorer: target and base score the same" if abs(d) < 5e-4 else
-                   f"scorer: {'target' if d > 0 else 'base'} higher by {abs(d):.3f}")
-    t, b = scores.get("target checker"), scores.get("base checker")
+                   f"scorer: {higher} higher by {abs(d):.3f}"
+                   + (f", though the checker rejects the {higher}" if rejected else ""))
     if t is not None and b is not None:
         out.append("checker: " + ("both pass" if t and b else "neither passes" if not (t or b) else
                                   f"only the {'target' if t else 'base'} passes"))

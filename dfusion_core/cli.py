@@ -327,19 +327,22 @@ def cmd_build_pairs(a) -> dict | None:
     from .worlds import discover
 
     discover()  # world plug-ins register their WORLD:FAMILY:SPLIT prompt lists
-    from .engine.pairs import PairingParams, build_into, done_markers, merge_reports
+    from .engine.pairs import PairingParams, build_into, done_markers, merge_reports, world_checker
     from .engine.sampling import validate_prompt
 
     prompts = _prompts(a)
     for p in prompts:
         validate_prompt(p)  # before the model loads
-    pairing = PairingParams(num_candidates=a.num_candidates, min_gap=a.min_gap, seed=a.seed, label=a.label).validate()
+    pairing = PairingParams(num_candidates=a.num_candidates, min_gap=a.min_gap, seed=a.seed, label=a.label,
+                            pick=a.pick).validate()
     if a.scorer == "none":
         raise ValueError("build-pairs needs a scorer: pairs are chosen and labelled by score")
     state, device = _processes(a)
     scorer = _scorer(a.scorer, device)  # one per process, beside its model (README: Command line)
     model = _load(a, device, state)
     s, f = _params(a, model)
+    if pairing.pick == "checker":
+        world_checker(model)  # refused here, once, not per prompt
     done = done_markers(a.out)
     state.wait_for_everyone()  # every process has read the markers before any writes one
     report = build_into(a.out, model, prompts, scorer, s, f, pairing, random=a.random, batch_size=a.batch_size,
@@ -495,6 +498,9 @@ def _add_fuse_build(sub) -> None:
     p.add_argument("--label", choices=("score", "target"), default="score", help="who wins a fused pair: score = "
                    "the higher-scored of base and target (ties dropped); target = the fused image always (the "
                    "paper's labelling) (default: %(default)s)")
+    p.add_argument("--pick", choices=("scorer", "checker"), default="scorer", help="who may be a reference or a "
+                   "base: scorer = the best / worst scored (the paper); checker = references among the candidates "
+                   "the model's world checker passes, bases among those it rejects (default: %(default)s)")
     p.add_argument("--seed", type=_int_at_least(0), default=0,
                    help="candidate seeds derive from (this, prompt) (default: %(default)s)")
     p.add_argument("--batch-size", type=_int_at_least(1), default=16,

@@ -376,6 +376,42 @@ def test_score_text_and_pair_notes_say_what_scorer_and_checker_say():
     assert pair_notes(0.0, im, im.copy())[0].startswith("the mask is empty")
     assert "identical" in pair_notes(0.3, im, im.copy())[0] and pair_notes(0.3, im, other) == []
     assert pair_notes(None, im, other) == [] and score_text({}) == "_no scorer loaded_"
+    text = score_text({"base": 0.3, "target": 0.5, "base checker": 1.0, "target checker": 0.0})
+    assert "scorer: target higher by 0.200, though the checker rejects the target" in text
+
+
+def test_suggested_reference_passes_the_checker_and_base_fails_it():
+    """'a yellow and hollow triangle': the only candidate the checker passes is the reference even though a
+    rejected one scores higher; the base is the lowest-scored rejected one. Without verdicts: by score alone."""
+    from app.service import AppService, Candidate, Session
+
+    sess = Session()
+    for seed, score, ok in [(0, 0.2, False), (1, 0.9, False), (2, 0.4, True), (3, 0.1, True), (4, 0.3, False)]:
+        sess.candidates[seed] = Candidate(seed, None, None, score, ok)
+    assert AppService.suggested_seeds(sess) == (0, 2)
+    for c in sess.candidates.values():
+        c.correct = None
+    assert AppService.suggested_seeds(sess) == (3, 1)
+    for c in sess.candidates.values():
+        c.correct = True  # every candidate passes: the base is the lowest-scored of all
+    assert AppService.suggested_seeds(sess) == (3, 1)
+
+
+def test_build_pairs_pick_checker_takes_references_it_passes_and_bases_it_rejects():
+    import numpy as np
+
+    from dfusion_core.engine.pairs import PairingParams, choose_pairs
+
+    seeds, scores = [10, 11, 12, 13, 14, 15, 16, 17], np.array([0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2])
+    ok = [False, True, False, True, False, False, True, False]
+    pairs = choose_pairs(seeds, scores, PairingParams(num_candidates=8, pick="checker"), ok)
+    assert pairs and all(ok[seeds.index(r)] and not ok[seeds.index(b)] for b, r in pairs)
+    assert {r for _, r in pairs} == {11, 13}  # the two best-scored passing ones (a quarter of 8)
+    assert choose_pairs(seeds, scores, PairingParams(num_candidates=8, pick="checker"), [True] * 8) == []
+    with pytest.raises(ValueError, match="pick must be one of"):
+        PairingParams(pick="oracle").validate()
+    with pytest.raises(ValueError, match="needs the checker's verdict"):
+        choose_pairs(seeds, scores, PairingParams(pick="checker"))
 
 
 @pytest.mark.parametrize("combine", ["mean", "union"])

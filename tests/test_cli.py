@@ -315,3 +315,26 @@ def test_library_defaults_are_the_models_as_on_the_command_line(pipelines_dir, s
     p = run("sample", "--model", str(folder), "--prompt", "a red dog", "--seeds", "3", "--steps", "1",
             "--out", str(tmp_path / "out1"))
     assert p.returncode == 0, p.stderr
+
+
+def test_build_pairs_pick_checker(pipelines_dir, sd1, tmp_path):
+    """On the embedded ShapesWorld model every reference passes the world's checker and every base fails it; a
+    model of no world is refused in one line."""
+    import numpy as np
+    from PIL import Image
+
+    from dfusion_core.engine.pairs import load_pairs
+    from dfusion_core.shapesworld.checker import check
+
+    prompt = "a red and striped circle"
+    p = run("build-pairs", "--prompt", prompt, "--num-candidates", "8", "--steps", "6", "--pick", "checker",
+            "--label", "target", "--out", str(tmp_path / "pairs"))
+    assert p.returncode == 0, p.stderr
+    recs = load_pairs(tmp_path / "pairs", with_images=True)
+    assert recs  # this prompt's 8 candidates hold both kinds on the shipped model
+    for r in recs:
+        assert check(np.asarray(r.images["reference"]), prompt).correct
+        assert not check(np.asarray(r.images["base"]), prompt).correct
+    p = run("build-pairs", "--model", str(pipelines_dir / "sd1"), "--prompt", "a red dog", "--num-candidates", "4",
+            "--steps", "3", "--pick", "checker", "--out", str(tmp_path / "none"))
+    assert p.returncode == 2 and "pick=checker needs a model trained on a world" in p.stderr, p.stderr

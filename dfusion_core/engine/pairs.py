@@ -30,6 +30,7 @@ from .fusion import FusionResult, fuse_batch
 from .loading import LoadedModel
 from .sampling import MAX_SEED, sample, validate_prompt
 
+PICK_RULES = ("scorer", "checker")
 LABEL_RULES = ("target", "score")  # PairingParams.label
 
 
@@ -43,6 +44,9 @@ class PairingParams:
     min_gap: float = 0.0  # drop pairs whose reference scores less than this above the base (and, label=score, ties)
     seed: int = 0  # candidate seeds derive from (seed, prompt)
     label: str = "target"  # who wins: target (paper: the fused image) | score (the higher-scored of base and target)
+    # who may be a reference or a base: scorer (paper: the best / worst scored) | checker (a world's ground-truth
+    # checker: references among the candidates it passes, bases among those it rejects, each ranked by score)
+    pick: str = "scorer"
 
     def validate(self) -> "PairingParams":
         if not (isinstance(self.num_candidates, int) and 2 <= self.num_candidates <= 4096):
@@ -51,6 +55,8 @@ class PairingParams:
             raise ValueError("need 0 < ref_fraction <= 0.5 and 0 < base_fraction <= 1 - ref_fraction")
         if self.min_gap < 0:
             raise ValueError(f"min_gap must be >= 0, got {self.min_gap}")
+        if self.pick not in PICK_RULES:
+            raise ValueError(f"pick must be one of {', '.join(PICK_RULES)}, got {self.pick!r}")
         if self.label not in LABEL_RULES:
             raise ValueError(f"label must be one of {', '.join(LABEL_RULES)}, got {self.label!r}")
         return self
@@ -72,14 +78,26 @@ def verdict(base_score: float, target_score: float, min_gap: float = 0.0) -> str
     return "target" if gap > 0 else "base"
 
 
-def choose_pairs(seeds: list[int], scores: np.ndarray, params: PairingParams) -> list[tuple[int, int]]:
-    """(base_seed, ref_seed) pairs: reference k (k-th best) with bases 2k and 2k+1 of the worst half."""
+def choose_pairs(seeds: list[int], scores: np.ndarray, params: PairingParams,
+                 verdicts: list[bool] | None = None) -> list[tuple[int, int]]:
+    """(base_seed, ref_seed) pairs: reference k (k-th best) with bases 2k and 2k+1 of the worst half. With
+    pick=checker (`verdicts`: the checker's pass / fail per candidate) references come only from the passing
+    candidates and bases only from the failing ones, each side still ranked by score; none when a side is empty."""
     order = np.argsort(-np.asarray(scores), kind="stable")
     n = len(seeds)
     n_ref = max(1, int(round(n * params.ref_fraction)))
     n_base = max(1, int(round(n * params.base_fraction)))
-    refs = [int(i) for i in order[:n_ref]]
-    bases = [int(i) for i in order[::-1][:n_base]]  # worst first
+    if params.pick == "checker":
+        if verdicts is None or len(verdicts) != n:
+            raise ValueError("pick=checker needs the checker's verdict on every candidate (a world with a checker)")
+        refs = [int(i) for i in order if verdicts[i]][:n_ref]
+        bases = [int(i) for i in order[::-1] if not verdicts[i]][:n_base]
+        n_ref, n_base = len(refs), len(bases)
+        if not refs or not bases:
+            return []
+    else:
+        refs = [int(i) for i in order[:n_ref]]
+        bases = [int(i) for i in order[::-1][:n_base]]  # worst first
     per_ref = max(1, n_base // n_ref)
     pairs = []
     for k, r in enumerate(refs):
@@ -152,14 +170,17 @@ def build_pairs(model: LoadedModel, prompts: list[str], scorer, sampling: Sampli
     pairing = (pairing or PairingParams()).validate()
     if not prompts:
         raise ValueError("no prompts given")
+    check = world_checker(model) if pairing.pick == "checker" else None
     for key in ("fused", "dropped_gap", "dropped_tie", "kept"):
         _count(stats, key, 0)
     records = []
     for i, prompt in enumerate(prompts):
         seeds, cands, scores = _candidates(model, prompt, scorer, sampling, pairing, batch_size, candidates)
-        pairs = choose_pairs(seeds, scores, pairing)
+        verdicts = check(cands.images, prompt) if check is not None else None
+        pairs = choose_pairs(seeds, scores, pairing, verdicts)
         if stats is not None and pairing.min_gap > 0:
-            _count(stats, "dropped_gap", len(choose_pairs(seeds, scores, replace(pairing, min_gap=0.0))) - len(pairs))
+            _count(stats, "dropped_gap",
+                   len(choose_pairs(seeds, scores, replace(pairing, min_gap=0.0), verdicts)) - len(pairs))
         recs = _fuse_prompt(model, prompt, pairs, seeds, cands, scores, scorer, sampling, fusion,
                             batch_size) if pairs else []
         _count(stats, "fused", len(recs))
@@ -173,6 +194,18 @@ def build_pairs(model: LoadedModel, prompts: list[str], scorer, sampling: Sampli
         if progress is not None:
             progress(i + 1, len(prompts))
     return records
+
+
+def world_checker(model: LoadedModel):
+    """The ground-truth checker of the world the model was trained on (its dfusion.json names it): (images,
+    prompt) -> pass / fail per image. A model of no registered world, or of one without a checker, is refused."""
+    from .worlds import world_of
+
+    world = world_of(model.defaults)
+    if world is None or world.check is None:
+        raise ValueError(f"pick=checker needs a model trained on a world with a checker (its dfusion.json names "
+                         f"one); {model.model_id} names {model.defaults.get('world')!r}: pick by scorer")
+    return world.check
 
 
 def build_random_pairs(model: LoadedModel, prompts: list[str], scorer, sampling: SamplingParams | None = None,
