@@ -280,3 +280,23 @@ def test_with_t5_a_keyword_past_clips_limit_maps_to_its_t5_tokens(pipelines_dir,
     assert group and all(p >= 77 for p in group)  # T5's positions only: CLIP cut the word
     with pytest.raises(ValueError, match="beyond both text encoders"):
         m.family.token_groups(m, "a " * 200 + "cat", ["cat"])
+
+
+def test_a_held_targets_exact_log_probs_come_from_the_fusion_calls(sd3, monkeypatch):
+    """The plain model's pass over a held target runs as a third row group in the fused run's per-step calls (the
+    reference one step ahead: steps + 1 calls), not as a second loop; the log-probs equal a separate recompute."""
+    from dfusion_core.engine.sampling import recompute_log_probs
+
+    fam, calls = sd3.family, []
+    original = fam.forward
+
+    def counting(*args, **kwargs):
+        calls.append(args[1].shape[0])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(fam, "forward", counting)
+    mask = MaskParams(keywords=("dog",))
+    res = fuse(sd3, "a red dog", 1, 2, SP, FusionParams(start_step=1, layers="all", hold_outside=True, mask=mask))
+    assert len(calls) == SP.num_steps + 1
+    monkeypatch.setattr(fam, "forward", original)
+    torch.testing.assert_close(res.target.log_probs, recompute_log_probs(sd3, "a red dog", res.target, SP))

@@ -204,14 +204,19 @@ def _streams(plan: _Plan, previous) -> list[Stream]:
     return streams + [target(b, r, True) for b, r in plan.pairs]
 
 
-def run_fusion(model: LoadedModel, prompt: str, plan: _Plan, cache, previous):
-    """Denoise every stream of the plan with the controller set up; returns (streams, trajectories, store, masker)."""
+def run_fusion(model: LoadedModel, prompt: str, plan: _Plan, cache, previous, exact_log_probs: bool = False):
+    """Denoise every stream of the plan with the controller set up; returns (streams, trajectories, store, masker).
+    exact_log_probs: held targets also run the plain model in the same calls (Stream.plain_shadow), so their
+    log-probs come out exact without a second loop."""
     if plan.from_cache:
         store = _ChainStore([plan.entries[r].store for r in plan.ref_seeds])
     else:
         store = ReferenceStore(device=cache.device if cache is not None else None, keep_all=cache is not None)
     streams = _streams(plan, previous)
     fusion = plan.fusion
+    if exact_log_probs and fusion.hold_outside and fusion.use_mask:
+        for s in streams:
+            s.plain_shadow = s.role == ROLE_TARGET
     masker = FusionMasker(store, fusion.mask, plan.groups, plan.latent_hw, fusion.step_range(plan.n),
                           fusion.use_mask, layers=plan.fusion_layers)
     keep_all = not plan.from_cache and cache is not None and cache.all_layers
@@ -263,16 +268,17 @@ def fuse_batch(model: LoadedModel, prompt: str, pairs: list[tuple[int, int]], sa
     view that shows images only (the app's live controls); finish_log_probs recomputes them before storing.
     """
     plan = plan_fusion(model, prompt, pairs, sampling, fusion, bases, cache, previous)
-    streams, trajs, store, masker = run_fusion(model, prompt, plan, cache, previous)
+    streams, trajs, store, masker = run_fusion(model, prompt, plan, cache, previous, exact_log_probs)
     by_role = {(s.role, s.seed if s.role != ROLE_TARGET else (s.base, s.ref)): t for s, t in zip(streams, trajs)}
     refs = {r: (plan.entries[r].reference if plan.from_cache else by_role[(ROLE_REF, r)]) for r in plan.ref_seeds}
     for b in plan.replay_bases:
         plan.bases.setdefault(b, by_role[(ROLE_BASE, b)])
     targets = [by_role[(ROLE_TARGET, pair)] for pair in plan.pairs]
     held = plan.fusion.hold_outside and plan.fusion.use_mask  # the held latents are not the sampler's draws
-    if held and exact_log_probs:
-        for t in targets:
-            t.log_probs = recompute_log_probs(model, prompt, t, plan.sampling)
+    if held and exact_log_probs:  # computed in the fused run's calls; steps reused from a previous result may not be
+        for pair, t in zip(plan.pairs, targets):
+            if plan.reused[pair]:
+                t.log_probs = recompute_log_probs(model, prompt, t, plan.sampling)
     ref_images, base_images, target_images = _decode_new(model, plan, refs, targets, dict(base_images or {}))
     if cache is not None and not plan.from_cache:
         _cache_references(model, prompt, plan, cache, store, refs, ref_images, base_images)

@@ -35,6 +35,10 @@ class Stream:
     initial_latent: torch.Tensor | None = None  # else drawn from the seed
     prefix: "Trajectory | None" = None  # known trajectory whose first `first_step` steps this stream shares
     first_step: int = 0  # steps taken from `prefix` instead of computed (its generator skips their noise)
+    # also run the plain model at this stream's latent in the same call, and after on_call (which may move the
+    # latent, e.g. a target held on its base outside the mask) record the log-prob of the latent as it stands
+    # under that plain step: a held target's exact log-probs without a second denoising loop
+    plain_shadow: bool = False
     # filled while running
     generator: torch.Generator | None = field(default=None, repr=False)
     latent: torch.Tensor | None = field(default=None, repr=False)
@@ -135,17 +139,21 @@ def denoise(model: LoadedModel, cond: Conditioning, streams: list[Stream], sampl
         steps = [s.first_step + call - s.offset for s in active]
         if not active:
             continue
-        x = torch.stack([s.latent for s in active])
+        shadows = [(s, k) for s, k in zip(active, steps) if s.plain_shadow]
+        rows, row_steps = active + [s for s, _ in shadows], steps + [k for _, k in shadows]
+        x = torch.stack([s.latent for s in rows])
         if row_info is not None:
-            ctl.begin_call([row_info(s, k) for s, k in zip(active, steps)], cfg)
+            ctl.begin_call([row_info(s, k) for s, k in zip(active, steps)]
+                           + [RowInfo(ROLE_PLAIN, k) for _, k in shadows], cfg)
         try:
             with torch.no_grad():
-                out = guided_output(model, cond, [s.cond_row for s in active], x,
-                                    fam.model_timesteps(schedule, steps), sampling.guidance_scale, cfg)
+                out = guided_output(model, cond, [s.cond_row for s in rows], x,
+                                    fam.model_timesteps(schedule, row_steps), sampling.guidance_scale, cfg)
         finally:
             ctl.end()
+        n_act = len(active)
         noise = torch.stack([torch.randn((c, h, w), generator=s.generator) for s in active]).to(dev)
-        res = fam.step(schedule, out, x, steps, sampling, noise)
+        res = fam.step(schedule, out[:n_act], x[:n_act], steps, sampling, noise)
         lp = step_log_prob(res.prev_sample, res.mean, res.std)
         for i, s in enumerate(active):
             s.latent = res.prev_sample[i]
@@ -154,7 +162,18 @@ def denoise(model: LoadedModel, cond: Conditioning, streams: list[Stream], sampl
             s.x0s.append(res.x0_pred[i].cpu())
         if on_call is not None:
             on_call(call, active, steps)
+        if shadows:
+            _shadow_log_probs(fam, schedule, sampling, out[n_act:], x[n_act:], shadows)
     return [s.trajectory(schedule.timesteps) for s in streams]
+
+
+def _shadow_log_probs(fam, schedule, sampling: SamplingParams, out, x, shadows) -> None:
+    """Each shadowed stream's last log-prob: of its latent as it now stands, under the plain model's step."""
+    plain = fam.step(schedule, out, x, [k for _, k in shadows], sampling, torch.zeros_like(x))
+    now = torch.stack([s.latents[-1] for s, _ in shadows]).to(x.device, x.dtype)
+    lp = step_log_prob(now, plain.mean, plain.std)
+    for j, (s, _) in enumerate(shadows):
+        s.log_probs[-1] = lp[j].cpu()
 
 
 @dataclass
