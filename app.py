@@ -11,6 +11,19 @@ import sys
 import dfusion_core  # noqa: F401  (offline environment before gradio / diffusers are imported)
 
 
+def port_is_free(host: str, port: int) -> bool:
+    """Whether a server could listen on (host, port) now (checked before gradio, whose refusal is a traceback)."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: a port in TIME_WAIT is free
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--model", default=None, help="diffusers pipeline folder or hub id (default: assets/shapesworld)")
@@ -44,6 +57,9 @@ def main(argv=None) -> int:
                          scorer_source=None if a.scorer == "none" else a.scorer)
     except (ModelLoadError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    if not port_is_free(a.host, a.port):
+        print(f"error: port {a.port} on {a.host} is in use (another app?): pass --port N or set PORT", file=sys.stderr)
         return 2
     demo = build_demo(svc)
     demo.queue(default_concurrency_limit=1).launch(server_name=a.host, server_port=a.port, head=SHORTCUTS, css=CSS,

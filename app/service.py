@@ -31,7 +31,7 @@ from dfusion_core.data.preference_store import LABELS, PreferenceStore
 from dfusion_core.engine.prompt_sets import load_prompt_set
 from dfusion_core.engine.reference_cache import ReferenceCache
 from dfusion_core.engine.sampling import MAX_SEED, Trajectory, check_pair_seeds, sample, validate_prompt
-from dfusion_core.engine.tokens import default_keywords, keyword_token_indices, word_tokens
+from dfusion_core.engine.tokens import default_keywords, word_tokens
 
 from .model_thread import ModelThread
 
@@ -492,8 +492,8 @@ class AppService:
         r = session.result
         idx = dict(zip(r.keywords, r.token_groups)).get(word)
         if idx is None:
-            try:  # e.g. a word past the 77-token limit: said as such, not as an internal error
-                idx = keyword_token_indices(self.model.tokenizer, r.prompt, [word])[0]
+            try:  # e.g. a word past the 77-token limit: said as such, not as an internal error (T5 may read it)
+                idx = self.model.family.token_groups(self.model, r.prompt, [word])[0]
             except ValueError as e:
                 raise UserError(str(e)) from None
         return r.token_maps[list(idx)].mean(0).numpy()

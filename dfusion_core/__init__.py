@@ -7,12 +7,20 @@ Typical use:
     res = fuse(model, "a red circle above a blue square", base_seed=1, ref_seed=2)
     res.target_image, res.base_image           # the visually consistent (winner, loser) pair
 """
-from .engine import offline  # noqa: F401  (no network, before any HF import)
+from .engine import offline  # noqa: F401  (telemetry off, before any HF import)
 from .engine.config import FusionParams, MaskParams, SamplingParams
-from .engine.fusion import FusionResult, fuse, fuse_batch
-from .engine.loading import LoadedModel, ModelLoadError, load_model
-from .engine.reference_cache import ReferenceCache
-from .engine.sampling import Trajectory, recompute_log_probs, sample
 
-__all__ = ["FusionParams", "MaskParams", "SamplingParams", "FusionResult", "fuse", "fuse_batch", "LoadedModel",
-           "ModelLoadError", "load_model", "ReferenceCache", "Trajectory", "recompute_log_probs", "sample"]
+# the torch-backed names load on first use, so `python -m dfusion_core --help` and its argument errors answer at once
+_LAZY = {"FusionResult": "fusion", "fuse": "fusion", "fuse_batch": "fusion", "LoadedModel": "loading",
+         "ModelLoadError": "loading", "load_model": "loading", "ReferenceCache": "reference_cache",
+         "Trajectory": "sampling", "recompute_log_probs": "sampling", "sample": "sampling"}
+
+__all__ = ["FusionParams", "MaskParams", "SamplingParams", *_LAZY]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".engine.{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

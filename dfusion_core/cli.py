@@ -20,7 +20,7 @@ from pathlib import Path
 
 from .engine import offline  # noqa: F401
 from .engine.config import COMBINE_MODES, FUSION_LAYER_PRESETS, RESIZE_MODES, THRESHOLD_MODES, FusionParams, MaskParams, \
-    SamplingParams, field_comments, model_defaults, read_config_json
+    SamplingParams, field_comments, missing_model_folder, model_defaults, read_config_json
 
 # engine.loading.DEFAULT_MODEL without importing torch (the help must not wait for it); tests check they agree
 SHIPPED_MODEL = Path(__file__).resolve().parent.parent / "assets" / "shapesworld"
@@ -337,6 +337,8 @@ def cmd_build_pairs(a) -> dict | None:
                             pick=a.pick).validate()
     if a.scorer == "none":
         raise ValueError("build-pairs needs a scorer: pairs are chosen and labelled by score")
+    if a.random and a.pick == "checker":
+        raise ValueError("--random pairs candidates at random: --pick checker does not apply to it")
     state, device = _processes(a)
     scorer = _scorer(a.scorer, device)  # one per process, beside its model (README: Command line)
     model = _load(a, device, state)
@@ -360,15 +362,20 @@ def cmd_build_pairs(a) -> dict | None:
     return _build_summary(a, merge_reports(reports), len(dict.fromkeys(prompts)))
 
 
+def _plural(n: int, one: str, many: str) -> str:
+    return f"{n} {one if n == 1 else many}"
+
+
 def _build_summary(a, m: dict, n_prompts: int) -> dict:
     """The merged report: one readable summary on stderr, the JSON result for stdout."""
     print(f"kept {m['pairs']} pairs of {n_prompts} prompts ({m['written']} written now, {m['already_present']} "
           f"already stored; {m['prompts_done_before']} prompts were done before this run); dropped "
           f"{m['dropped_tie']} ties (scores closer than --min-gap {a.min_gap}) and {m['dropped_gap']} pairs whose "
-          f"reference was under --min-gap above its base; {m['processes']} processes, {m['seconds']:.1f} s",
+          f"reference was under --min-gap above its base; {_plural(m['processes'], 'process', 'processes')}, "
+          f"{m['seconds']:.1f} s",
           file=sys.stderr, flush=True)
     if m["failed"]:
-        print(f"{len(m['failed'])} prompts failed (a rerun retries them):", file=sys.stderr)
+        print(f"{_plural(len(m['failed']), 'prompt', 'prompts')} failed (a rerun retries them):", file=sys.stderr)
         for fail in m["failed"]:
             print(f"  {fail['prompt']!r} (process {fail['rank']}): {fail['error']}", file=sys.stderr, flush=True)
     return {"pairs": m["pairs"], "labels": m["labels"], "dropped": {"tie": m["dropped_tie"], "gap": m["dropped_gap"]},
@@ -599,6 +606,10 @@ def _quiet_loading() -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = build_parser()
     a = ap.parse_args(argv)
+    missing = missing_model_folder(getattr(a, "model", None))
+    if missing:  # before the scorer, torch or diffusers load
+        print(f"error: {missing}", file=sys.stderr)
+        return 2
     _quiet_loading()
     try:
         with warnings.catch_warnings():

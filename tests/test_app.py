@@ -408,6 +408,12 @@ def test_build_pairs_pick_checker_takes_references_it_passes_and_bases_it_reject
     assert pairs and all(ok[seeds.index(r)] and not ok[seeds.index(b)] for b, r in pairs)
     assert {r for _, r in pairs} == {11, 13}  # the two best-scored passing ones (a quarter of 8)
     assert choose_pairs(seeds, scores, PairingParams(num_candidates=8, pick="checker"), [True] * 8) == []
+    # the checker corrects the scorer: every passing candidate scores below every failing one, pairs are still made
+    low_pass = [False] * 4 + [True] * 4
+    pairs = choose_pairs(seeds, scores, PairingParams(num_candidates=8, pick="checker"), low_pass)
+    assert pairs and all(r in (14, 15) and b in (10, 11, 12, 13) for b, r in pairs)
+    one = choose_pairs(seeds, scores, PairingParams(num_candidates=8, pick="checker"), [False] * 7 + [True])
+    assert len(one) == 2  # one passing reference is used twice, as the scorer's pick uses each
     with pytest.raises(ValueError, match="pick must be one of"):
         PairingParams(pick="oracle").validate()
     with pytest.raises(ValueError, match="needs the checker's verdict"):
@@ -529,3 +535,18 @@ def test_the_train_tab_runs_on_policy_rounds_for_its_session_and_refuses_bad_inp
         for job in svc.jobs.values():
             job.cancel()
         demo.close()
+
+
+def test_a_busy_port_is_one_line_naming_the_flag():
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        p = subprocess.run([sys.executable, "app.py", "--port", str(port)], cwd=str(Path(__file__).resolve().parents[1]),
+                           capture_output=True, text=True, timeout=300)
+    assert p.returncode == 2 and p.stderr.strip().splitlines() == [
+        f"error: port {port} on 127.0.0.1 is in use (another app?): pass --port N or set PORT"], p.stderr

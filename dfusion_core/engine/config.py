@@ -129,6 +129,22 @@ class FusionParams:
         return self
 
 
+def looks_like_hub_id(s: str) -> bool:
+    """'owner/name' that is not a relative or absolute path (then load_model asks the hub, not the disk)."""
+    parts = s.split("/")
+    return len(parts) == 2 and all(parts) and not s.startswith((".", "/", "~"))
+
+
+def missing_model_folder(model: str | None) -> str | None:
+    """The message for a --model that names a folder that does not exist (no torch needed: said at once)."""
+    if not model or model.startswith("tiny:"):
+        return None
+    path = Path(model).expanduser()
+    if path.exists() or looks_like_hub_id(model):
+        return None
+    return f"model folder {path} does not exist"
+
+
 def model_defaults(model_dir: str | Path | None) -> dict:
     """Per-model defaults shipped as dfusion.json inside a pipeline folder (e.g. a small model's lower CFG)."""
     if model_dir is None:

@@ -389,11 +389,15 @@ class AttentionRecording:
 
 
 def record_attention(model: LoadedModel, prompt: str, seeds: list[int], sampling: SamplingParams | None = None,
-                     layer_factors: tuple[int, ...] = (4,), steps: tuple[int, int] | None = None,
-                     map_softmax: str = "joint") -> AttentionRecording:
+                     layer_factors: tuple[int, ...] | None = None, steps: tuple[int, int] | None = None,
+                     map_softmax: str | None = None) -> AttentionRecording:
     """Sample `seeds` while recording their cross-attention maps (no fusion): for mask inspection and the
-    localisation metrics. `steps` (1-based, inclusive) limits the steps averaged (default: all)."""
+    localisation metrics. `steps` (1-based, inclusive) limits the steps averaged (default: all). Mask settings
+    left None are the model's (model.default_fusion().mask), as fuse reads them."""
     sampling = (sampling or model.default_sampling()).validate()
+    mask = model.default_fusion().mask
+    layer_factors = mask.layer_factors if layer_factors is None else layer_factors
+    map_softmax = mask.map_softmax if map_softmax is None else map_softmax
     validate_prompt(prompt)
     for s in seeds:
         check_seed(s)

@@ -16,7 +16,8 @@ from PIL import Image
 
 from . import offline  # noqa: F401  (sets the no-network environment before diffusers is imported)
 from .attention import AttentionController
-from .config import FusionParams, MaskParams, SamplingParams, apply_model_defaults, fusion_defaults, model_defaults
+from .config import (FusionParams, MaskParams, SamplingParams, apply_model_defaults, fusion_defaults, looks_like_hub_id,
+                     model_defaults)
 from .families import FAMILIES, ModelFamily
 
 ASSETS = Path(__file__).resolve().parents[2] / "assets"
@@ -266,7 +267,7 @@ def peek_model(model: str | os.PathLike | None = None) -> tuple[str, dict]:
     unsupported) and its defaults are its family's with its dfusion.json over them. A hub id is not looked up:
     its defaults are unknown ({}) until it loads."""
     target = Path(model).expanduser() if model is not None else DEFAULT_MODEL
-    if not (model is None or target.exists() or not _looks_like_hub_id(str(model))):
+    if not (model is None or target.exists() or not looks_like_hub_id(str(model))):
         return str(model), {}
     cls = _check_folder(target)
     if cls not in SUPPORTED:
@@ -286,7 +287,7 @@ def load_model(model: str | os.PathLike | None = None, device: str | None = None
     if dev.type == "cpu" and dt == torch.float16:
         raise ValueError("fp16 needs a CUDA device; on the CPU use fp32 or bf16")
     target = Path(model).expanduser() if model is not None else DEFAULT_MODEL
-    is_local = model is None or target.exists() or not _looks_like_hub_id(str(model))
+    is_local = model is None or target.exists() or not looks_like_hub_id(str(model))
     if is_local:
         cls = _check_folder(target)
         if cls not in SUPPORTED:
@@ -357,9 +358,6 @@ def _absent_components(folder: Path, cls: str) -> dict:
     return absent
 
 
-def _looks_like_hub_id(s: str) -> bool:
-    parts = s.split("/")
-    return len(parts) == 2 and all(parts) and not s.startswith((".", "/", "~"))
 
 
 def to_pil(images) -> list[Image.Image]:

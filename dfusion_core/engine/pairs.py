@@ -82,27 +82,30 @@ def choose_pairs(seeds: list[int], scores: np.ndarray, params: PairingParams,
                  verdicts: list[bool] | None = None) -> list[tuple[int, int]]:
     """(base_seed, ref_seed) pairs: reference k (k-th best) with bases 2k and 2k+1 of the worst half. With
     pick=checker (`verdicts`: the checker's pass / fail per candidate) references come only from the passing
-    candidates and bases only from the failing ones, each side still ranked by score; none when a side is empty."""
+    candidates and bases only from the failing ones, each side still ranked by score, a reference used as often as
+    the scorer's pick uses one; none when a side is empty. There the checker decides, so a reference may score
+    below its base: only a min_gap > 0 asks for a score gap as well."""
     order = np.argsort(-np.asarray(scores), kind="stable")
     n = len(seeds)
     n_ref = max(1, int(round(n * params.ref_fraction)))
     n_base = max(1, int(round(n * params.base_fraction)))
+    per_ref = max(1, n_base // n_ref)  # bases per reference (the paper: each reference twice)
     if params.pick == "checker":
         if verdicts is None or len(verdicts) != n:
             raise ValueError("pick=checker needs the checker's verdict on every candidate (a world with a checker)")
         refs = [int(i) for i in order if verdicts[i]][:n_ref]
         bases = [int(i) for i in order[::-1] if not verdicts[i]][:n_base]
-        n_ref, n_base = len(refs), len(bases)
         if not refs or not bases:
             return []
+        per_ref = min(per_ref, max(1, len(bases) // len(refs)))
     else:
         refs = [int(i) for i in order[:n_ref]]
         bases = [int(i) for i in order[::-1][:n_base]]  # worst first
-    per_ref = max(1, n_base // n_ref)
+    gap_free = params.pick == "checker" and params.min_gap == 0
     pairs = []
     for k, r in enumerate(refs):
         for b in bases[k * per_ref:(k + 1) * per_ref]:
-            if b != r and scores[r] - scores[b] >= params.min_gap:
+            if b != r and (gap_free or scores[r] - scores[b] >= params.min_gap):
                 pairs.append((seeds[b], seeds[r]))
     return pairs
 
@@ -265,7 +268,10 @@ def prompt_key(model_id: str, prompt: str, sampling: SamplingParams, fusion: Fus
                pairing: PairingParams) -> str:
     """The name of a prompt's done marker: a hash of everything that decides its pairs (model, prompt, sampling,
     pairing, and fusion - None for random pairs), never of the process count."""
-    spec = {"model": model_id, "prompt": prompt, "sampling": asdict(sampling), "pairing": asdict(pairing),
+    pick = asdict(pairing)
+    if pick.pop("pick") != "scorer":  # folders built before the choice keep their markers
+        pick["pick"] = pairing.pick
+    spec = {"model": model_id, "prompt": prompt, "sampling": asdict(sampling), "pairing": pick,
             "fusion": asdict(fusion) if fusion is not None else "random"}
     return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:24]
 

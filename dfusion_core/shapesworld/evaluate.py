@@ -125,7 +125,7 @@ def evaluate(model: LoadedModel, scorer=None, split: str = "test", n_prompts: in
     need accuracy, CLIP score and diversity only."""
     from ..engine.sampling import sample
 
-    sampling = sampling or SamplingParams()
+    sampling = sampling or model.default_sampling()
     factors = tuple(model.defaults.get("layer_factors", (4,)))
     rng = random.Random(seed)
     rows = []

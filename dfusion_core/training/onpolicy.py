@@ -174,12 +174,12 @@ class OnPolicyTrainer(Trainer):
             raise ValueError("on-policy rounds need prompts")
         if scorer is None:
             raise ValueError("on-policy rounds need a scorer: the rewards are its scores")
-        sampling = (sampling or SamplingParams()).validate()
+        sampling = (sampling or model.default_sampling()).validate()  # the model's defaults, as sample() uses
         if sampling.eta == 0 or (model.kind == "sd3" and sampling.flow_sampler == "ode"):
             raise ValueError(f"{cfg.algo} learns from the sampling steps' log-probabilities: sample with eta > 0 "
                              "(and, on a flow model, flow_sampler sde or ddim)")
         self.scorer, self.pairing = scorer, (pairing or PairingParams()).validate()
-        self.fusion = None if cfg.arm == "random" else (fusion or FusionParams()).validate(sampling.num_steps)
+        self.fusion = None if cfg.arm == "random" else (fusion or model.default_fusion()).validate(sampling.num_steps)
         self.pairs = []
         self.round = 0
         self.rounds: list[dict] = []
