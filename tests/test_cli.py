@@ -44,6 +44,8 @@ def test_bad_input_is_one_clear_line(pipelines_dir, sd1):
         assert p.returncode == 2 and msg in p.stderr and "Traceback" not in p.stderr
     p = run("sample", "--model", "/no/such/folder", "--prompt", "x")
     assert p.returncode == 2 and "does not exist" in p.stderr and "Traceback" not in p.stderr
+    p = run("fuse", "--model", "/no/such/folder", "--prompt", "a red dog", "--base-seed", "1", "--ref-seed", "2")
+    assert p.returncode == 2 and p.stderr == "error: model folder /no/such/folder does not exist\n", p.stderr
 
 
 def test_bench_prints_a_table_and_with_json_one_json_line(monkeypatch, capsys):
@@ -330,6 +332,7 @@ def test_build_pairs_pick_checker(pipelines_dir, sd1, tmp_path):
     p = run("build-pairs", "--prompt", prompt, "--num-candidates", "8", "--steps", "6", "--pick", "checker",
             "--label", "target", "--out", str(tmp_path / "pairs"))
     assert p.returncode == 0, p.stderr
+    assert "; 1 process," in p.stderr  # not '1 processes'
     recs = load_pairs(tmp_path / "pairs", with_images=True)
     assert recs  # this prompt's 8 candidates hold both kinds on the shipped model
     for r in recs:
