@@ -220,10 +220,14 @@ def test_two_steps_resume_two_steps_equals_four(sd1, pair_dir, tmp_path):
     b = Trainer(sd1, pairs, TrainConfig(steps=2, **cfg), tmp_path / "resumed")
     b.run(progress=False)
     b.unload()
+    with open(tmp_path / "resumed" / "log.jsonl", "a") as f:  # a step logged after the checkpoint, then killed
+        f.write(json.dumps({"step": 3, "loss": 9.0}) + "\n")
     c = Trainer(sd1, pairs, TrainConfig(steps=4, **cfg), tmp_path / "resumed")
     c.run(progress=False)
     c.unload()
     assert c.history[0]["step"] == 3  # it resumed, not restarted
+    logged = [json.loads(x)["step"] for x in (tmp_path / "resumed" / "log.jsonl").read_text().splitlines()]
+    assert logged == [1, 2, 3, 4]  # the killed run's step 3 was dropped, not written twice
     la, lc = _lora(tmp_path / "straight"), _lora(tmp_path / "resumed")
     assert la.keys() == lc.keys()
     for k in la:

@@ -128,6 +128,17 @@ def train_timestep_indices(weighting: str, num_train_timesteps: int, n: int, g: 
     return (u * num_train_timesteps).long().clamp_(0, num_train_timesteps - 1)
 
 
+def drop_rows_after(log: Path, step: int) -> None:
+    """Keep a log's rows up to `step` (and rows without one): a run killed after its last checkpoint logged steps
+    that the resumed run computes again, and each step should appear once."""
+    if not log.is_file():
+        return
+    lines = log.read_text().splitlines()
+    kept = [ln for ln in lines if not ln.strip() or json.loads(ln).get("step", 0) <= step]
+    if len(kept) != len(lines):
+        write_text_atomic(log, "".join(ln + "\n" for ln in kept))
+
+
 def drawable_rows(rows: list[tuple[int, int]], drawable: torch.Tensor) -> tuple[list[tuple[int, int]], float]:
     """The (trajectory, step) rows of a batch whose step the policy could have drawn (losses.drawable_steps), and
     the loss scale: 1, or 0 with the batch's first row when none is left (a zero step keeps processes in step)."""
@@ -464,6 +475,8 @@ class Trainer:
         self.sched.load_state_dict(st["sched"])
         self.step = int(st["step"])
         self._load_extra_state(st)
+        if self.acc.is_main_process:
+            drop_rows_after(self.out / "log.jsonl", self.step)
         return True
 
     def _extra_state(self) -> dict:
