@@ -679,11 +679,13 @@ def train_tab(svc: AppService, state: gr.State, weights: gr.Markdown) -> list:
         with gr.Accordion("On-policy rounds (DDPO / DPOK): fresh samples from the LoRA every round", open=False):
             gr.Markdown("Each round samples candidates for every prompt from the LoRA being trained, pairs them "
                         "(*dfusion*: fused targets against their bases; *random*: plain samples paired at random), "
-                        "scores them with the app's scorer and trains on them. Algorithm ddpo or dpok, LoRA rank "
-                        "and learning rate from the row above.")
+                        "scores them with the app's scorer and trains on them. LoRA rank and learning rate from "
+                        "the row above.")
             with gr.Row():
                 rl_prompts = gr.Textbox("\n".join(svc.example_prompts()[:3]), lines=3, label="Prompts, one per line")
                 with gr.Column():
+                    rl_algo = gr.Dropdown(["ddpo", "dpok"], value="ddpo", label="Algorithm (rounds)",
+                                          elem_id="train-rounds-algo")
                     rounds = gr.Number(value=3, precision=0, label="Rounds")
                     arm = gr.Dropdown(["dfusion", "random"], value="dfusion", label="Pairs each round")
                     cands = gr.Number(value=8, precision=0, label="Candidates per prompt and round")
@@ -697,7 +699,7 @@ def train_tab(svc: AppService, state: gr.State, weights: gr.Markdown) -> list:
         timer = gr.Timer(2.0)
     ev, shown = TrainEvents(svc), [train_status, train_progress, train_plot]
     train_btn.click(ev.on_train, [state, algo, rank, lr, beta, tsteps], [state, train_msg, *shown], api_name="train")
-    rounds_btn.click(ev.on_rounds, [state, algo, rank, lr, rounds, arm, rl_prompts, cands], [state, train_msg, *shown],
+    rounds_btn.click(ev.on_rounds, [state, rl_algo, rank, lr, rounds, arm, rl_prompts, cands], [state, train_msg, *shown],
                      api_name="train_on_policy")
     cancel_btn.click(ev.on_cancel, [state], [train_msg, *shown], api_name="train_cancel")
     resume_btn.click(ev.on_resume, [state], [train_msg, *shown], api_name="train_resume")

@@ -508,7 +508,7 @@ def test_the_train_tab_runs_on_policy_rounds_for_its_session_and_refuses_bad_inp
     url, demo = launch_app(svc)
     c = gradio_client.Client(url, verbose=False)
     try:
-        for args, msg in [(("dpo", 4, 1e-4, 2, "dfusion", "a red dog", 4), "on-policy rounds train ddpo or dpok"),
+        for args, msg in [(("dpo", 4, 1e-4, 2, "dfusion", "a red dog", 4), "ddpo.*dpok"),  # the panel's own choice
                           (("ddpo", 4, 1e-4, 2, "dfusion", " \n ", 4), "one per line"),
                           (("ddpo", 4, 1e-4, 2, "dfusion", "a red dog", 2), "between 4 and 64"),
                           (("ddpo", 4, 1e-4, 0, "dfusion", "a red dog", 4), "rounds must be between"),
@@ -550,3 +550,19 @@ def test_a_busy_port_is_one_line_naming_the_flag():
                            capture_output=True, text=True, timeout=300)
     assert p.returncode == 2 and p.stderr.strip().splitlines() == [
         f"error: port {port} on 127.0.0.1 is in use (another app?): pass --port N or set PORT"], p.stderr
+
+
+def test_on_policy_rounds_have_their_own_algorithm_choice(tmp_path):
+    """The rounds panel starts on ddpo with ddpo / dpok to choose from, whatever the offline row's algorithm (dpo
+    by default, which rounds cannot train): its button reads the panel's own dropdown."""
+    from app.service import AppService
+    from app.ui import build_demo
+
+    demo = build_demo(AppService(None, store_dir=tmp_path / "store", background=True))
+    cfg = demo.get_config_file()
+    comps = {c["id"]: c for c in cfg["components"]}
+    rounds = next(d for d in cfg["dependencies"] if d.get("api_name") == "train_on_policy")
+    offline = next(d for d in cfg["dependencies"] if d.get("api_name") == "train")
+    algo = comps[rounds["inputs"][1]]["props"]
+    assert algo["value"] == "ddpo" and [c[0] for c in algo["choices"]] == ["ddpo", "dpok"]
+    assert rounds["inputs"][1] != offline["inputs"][1]
