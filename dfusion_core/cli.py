@@ -1,6 +1,7 @@
 """Command line: `python -m dfusion_core <command> --help`.
 
-Commands: sample, fuse, build-pairs, train, tokens, eval, bench, import. Every model command takes --model (a
+Commands: sample, fuse, build-pairs, train, train-on-policy, pair-signal, tokens, eval, bench, import. Every model
+command takes --model (a
 diffusers pipeline folder or hub id; default: the embedded ShapesWorld model) and prints JSON on stdout (bench: a
 readable table, import: its report, unless --json). Bad input exits with status 2 and one line starting with `error:`, never a traceback;
 flags are checked before a model loads where they alone show the mistake. `accelerate launch ... -m dfusion_core

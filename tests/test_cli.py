@@ -341,3 +341,13 @@ def test_build_pairs_pick_checker(pipelines_dir, sd1, tmp_path):
     p = run("build-pairs", "--model", str(pipelines_dir / "sd1"), "--prompt", "a red dog", "--num-candidates", "4",
             "--steps", "3", "--pick", "checker", "--out", str(tmp_path / "none"))
     assert p.returncode == 2 and "pick=checker needs a model trained on a world" in p.stderr, p.stderr
+
+
+def test_help_names_every_command():
+    """The --help text's 'Commands:' sentence lists every subcommand the parser has."""
+    from dfusion_core import cli
+
+    sub = next(a for a in cli.build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    sentence = " ".join(cli.__doc__.split("Commands:")[1].split(".")[0].split())
+    named = {w.strip(",") for w in sentence.split()}
+    assert set(sub.choices) <= named, set(sub.choices) - named
