@@ -86,7 +86,8 @@ class MMDiTConfig:
     base: str = str(SHIPPED)  # pipeline folder whose autoencoder and text encoder (frozen) the model builds on
     # an earlier SD3-shaped model folder (e.g. assets/shapesworld, the v2 default) to start from: its transformer's
     # blocks are copied (patch embedding and output layer converted to this patch size) and its autoencoder,
-    # already tuned to v2-style scenes, is used frozen instead of tuning --base's ('' = train from scratch)
+    # already tuned to v2-style scenes, is used frozen instead of tuning --base's (a folder with transformer/ only,
+    # such as checkpoints/shapesworld-v3, takes assets/shapesworld's autoencoder; '' = train from scratch)
     init: str = ""
 
 
@@ -321,7 +322,8 @@ def train(cfg: MMDiTConfig, out: Path, resume: bool = False, export_only: bool =
         from diffusers import AutoencoderKL
 
         init_from(transformer, Path(cfg.init), cfg.patch)
-        vae = AutoencoderKL.from_pretrained(Path(cfg.init) / "vae").float().eval().requires_grad_(False)
+        vae_dir = Path(cfg.init) / "vae" if (Path(cfg.init) / "vae").is_dir() else ASSETS / "shapesworld" / "vae"
+        vae = AutoencoderKL.from_pretrained(vae_dir).float().eval().requires_grad_(False)
     else:
         vae = tune_vae(cfg, out, vae)
     tr = Trainer(cfg, transformer)
