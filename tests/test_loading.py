@@ -112,3 +112,22 @@ def test_several_loras_stay_loaded_and_each_call_picks_its_weights(pipelines_dir
     assert m.unload_lora("b") and not m.unload_lora("b") and m.lora_adapters() == []
     m.load_lora(la, "a2")  # after the last adapter went, a new one computes (no layer left switched off)
     assert torch.equal(final(), out_a)
+
+
+def test_a_cached_hub_id_without_t5_loads_with_its_familys_defaults(pipelines_dir, sd3, tmp_path, monkeypatch):
+    """An SD3 repository without T5 in the local Hugging Face cache loads offline (T5 passed as absent, as for a
+    folder), and the app's page gets the family's defaults before it loads (peek_model), as load_model applies."""
+    import huggingface_hub.constants as hc
+
+    from dfusion_core.engine.loading import peek_model
+
+    repo = tmp_path / "models--someone--tiny-sd3"
+    snap = repo / "snapshots" / ("a" * 40)
+    shutil.copytree(pipelines_dir / "sd3", snap, symlinks=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("a" * 40)
+    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(tmp_path))
+    source, defaults = peek_model("someone/tiny-sd3")
+    assert defaults == {"eta": 0.7}
+    m = load_model("someone/tiny-sd3", device="cpu")
+    assert m.kind == "sd3" and m.pipe.text_encoder_3 is None and m.default_sampling().eta == 0.7

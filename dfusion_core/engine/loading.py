@@ -264,15 +264,45 @@ def quiet_shared_encoder_reports() -> None:
 def peek_model(model: str | os.PathLike | None = None) -> tuple[str, dict]:
     """(source, defaults) of what load_model(model) would load, without loading a weight (the app shows its page
     while the model loads): a folder is checked as load_model checks it (ModelLoadError when missing or
-    unsupported) and its defaults are its family's with its dfusion.json over them. A hub id is not looked up:
-    its defaults are unknown ({}) until it loads."""
+    unsupported) and its defaults are its family's with its dfusion.json over them. A hub id is not fetched: in the
+    local Hugging Face cache its model_index.json names the family (whose defaults load_model applies too);
+    not cached, its defaults are unknown ({}) until it loads."""
     target = Path(model).expanduser() if model is not None else DEFAULT_MODEL
     if not (model is None or target.exists() or not looks_like_hub_id(str(model))):
-        return str(model), {}
+        return str(model), _cached_hub_defaults(str(model))
     cls = _check_folder(target)
     if cls not in SUPPORTED:
         raise ModelLoadError(f"{target} holds a {cls}; supported: {', '.join(SUPPORTED)}")
     return str(target), {**FAMILIES[SUPPORTED[cls]].defaults, **model_defaults(target)}
+
+
+def _cached_hub_folder(repo_id: str) -> tuple[Path, str] | None:
+    """(snapshot folder, pipeline class) of a hub id whose model_index.json is in the local cache, else None."""
+    from huggingface_hub import try_to_load_from_cache
+
+    index = try_to_load_from_cache(repo_id, "model_index.json")
+    if not isinstance(index, str):
+        return None
+    try:
+        return Path(index).parent, json.loads(Path(index).read_text()).get("_class_name")
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return None
+
+
+def _cached_hub_defaults(repo_id: str) -> dict:
+    """The family defaults of a cached hub id ({} when it is not cached): what load_model will apply."""
+    cached = _cached_hub_folder(repo_id)
+    kind = SUPPORTED.get(cached[1]) if cached else None
+    return dict(FAMILIES[kind].defaults) if kind else {}
+
+
+def _hub_absent_components(repo_id: str) -> dict:
+    """What a hub id leaves out on purpose (no safety checker; SD3 without T5), read from its cached snapshot;
+    not cached, the safety checker only (SD 1.x repositories ship one)."""
+    cached = _cached_hub_folder(repo_id)
+    if cached is None or cached[1] == "StableDiffusionPipeline":
+        return {"safety_checker": None, "requires_safety_checker": False}
+    return _absent_components(*cached, need_folders=False)
 
 
 def load_model(model: str | os.PathLike | None = None, device: str | None = None,
@@ -296,8 +326,7 @@ def load_model(model: str | os.PathLike | None = None, device: str | None = None
     else:
         source = str(model)
     try:
-        extra = _absent_components(target, cls) if is_local else {"safety_checker": None,
-                                                                   "requires_safety_checker": False}
+        extra = _absent_components(target, cls) if is_local else _hub_absent_components(source)
         pipe = DiffusionPipeline.from_pretrained(source, dtype=dt, **extra)
     except (OSError, ValueError, json.JSONDecodeError, KeyError, RuntimeError) as e:
         raise ModelLoadError(_load_failure(source, is_local, e)) from None
@@ -337,14 +366,17 @@ def _load_failure(source: str, is_local: bool, error: Exception) -> str:
         return f"could not load folder {source!r}: {first}"
     from huggingface_hub import constants
 
+    if _cached_hub_folder(source) is not None:  # cached: the files themselves are the problem
+        return f"could not load hub id {source!r} from the local Hugging Face cache: {first}"
     why = ("it is not in the local Hugging Face cache and downloads are off (HF_HUB_OFFLINE=1)" if constants.HF_HUB_OFFLINE
            else "it is not in the local Hugging Face cache and could not be downloaded (network, name or access)")
     return (f"could not load hub id {source!r}: {why}. Download it to a folder and pass its path, or unset "
             f"HF_HUB_OFFLINE on a machine with a network ({first})")
 
 
-def _absent_components(folder: Path, cls: str) -> dict:
-    """Components a local folder leaves out on purpose (no safety checker; SD3 without T5), passed as None."""
+def _absent_components(folder: Path, cls: str, need_folders: bool = True) -> dict:
+    """Components a local folder leaves out on purpose (no safety checker; SD3 without T5), passed as None.
+    need_folders=False (a hub snapshot, whose files may still be downloaded): only what model_index.json names null."""
     if cls == "StableDiffusionPipeline":
         return {"safety_checker": None, "requires_safety_checker": False}
     if cls != "StableDiffusion3Pipeline":
@@ -353,7 +385,7 @@ def _absent_components(folder: Path, cls: str) -> dict:
     absent = {}
     for name in ("text_encoder_3", "tokenizer_3"):
         entry = index.get(name)
-        if not entry or entry[0] is None or not (folder / name).is_dir():
+        if not entry or entry[0] is None or (need_folders and not (folder / name).is_dir()):
             absent[name] = None
     return absent
 
