@@ -146,7 +146,7 @@ def train(out: Path, steps: int, batch: int, lr: float, vae_ckpt: str | None, se
             model.logit_scale.clamp_(0, np.log(100))
         step += 1
         if step % 25 == 0:
-            acc = (logits.argmax(1) == labels).float().mean().item()
+            acc = (logits[:batch].argmax(1) == labels).float().mean().item()
             _log(out, stage="clip", step=step, loss=loss.item(), acc=acc, lr=sched.get_last_lr()[0],
                  img_s=25 * batch / (time.time() - t0))
             t0 = time.time()
