@@ -34,6 +34,7 @@ def test_fuse_and_bench_on_a_folder(pipelines_dir, sd1, tmp_path):
     keys = json.loads(b.stdout.strip().splitlines()[-1])
     for k in ("plain_sample_s", "fused_pair_s", "refuse_cached_s", "fused_pair_over_plain", "refuse_cached_over_plain"):
         assert keys[k] > 0
+    assert keys["form"]["start_step"] == 3 and keys["form"]["hold_outside"] is False and keys["limit_passes"] == 2.0
 
 
 def test_bad_input_is_one_clear_line(pipelines_dir, sd1):

@@ -79,6 +79,11 @@ def run_bench(model: LoadedModel, prompt: str, sampling: SamplingParams, fusion:
         "refuse_cached_from_step1_s": round(res["refuse_cached_from_step1"][0], 4),
         "refuse_cached_from_step1_over_plain": round(res["refuse_cached_from_step1"][0] / plain_s, 3),
         "target_steps_computed": sampling.num_steps - fusion.start_step + 1,
+        # the fusion form timed: holding the base outside the mask adds the plain model's rows to every call
+        "form": {"start_step": fusion.start_step, "layers": fusion.layers if isinstance(fusion.layers, str)
+                 else list(fusion.layers), "use_mask": fusion.use_mask, "union_base": fusion.mask.union_base,
+                 "dilate": fusion.mask.dilate, "hold_outside": fusion.hold_outside},
+        "limit_passes": 3.0 if fusion.hold_outside and fusion.use_mask else 2.0,
         "peak_mem_mib": {"plain": round(plain_mem), "fused_pair": round(pair_mem), "refuse_cached": round(cached_mem)},
         "cache_mib": round(cache.nbytes() / 2 ** 20, 1),
     }
