@@ -91,7 +91,7 @@ def near_miss(spec: PromptSpec, rng: random.Random) -> PromptSpec:
 
 
 def train(out: Path, steps: int, batch: int, lr: float, vae_ckpt: str | None, seed: int = 0, threads: int = 2,
-          world_version: int = 1):
+          world_version: int = 1, init: str | None = None):
     """Scenes of `world_version` (2: backgrounds and lighting the captions never mention, so the scorer learns
     to look past them); `vae_ckpt` should be the autoencoder of the generator it will score."""
     import open_clip
@@ -108,6 +108,10 @@ def train(out: Path, steps: int, batch: int, lr: float, vae_ckpt: str | None, se
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 200) * 0.5 * (1 + np.cos(np.pi * min(1.0, s / steps))))
     ckpt, step = out / "clip.pt", 0
     rng = random.Random(seed)
+    if init and not ckpt.exists():  # an exported scorer's weights as the start (a fresh optimizer and schedule)
+        from safetensors.torch import load_file
+
+        model.load_state_dict({k: v.float() for k, v in load_file(str(Path(init) / "open_clip_model.safetensors")).items()})
     if ckpt.exists():
         st = torch.load(ckpt, weights_only=False)
         model.load_state_dict(st["model"]); opt.load_state_dict(st["opt"]); sched.load_state_dict(st["sched"])
@@ -169,8 +173,10 @@ def main(argv=None) -> None:
     ap.add_argument("--world-version", type=int, default=1, choices=(1, 2, 3),
                     help="ShapesWorld version of the training scenes (1; 2 or 3 for the SD3-shaped models)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads (2)")
+    ap.add_argument("--init", default=None, help="an exported scorer folder (open_clip_model.safetensors) to start from, "
+                    "e.g. checkpoints/shapesworld-v3-clip; ignored when OUT has a checkpoint")
     a = ap.parse_args(argv)
-    train(Path(a.out), a.steps, a.batch, a.lr, a.vae, threads=a.threads, world_version=a.world_version)
+    train(Path(a.out), a.steps, a.batch, a.lr, a.vae, threads=a.threads, world_version=a.world_version, init=a.init)
 
 
 if __name__ == "__main__":
