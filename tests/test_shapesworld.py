@@ -314,3 +314,9 @@ def test_clip_training_contrasts_captions_with_near_miss_images(tmp_path):
     row = json.loads((tmp_path / "log.jsonl").read_text().splitlines()[-1])
     assert row["step"] == 25 and 0 <= row["acc"] <= 1
     assert (tmp_path / "model" / "open_clip_model.safetensors").is_file() and (tmp_path / "clip.pt").is_file()
+    from safetensors.torch import load_file
+
+    started = train(tmp_path / "again", steps=0, batch=4, lr=1e-3, vae_ckpt=None, threads=1, world_version=3,
+                    init=str(tmp_path / "model"))  # --init: the exported weights as the start
+    exported = load_file(str(tmp_path / "model" / "open_clip_model.safetensors"))
+    assert all(bool((started.state_dict()[k] == v.float()).all()) for k, v in exported.items())
