@@ -241,6 +241,14 @@ def cmd_sample(a) -> dict:
     return {"prompt": a.prompt, "seeds": seeds, "images": files, "sampling": asdict(s)}
 
 
+def _check_model(a) -> None:
+    """A --model folder that does not exist, refused before the scorer or any weights load (the flags' own
+    checks come first, so a wrong flag is named even with a wrong folder)."""
+    missing = missing_model_folder(getattr(a, "model", None))
+    if missing:
+        raise ValueError(missing)
+
+
 def _scorer(spec: str, device: str | None = None):
     """--scorer: 'default' (ShapesWorld CLIP), 'none' (None) or a make_scorer spec."""
     from .engine.scoring import make_scorer
@@ -255,6 +263,7 @@ def cmd_fuse(a) -> dict:
 
     validate_prompt(a.prompt)
     check_pair_seeds(a.base_seed, a.ref_seed)  # the app's rule: in range and two different images
+    _check_model(a)
     scorer = _scorer(a.scorer)
     model = _load(a)
     s, f = _params(a, model)
@@ -341,6 +350,7 @@ def cmd_build_pairs(a) -> dict | None:
     if a.random and a.pick == "checker":
         raise ValueError("--random pairs candidates at random: --pick checker does not apply to it")
     state, device = _processes(a)
+    _check_model(a)
     scorer = _scorer(a.scorer, device)  # one per process, beside its model (README: Command line)
     model = _load(a, device, state)
     s, f = _params(a, model)
@@ -607,10 +617,6 @@ def _quiet_loading() -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = build_parser()
     a = ap.parse_args(argv)
-    missing = missing_model_folder(getattr(a, "model", None))
-    if missing:  # before the scorer, torch or diffusers load
-        print(f"error: {missing}", file=sys.stderr)
-        return 2
     _quiet_loading()
     try:
         with warnings.catch_warnings():

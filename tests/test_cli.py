@@ -231,11 +231,13 @@ def test_build_pairs_labels_by_score_reports_drops_and_writes_seeds_the_app_acce
 
 
 def test_fusion_fields_of_a_models_dfusion_json_reach_the_cli_and_flags_override_them():
-    from types import SimpleNamespace
+    import torch
 
     from dfusion_core.cli import _params, build_parser
+    from dfusion_core.engine.loading import LoadedModel
 
-    model = SimpleNamespace(defaults={"start_step": 1, "layers": "all", "hold_outside": True, "dilate": 1})
+    model = LoadedModel(pipe=None, model_id="m", kind="sd1", device=torch.device("cpu"), dtype=torch.float32,
+                        defaults={"start_step": 1, "layers": "all", "hold_outside": True, "dilate": 1})
     a = build_parser().parse_args(["fuse", "--prompt", "a red dog", "--base-seed", "1", "--ref-seed", "2"])
     _, f = _params(a, model)
     assert (f.start_step, f.layers, f.hold_outside, f.mask.dilate) == (1, "all", True, 1)

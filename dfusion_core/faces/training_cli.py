@@ -52,6 +52,7 @@ def cmd_train_on_policy(a) -> dict:
         raise ValueError(f"{cfg.algo} learns from the sampling steps' log-probabilities: sample with eta > 0 "
                          "(and, on a flow model, flow_sampler sde or ddim)")
     state, device = _cli._processes(a)  # under accelerate launch: process i on GPU i, its share of the prompts
+    _cli._check_model(a)
     scorer = _cli._scorer(a.scorer, device)
     model = _cli._load(a, device, state)
     s, f = _cli._params(a, model)
