@@ -85,7 +85,7 @@ def test_v2_scene_is_reproducible_from_its_seed():
     assert np.array_equal(a.image, b.image) and a.backdrop == b.backdrop
     assert not np.array_equal(a.image, render(spec, random.Random(12), V2).image)
     with pytest.raises(ValueError):
-        SceneStyle(version=3)
+        SceneStyle(version=4)
 
 
 def test_v2_background_and_light_vary_while_the_caption_content_stays():
@@ -320,3 +320,25 @@ def test_clip_training_contrasts_captions_with_near_miss_images(tmp_path):
                     init=str(tmp_path / "model"))  # --init: the exported weights as the start
     exported = load_file(str(tmp_path / "model" / "open_clip_model.safetensors"))
     assert all(bool((started.state_dict()[k] == v.float()).all()) for k, v in exported.items())
+
+
+def test_v3_scenes_are_v2_scenes_with_smaller_objects():
+    """Version 3 keeps v2's variation and every relation (the checker accepts its true captions) with objects at
+    3/4 of the size: about 0.56 of the area."""
+    import random
+
+    from dfusion_core.shapesworld.checker import check
+    from dfusion_core.shapesworld.render import render
+    from dfusion_core.shapesworld.world import V2, V3, prompts, scene_style
+
+    assert scene_style(3) == V3 and V3.object_scale == 0.75
+    areas = {2: [], 3: []}
+    for fam in ("action", "attribute", "spatial"):
+        for i, spec in enumerate(prompts(fam, "train")[:8]):
+            for v, style in ((2, V2), (3, V3)):
+                scene = render(spec, random.Random(i), style)
+                areas[v].append(sum(int(o.mask.sum()) for o in scene.objects))
+                if v == 3:
+                    assert check(scene.image, spec.text).correct, spec.text
+    ratio = sum(areas[3]) / sum(areas[2])
+    assert 0.45 < ratio < 0.7, ratio

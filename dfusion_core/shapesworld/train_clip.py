@@ -105,7 +105,7 @@ def train(out: Path, steps: int, batch: int, lr: float, vae_ckpt: str | None, se
     model = open_clip.create_model(f"local-dir:{cfg_dir}", pretrained=None, load_weights=False)
     tok = open_clip.get_tokenizer(f"local-dir:{cfg_dir}")
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 200) * 0.5 * (1 + np.cos(np.pi * min(1.0, s / steps))))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 200) * 0.5 * (1 + np.cos(np.pi * min(1.0, s / max(1, steps)))))
     ckpt, step = out / "clip.pt", 0
     rng = random.Random(seed)
     if init and not ckpt.exists():  # an exported scorer's weights as the start (a fresh optimizer and schedule)
