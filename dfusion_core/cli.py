@@ -241,6 +241,20 @@ def cmd_sample(a) -> dict:
     return {"prompt": a.prompt, "seeds": seeds, "images": files, "sampling": asdict(s)}
 
 
+def _world_checker(model):
+    """The ground-truth checker of the world the model was trained on (its dfusion.json names it): (images,
+    prompt) -> pass / fail per image. A model of no registered world, or of one without a checker, is refused."""
+    from .engine.worlds import world_of
+    from .worlds import discover
+
+    discover()
+    world = world_of(model.defaults)
+    if world is None or world.check is None:
+        raise ValueError(f"pick=checker needs a model trained on a world with a checker (its dfusion.json names "
+                         f"one); {model.model_id} names {model.defaults.get('world')!r}: pick by scorer")
+    return world.check
+
+
 def _check_model(a) -> None:
     """A --model folder that does not exist, refused before the scorer or any weights load (the flags' own
     checks come first, so a wrong flag is named even with a wrong folder)."""
@@ -337,7 +351,7 @@ def cmd_build_pairs(a) -> dict | None:
     from .worlds import discover
 
     discover()  # world plug-ins register their WORLD:FAMILY:SPLIT prompt lists
-    from .engine.pairs import PairingParams, build_into, done_markers, merge_reports, world_checker
+    from .engine.pairs import PairingParams, build_into, done_markers, merge_reports
     from .engine.sampling import validate_prompt
 
     prompts = _prompts(a)
@@ -354,13 +368,12 @@ def cmd_build_pairs(a) -> dict | None:
     scorer = _scorer(a.scorer, device)  # one per process, beside its model (README: Command line)
     model = _load(a, device, state)
     s, f = _params(a, model)
-    if pairing.pick == "checker":
-        world_checker(model)  # refused here, once, not per prompt
+    check = _world_checker(model) if pairing.pick == "checker" else None  # refused here, once, not per prompt
     done = done_markers(a.out)
     state.wait_for_everyone()  # every process has read the markers before any writes one
     report = build_into(a.out, model, prompts, scorer, s, f, pairing, random=a.random, batch_size=a.batch_size,
                         rank=state.process_index, world=state.num_processes, done=done,
-                        progress=_progress_bar(state))
+                        progress=_progress_bar(state), check=check)
     if state.num_processes > 1:
         from accelerate.utils import gather_object
 

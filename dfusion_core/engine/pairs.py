@@ -162,18 +162,21 @@ def _count(stats: dict | None, key: str, n: int) -> None:
 def build_pairs(model: LoadedModel, prompts: list[str], scorer, sampling: SamplingParams | None = None,
                 fusion: FusionParams | None = None, pairing: PairingParams | None = None,
                 batch_size: int = 16, progress=None, candidates: dict | None = None,
-                stats: dict | None = None) -> list[PairRecord]:
+                stats: dict | None = None, check=None) -> list[PairRecord]:
     """Sample, score, pair and fuse for every prompt (`candidates`: see build_random_pairs).
 
     With `pairing.label == "score"` each record's label is the scorer's verdict (base or target) and ties
     within `min_gap` are dropped. `stats` (a dict) receives counts: fused, dropped_gap (reference less than
-    min_gap above the base: not fused), dropped_tie (target and base tied: fused, not kept), kept."""
+    min_gap above the base: not fused), dropped_tie (target and base tied: fused, not kept), kept.
+    `check`: (images, prompt) -> pass / fail per image, a world's ground-truth checker, needed by pick=checker."""
     sampling = (sampling or model.default_sampling()).validate()
     fusion = (fusion or model.default_fusion()).validate(sampling.num_steps)
     pairing = (pairing or PairingParams()).validate()
     if not prompts:
         raise ValueError("no prompts given")
-    check = world_checker(model) if pairing.pick == "checker" else None
+    if pairing.pick == "checker" and check is None:
+        raise ValueError("pick=checker needs a checker: pass check=(images, prompt) -> pass / fail per image")
+    check = check if pairing.pick == "checker" else None
     for key in ("fused", "dropped_gap", "dropped_tie", "kept"):
         _count(stats, key, 0)
     records = []
@@ -197,18 +200,6 @@ def build_pairs(model: LoadedModel, prompts: list[str], scorer, sampling: Sampli
         if progress is not None:
             progress(i + 1, len(prompts))
     return records
-
-
-def world_checker(model: LoadedModel):
-    """The ground-truth checker of the world the model was trained on (its dfusion.json names it): (images,
-    prompt) -> pass / fail per image. A model of no registered world, or of one without a checker, is refused."""
-    from .worlds import world_of
-
-    world = world_of(model.defaults)
-    if world is None or world.check is None:
-        raise ValueError(f"pick=checker needs a model trained on a world with a checker (its dfusion.json names "
-                         f"one); {model.model_id} names {model.defaults.get('world')!r}: pick by scorer")
-    return world.check
 
 
 def build_random_pairs(model: LoadedModel, prompts: list[str], scorer, sampling: SamplingParams | None = None,
@@ -307,13 +298,13 @@ def _count_prompt(report: dict, info: dict, built: bool) -> None:
         report["labels"][k] = report["labels"].get(k, 0) + n
 
 
-def _build_prompt(out_dir, model, prompt, scorer, sampling, fusion, pairing, batch_size, rank, seen) -> dict:
+def _build_prompt(out_dir, model, prompt, scorer, sampling, fusion, pairing, batch_size, rank, seen, check) -> dict:
     """One prompt's pairs (fused, or random when `fusion` is None), saved; returns its done marker's content."""
     stats: dict = {}
     if fusion is None:
         recs = build_random_pairs(model, [prompt], scorer, sampling, pairing, batch_size, stats=stats)
     else:
-        recs = build_pairs(model, [prompt], scorer, sampling, fusion, pairing, batch_size, stats=stats)
+        recs = build_pairs(model, [prompt], scorer, sampling, fusion, pairing, batch_size, stats=stats, check=check)
     written, _ = save_new_pairs(recs, out_dir, rank, seen)
     return {"prompt": prompt, "pairs": [r.pair_id for r in recs], "written": written,
             "labels": {k: sum(r.label == k for r in recs) for k in ("target", "base")},
@@ -323,7 +314,7 @@ def _build_prompt(out_dir, model, prompt, scorer, sampling, fusion, pairing, bat
 def build_into(out_dir: str | Path, model: LoadedModel, prompts: list[str], scorer,
                sampling: SamplingParams | None = None, fusion: FusionParams | None = None,
                pairing: PairingParams | None = None, *, random: bool = False, batch_size: int = 16, rank: int = 0,
-               world: int = 1, done: dict | None = None, progress=None) -> dict:
+               world: int = 1, done: dict | None = None, progress=None, check=None) -> dict:
     """Build process `rank`'s share (of `world`) of the prompts' pairs into the pair folder `out_dir`.
 
     Prompts marked done in `done` (default: the folder's markers now) are skipped; the rest are dealt round
@@ -348,7 +339,7 @@ def build_into(out_dir: str | Path, model: LoadedModel, prompts: list[str], scor
         progress(0, len(todo))
     for i, p in enumerate(todo, 1):
         try:
-            info = _build_prompt(out_dir, model, p, scorer, sampling, fusion, pairing, batch_size, rank, seen)
+            info = _build_prompt(out_dir, model, p, scorer, sampling, fusion, pairing, batch_size, rank, seen, check)
         except Exception as e:  # noqa: BLE001 - reported per prompt; the other prompts go on
             report["failed"].append({"prompt": p, "error": f"{type(e).__name__}: {e}", "rank": rank})
         else:
