@@ -566,3 +566,16 @@ def test_on_policy_rounds_have_their_own_algorithm_choice(tmp_path):
     algo = comps[rounds["inputs"][1]]["props"]
     assert algo["value"] == "ddpo" and [c[0] for c in algo["choices"]] == ["ddpo", "dpok"]
     assert rounds["inputs"][1] != offline["inputs"][1]
+
+
+def test_the_app_opens_on_the_settings_the_library_and_cli_use(tmp_path):
+    """One rule: the page's sampling and fusion defaults, read before the model loads, are the loaded model's
+    default_sampling() / default_fusion() (the shipped model's dfusion.json over the paper's)."""
+    from app.service import AppService
+
+    from dfusion_core.engine.loading import load_model
+
+    svc = AppService(None, store_dir=tmp_path / "store", background=True)
+    model = load_model(None, device="cpu")
+    assert svc.default_sampling == model.default_sampling() and svc.default_fusion == model.default_fusion()
+    assert svc.default_sampling.guidance_scale == 3.0 and svc.default_fusion.hold_outside
