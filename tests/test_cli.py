@@ -332,7 +332,7 @@ def test_build_pairs_pick_checker(pipelines_dir, sd1, tmp_path):
     from dfusion_core.shapesworld.checker import check
 
     prompt = "a red and striped circle"
-    p = run("build-pairs", "--prompt", prompt, "--num-candidates", "8", "--steps", "6", "--pick", "checker",
+    p = run("build-pairs", "--prompt", prompt, "--num-candidates", "8", "--steps", "4", "--pick", "checker",
             "--label", "target", "--out", str(tmp_path / "pairs"))
     assert p.returncode == 0, p.stderr
     assert "; 1 process," in p.stderr  # not '1 processes'
