@@ -22,8 +22,8 @@ import numpy as np
 
 from dfusion_core.engine.worlds import explain_prompt, world_of
 from dfusion_core.worlds import discover as discover_worlds
-from dfusion_core.engine.config import (FUSION_LAYER_PRESETS, FusionParams, MaskParams, SamplingParams,
-                                        apply_model_defaults, fusion_defaults)
+from dfusion_core.engine.config import (FUSION_LAYER_PRESETS, FusionParams, SamplingParams,
+                                        model_settings)
 from dfusion_core.engine.fusion import FusionResult, finish_log_probs, fuse
 from dfusion_core.engine.loading import LoadedModel, load_model, peek_model
 from dfusion_core.engine.pairs import record_from_result
@@ -176,9 +176,8 @@ class AppService:
     def _set_defaults(self, defaults: dict) -> None:
         """The model's defaults (its dfusion.json over the paper's) and the parameters the tabs open on."""
         self.model_defaults = defaults
-        s, m = apply_model_defaults(defaults, SamplingParams(), MaskParams())
-        self.default_sampling, self.default_mask = s, m
-        self.default_fusion = fusion_defaults(defaults, m)  # the Fuse tab opens on the model's form
+        self.default_sampling, self.default_fusion = model_settings(defaults)  # the Fuse tab opens on the model's form
+        self.default_mask = self.default_fusion.mask
 
     # ---- the model, loaded behind the page -------------------------------------------------------------
     @property

@@ -175,6 +175,13 @@ def fusion_defaults(defaults: dict, mask: MaskParams) -> FusionParams:
     return replace(FusionParams(mask=mask), **changes)
 
 
+def model_settings(defaults: dict) -> tuple[SamplingParams, FusionParams]:
+    """The paper's sampling and fusion settings under a model's defaults (family + dfusion.json): the one rule the
+    library (LoadedModel.default_sampling / default_fusion), the CLI and the app open on."""
+    sampling, mask = apply_model_defaults(defaults, SamplingParams(), MaskParams())
+    return sampling, fusion_defaults(defaults, mask)
+
+
 def read_config_json(path: str | Path, allowed) -> dict:
     """A --config FILE.json's fields, refused with a clear message when unreadable or naming unknown fields."""
     try:

@@ -16,8 +16,7 @@ from PIL import Image
 
 from . import offline  # noqa: F401  (sets the no-network environment before diffusers is imported)
 from .attention import AttentionController
-from .config import (FusionParams, MaskParams, SamplingParams, apply_model_defaults, fusion_defaults, looks_like_hub_id,
-                     model_defaults)
+from .config import FusionParams, SamplingParams, looks_like_hub_id, model_defaults, model_settings
 from .families import FAMILIES, ModelFamily
 
 ASSETS = Path(__file__).resolve().parents[2] / "assets"
@@ -118,11 +117,11 @@ class LoadedModel:
     def default_sampling(self) -> SamplingParams:
         """The paper's sampling settings under this model's family and dfusion.json defaults: what the library,
         the CLI and the app use when not told otherwise."""
-        return apply_model_defaults(self.defaults, SamplingParams(), MaskParams())[0]
+        return model_settings(self.defaults)[0]
 
     def default_fusion(self) -> FusionParams:
         """The paper's fusion (and mask) settings under this model's defaults, as default_sampling."""
-        return fusion_defaults(self.defaults, apply_model_defaults(self.defaults, SamplingParams(), MaskParams())[1])
+        return model_settings(self.defaults)[1]
 
     @property
     def tokenizer(self):
