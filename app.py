@@ -39,7 +39,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
 
     from dfusion_core.engine.loading import ModelLoadError
-    from dfusion_core.engine.scoring import DEFAULT_SCORER, make_scorer
+    from dfusion_core.pairs.scoring import DEFAULT_SCORER, make_scorer
 
     from app.service import AppService
     from app.ui import CSS, SHORTCUTS, build_demo

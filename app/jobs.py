@@ -113,6 +113,7 @@ class OnPolicyJob(TrainingJob):
     command = "train-on-policy"
 
     def __init__(self, model: str, prompts: list[str], scorer: str, num_candidates: int, cfg, out_dir: Path):
+        self.prompts = list(prompts)  # what the rounds train on (before / after leaves them out)
         prompt_flags = [x for p in prompts for x in ("--prompt", p)]
         self._setup(cfg, out_dir, cfg.rounds, ["--model", str(model), *prompt_flags, "--scorer", scorer,
                                                "--num-candidates", str(num_candidates), *config_flags(cfg)])

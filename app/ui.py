@@ -8,15 +8,18 @@ service). Every event has an api_name, so the app is scriptable with gradio_clie
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 import time
+from dataclasses import fields
 from types import SimpleNamespace
 
 import gradio as gr
 
 from dfusion_core.engine.config import COMBINE_MODES, FUSION_LAYER_PRESETS, RESIZE_MODES, THRESHOLD_MODES
 
-from .service import PAIR_COLUMNS, AppService, Session, UserError, check_prompt, model_name, parse_seed
+from .service import (PAIR_COLUMNS, AppService, FuseControls, Session, UserError, check_prompt, model_name,
+                      parse_seed)
 from .views import (CHECKER_LEGEND, MASK_LEGEND, ablation_plot, candidate_caption, enlarge, heat_overlay,
                     mask_overlay, pair_notes,
                     progress_bar, prompt_notes_text, score_text, threshold_slider, training_plot)
@@ -57,9 +60,11 @@ document.addEventListener('keyup', (e) => {
 CSS = """.pixelated img { image-rendering: pixelated; }
 #threshold input:disabled { filter: grayscale(1); opacity: 0.45; }
 #gallery .thumbnail-item.selected { --ring-color: transparent; border-color: var(--border-color-primary); }
-#gallery .grid-wrap, #ablation-gallery .grid-wrap { min-height: 0; height: auto; max-height: none; }"""
+#gallery .grid-wrap, #ablation-gallery .grid-wrap { min-height: 0; height: auto; max-height: none; }
+#gallery .caption-label, #before-after .caption-label { white-space: normal; max-width: 100%; text-overflow: clip; }"""
 # (a slider that does nothing looks it; the candidates' captions mark BASE and REF: the last click is not marked;
-# a gallery is as tall as its rows: gradio's gallery keeps a 450 px minimum, an empty band under one row)
+# a gallery is as tall as its rows: gradio's gallery keeps a 450 px minimum, an empty band under one row;
+# captions wrap: gradio cuts them at 80% of a thumbnail, which hid the scores of BASE and REF)
 # Small images shown large with crisp pixels, sent as PNG: exact pixels, and about 3x faster to encode than
 # gradio's default WebP (4.7 vs 13.6 ms for a 256 px image here).
 PIXELS = {"elem_classes": ["pixelated"], "format": "png"}
@@ -70,17 +75,24 @@ LIVE_CONTROLS = [("threshold", "release", "threshold"), ("start_step", "release"
                  ("keywords", "input", "keywords"), ("combine", "input", "combine"),
                  ("union_base", "input", "union_base"), ("dilate", "release", "dilate"),
                  ("hold_outside", "input", "hold_outside")]
-# The inputs of /fuse and of every live re-fusion, in order (the endpoints' parameters).
-FUSE_INPUTS = ["state", "prompt", "steps", "guidance", "eta", "base_seed", "ref_seed", "keywords", "threshold_mode",
-               "threshold", "start_step", "end_step", "layers", "resize", "use_mask", "words", "combine",
-               "union_base", "dilate", "hold_outside"]
-# Which input a refused fusion parameter is shown on: the first of these words its message contains.
-MESSAGE_INPUT = [("keyword", "keywords"), ("threshold", "threshold"), ("layer", "layers"), ("resize", "resize"),
-                 ("combine", "combine"), ("dilate", "dilate"), ("step", "start_step")]
+# The inputs of /fuse and of every live re-fusion, in order (the endpoints' parameters): the session, then the
+# controls FuseControls names (so a handler takes them as one value).
+FUSE_INPUTS = ["state", *(f.name for f in fields(FuseControls))]
 # The fusion step sliders cannot cross: moving one past the other takes the other along (in the page, before
 # the re-fusion reads them). (the slider that moved, the one that follows, how it follows)
 STEP_FOLLOW = [("start_step", "end_step", "(s, e) => Math.max(s, e)"),
                ("end_step", "start_step", "(s, e) => Math.min(s, e)")]
+
+
+def fuse_controls(fn):
+    """Give a handler that takes (self, sess, *values) the named parameters of FuseControls, so gradio's API and
+    its validation errors name each control ('- prompt: the prompt is empty'), as a hand-written signature did."""
+    sig = inspect.signature(fn)
+    params = [q for q in sig.parameters.values() if q.kind is not q.VAR_POSITIONAL]
+    params += [inspect.Parameter(f.name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=f.default)
+               for f in fields(FuseControls)]
+    fn.__signature__ = sig.replace(parameters=params)
+    return fn
 
 
 def guarded(fn):
@@ -187,8 +199,10 @@ class FuseEvents:
 
     @guarded
     def on_steps(self, n):
+        """A new number of steps: the range sliders span it, from the model's first fused step to the last."""
         n = int(n)
-        return (gr.update(maximum=n, value=min(3, n)), gr.update(maximum=n, value=n),
+        first = min(self.svc.default_fusion.start_step, n)
+        return (gr.update(maximum=n, value=first), gr.update(maximum=n, value=n),
                 gr.update(maximum=n, value=n))
 
     @guarded
@@ -196,6 +210,23 @@ class FuseEvents:
         sess = self.svc.sample_candidates(sess, p, n, s0_, self.svc.sampling(st, g, e))
         base, ref = self.svc.suggested_seeds(sess)
         return (sess, self.candidates(sess, base, ref), str(base), str(ref), *self.word_choices(p))
+
+    def check_sample(self, sess, p, st, g, e, n, s0_):
+        """The validator of /sample, as /fuse has one: a refused input gets its message and nothing on the page is
+        replaced (a refusal raised by the handler covered the gallery, seeds and word lists with Error badges)."""
+        bad: dict[str, str] = {}
+        if not self.svc.ready:
+            bad["prompt"] = self.svc.model_status()
+        else:
+            for name, fn, args in (("prompt", check_prompt, (p,)), ("steps", self.svc.sampling, (st, g, e)),
+                                   ("n_cand", self.svc.check_candidates, (n,)),
+                                   ("first_seed", parse_seed, (s0_, "first seed"))):
+                try:
+                    fn(*args)
+                except UserError as err:
+                    bad.setdefault(err.widget or name, str(err))
+        names = ["state", "prompt", "steps", "guidance", "eta", "n_cand", "first_seed"]
+        return [gr.validate(name not in bad, bad.get(name, "")) for name in names]
 
     @staticmethod
     def candidates(sess, base, ref) -> list:
@@ -234,82 +265,90 @@ class FuseEvents:
         return heat, enlarge(mask_overlay(ref, self.svc.fused_mask(sess)))
 
     @guarded
-    def on_fuse(self, sess, p, st, g, e, b, rs, kws, mode, thr, start, end, lay, rsz, um, word, comb=None, ub=None,
-                dil=None, hold=None):  # the last three: None = the model's form (an API call that leaves them out)
-        sampling = self.svc.sampling(st, g, e)
-        fusion = self.svc.fusion(sampling.num_steps, kws, mode, thr, start, end, lay, rsz, um, ub, dil, combine=comb,
-                                 hold_outside=hold)
+    @fuse_controls
+    def on_fuse(self, sess, *values):
+        """/fuse: the controls (FUSE_INPUTS after the session) as one FuseControls value."""
+        c = FuseControls(*values)
+        sampling, fusion = self.svc.fuse_settings(c)
         t0 = time.perf_counter()
-        sess = self.svc.fuse(sess, p, b, rs, sampling, fusion)
+        sess = self.svc.fuse(sess, c.prompt, c.base_seed, c.ref_seed, sampling, fusion)
         took = time.perf_counter() - t0
         r = sess.result
-        heat_im, mask_im = self.overlays(sess, word)
+        heat_im, mask_im = self.overlays(sess, c.words)
         how = "one batched run"
         if r.from_cache:
             how = "cache (target branch only" + (f", {r.steps_reused} of {r.sampling.num_steps} steps reused)"
                                                  if r.steps_reused else ")")
         coverage = self.svc.mask_coverage(sess)
         form = " · reference ∪ base" * r.fusion.mask.union_base + " · base held outside" * r.fusion.hold_outside
+        first, last = r.fusion.step_range(r.sampling.num_steps)
         msg = (f"fused in {how} · keywords {', '.join(r.keywords)} · mask covers {coverage:.0%}{form} · "
-               f"layers {lay} · steps {start}-{end} · {took:.2f} s")
+               f"layers {r.fusion.layers} · steps {first}-{last} · {took:.2f} s")
         notes = pair_notes(coverage if r.fusion.use_mask else None, r.base_image, r.target_image)
         return (sess, enlarge(r.base_image), enlarge(r.reference_image), enlarge(r.target_image),
                 (enlarge(r.base_image), enlarge(r.target_image)), heat_im, mask_im, score_text(sess.scores, notes),
                 msg)
 
     @guarded
-    def on_live(self, sess, p, st, g, e, b, rs, kws, mode, thr, start, end, lay, rsz, um, word, comb=None, ub=None,
-                dil=None, hold=None):
+    @fuse_controls
+    def on_live(self, sess, *values):
         if sess.result is None:  # nothing fused yet: a control moved before the first fusion
             return (sess, *[gr.update()] * 7, "move a control after the first fusion to see it live")
-        out = self.on_fuse(sess, p, st, g, e, b, rs, kws, mode, thr, start, end, lay, rsz, um, word, comb, ub, dil,
-                           hold)
+        out = self.on_fuse(sess, *values)
         if out[0].same_pair:  # base, reference and their attention are unchanged: three fewer images to send
             out = (out[0], gr.skip(), gr.skip(), *out[3:5], gr.skip(), *out[6:])
         return out
 
+    @staticmethod
+    def on_steps_view(sess):
+        """The step sliders set to the range the target was fused with (whatever was typed or followed)."""
+        r = sess.result if sess is not None else None
+        if r is None:
+            return gr.update(), gr.update()
+        return r.fusion.step_range(r.sampling.num_steps)
+
     # ---- before a fusion: the validator (gradio runs it first), the controls kept consistent -------------
-    def check(self, sess, p, st, g, e, b, rs, kws, mode, thr, start, end, lay, rsz, um, word, comb=None, ub=None,
-              dil=None, hold=None):
+    @fuse_controls
+    def check(self, sess, *values):
         """The validator of /fuse: a message on each refused input, one gr.validate per FUSE_INPUTS entry.
         A refusal here keeps the last good outputs on the page (an error raised by the handler would cover
         every output with an error badge); gradio_client raises it as a ValidationError naming the inputs."""
         try:
-            bad = self.problems(p, st, g, e, b, rs, kws, mode, thr, start, end, lay, rsz, um, word, comb, ub, dil,
-                                hold)
+            bad = self.problems(FuseControls(*values))
         except Exception:  # noqa: BLE001 - not a refusal: the handler runs and reports it (guarded)
             log.exception("the fuse validator failed")
             bad = {}
         return [gr.validate(name not in bad, bad.get(name, "")) for name in FUSE_INPUTS]
 
-    def check_live(self, sess, *args):
+    @fuse_controls
+    def check_live(self, sess, *values):
         """The validator of the live re-fusions: nothing to refuse before the first fusion (on_live says so)."""
         if sess is None or sess.result is None:
             return [gr.validate(True, "")] * len(FUSE_INPUTS)
-        return self.check(sess, *args)
+        return self.check(sess, *values)
 
-    def problems(self, p, st, g, e, b, rs, kws, mode, thr, start, end, lay, rsz, um, word, comb, ub=None, dil=None,
-                 hold=None) -> dict[str, str]:
-        """{input name: message} for what the service would refuse, found without running the model."""
+    def problems(self, c: FuseControls) -> dict[str, str]:
+        """{input name: message} for what the service would refuse, found without running the model; each
+        message goes on the control the refused setting came from (UserError.widget)."""
         bad: dict[str, str] = {}
 
         def test(name, fn, *a):
             try:
                 return fn(*a)
             except UserError as err:
-                bad.setdefault(name, str(err))
+                bad.setdefault(err.widget or name, str(err))
         if not self.svc.ready:  # the model loads behind the page: said at the prompt, nothing else checked
             return {"prompt": self.svc.model_status()}
-        prompt, sampling = test("prompt", check_prompt, p), test("steps", self.svc.sampling, st, g, e)
-        seeds = test("base_seed", parse_seed, b, "base seed"), test("ref_seed", parse_seed, rs, "reference seed")
+        prompt, sampling = test("prompt", check_prompt, c.prompt), test("steps", self.svc.sampling, c.steps,
+                                                                          c.guidance, c.eta)
+        seeds = test("base_seed", parse_seed, c.base_seed, "base seed"), test("ref_seed", parse_seed, c.ref_seed,
+                                                                             "reference seed")
         if None not in seeds:
-            test("ref_seed", self.svc.pair_seeds, b, rs)  # two different images
+            test("ref_seed", self.svc.pair_seeds, c.base_seed, c.ref_seed)  # two different images
         n = sampling.num_steps if sampling else self.svc.default_sampling.num_steps
-        try:
-            self.svc.fusion(n, kws, mode, thr, start, end, lay, rsz, um, ub, dil, combine=comb, hold_outside=hold)
-        except UserError as err:
-            bad.setdefault(next((w for k, w in MESSAGE_INPUT if k in str(err)), "threshold"), str(err))
-        for name, words in (("keywords", kws), ("words", [word] if word else None)):
+        test("threshold", self.svc.fusion, n, c.keywords, c.threshold_mode, c.threshold, c.start_step, c.end_step,
+             c.layers, c.resize, c.use_mask, c.union_base, c.dilate, 0.0, c.combine, c.hold_outside)
+        for name, words in (("keywords", c.keywords), ("words", [c.words] if c.words else None)):
             if prompt is not None and words and name not in bad:
                 test(name, self.svc.check_keywords, prompt, words)
         return bad
@@ -411,8 +450,10 @@ def _mask_widgets(v: SimpleNamespace, f0, n_steps: int) -> None:
                 v.start_step = gr.Slider(1, n_steps, value=min(f0.start_step, n_steps), step=1, label="Fuse from step",
                                          elem_id="start-step")
                 v.end_step = gr.Slider(1, n_steps, value=n_steps, step=1, label="to step", elem_id="end-step")
-            v.layers = gr.Dropdown(list(FUSION_LAYER_PRESETS), label="Fusion layers", elem_id="layers",
-                                   value=f0.layers if f0.layers in FUSION_LAYER_PRESETS else "mid+up")
+            # a Radio, not a Dropdown: gradio's dropdown also fires its input event on blur, so one choice fused
+            # twice (the second a cache hit, seconds on a busy machine)
+            v.layers = gr.Radio(list(FUSION_LAYER_PRESETS), label="Fusion layers", elem_id="layers",
+                                value=f0.layers if f0.layers in FUSION_LAYER_PRESETS else "mid+up")
             v.resize = gr.Radio(list(RESIZE_MODES), value=m0.resize, label="Mask resize")
             v.combine = gr.Radio(list(COMBINE_MODES), value=m0.combine,
                                  label="Keywords combined by (mean map, or union of one mask each: the paper's)")
@@ -463,7 +504,8 @@ def _wire_fuse(v: SimpleNamespace, ev: FuseEvents, state: gr.State) -> None:
     v.example.change(ev.on_example, [v.example], [v.prompt, v.words, v.keywords], api_name="example")
     v.steps.release(ev.on_steps, [v.steps], [v.start_step, v.end_step, v.traj_step], api_name="steps")
     v.sample_btn.click(ev.on_sample, [state, v.prompt, v.steps, v.guidance, v.eta, v.n_cand, v.first_seed],
-                       [state, v.gallery, v.base_seed, v.ref_seed, v.words, v.keywords], api_name="sample")
+                       [state, v.gallery, v.base_seed, v.ref_seed, v.words, v.keywords], api_name="sample",
+                       validator=ev.check_sample, preprocess=False)  # raw values: the validator's messages
     v.gallery.select(ev.on_pick, [state, v.click_sets, v.base_seed, v.ref_seed], [v.base_seed, v.ref_seed, v.gallery],
                      api_name=False)
     for box in (v.base_seed, v.ref_seed):  # a typed seed: the gallery marks the new pair
@@ -494,8 +536,11 @@ def _wire_fusion(v: SimpleNamespace, ev: FuseEvents) -> None:
     clear = {"fn": lambda: None, "inputs": None, "outputs": [v.x0_img], "queue": False, "show_progress": "hidden",
              "api_name": False}
     fused = v.fuse_btn.click(ev.on_fuse, inputs, outputs, api_name="fuse", validator=ev.check, preprocess=False)
+    steps = {"fn": ev.on_steps_view, "inputs": [v.state], "outputs": [v.start_step, v.end_step], "queue": False,
+             "show_progress": "hidden", "api_name": False}
     fused.success(**slider, api_name=False)
     fused.success(**clear)
+    fused.success(**steps)
     first = {moved: {"fn": None, "inputs": [v.start_step, v.end_step], "outputs": [getattr(v, other)], "js": js}
              for moved, other, js in STEP_FOLLOW}
     first["threshold_mode"] = {**slider, "fn": ev.on_mode}
@@ -509,6 +554,7 @@ def _wire_fusion(v: SimpleNamespace, ev: FuseEvents) -> None:
             dep = listen(**live, trigger_mode="always_last")
         dep.success(**slider, api_name=False)
         dep.success(**clear)
+        dep.success(**steps)
 
 
 # ---- Dataset -----------------------------------------------------------------------------------------
@@ -652,9 +698,19 @@ class TrainEvents:
         return self.status(sess)
 
     @guarded
-    def on_compare(self, sess):
-        items = self.svc.before_after(sess, self.svc.example_prompts()[:3])
-        return [(enlarge(im, 128), cap) for im, cap in items]
+    def on_compare(self, sess, text):
+        """Before / after on the typed prompts, or held-out ones (shown in the box); one gallery row a prompt."""
+        prompts = self.svc.before_after_prompts(sess, text)
+        items = self.svc.before_after(sess, prompts)
+        rows = " · ".join(f"{i + 1}. {p}" for i, p in enumerate(prompts))
+        return [(enlarge(im, 128), cap) for im, cap in items], "\n".join(prompts), f"Rows: {rows}"
+
+    @guarded
+    def on_compare_plan(self, sess, text):
+        """What Before / after will cost, said before it runs (and which prompts an empty box means)."""
+        prompts = self.svc.before_after_prompts(sess, text)
+        which = "" if str(text or "").strip() else "held-out prompts of the trained families: "
+        return which + self.svc.before_after_estimate(len(prompts))
 
 
 def train_tab(svc: AppService, state: gr.State, weights: gr.Markdown) -> list:
@@ -663,7 +719,7 @@ def train_tab(svc: AppService, state: gr.State, weights: gr.Markdown) -> list:
     with gr.Tab("Train"):
         gr.Markdown("Fine-tune a LoRA on the labelled pairs in a background process; the plot follows its log. "
                     f"Each run writes its log, checkpoints and LoRA weights to a folder of its own under "
-                    f"`{svc.runs_dir.resolve()}`. The fine-tune is this session's: *Load into the Fuse view* "
+                    f"`{model_name(str(svc.runs_dir.resolve()))}`. The fine-tune is this session's: *Load into the Fuse view* "
                     "makes this session (no other) fuse and label with it.")
         with gr.Row():
             algo = gr.Dropdown(["dpo", "traj-dpo", "ddpo", "dpok"], value="dpo", label="Algorithm")
@@ -693,9 +749,15 @@ def train_tab(svc: AppService, state: gr.State, weights: gr.Markdown) -> list:
         train_msg = gr.Markdown(elem_id="train-message")  # the last action's message: stays until the next
         train_status = gr.Markdown(elem_id="train-status")  # the job's state, step, loss and folder, kept current
         train_progress = gr.HTML(progress_bar(0.0), elem_id="train-progress")
-        train_plot = gr.Plot(label="loss · implicit accuracy · reward margin (on-policy: loss · approx KL · clip fraction)")
-        before_after = gr.Gallery(label="Before (base weights) / after (this session's LoRA), fixed seeds", columns=8,
-                                  **PIXELS)
+        train_plot = gr.Plot(label="Training curves (each panel names its quantity)")  # a long label was cut
+        with gr.Row():
+            ba_prompts = gr.Textbox(lines=3, label="Before / after prompts, one per line (empty: held-out prompts of "
+                                    "the trained families)", elem_id="before-after-prompts")
+            ba_plan = gr.Markdown(elem_id="before-after-plan")
+        # one row a prompt: before seed 0, seed 1, after seed 0, seed 1 (short captions, shown whole)
+        before_after = gr.Gallery(label="Before (base weights) / after (this session's LoRA), fixed seeds", columns=4,
+                                  **PIXELS, elem_id="before-after")
+        ba_rows = gr.Markdown(elem_id="before-after-rows")
         timer = gr.Timer(2.0)
     ev, shown = TrainEvents(svc), [train_status, train_progress, train_plot]
     train_btn.click(ev.on_train, [state, algo, rank, lr, beta, tsteps], [state, train_msg, *shown], api_name="train")
@@ -705,9 +767,11 @@ def train_tab(svc: AppService, state: gr.State, weights: gr.Markdown) -> list:
     resume_btn.click(ev.on_resume, [state], [train_msg, *shown], api_name="train_resume")
     load_btn.click(ev.on_load, [state], [state, train_msg, weights], api_name="load_trained")
     unload_btn.click(ev.on_unload, [state], [state, train_msg, weights], api_name="unload_trained")
-    compare_btn.click(ev.on_compare, [state], [before_after], api_name="before_after")
+    compare_btn.click(ev.on_compare, [state, ba_prompts], [before_after, ba_prompts, ba_rows], api_name="before_after")
+    ba_prompts.change(ev.on_compare_plan, [state, ba_prompts], [ba_plan], api_name=False, show_progress="hidden")
     timer.tick(ev.on_tick, [state], shown, api_name="train_status", show_progress="hidden")
-    return [(ev.on_weights, [state], [weights]), (ev.on_tick, [state], shown)]
+    return [(ev.on_weights, [state], [weights]), (ev.on_tick, [state], shown),
+            (ev.on_compare_plan, [state, ba_prompts], [ba_plan])]
 
 
 # ---- Ablations ---------------------------------------------------------------------------------------

@@ -180,7 +180,7 @@ def ablation_plot(cells):
     """Bar chart: pixel change inside vs outside the mask per cell (+ score line when scored)."""
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(9, 3.6))
+    fig, ax = plt.subplots(figsize=(9, 3.8), layout="constrained")  # room for everything outside the axes
     x = np.arange(len(cells))
     ax.bar(x - 0.2, [c.change_inside for c in cells], 0.4, label="change inside mask")
     ax.bar(x + 0.2, [c.change_outside for c in cells], 0.4, label="change outside mask")
@@ -190,10 +190,9 @@ def ablation_plot(cells):
         ax2 = ax.twinx()
         ax2.plot(x, [c.score for c in cells], "k.-", label="score")
         ax2.set_ylabel("score")
-    ax.legend(loc="lower right", bbox_to_anchor=(1.0, 1.0), ncol=2, fontsize=8, frameon=False)  # above the bars
     ax.set_title(ABLATION_TITLE + (" (dots: score)" if all(c.score is not None for c in cells) else ""), fontsize=10,
                  loc="left")
-    fig.tight_layout()
+    fig.legend(loc="outside lower center", ncol=2, fontsize=8, frameon=False)  # under the labels: it clipped the title
     return fig
 
 
@@ -207,7 +206,7 @@ def progress_bar(fraction: float) -> str:
 def training_plot(rows: list[dict]):
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(10, 2.8))
+    fig, axes = plt.subplots(1, 3, figsize=(10, 2.8), layout="constrained")
     steps = [r["step"] for r in rows]
     # offline DPO logs its implicit accuracy and reward margin; on-policy rounds their ratio's KL and clipping
     keys = ("loss", "approx_kl", "clipfrac") if any("approx_kl" in r for r in rows) else \
@@ -218,5 +217,4 @@ def training_plot(rows: list[dict]):
             ax.plot(steps, [np.nan if v is None else v for v in vals])
         ax.set_title(key, fontsize=9)
         ax.set_xlabel("step", fontsize=8)
-    fig.tight_layout()
     return fig

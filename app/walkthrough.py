@@ -80,7 +80,7 @@ def main() -> None:
 
     import dfusion_core  # noqa: F401
     from dfusion_core.engine.loading import load_model
-    from dfusion_core.engine.scoring import DEFAULT_SCORER, make_scorer
+    from dfusion_core.pairs.scoring import DEFAULT_SCORER, make_scorer
 
     from .service import AppService
     from .ui import CSS, SHORTCUTS, build_demo

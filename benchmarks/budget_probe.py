@@ -33,13 +33,13 @@ def main(argv=None) -> None:
     torch.set_num_threads(1)
     from dfusion_core.engine.config import MaskParams, SamplingParams, apply_model_defaults
     from dfusion_core.engine.loading import load_model
-    from dfusion_core.engine.pairs import PairingParams, build_random_pairs, load_pairs, save_pairs
+    from dfusion_core.pairs.build import PairingParams, build_random_pairs, load_pairs, save_pairs
     from dfusion_core.engine.sampling import sample
-    from dfusion_core.engine.scoring import make_scorer
-    from dfusion_core.shapesworld import check_images
-    from dfusion_core.shapesworld.evaluate import evaluate
-    from dfusion_core.shapesworld.experiment import paired_difference
-    from dfusion_core.shapesworld.world import FAMILIES, prompt_list
+    from dfusion_core.pairs.scoring import make_scorer
+    from dfusion_core.worlds.shapesworld import check_images
+    from dfusion_core.worlds.shapesworld.evaluate import evaluate
+    from experiments.shapesworld.statistics import paired_difference
+    from dfusion_core.worlds.shapesworld.world import FAMILIES, prompt_list
     from dfusion_core.training.pair_signal import pair_signal
 
     out = Path(a.out)

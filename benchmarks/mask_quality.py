@@ -23,8 +23,8 @@ from dfusion_core.engine.config import MaskParams, SamplingParams, apply_model_d
 from dfusion_core.engine.fusion import record_attention
 from dfusion_core.engine.loading import load_model
 from dfusion_core.engine.masks import keyword_mask, keyword_maps
-from dfusion_core.shapesworld.checker import check
-from dfusion_core.shapesworld.world import FAMILIES, prompt_list
+from dfusion_core.worlds.shapesworld.checker import check
+from dfusion_core.worlds.shapesworld.world import FAMILIES, prompt_list
 from dfusion_core.engine.tokens import default_keywords, keyword_token_indices
 
 SETTINGS = [("mean", "auto", 0.5), ("union", "auto", 0.5), ("mean", "relative", 0.5), ("union", "relative", 0.5)]

@@ -26,8 +26,8 @@ import torch
 
 def _setup():
     from dfusion_core.engine.loading import load_model
-    from dfusion_core.engine.scoring import make_scorer
-    from dfusion_core.shapesworld.experiment import Experiment, ExperimentConfig
+    from dfusion_core.pairs.scoring import make_scorer
+    from experiments.shapesworld.experiment import Experiment, ExperimentConfig
 
     model, scorer = load_model(None, device="cpu"), make_scorer(None)
     return model, scorer, ExperimentConfig()
@@ -35,7 +35,7 @@ def _setup():
 
 def _residuals_per_step(model, sampling, prompt, trajectory) -> torch.Tensor:
     """[steps] mean squared standardised residual of the recorded steps under the plain model."""
-    from dfusion_core.engine.ddim import mean_sq_residual
+    from dfusion_core.engine.steps import mean_sq_residual
     from dfusion_core.engine.sampling import recompute_log_probs, sampler_stds
 
     with torch.no_grad():
@@ -44,9 +44,9 @@ def _residuals_per_step(model, sampling, prompt, trajectory) -> torch.Tensor:
 
 
 def residuals(out: Path) -> dict:
-    from dfusion_core.engine.pairs import PairingParams, build_pairs
+    from dfusion_core.pairs.build import PairingParams, build_pairs
     from dfusion_core.engine.sampling import sampler_stds
-    from dfusion_core.shapesworld.experiment import Experiment
+    from experiments.shapesworld.experiment import Experiment
 
     model, scorer, cfg = _setup()
     exp = Experiment(model, scorer, cfg, out)
@@ -79,8 +79,8 @@ def _trainer_for_half(half: str):
 
 
 def train_half(out: Path, half: str, algo: str, advantage_groups: str, seed: int = 0) -> dict:
-    from dfusion_core.engine.pairs import PairingParams
-    from dfusion_core.shapesworld.experiment import Experiment
+    from dfusion_core.pairs.build import PairingParams
+    from experiments.shapesworld.experiment import Experiment
     from dfusion_core.training.onpolicy import OnPolicyConfig
 
     model, scorer, c = _setup()

@@ -9,10 +9,16 @@ import torch
 
 # the tests never download: set before any Hugging Face library is imported (dfusion_core itself leaves it to users)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import dfusion_core  # noqa: E402,F401  (telemetry off)
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+def pytest_collection_modifyitems(items):
+    """A browser or multi-process test is slow too: `-m "not slow"` (the quick tier) leaves them all out."""
+    for item in items:
+        if item.get_closest_marker("browser") or item.get_closest_marker("distributed"):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")
@@ -22,7 +28,7 @@ def pipelines_dir(tmp_path_factory):
 
 def _load(kind, pipelines_dir):
     from dfusion_core.engine.loading import load_model
-    from dfusion_core.engine.tiny import build_tiny_pipeline
+    from dfusion_core.testing.tiny import build_tiny_pipeline
 
     path = pipelines_dir / kind
     if not path.exists():

@@ -40,6 +40,7 @@ def _fuse_args(base="0", ref="1", mode="auto", thr=0.5, start=2, end=4, use_mask
     return ("a red dog", 4, 2.0, 1.0, base, ref, list(keywords), mode, thr, start, end, "mid+up", "smooth", use_mask, "red")
 
 
+@pytest.mark.slow
 def test_sample_fuse_refuse_label_undo(app_url):
     url, svc = app_url
     c = gradio_client.Client(url, verbose=False)
@@ -103,6 +104,7 @@ def test_labelling_before_fusing_is_explained(app_url):
         c.predict(api_name="/label_target")
 
 
+@pytest.mark.slow
 def test_two_clients_do_not_share_state(app_url):
     url, svc = app_url
     results = {}
@@ -123,6 +125,7 @@ def test_two_clients_do_not_share_state(app_url):
     assert bases == [7, 9]
 
 
+@pytest.mark.slow
 def test_ablation_needs_a_pair_and_the_train_tab_an_algorithm_it_knows(app_url, tmp_path):
     url, svc = app_url
     c = gradio_client.Client(url, verbose=False)
@@ -169,6 +172,7 @@ def _trained(c) -> str:
     return status.split("run folder ")[1].split(" · ")[0]
 
 
+@pytest.mark.slow
 def test_a_fine_tune_and_its_status_belong_to_the_session_that_started_it(app_url, tuning, monkeypatch):
     url, svc = app_url
     a, (msg, status, progress, _), _ = tuning
@@ -192,6 +196,7 @@ def test_a_fine_tune_and_its_status_belong_to_the_session_that_started_it(app_ur
     assert folder in a.predict(api_name="/train_status")[0]
 
 
+@pytest.mark.slow
 def test_each_session_fuses_and_labels_with_its_own_weights(app_url, tuning):
     """After A loads its LoRA, B keeps fusing (and labelling) with the base weights, bit for bit, while A's pair
     changes; each stored pair names the weights that made it; each weights' cached reference serves only them."""
@@ -222,14 +227,14 @@ def test_each_session_fuses_and_labels_with_its_own_weights(app_url, tuning):
         b.predict(api_name="/unload_trained")
 
 
+@pytest.mark.slow
 def test_before_is_the_base_weights_and_after_the_lora_loaded_or_not(app_url, tuning, monkeypatch):
     """'Before' equals what a base-weights session samples, whether or not A's session fuses with its LoRA;
     'after' differs; comparing leaves A's weights as they were."""
     url, svc = app_url
     a, _, _ = tuning
     _trained(a)
-    prompts = svc.example_prompts()[:2]
-    monkeypatch.setattr(svc, "example_prompts", lambda: prompts)  # the compared prompts (seeds 0 and 1)
+    prompts = svc.example_prompts()[:2]  # typed: the compared prompts (seeds 0 and 1)
     b = gradio_client.Client(url, verbose=False)
     s = svc.default_sampling
     plain = []
@@ -237,10 +242,13 @@ def test_before_is_the_base_weights_and_after_the_lora_loaded_or_not(app_url, tu
         plain += _pixels(b.predict(p, s.num_steps, s.guidance_scale, s.eta, 2, 0, api_name="/sample")[0])
     a.predict(api_name="/load_trained")
     for loaded in (True, False):
-        items = a.predict(api_name="/before_after")
+        items, shown, rows = a.predict("\n".join(prompts), api_name="/before_after")
+        assert shown.splitlines() == prompts and rows.startswith("Rows: 1. " + prompts[0])
         before = [it for it in items if it["caption"].startswith("before")]
         after = [it for it in items if it["caption"].startswith("after")]
         assert len(before) == len(after) == len(plain) == 4
+        assert [it["caption"].split(" · ")[:2] for it in items[:4]] == [["before", "s0"], ["before", "s1"],
+                                                                         ["after", "s0"], ["after", "s1"]]
         assert _same(_pixels(before), plain) == [True] * 4, loaded
         assert not any(_same(_pixels(after), plain)), loaded
         if loaded:  # the comparison left the session's LoRA on: unloading it works
@@ -249,6 +257,7 @@ def test_before_is_the_base_weights_and_after_the_lora_loaded_or_not(app_url, tu
         a.predict(api_name="/unload_trained")  # nor did it switch the base session to the LoRA
 
 
+@pytest.mark.slow
 def test_dataset_tab_lists_relabels_and_deletes_through_the_service(app_url):
     url, svc = app_url
     c = gradio_client.Client(url, verbose=False)
@@ -270,6 +279,7 @@ def test_dataset_tab_lists_relabels_and_deletes_through_the_service(app_url):
         c.predict("", "", "any", api_name="/delete_pair")
 
 
+@pytest.mark.slow
 def test_dataset_tab_exports_a_download_imports_an_upload_with_a_report_and_undoes_a_delete(app_url, tmp_path):
     import zipfile
     from pathlib import Path
@@ -322,10 +332,11 @@ def test_the_train_tab_config_reaches_the_trainer_child_unchanged(sd1, tmp_path,
                           if getattr(a, f.name, None) is not None}) == cfg
 
 
+@pytest.mark.slow
 def test_train_tab_refuses_deterministic_pairs_for_trajectory_methods(sd1, tmp_path):
     from app.service import AppService, Session, UserError
     from dfusion_core.engine.config import SamplingParams
-    from dfusion_core.engine.pairs import PairingParams, build_pairs
+    from dfusion_core.pairs.build import PairingParams, build_pairs
 
     svc = AppService(sd1, store_dir=tmp_path / "store", runs_dir=tmp_path / "runs")
     scorer = lambda ims, ps: [float(i) for i in range(len(ims))]  # noqa: E731 - distinct scores, any order
@@ -346,6 +357,7 @@ def test_train_tab_refuses_deterministic_pairs_for_trajectory_methods(sd1, tmp_p
         demo.close()
 
 
+@pytest.mark.slow
 def test_scores_are_shown_side_by_side_without_a_winner_and_an_empty_mask_is_said(app_url, monkeypatch):
     url, svc = app_url
     monkeypatch.setattr(svc, "scorer", lambda ims, ps: [0.9, 0.5, 0.2][-len(ims):])  # the target scores lowest
@@ -400,7 +412,7 @@ def test_suggested_reference_passes_the_checker_and_base_fails_it():
 def test_build_pairs_pick_checker_takes_references_it_passes_and_bases_it_rejects():
     import numpy as np
 
-    from dfusion_core.engine.pairs import PairingParams, choose_pairs
+    from dfusion_core.pairs.build import PairingParams, choose_pairs
 
     seeds, scores = [10, 11, 12, 13, 14, 15, 16, 17], np.array([0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2])
     ok = [False, True, False, True, False, False, True, False]
@@ -450,14 +462,33 @@ def test_a_refused_fusion_is_a_validation_error_naming_the_input_before_any_mode
     c.predict(*_fuse_args("50", "51"), api_name="/fuse")  # a fused pair: the live controls are checked too
     calls = []
     monkeypatch.setattr(svc.model_thread, "run", lambda *a, **k: calls.append(a))
-    with pytest.raises(ValidationError, match=r"- p: .*prompt is empty"):
+    with pytest.raises(ValidationError, match=r"- prompt: .*prompt is empty"):
         c.predict("", 4, 2.0, 1.0, "0", "1", ["red"], "auto", 0.5, 2, 4, "mid+up", "smooth", True, None,
                   api_name="/fuse")
-    with pytest.raises(ValidationError, match=r"- start: .*starts at step 4, after its end"):
+    with pytest.raises(ValidationError, match=r"- end_step: .*starts at step 4, after its end"):
         c.predict(*_fuse_args(start=4, end=2), api_name="/refuse_start_step")  # a live control: the same rule
     assert calls == []
 
 
+def test_a_refused_sample_is_a_validation_error_and_replaces_nothing(app_url, monkeypatch):
+    """Sample validates first, as Fuse does: the message names the input, no model call runs, so the gallery, seeds
+    and word lists keep what they showed (a refusal raised by the handler covered them with Error badges)."""
+    from gradio_client.exceptions import ValidationError
+
+    url, svc = app_url
+    c = gradio_client.Client(url, verbose=False)
+    calls = []
+    monkeypatch.setattr(svc.model_thread, "run", lambda *a, **k: calls.append(a))
+    with pytest.raises(ValidationError, match=r"- p: .*prompt is empty"):
+        c.predict("", 4, 2.0, 1.0, 4, 0, api_name="/sample")
+    with pytest.raises(ValidationError, match=r"- s0_: .*first seed must be between"):
+        c.predict("a red dog", 4, 2.0, 1.0, 4, -5, api_name="/sample")
+    with pytest.raises(ValidationError, match=r"- g: .*guidance_scale must be in"):
+        c.predict("a red dog", 4, 99.0, 1.0, 4, 0, api_name="/sample")
+    assert calls == []
+
+
+@pytest.mark.slow
 def test_a_sessions_lora_is_reloaded_when_its_file_changes_and_a_gone_one_is_said(sd1, tmp_path, monkeypatch):
     """Model calls of a session compute with its LoRA folder's weights as they are on disk: new weights under the
     same folder make its cached references stale (not served), an adapter dropped for room comes back, a
@@ -466,12 +497,12 @@ def test_a_sessions_lora_is_reloaded_when_its_file_changes_and_a_gone_one_is_sai
 
     import numpy as np
 
-    import app.service as service
+    import app.services.model as model_service
     from app.service import AppService, Session, UserError
     from conftest import write_random_lora
 
     svc = AppService(sd1, store_dir=tmp_path / "store")
-    monkeypatch.setattr(service, "MAX_ADAPTERS", 1)
+    monkeypatch.setattr(model_service, "MAX_ADAPTERS", 1)
     sampling = svc.sampling(4, 2.0, 1.0)
     fusion = svc.fusion(4, ["red", "dog"], "auto", 0.5, 2, 4, "mid+up", "smooth", True)
     mine, other = Session(weights=str(write_random_lora(sd1, tmp_path / "a", 0))), Session()
@@ -497,6 +528,7 @@ def test_a_sessions_lora_is_reloaded_when_its_file_changes_and_a_gone_one_is_sai
         sd1.use_lora(None)
 
 
+@pytest.mark.slow
 def test_the_train_tab_runs_on_policy_rounds_for_its_session_and_refuses_bad_input(sd1, tmp_path):
     """Start rounds: a DDPO child on the prompts given, rewarded by the app's scorer (by name), progress by rounds;
     a bad algorithm, prompt list, candidate count or a missing scorer is a message and starts nothing."""
@@ -537,6 +569,7 @@ def test_the_train_tab_runs_on_policy_rounds_for_its_session_and_refuses_bad_inp
         demo.close()
 
 
+@pytest.mark.slow
 def test_a_busy_port_is_one_line_naming_the_flag():
     import socket
     import subprocess
@@ -579,3 +612,58 @@ def test_the_app_opens_on_the_settings_the_library_and_cli_use(tmp_path):
     model = load_model(None, device="cpu")
     assert svc.default_sampling == model.default_sampling() and svc.default_fusion == model.default_fusion()
     assert svc.default_sampling.guidance_scale == 3.0 and svc.default_fusion.hold_outside
+
+
+def test_before_after_prompts_are_held_out_from_the_trained_families_and_costed(sd1, tmp_path):
+    """Empty box: TEST prompts of the families the set trained on, none of them trained, not the first prompts of
+    one list (they shared 'a red and solid'); typed prompts are used as typed; the plan says the images and,
+    once a sampling was timed, the seconds."""
+    from app.service import AppService, Session, UserError
+    from dfusion_core.pairs.prompt_sets import load_prompt_set
+    from dfusion_core.worlds import discover
+
+    discover()
+    svc = AppService(sd1, store_dir=tmp_path / "store")
+    svc.model_defaults = {**svc.model_defaults, "world": "shapesworld"}
+    spatial_train = [e.prompt for e in load_prompt_set("shapesworld:spatial:train")]
+    job = type("Job", (), {"prompts": spatial_train[:3]})()
+    sess = Session(token="t")
+    svc.jobs["t"] = job
+    held = svc.held_out_prompts(sess)
+    spatial_test = {e.prompt for e in load_prompt_set("shapesworld:spatial:test")}
+    assert len(held) == 4 and set(held) <= spatial_test and not set(held) & set(spatial_train)
+    assert len({" ".join(p.split()[:3]) for p in held}) > 1, held
+    del svc.jobs["t"]
+    families = {fam for p in svc.held_out_prompts(Session()) for fam in ("action", "attribute", "spatial")
+                if p in {e.prompt for e in load_prompt_set(f"shapesworld:{fam}:test")}}
+    assert families == {"action", "attribute", "spatial"}  # nothing trained yet: every family
+    assert svc.before_after_prompts(sess, "a red circle\n\n a red circle ") == ["a red circle"]
+    with pytest.raises(UserError, match="at most"):
+        svc.before_after_prompts(sess, "\n".join(f"a red circle {i}" for i in range(9)))
+    assert svc.before_after_estimate(3) == "3 prompt(s) x 2 seeds, base and LoRA: 12 images"
+    svc.seconds_per_image = 0.5
+    assert svc.before_after_estimate(3).endswith("about 6 s at the last sampling's speed")
+
+
+def test_the_ablation_plots_title_legend_and_labels_lie_inside_the_figure_apart():
+    """The legend sat above the axes over the title, and both were clipped at the figure's edge."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from dfusion_core.pairs.ablation import AblationCell
+    from app.views import ablation_plot, training_plot
+
+    cells = [AblationCell(label=f"variant {i} with a long name", fusion=None, image=None, change_inside=10.0 + i,
+                          change_outside=2.0, score=0.2 + i / 100) for i in range(10)]
+    fig = ablation_plot(cells)
+    fig.canvas.draw()
+    r = fig.canvas.get_renderer()
+    box = fig.bbox
+    title, legend = fig.axes[0].title.get_window_extent(r), fig.legends[0].get_window_extent(r)
+    ticks = [t.get_window_extent(r) for t in fig.axes[0].get_xticklabels()]
+    for b in (title, legend, *ticks):
+        assert box.x0 - 1 <= b.x0 and b.x1 <= box.x1 + 1 and box.y0 - 1 <= b.y0 and b.y1 <= box.y1 + 1, b
+    assert not title.overlaps(legend) and not any(t.overlaps(legend) for t in ticks)
+    fig = training_plot([{"step": s, "loss": 1 / (s + 1), "implicit_acc": 0.5, "reward_margin": 0.1} for s in range(5)])
+    fig.canvas.draw()
+    assert all(fig.bbox.x0 <= ax.title.get_window_extent().x0 for ax in fig.axes)

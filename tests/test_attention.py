@@ -22,6 +22,7 @@ def _inputs(model, b=2):
     return x, torch.tensor([500, 300][:b]), cond.cond, added
 
 
+@pytest.mark.slow
 def test_recording_processor_equals_default(any_model):
     x, t, emb, added = _inputs(any_model)
     ctl = any_model.controller

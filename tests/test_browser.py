@@ -11,7 +11,8 @@ from conftest import fused_page, launch_app
 pytest.importorskip("playwright.sync_api")
 from app.walkthrough import chromium_path, next_status, status_text, walk  # noqa: E402
 
-pytestmark = pytest.mark.skipif(chromium_path() is None, reason="Debian chromium is not installed (.ci/run installs it)")
+pytestmark = [pytest.mark.browser,
+              pytest.mark.skipif(chromium_path() is None, reason="Debian chromium is not installed (.ci/run installs it)")]
 
 
 @pytest.fixture(scope="module")
@@ -24,6 +25,7 @@ def served(sd1, tmp_path_factory):
     demo.close()
 
 
+@pytest.mark.slow
 def test_click_through_fuse_mask_label_dataset(served, tmp_path):
     url, svc = served
     shots = Path(os.environ.get("DFUSION_SCREENSHOTS", tmp_path))
@@ -68,6 +70,7 @@ def _set_slider(page, elem_id: str, value) -> str:
     return _next_status(page, old)
 
 
+@pytest.mark.slow
 def test_shortcuts_work_while_a_checkbox_radio_or_slider_has_focus(fused):
     page, svc = fused
     n0 = len(svc.store)
@@ -91,6 +94,7 @@ def test_shortcuts_work_while_a_checkbox_radio_or_slider_has_focus(fused):
     page.locator("#status", has_text="fused in").wait_for(timeout=WAIT_MS)
 
 
+@pytest.mark.slow
 def test_threshold_slider_spans_where_the_mask_changes_and_is_off_where_it_does_nothing(fused):
     page, _ = fused
     slider = page.locator("#threshold input[type=range]")
@@ -120,6 +124,7 @@ def test_threshold_slider_spans_where_the_mask_changes_and_is_off_where_it_does_
     assert "untinted" in legend and "tinted" in legend and "reference" in legend
 
 
+@pytest.mark.slow
 def test_a_refused_fusion_keeps_the_last_outputs_and_says_why(fused):
     page, _ = fused
     before = page.locator("#target img").get_attribute("src")
@@ -146,16 +151,31 @@ def test_a_refused_fusion_keeps_the_last_outputs_and_says_why(fused):
     ref.fill(seed)
 
 
+@pytest.mark.slow
 def test_the_fusion_step_sliders_cannot_cross(fused):
+    """...and after every fusion both boxes show the range the target was fused with (typed values, followed ones
+    and refused ones alike)."""
     page, _ = fused
     start = page.locator("#start-step input[type=number]")
     end = page.locator("#end-step input[type=number]")
     n = int(end.get_attribute("max"))
-    assert "steps 2-2" in _set_slider(page, "end-step", 2)  # the end moved below the start: the start follows
+
+    def shown(status):
+        page.wait_for_function("r => document.querySelector('#start-step input[type=number]').value + '-' + "
+                               "document.querySelector('#end-step input[type=number]').value === r",
+                               arg=re.search(r"steps (\d+-\d+)", status).group(1), timeout=10_000)
+        return status
+    assert "steps 2-2" in shown(_set_slider(page, "end-step", 2))  # the end moved below the start: the start follows
     assert start.input_value() == "2"
-    assert f"steps 5-5" in _set_slider(page, "start-step", 5)  # the start moved past the end: the end follows
+    assert "steps 5-5" in shown(_set_slider(page, "start-step", 5))  # the start moved past the end: the end follows
     assert end.input_value() == "5"
-    assert f"steps 5-{n}" in _set_slider(page, "end-step", n)
+    assert "steps 3-3" in shown(_set_slider(page, "end-step", 3))
+    assert f"steps 3-{n}" in shown(_set_slider(page, "end-step", n))
+    box = page.locator("#end-step input[type=number]")
+    box.fill(str(n + 5))  # past the slider's end: refused on the end step's own box, the fused range unchanged
+    box.blur()
+    page.locator("#end-step", has_text=f"end_step must be in 1..{n}").wait_for(timeout=WAIT_MS)
+    assert "end_step" not in page.locator("#start-step").inner_text()
 
 
 def test_the_fuse_tab_names_no_winner(fused):
@@ -168,6 +188,7 @@ def test_the_fuse_tab_names_no_winner(fused):
     assert len({" ".join(sorted(c.split())) for c in classes}) == 1  # no answer looks like the expected one
 
 
+@pytest.mark.slow
 def test_the_dataset_tab_shows_a_pair_labelled_in_the_fuse_tab_without_refresh_and_undoes_a_delete(fused):
     page, svc = fused
     old = _status(page)
@@ -191,6 +212,7 @@ def test_the_dataset_tab_shows_a_pair_labelled_in_the_fuse_tab_without_refresh_a
     page.get_by_role("tab", name="Fuse").click()
 
 
+@pytest.mark.slow
 def test_a_new_page_shows_its_weights_and_its_fine_tunes_state(fused):
     """A page opened (a new session) names its weights under the header; its Train tab says no fine-tune of
     this session exists and where runs go, with a progress bar, not a slider."""

@@ -1,13 +1,16 @@
 """A real browser (Debian chromium via playwright) on the Fuse tab's state (issue 15 items 7, 9, 13, 14): the page
 before the model, prompts the model cannot draw, the gallery marking the pair, panels that follow each fusion,
 sliders moved with the keyboard, the ablation grid's layout, no absolute path in the title."""
+import re
+
 import pytest
 from conftest import fused_page, launch_app
 
 pytest.importorskip("playwright.sync_api")
 from app.walkthrough import chromium_path, next_status, status_text  # noqa: E402
 
-pytestmark = pytest.mark.skipif(chromium_path() is None, reason="Debian chromium is not installed (.ci/run installs it)")
+pytestmark = [pytest.mark.browser,
+              pytest.mark.skipif(chromium_path() is None, reason="Debian chromium is not installed (.ci/run installs it)")]
 WAIT_MS = 180_000
 LONG = "a red circle above a blue square " + " ".join(["and a green triangle"] * 20) + " with a red border"
 
@@ -44,6 +47,7 @@ def fused(sd1, tmp_path_factory):
         yield page, svc
 
 
+@pytest.mark.slow
 def test_the_page_is_served_before_the_model_and_says_it_is_loading(sd1, pipelines_dir, tmp_path):
     from playwright.sync_api import sync_playwright
 
@@ -70,6 +74,7 @@ def test_the_page_is_served_before_the_model_and_says_it_is_loading(sd1, pipelin
         demo.close()
 
 
+@pytest.mark.slow
 def test_prompts_the_model_cannot_draw_are_said_at_the_prompt(fused):
     page, _ = fused
     notes = page.locator("#prompt-notes")
@@ -92,6 +97,23 @@ def test_prompts_the_model_cannot_draw_are_said_at_the_prompt(fused):
     assert _next_status(page, old).startswith("fused in")
 
 
+def test_one_layers_choice_fuses_once(fused):
+    """Choosing fusion layers, then clicking elsewhere, runs one fusion (the layers dropdown fused on the choice
+    and again on blur)."""
+    page, svc = fused
+    calls, fuse = [], svc.fuse
+    svc.fuse = lambda *a, **k: calls.append(1) or fuse(*a, **k)
+    try:
+        old = _status(page)
+        page.locator("#layers label").filter(has_text=re.compile(r"^\s*up\s*$")).click()
+        status = _next_status(page, old)
+        page.locator("#scores").click()  # focus leaves the control
+        page.wait_for_timeout(3000)
+        assert len(calls) == 1 and "layers up" in _status(page), (calls, status)
+    finally:
+        svc.fuse = fuse
+
+
 def test_the_gallery_marks_base_and_reference_not_the_last_click(fused):
     page, _ = fused
     base = page.locator("#base-seed textarea, #base-seed input").first
@@ -107,6 +129,9 @@ def test_the_gallery_marks_base_and_reference_not_the_last_click(fused):
     assert caps[other].split(" · ")[:2] == ["REF", f"seed {ref.input_value()}"], caps
     assert sum(c.startswith("REF") for c in caps) == 1
     page.wait_for_timeout(300)
+    cut = page.locator("#gallery .caption-label").evaluate_all(
+        "els => els.filter(e => e.scrollWidth > e.clientWidth + 1).map(e => e.innerText)")
+    assert not cut, cut  # every caption whole: the pair's scores were cut off
     rings = page.locator("#gallery .thumbnail-item").evaluate_all(
         "els => els.map(e => getComputedStyle(e).borderColor + ' ' + getComputedStyle(e).boxShadow)")
     assert len(set(rings)) == 1, rings  # the clicked thumbnail looks like the others: no highlight of the click
@@ -121,6 +146,7 @@ def test_the_gallery_marks_base_and_reference_not_the_last_click(fused):
     assert gallery["height"] < 2 * thumb["height"] + 60, (gallery, thumb)  # one row, no empty band under it
 
 
+@pytest.mark.slow
 def test_a_new_fusion_clears_the_trajectory_image_and_arrow_keys_refuse(fused):
     page, _ = fused
     old = _status(page)
@@ -144,6 +170,7 @@ def test_a_new_fusion_clears_the_trajectory_image_and_arrow_keys_refuse(fused):
     assert f"steps {start}-" in _next_status(page, old)
 
 
+@pytest.mark.slow
 def test_the_title_has_no_absolute_path_and_the_ablation_grid_shows_every_cell(fused, pipelines_dir):
     page, _ = fused
     head = page.locator("body").inner_text().split("Fuse")[0]

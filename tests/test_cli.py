@@ -15,6 +15,7 @@ def run(*args, timeout=300):
                           timeout=timeout)
 
 
+@pytest.mark.slow
 def test_tokens_prints_words_with_token_indices():
     p = run("tokens", "--prompt", "a black and woolen bus")
     assert p.returncode == 0, p.stderr
@@ -22,6 +23,7 @@ def test_tokens_prints_words_with_token_indices():
     assert {"word": "woolen", "token_indices": [4, 5], "tokens": ["woo", "len</w>"]} in words
 
 
+@pytest.mark.slow
 def test_fuse_and_bench_on_a_folder(pipelines_dir, sd1, tmp_path):
     model = str(pipelines_dir / "sd1")
     p = run("fuse", "--model", model, "--prompt", "a red dog", "--base-seed", "1", "--ref-seed", "2", "--steps", "4",
@@ -37,6 +39,7 @@ def test_fuse_and_bench_on_a_folder(pipelines_dir, sd1, tmp_path):
     assert keys["form"]["start_step"] == 3 and keys["form"]["hold_outside"] is False and keys["limit_passes"] == 2.0
 
 
+@pytest.mark.slow
 def test_bad_input_is_one_clear_line(pipelines_dir, sd1):
     model = str(pipelines_dir / "sd1")
     for args, msg in [(["--start-step", "9", "--end-step", "2"], "start_step"), (["--keywords", "horse"], "not in the prompt")]:
@@ -54,7 +57,7 @@ def test_bench_prints_a_table_and_with_json_one_json_line(monkeypatch, capsys):
     from dfusion_core import cli
 
     result = {"plain_sample_s": 0.5, "fused_pair_over_plain": 1.9, "peak_mem_mib": {"plain": 0, "fused_pair": 0}}
-    monkeypatch.setattr(cli, "cmd_bench", lambda a: result)
+    monkeypatch.setattr(cli.measure, "cmd_bench", lambda a: result)
     assert cli.main(["bench", "--json"]) == 0
     out = capsys.readouterr().out
     assert out.count("\n") == 1 and json.loads(out) == result
@@ -64,9 +67,10 @@ def test_bench_prints_a_table_and_with_json_one_json_line(monkeypatch, capsys):
     assert lines[1].split() == ["fused_pair_over_plain", "1.9"] and lines[2].split()[1:] == ["plain=0", "fused_pair=0"]
 
 
+@pytest.mark.slow
 def test_train_refuses_deterministic_pairs_for_trajectory_methods(pipelines_dir, sd1, tmp_path):
     from dfusion_core.engine.config import SamplingParams
-    from dfusion_core.engine.pairs import PairingParams, build_pairs, save_pairs
+    from dfusion_core.pairs.build import PairingParams, build_pairs, save_pairs
 
     scorer = lambda ims, ps: [float(i) for i in range(len(ims))]  # noqa: E731 - distinct scores, any order
     save_pairs(build_pairs(sd1, ["a red dog"], scorer, SamplingParams(num_steps=3, eta=0.0),
@@ -119,6 +123,7 @@ def test_bad_input_exits_2_with_one_error_line_before_any_model_loads(capsys, ar
     assert lines[0].startswith("error: ") and msg in lines[0] and "does not exist" not in lines[0], lines[0]
 
 
+@pytest.mark.slow
 def test_an_empty_prompt_fails_the_process_with_status_2():
     p = run("tokens", "--prompt", "")
     assert p.returncode == 2 and p.stderr.strip() == "error: the prompt is empty: type what the image should show"
@@ -193,8 +198,9 @@ def test_fuse_refuses_equal_seeds_before_loading_the_model(capsys):
                                         "different images"
 
 
+@pytest.mark.slow
 def test_fuse_scores_by_default_labels_by_verdict_and_a_rerun_adds_no_line(pipelines_dir, sd1, tmp_path):
-    from dfusion_core.engine.pairs import verdict
+    from dfusion_core.pairs.build import verdict
 
     args = ("fuse", "--model", str(pipelines_dir / "sd1"), "--prompt", "a red dog", "--base-seed", "1", "--ref-seed",
             "2", "--steps", "3", "--out", str(tmp_path))
@@ -209,9 +215,10 @@ def test_fuse_scores_by_default_labels_by_verdict_and_a_rerun_adds_no_line(pipel
     assert json.loads(lines[0])["label"] == a["label"]
 
 
+@pytest.mark.slow
 def test_build_pairs_labels_by_score_reports_drops_and_writes_seeds_the_app_accepts(pipelines_dir, sd1, tmp_path):
     from app.service import parse_seed
-    from dfusion_core.engine.pairs import verdict
+    from dfusion_core.pairs.build import verdict
 
     args = ("build-pairs", "--model", str(pipelines_dir / "sd1"), "--prompt", "a red dog", "--num-candidates", "4",
             "--steps", "3", "--out", str(tmp_path))
@@ -233,7 +240,8 @@ def test_build_pairs_labels_by_score_reports_drops_and_writes_seeds_the_app_acce
 def test_fusion_fields_of_a_models_dfusion_json_reach_the_cli_and_flags_override_them():
     import torch
 
-    from dfusion_core.cli import _params, build_parser
+    from dfusion_core.cli import build_parser
+    from dfusion_core.cli.common import params_from_args as _params
     from dfusion_core.engine.loading import LoadedModel
 
     model = LoadedModel(pipe=None, model_id="m", kind="sd1", device=torch.device("cpu"), dtype=torch.float32,
@@ -275,12 +283,13 @@ def test_import_reports_per_file_and_skips_what_the_store_holds(tmp_path, capsys
     assert not (tmp_path / "new").exists()  # no store created for nothing
 
 
+@pytest.mark.slow
 def test_size_not_divisible_by_the_patch_is_one_clear_line(pipelines_dir, sd3, tmp_path):
     """On an 8x autoencoder with patch 2 an image side must be a multiple of 16: 72 px is refused up front (exit 2,
     one line) by sample and fuse, instead of the transformer's RuntimeError."""
     import shutil
 
-    from dfusion_core.engine.tiny import _vae
+    from dfusion_core.testing.tiny import _vae
 
     folder = tmp_path / "sd3-x8"
     shutil.copytree(pipelines_dir / "sd3", folder, symlinks=True)
@@ -294,6 +303,7 @@ def test_size_not_divisible_by_the_patch_is_one_clear_line(pipelines_dir, sd3, t
         assert len(p.stderr.strip().splitlines()) == 1, p.stderr
 
 
+@pytest.mark.slow
 def test_library_defaults_are_the_models_as_on_the_command_line(pipelines_dir, sd3, tmp_path):
     """sample() with no settings uses the model's dfusion.json (here CFG 2, eta 0.4), as `sample` does: the same
     image from Python and from the CLI. A sampling-only command ignores fusion settings (2 steps is fine although
@@ -322,14 +332,15 @@ def test_library_defaults_are_the_models_as_on_the_command_line(pipelines_dir, s
     assert p.returncode == 0, p.stderr
 
 
+@pytest.mark.slow
 def test_build_pairs_pick_checker(pipelines_dir, sd1, tmp_path):
     """On the embedded ShapesWorld model every reference passes the world's checker and every base fails it; a
     model of no world is refused in one line."""
     import numpy as np
     from PIL import Image
 
-    from dfusion_core.engine.pairs import load_pairs
-    from dfusion_core.shapesworld.checker import check
+    from dfusion_core.pairs.build import load_pairs
+    from dfusion_core.worlds.shapesworld.checker import check
 
     prompt = "a red and striped circle"
     p = run("build-pairs", "--prompt", prompt, "--num-candidates", "8", "--steps", "4", "--pick", "checker",

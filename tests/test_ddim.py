@@ -3,7 +3,8 @@ import pytest
 import torch
 from diffusers import DDIMScheduler
 
-from dfusion_core.engine.ddim import ddim_step, make_schedule, mean_sq_residual, step_log_prob
+from dfusion_core.engine.ddim import ddim_step, make_schedule
+from dfusion_core.engine.steps import mean_sq_residual, step_log_prob
 
 BASE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
             clip_sample=False, set_alpha_to_one=False, steps_offset=1)

@@ -15,13 +15,14 @@ import psutil  # comes with accelerate
 import pytest
 import torch
 
-from dfusion_core.engine.pairs import index_files, load_pairs
+from dfusion_core.pairs.build import index_files, load_pairs
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPTS = ["a red dog", "a blue cat", "a green bird", "a black horse", "a white boat", "a yellow car"]
 LAUNCH_2 = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
             "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+pytestmark = pytest.mark.distributed  # every test here launches processes
 
 
 def _args(model_dir, out):
@@ -72,6 +73,7 @@ def _assert_same_pairs(folder, reference):
         assert torch.allclose(ra.base.latents, rb.base.latents, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_two_processes_build_the_same_pairs_as_one(one_process, pipelines_dir, tmp_path):
     ref_out, ref = one_process
     two = _run([*LAUNCH_2, *_args(pipelines_dir / "sd1", tmp_path / "pairs")])
@@ -86,6 +88,7 @@ def test_two_processes_build_the_same_pairs_as_one(one_process, pipelines_dir, t
     assert len(load_training_pairs(tmp_path / "pairs", "dpo")) == ref_out["pairs"]  # `train --data` reads it whole
 
 
+@pytest.mark.slow
 def test_a_run_killed_half_way_resumes_to_the_same_pairs_without_duplicates(one_process, pipelines_dir, tmp_path):
     """Two processes killed (SIGKILL, the launcher and every process under it: torch starts the workers in
     sessions of their own) once the first prompt is marked done; the rerun, with one process, builds only the
@@ -137,6 +140,7 @@ def _sample_key(s):
     return (s["round"], s["prompt"], s["seed"], s["ref_seed"], s["fused"])
 
 
+@pytest.mark.slow
 def test_on_policy_rounds_split_over_two_processes(pipelines_dir, sd1, tmp_path, capsys):
     """A round collected by 2 processes (gloo) is the round one process collects: the same (prompt, seeds)
     samples with the same rewards and per-prompt advantages. Both processes end with the same finite, trained

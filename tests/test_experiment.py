@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 
 from dfusion_core.engine.config import SamplingParams
-from dfusion_core.shapesworld.experiment import Arm, Experiment, ExperimentConfig, paired_difference, pooled_summary
-from dfusion_core.shapesworld.experiment_report import write_reports
+from experiments.shapesworld.experiment import Arm, Experiment, ExperimentConfig
+from experiments.shapesworld.statistics import paired_difference, pooled_summary
+from experiments.shapesworld.experiment_report import write_reports
 
 
 def brightness(images, prompts):
@@ -24,13 +25,14 @@ def test_paired_difference_by_hand():
     assert paired_difference(a, b, "action")["diff"] is None
 
 
+@pytest.mark.slow
 def test_paired_difference_interval_does_not_depend_on_the_hash_seed():
     """The interval is a bootstrap over prompts by position: the prompts' order must not follow string hashing,
     or the same results give a different interval in every process."""
     import subprocess
     import sys
 
-    code = ("from dfusion_core.shapesworld.experiment import paired_difference as d\n"
+    code = ("from experiments.shapesworld.statistics import paired_difference as d\n"
             "a = [{'family': 'f', 'prompt': f'prompt {i}', 'seed': s, 'correct': ((i * 37 + s * 11) % 17) / 17} "
             "for i in range(12) for s in range(3)]\n"
             "b = [{**r, 'correct': float(i % 2)} for i, r in enumerate(a)]\n"
@@ -53,6 +55,7 @@ def test_paired_difference_pools_training_seeds_and_pairs_a_single_base():
     assert p["mean"] == 0.375 and p["per_run"] == [0.5, 0.25]
 
 
+@pytest.mark.slow
 def test_smoke_experiment_runs_every_part_and_resumes(sd1, tmp_path):
     cfg = ExperimentConfig.smoke()
     sampling = SamplingParams(num_steps=cfg.num_steps, height=64, width=64, guidance_scale=2.0)
@@ -90,7 +93,7 @@ def test_smoke_experiment_runs_every_part_and_resumes(sd1, tmp_path):
     masked = json.loads(exp.arm_path(Arm("dpo", "dfusion", 0, "masked-loss")).read_text())
     assert masked["train"]["config"]["dpo_outside_weight"] == 0.0
     assert "dfusion-no-mask" in abl["pair_signal"] and "dfusion-masked-loss" not in abl["pair_signal"]
-    path = write_reports(exp, "python -m dfusion_core.shapesworld.experiment --smoke",
+    path = write_reports(exp, "python -m experiments.shapesworld.experiment --smoke",
                          str(tmp_path / "docs" / "RESULTS-smoke.md"))
     md = (tmp_path / "docs" / "RESULTS-smoke.md").read_text()
     assert "**Headline:**" in md and "| dpo | spatial |" in md and "## Calibration" in md and "## Ablations" in md
@@ -112,7 +115,7 @@ def test_smoke_experiment_runs_every_part_and_resumes(sd1, tmp_path):
                                        (["--advantage-groups", "kind"], "--advantage-groups"),
                                        (["--max-step-residual", "0.5"], "--max-step-residual")])
 def test_bad_flags_are_one_line_errors(flags, msg, capsys):
-    from dfusion_core.shapesworld.experiment import main
+    from experiments.shapesworld.experiment import main
 
     with pytest.raises(SystemExit) as e:
         main(["--out", "/tmp/never", *flags])
@@ -121,7 +124,7 @@ def test_bad_flags_are_one_line_errors(flags, msg, capsys):
 
 def test_dfusion_pairs_use_the_models_fusion_form(sd1, tmp_path, monkeypatch):
     """The D-Fusion arm fuses with the model's form (its dfusion.json), and the ablations can undo its parts."""
-    from dfusion_core.shapesworld.experiment import fusion_variants
+    from experiments.shapesworld.experiment import fusion_variants
 
     monkeypatch.setattr(sd1, "defaults", {**sd1.defaults, "start_step": 1, "hold_outside": True, "union_base": True})
     exp = Experiment(sd1, None, ExperimentConfig.smoke(), tmp_path)

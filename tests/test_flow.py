@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from dfusion_core.engine.ddim import step_log_prob
+from dfusion_core.engine.steps import step_log_prob
 from dfusion_core.engine.flow import FlowSchedule, flow_noised, flow_step, make_flow_schedule
 
 

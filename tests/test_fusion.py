@@ -1,4 +1,4 @@
-"""D-Fusion read as a specification (METHOD.md steps 4-6)."""
+"""D-Fusion read as a specification (docs/METHOD.md steps 4-6)."""
 from dataclasses import replace
 
 import pytest
@@ -20,6 +20,7 @@ def plain(every_family):
     return dict(zip([11, 22], res.trajectories))
 
 
+@pytest.mark.slow
 def test_empty_mask_gives_the_base(every_family, plain):
     r = fuse(every_family, PROMPT, 11, 22, SP, FusionParams(mask=NOTHING), base=plain[11])
     assert r.masks.sum() == 0
@@ -53,6 +54,7 @@ def test_global_fusion_changes_more_than_masked(sd1):
     assert d_global > d_masked
 
 
+@pytest.mark.slow
 def test_cached_refusion_equals_a_full_run(every_family, plain):
     cache = ReferenceCache()
     first = fuse(every_family, PROMPT, 11, 22, SP, FusionParams(), base=plain[11], cache=cache)
@@ -67,6 +69,7 @@ def test_cached_refusion_equals_a_full_run(every_family, plain):
     assert cache.hits == 3
 
 
+@pytest.mark.slow
 def test_cache_is_bounded_and_evicts_oldest(sd1, plain_sd1=None):
     base = sample(sd1, PROMPT, [11], SP).trajectories[0]
     probe = ReferenceCache()
@@ -80,6 +83,7 @@ def test_cache_is_bounded_and_evicts_oldest(sd1, plain_sd1=None):
     assert not fuse(sd1, PROMPT, 11, 22, SP, base=base, cache=cache).from_cache
 
 
+@pytest.mark.slow
 def test_batched_pairs_share_references(sd2):
     res = fuse_batch(sd2, PROMPT, [(1, 5), (2, 5), (3, 6)], SP)
     single = fuse(sd2, PROMPT, 2, 5, SP)
@@ -131,6 +135,7 @@ def test_prompt_without_content_words(sd1):
         fuse(sd1, "the of a", 1, 2, SP)
 
 
+@pytest.mark.slow
 def test_target_reuses_the_known_base_before_the_first_fused_step(sd1):
     """Before start_step the target is its base: it starts from the base's latent, with the base's later noise."""
     base = sample(sd1, PROMPT, [11], SP).trajectories[0]
@@ -142,8 +147,9 @@ def test_target_reuses_the_known_base_before_the_first_fused_step(sd1):
     torch.testing.assert_close(skipping.target.log_probs, computing.target.log_probs, atol=1e-3, rtol=0)
 
 
+@pytest.mark.slow
 def test_ablation_grid_global_fusion_changes_the_outside_more(sd1):
-    from dfusion_core.engine.ablation import run_ablation
+    from dfusion_core.pairs.ablation import run_ablation
 
     cells = run_ablation(sd1, PROMPT, 11, 22, SamplingParams(num_steps=8), FusionParams(),
                          scorer=lambda ims, ps: [0.5] * len(ims), thresholds=[("0.3", 0.3)])
@@ -154,6 +160,7 @@ def test_ablation_grid_global_fusion_changes_the_outside_more(sd1):
     assert all(c.score == 0.5 for c in cells)
 
 
+@pytest.mark.slow
 def test_a_new_end_step_reuses_the_previous_targets_shared_steps(sd1):
     """Only the end step moved: the steps before the earlier end are the previous target's, the rest computed."""
     base = sample(sd1, PROMPT, [11], SP).trajectories[0]

@@ -79,6 +79,7 @@ def test_bf16_on_cpu_loads(pipelines_dir, sd1):
     assert m.unet.dtype == torch.bfloat16
 
 
+@pytest.mark.slow
 def test_several_loras_stay_loaded_and_each_call_picks_its_weights(pipelines_dir, sd1, tmp_path):
     """Adapters are kept by name; use_lora switches between them and back to the exact base weights (every
     adapter off), and model_id always names the weights that compute."""

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from dfusion_core.engine.config import SamplingParams
-from dfusion_core.engine.pairs import PairingParams, build_pairs
+from dfusion_core.pairs.build import PairingParams, build_pairs
 from dfusion_core.training.data import pairs_from_records
 from dfusion_core.training.trainer import TrainConfig, Trainer
 
@@ -25,6 +25,7 @@ def _denoise(model, denoiser) -> torch.Tensor:
         return model.family.forward(denoiser, x, t, cond.cond, cond.added_cond)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["sd1", "sd3"])
 def test_lora_with_alpha_above_rank_reloads_at_its_scale(request, pipelines_dir, tmp_path, kind):
     from diffusers import DiffusionPipeline

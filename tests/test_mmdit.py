@@ -134,6 +134,7 @@ def test_flow_samples_replay_from_their_seed_in_any_batch(sd3):
     assert bool((a.log_probs[:-1] != 0).all())  # every SDE step is a Gaussian with a density
 
 
+@pytest.mark.slow
 def test_the_app_samples_fuses_and_labels_on_an_sd3_pipeline(sd3, tmp_path):
     gradio_client = pytest.importorskip("gradio_client")
     from conftest import launch_app
@@ -158,6 +159,7 @@ def test_the_app_samples_fuses_and_labels_on_an_sd3_pipeline(sd3, tmp_path):
         demo.close()
 
 
+@pytest.mark.slow
 def test_with_t5_a_keyword_owns_its_clip_and_its_t5_tokens(pipelines_dir):
     """CLIP (positions 0..76) and T5 (77 + i) split words differently; a keyword's map reads both."""
     from conftest import _load
@@ -202,7 +204,7 @@ def test_a_live_fusion_defers_a_held_targets_log_probs_and_storing_makes_them_ex
     """exact_log_probs=False (the app's live controls): same images, log-probs flagged as the fused sampler's;
     a record refuses them until finish_log_probs recomputes them, which gives fuse's exact ones."""
     from dfusion_core.engine.fusion import finish_log_probs
-    from dfusion_core.engine.pairs import record_from_result
+    from dfusion_core.pairs.build import record_from_result
 
     fp = FusionParams(start_step=1, layers="all", hold_outside=True, mask=MaskParams(keywords=("dog",), dilate=1))
     exact = fuse(sd3, "a red dog", 1, 2, SP, fp)
@@ -236,6 +238,7 @@ def test_text_softmax_maps_are_a_fusion_option_and_a_cache_key(sd3):
         MaskParams(map_softmax="image").validate()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("length", [None, 0])
 def test_plain_sample_without_t5_is_stock_diffusers_image(pipelines_dir, sd3, tmp_path, length):
     """Without T5 a prompt is encoded as StableDiffusion3Pipeline encodes it: CLIP's tokens and 256 zero rows (which
@@ -261,6 +264,7 @@ def test_plain_sample_without_t5_is_stock_diffusers_image(pipelines_dir, sd3, tm
     torch.testing.assert_close(ours, stock, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_with_t5_a_keyword_past_clips_limit_maps_to_its_t5_tokens(pipelines_dir, tmp_path):
     """CLIP reads 77 tokens, T5 (here 256) reads further: a keyword only T5 sees gets its T5 positions; one beyond
     both limits is refused naming both."""

@@ -11,7 +11,7 @@ from dfusion_core import cli
 from dfusion_core.data.records import PairRecord, save_pairs
 from dfusion_core.data.trajectory import Trajectory
 from dfusion_core.engine.config import SamplingParams
-from dfusion_core.engine.pairs import PairingParams
+from dfusion_core.pairs.build import PairingParams
 from dfusion_core.engine.sampling import recompute_log_probs, sampler_stds
 from dfusion_core.training import losses
 from dfusion_core.training.onpolicy import OnPolicyConfig, OnPolicyTrainer, local_batch, round_samples
@@ -23,7 +23,7 @@ PAIRING = PairingParams(num_candidates=4)  # D-Fusion: 1 reference x 2 bases per
 
 
 def step_log_prob_rows(x, mean, stds):
-    from dfusion_core.engine.ddim import step_log_prob
+    from dfusion_core.engine.steps import step_log_prob
 
     return step_log_prob(x, mean, stds.view(-1, 1, 1, 1).expand(-1, 1, 1, 1))
 
@@ -95,6 +95,7 @@ def two_rounds(sd1, tmp_path_factory):
         tr.unload()
 
 
+@pytest.mark.slow
 def test_a_rounds_advantages_are_normalised_per_prompt_and_kind(two_rounds):
     """Plain draws among themselves, fused targets among themselves (advantage_groups prompt-kind); per prompt
     over all samples they would differ."""
@@ -110,6 +111,7 @@ def test_a_rounds_advantages_are_normalised_per_prompt_and_kind(two_rounds):
     assert (per_prompt - d.advantages).abs().max() > 1e-3
 
 
+@pytest.mark.slow
 def test_per_prompt_advantages_over_all_samples_of_a_round(sd1, tmp_path):
     cfg = OnPolicyConfig(algo="ddpo", rounds=1, batch_size=4, advantage_groups="prompt")
     tr = OnPolicyTrainer(sd1, PROMPTS, brightness, cfg, tmp_path, SAMPLING, pairing=PAIRING)
@@ -138,6 +140,7 @@ def test_old_log_probs_of_a_round_are_the_policy_at_its_start(two_rounds):
     assert all(h["rows"] == 4 * SAMPLING.num_steps for h in hist)  # every step of each trajectory
 
 
+@pytest.mark.slow
 def test_a_held_fusions_targets_keep_the_log_probs_fuse_recomputed(sd1, tmp_path):
     """With the base held outside the mask, fuse already recomputed the targets' log-probs under the policy:
     the round takes them (held_targets) instead of recomputing them again, and they are the policy's."""
@@ -178,6 +181,7 @@ def test_sampler_stds_are_the_steps_own(name, request):
     assert (sampler_stds(model, sampling)[:-1] > 0).all()
 
 
+@pytest.mark.slow
 def test_steps_the_policy_would_not_draw_are_left_out(sd1, tmp_path):
     """drawable_steps keeps the policy's own draws and drops a step moved 3 stds off its mean; a round keeps every
     step of its plain samples, and an optimizer step trains only its drawable rows (none left: a zero step)."""
@@ -231,6 +235,7 @@ def test_ddpo_on_policy_on_the_sd3_shaped_pipeline(sd3, tmp_path):
     assert (tmp_path / "pytorch_lora_weights.safetensors").is_file()
 
 
+@pytest.mark.slow
 def test_dpok_rounds_resume_exactly(sd1, tmp_path):
     """Two rounds in one run equal one round, a stop, and a resumed second round (random arm, DPOK)."""
     def run(out, rounds):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from dfusion_core.engine.config import SamplingParams
-from dfusion_core.engine.pairs import (PairingParams, build_pairs, build_random_pairs, candidate_seeds, choose_pairs,
+from dfusion_core.pairs.build import (PairingParams, build_pairs, build_random_pairs, candidate_seeds, choose_pairs,
                                        load_pairs, save_new_pairs, save_pairs, verdict)
 from dfusion_core.engine.sampling import MAX_SEED, check_pair_seeds, check_seed
 
@@ -38,6 +38,7 @@ def test_candidate_seeds_are_stable_per_prompt():
     assert candidate_seeds("a dog", 4) != candidate_seeds("a cat", 4)
 
 
+@pytest.mark.slow
 def test_build_save_load_roundtrip(sd1, tmp_path):
     sp = SamplingParams(num_steps=4)
     recs = build_pairs(sd1, ["a red dog", "a blue cat"], brightness_scorer, sp,
@@ -159,7 +160,7 @@ def test_saving_the_same_pairs_again_adds_no_line(sd1, tmp_path):
 
 # ---- one pair folder from several processes, resumable (issue 16) -----------------------------------------
 
-from dfusion_core.engine.pairs import (build_into, done_markers, index_files, merge_reports,  # noqa: E402
+from dfusion_core.pairs.build import (build_into, done_markers, index_files, merge_reports,  # noqa: E402
                                        save_record, shard_prompts, stored_pair_ids)
 
 PROMPTS = ["a red dog", "a blue cat", "a red dog", "a green bird"]  # a repeat: built once, by one process
@@ -178,6 +179,7 @@ def _ids_and_latents(folder):
     return {r.pair_id: (r.base_seed, r.ref_seed, r.label, r.scores, r.target.latents) for r in load_pairs(folder)}
 
 
+@pytest.mark.slow
 def test_two_processes_writing_one_folder_give_the_pairs_of_one_process(sd1, tmp_path):
     """Ranks 0 and 1 of 2 (run here one after the other) each append to their own index; read together they
     are the single-process folder's pairs. Both read the done markers before either writes (as the CLI does)."""
@@ -197,6 +199,7 @@ def test_two_processes_writing_one_folder_give_the_pairs_of_one_process(sd1, tmp
         {"pairs": one["pairs"], "written": 6, "already_present": 0, "prompts_built": 3, "processes": 2}
 
 
+@pytest.mark.slow
 def test_a_rerun_skips_prompts_marked_done_and_retries_the_failed_one(sd1, tmp_path):
     sp, pairing = SamplingParams(num_steps=3), PairingParams(num_candidates=4)
 

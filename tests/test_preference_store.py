@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from dfusion_core.engine.pairs import PairRecord
+from dfusion_core.pairs.build import PairRecord
 from dfusion_core.data.preference_store import PreferenceStore
 from dfusion_core.engine.sampling import Trajectory
 
@@ -63,6 +63,7 @@ def test_newer_schema_is_refused(tmp_path):
         PreferenceStore(tmp_path)
 
 
+@pytest.mark.slow
 def test_killing_a_writer_at_any_moment_leaves_only_whole_pairs(tmp_path):
     script = textwrap.dedent(f"""
         import sys
@@ -89,6 +90,7 @@ def test_killing_a_writer_at_any_moment_leaves_only_whole_pairs(tmp_path):
     assert not list((tmp_path / "files").glob("*.tmp"))
 
 
+@pytest.mark.slow
 def test_two_processes_write_concurrently(tmp_path):
     script = textwrap.dedent(f"""
         import sys

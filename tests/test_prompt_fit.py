@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from dfusion_core.engine.worlds import explain_prompt
+from dfusion_core.worlds.registry import explain_prompt
 from dfusion_core.worlds import discover
 
 discover()
@@ -19,6 +19,8 @@ def test_shapesworld_names_the_words_it_does_not_know():
     (note,) = explain_prompt(SHAPES, "a photo of a cat")
     assert "'photo', 'cat'" in note and "vocabulary" in note and "circle" in note  # what it knows, too
     assert "'of'" not in note  # 'of' is ShapesWorld's ("on the left of")
+    (note,) = explain_prompt(SHAPES, "a red 🐶 ★")  # symbols are not words it knows (it said 'every word is known')
+    assert "'🐶'" in note and "'★'" in note and "every word is known" not in note
 
 
 def test_shapesworld_accepts_its_captions_and_names_a_sentence_outside_its_grammar():
@@ -59,12 +61,13 @@ def test_the_app_shows_the_worlds_warning_for_a_model_trained_on_it(svc):
 
 
 def test_examples_fit_the_loaded_model(svc):
-    from dfusion_core.shapesworld.world import parse_prompt
+    from dfusion_core.worlds.shapesworld.world import parse_prompt
     svc.model_defaults = {**svc.model_defaults, **SHAPES}
     assert svc.example_prompts() and all(parse_prompt(p) is not None for p in svc.example_prompts())
 
 
 # ---- start-up: the page before the model ---------------------------------------------------------------
+@pytest.mark.slow
 def test_a_background_service_refuses_model_calls_until_loaded_then_serves(sd1, pipelines_dir, tmp_path):
     from app.service import AppService, Session, UserError
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from dfusion_core.engine.scoring import OpenCLIPScorer, make_scorer
+from dfusion_core.pairs.scoring import OpenCLIPScorer, make_scorer
 
 TINY_CFG = {"embed_dim": 32, "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8, "head_width": 16},
             "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}

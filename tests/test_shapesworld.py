@@ -5,10 +5,10 @@ import random
 import numpy as np
 import pytest
 
-from dfusion_core.shapesworld.checker import check, estimate_background, parse_image, segment
-from dfusion_core.shapesworld.render import draw_backdrop, render
-from dfusion_core.shapesworld.validate_checker import degrade_noise, validate
-from dfusion_core.shapesworld.world import (COLOURS, FAMILIES, V1, V2, SceneStyle, parse_prompt, perturbations,
+from dfusion_core.worlds.shapesworld.checker import check, estimate_background, parse_image, segment
+from dfusion_core.worlds.shapesworld.render import draw_backdrop, render
+from recipes.shapesworld.validate_checker import degrade_noise, validate
+from dfusion_core.worlds.shapesworld.world import (COLOURS, FAMILIES, V1, V2, SceneStyle, parse_prompt, perturbations,
                                             prompt_list, prompts, split_of)
 
 
@@ -62,6 +62,7 @@ def test_blank_image_finds_nothing():
     assert not v.correct and v.n_found == 0 and v.relation_right is False
 
 
+@pytest.mark.slow
 def test_checker_validation_floors_on_a_sample():
     r = validate(150, seed=5)
     assert r["accept_true"] >= 0.98 and r["accept_perturbed"] <= 0.02
@@ -118,6 +119,7 @@ def test_checker_estimates_a_varying_background():
         assert err.mean() < 6, err.mean()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("world,degrade", [(2, None), (2, "noise"), (1, "noise")])
 def test_checker_validation_floors_on_v2_and_noisy_renders(world, degrade):
     r = validate(300, seed=9, degrade=degrade, world=world)
@@ -138,13 +140,14 @@ def test_blurred_edges_between_two_colours_are_not_a_third_object():
             assert check(img, spec).correct, (text, seed)
 
 
+@pytest.mark.slow
 def test_evaluation_and_model_card_run_end_to_end(sd1, tmp_path):
     """A tiny random model draws nothing right; the report still has every metric and the card every floor."""
     import json
 
     from dfusion_core.engine.config import SamplingParams
-    from dfusion_core.shapesworld.evaluate import auroc, evaluate, wilson, within_prompt_auroc
-    from dfusion_core.shapesworld.model_card import render as card
+    from dfusion_core.worlds.shapesworld.evaluate import auroc, evaluate, wilson, within_prompt_auroc
+    from recipes.shapesworld.model_card import render as card
 
     ev = evaluate(sd1, scorer=lambda ims, ps: np.linspace(0, 1, len(ims)), n_prompts=1, seeds_per_prompt=2,
                   sampling=SamplingParams(num_steps=3, height=64, width=64))
@@ -179,6 +182,7 @@ def test_evaluation_and_model_card_run_end_to_end(sd1, tmp_path):
     assert lo < 0.5 < hi
 
 
+@pytest.mark.slow
 def test_shipped_pipeline_and_scorer_load_offline_and_work():
     """The embedded default: an SD3-shaped StableDiffusion3Pipeline folder (its second text encoder a link to the
     first) and an OpenCLIP folder, loaded without network; the UNet model beside it shares its text encoder."""
@@ -186,8 +190,8 @@ def test_shipped_pipeline_and_scorer_load_offline_and_work():
 
     from dfusion_core.engine.loading import ASSETS, DEFAULT_MODEL, load_model
     from dfusion_core.engine.sampling import sample
-    from dfusion_core.engine.scoring import make_scorer
-    from dfusion_core.shapesworld.world import parse_prompt
+    from dfusion_core.pairs.scoring import make_scorer
+    from dfusion_core.worlds.shapesworld.world import parse_prompt
 
     # stock diffusers reads it as any SD3 folder without T5
     pipe = StableDiffusion3Pipeline.from_pretrained(DEFAULT_MODEL, text_encoder_3=None, tokenizer_3=None)
@@ -211,7 +215,7 @@ def test_shipped_pipeline_and_scorer_load_offline_and_work():
 
 
 def test_twin_folders_become_one_folder_and_a_link(tmp_path):
-    from dfusion_core.shapesworld.train_mmdit import link_twin_folders
+    from recipes.shapesworld.train_mmdit import link_twin_folders
 
     for name, text in (("text_encoder", "w"), ("text_encoder_2", "w"), ("tokenizer", "a"), ("tokenizer_2", "b")):
         (tmp_path / name).mkdir()
@@ -224,7 +228,7 @@ def test_twin_folders_become_one_folder_and_a_link(tmp_path):
 
 
 def test_retrain_installs_a_folder_atomically(tmp_path):
-    from dfusion_core.shapesworld.retrain import _install, main
+    from recipes.shapesworld.retrain import _install, main
 
     src, dest = tmp_path / "src", tmp_path / "dest"
     src.mkdir(); (src / "a.txt").write_text("new")
@@ -246,7 +250,7 @@ def test_fusion_transfer_metrics_on_known_images():
     from PIL import Image
 
     from dfusion_core.engine.config import FusionParams, SamplingParams
-    from dfusion_core.shapesworld.fusion_transfer import pair_metrics, summarise
+    from recipes.shapesworld.fusion_transfer import pair_metrics, summarise
 
     base = np.full((64, 64, 3), 200, np.uint8)
     ref = base.copy()
@@ -277,7 +281,7 @@ def test_choose_form_needs_both_consistency_and_transfer(tmp_path):
 
     from dfusion_core.engine.config import FusionParams, MaskParams, SamplingParams, apply_model_defaults, \
         fusion_defaults
-    from dfusion_core.shapesworld.fusion_transfer import choose_form, write_defaults
+    from recipes.shapesworld.fusion_transfer import choose_form, write_defaults
 
     row = lambda acc, ratio, cov: {"all": {"accept": acc, "ratio": ratio, "coverage": cov}}
     table = {"copy": row(0.95, 0.97, 0.9), "tight": row(0.55, 0.25, 0.3), "loose": row(0.7, 0.38, 0.45),
@@ -295,14 +299,15 @@ def test_choose_form_needs_both_consistency_and_transfer(tmp_path):
         (2, "all", True, True, 1)
 
 
+@pytest.mark.slow
 def test_clip_training_contrasts_captions_with_near_miss_images(tmp_path):
     """train_clip runs on world v3 with a rendered near miss per caption (a perturbed caption or one of two
     objects alone, never the caption itself), logs, checkpoints and exports an open_clip folder."""
     import json
     import random
 
-    from dfusion_core.shapesworld.train_clip import near_miss, train
-    from dfusion_core.shapesworld.world import prompts
+    from recipes.shapesworld.train_clip import near_miss, train
+    from dfusion_core.worlds.shapesworld.world import prompts
 
     rng = random.Random(0)
     for spec in prompts("spatial", "train")[:20] + prompts("attribute", "train")[:20]:
@@ -327,9 +332,9 @@ def test_v3_scenes_are_v2_scenes_with_smaller_objects():
     3/4 of the size: about 0.56 of the area."""
     import random
 
-    from dfusion_core.shapesworld.checker import check
-    from dfusion_core.shapesworld.render import render
-    from dfusion_core.shapesworld.world import V2, V3, prompts, scene_style
+    from dfusion_core.worlds.shapesworld.checker import check
+    from dfusion_core.worlds.shapesworld.render import render
+    from dfusion_core.worlds.shapesworld.world import V2, V3, prompts, scene_style
 
     assert scene_style(3) == V3 and V3.object_scale == 0.75
     areas = {2: [], 3: []}

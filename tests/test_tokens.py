@@ -1,7 +1,7 @@
-"""Words map to the token positions the text encoder sees (METHOD.md: fix the word-index bug)."""
+"""Words map to the token positions the text encoder sees (docs/METHOD.md: fix the word-index bug)."""
 import pytest
 
-from dfusion_core.engine.prompt_sets import load_prompt_set, paper_prompts
+from dfusion_core.pairs.prompt_sets import load_prompt_set, paper_prompts
 from dfusion_core.engine.tokens import default_keywords, keyword_token_indices, word_tokens
 
 
@@ -180,6 +180,7 @@ def test_sdxl_tokenizer_pair_gives_the_same_positions(sdxl, tokenizer):
     assert [w.word for w in word_tokens(pipe.tokenizer_2, prompts[0])] == ["a", "café", "with", "naïve", "décor"]
 
 
+@pytest.mark.slow
 def test_app_word_buttons_and_cli_show_words_as_typed(sd1, tmp_path):
     import json
     import subprocess

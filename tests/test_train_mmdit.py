@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from dfusion_core.shapesworld import train_mmdit
+from recipes.shapesworld import train_mmdit
 
 TINY = ["--vae-steps", "2", "--n-scenes", "16", "--batch", "4", "--layers", "1", "--log-every", "1", "--no-bf16", "--threads", "1"]
 
@@ -27,6 +27,7 @@ def straight(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_run_writes_an_sd3_folder_that_loads_and_samples(straight):
     from dfusion_core import sample
     from dfusion_core.engine.config import SamplingParams
@@ -55,6 +56,7 @@ def test_pooled_vector_is_the_text_encoders_own_and_training_sees_the_engines_co
     assert embeds.shape[1:] == (77, model.pipe.transformer.config.joint_attention_dim)
 
 
+@pytest.mark.slow
 def test_resume_continues_exactly(straight, tmp_path):
     out = tmp_path / "split"
     train_mmdit.main(["--out", str(out), "--max-steps", "2", *TINY])

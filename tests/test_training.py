@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from dfusion_core.engine.config import SamplingParams
-from dfusion_core.engine.pairs import PairingParams, build_pairs, build_random_pairs, save_pairs
+from dfusion_core.pairs.build import PairingParams, build_pairs, build_random_pairs, save_pairs
 from dfusion_core.training import losses
 from dfusion_core.training.data import load_training_pairs
 from dfusion_core.training.trainer import TrainConfig, Trainer, _step_generator
@@ -97,6 +97,7 @@ def _lora(out: Path) -> dict:
     return load_file(str(out / "pytorch_lora_weights.safetensors"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("algo", ["dpo", "traj-dpo", "ddpo", "dpok"])
 def test_every_algorithm_trains_and_exports_a_lora(sd1, pair_dir, tmp_path, algo):
     pairs = load_training_pairs(pair_dir)
@@ -159,6 +160,7 @@ def test_trainer_advantages_are_normalised_in_float64(sd1, pair_dir, tmp_path):
     assert max(abs(a - b) for a, b in zip(tr.advantages.tolist(), want)) < 1e-9
 
 
+@pytest.mark.slow
 def test_dpo_lowers_the_loss_on_a_fixed_batch(sd1, pair_dir, tmp_path):
     pairs = load_training_pairs(pair_dir)
     tr = Trainer(sd1, pairs, TrainConfig(algo="dpo", steps=8, batch_size=4, lr=3e-3, dpo_beta=50000.0), tmp_path)
@@ -211,6 +213,7 @@ def test_mask_weighted_dpo_reads_the_errors_inside_the_fusion_mask(sd1, pair_dir
         TrainConfig(max_step_residual=0.5).validate()  # a draw of the policy itself gives ~1
 
 
+@pytest.mark.slow
 def test_two_steps_resume_two_steps_equals_four(sd1, pair_dir, tmp_path):
     pairs = load_training_pairs(pair_dir)
     cfg = dict(algo="dpo", batch_size=2, ckpt_every=2, lr=1e-3)
@@ -234,6 +237,7 @@ def test_two_steps_resume_two_steps_equals_four(sd1, pair_dir, tmp_path):
         torch.testing.assert_close(la[k], lc[k], atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_trained_lora_loads_into_the_pipeline(pipelines_dir, pair_dir, tmp_path):
     from dfusion_core.engine.loading import load_model
     from dfusion_core.engine.sampling import sample
@@ -270,6 +274,8 @@ def test_random_pairs_share_the_format(sd1, tmp_path):
     assert len(load_training_pairs(tmp_path)) == 2
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
 def test_two_processes_match_one(pipelines_dir, pair_dir, tmp_path):
     """accelerate launch with 2 CPU processes (gloo): both ranks end equal, and equal to one process."""
     common = ["-m", "dfusion_core", "train", "--model", str(pipelines_dir / "sd1"), "--data", str(pair_dir),

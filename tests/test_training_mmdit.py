@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from dfusion_core.engine.config import SamplingParams
-from dfusion_core.engine.pairs import PairingParams, build_pairs
+from dfusion_core.pairs.build import PairingParams, build_pairs
 from dfusion_core.training.data import pairs_from_records
 from dfusion_core.training.trainer import TrainConfig, Trainer, _step_generator
 
@@ -118,6 +118,7 @@ def test_trajectory_methods_train_on_sde_pairs(sd3, sd3_pairs, tmp_path, algo):
     assert np.isfinite(row["loss"]) and row["grad_norm"] > 0
 
 
+@pytest.mark.slow
 def test_exported_transformer_lora_loads_back_and_changes_samples(pipelines_dir, sd3_pairs, tmp_path):
     from peft.utils import get_peft_model_state_dict
 

@@ -8,7 +8,7 @@ import torch
 
 @dataclass
 class Trajectory:
-    """One image's denoising path (METHOD.md step 1 / 6), on the CPU."""
+    """One image's denoising path (docs/METHOD.md step 1 / 6), on the CPU."""
 
     seed: int
     latents: torch.Tensor  # [S+1, C, h, w]: x_T ... x_0

@@ -1,13 +1,16 @@
 """Parameters of sampling, masking and fusion, with the paper's defaults stated once.
 
-Every field carries a one-line comment; `validate()` turns bad values into a clear ValueError so that the
-CLI and the app can show the message instead of a traceback.
+Every field carries its help, CLI flag and app control (engine/schema.py); `validate()` turns bad values into
+a SettingError (a ValueError naming the field) so that the CLI and the app show the message, on the control
+that set it, instead of a traceback.
 """
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
+
+from .schema import SettingError, check, setting
 
 THRESHOLD_MODES = ("auto", "absolute", "relative", "area")
 RESIZE_MODES = ("nearest", "smooth")
@@ -16,35 +19,33 @@ FUSION_LAYER_PRESETS = ("mid+up", "up", "mid", "all")
 FLOW_SAMPLERS = ("sde", "ddim", "ode")  # dfusion_core.engine.flow; kept here so config imports no torch
 
 
-def _check(cond: bool, msg: str) -> None:
-    if not cond:
-        raise ValueError(msg)
-
-
 @dataclass(frozen=True)
 class SamplingParams:
     """How one image is denoised (paper: DDIM, 20 steps, eta 1.0, CFG 5.0, empty negative prompt)."""
 
-    num_steps: int = 20  # denoising steps
-    eta: float = 1.0  # DDIM: 0 deterministic, 1 DDPM-like (needed for log-probs); flow models: the SDE's noise level
-    guidance_scale: float = 5.0  # classifier-free guidance; <= 1 disables the unconditional branch
-    negative_prompt: str = ""  # the unconditional prompt
-    height: int | None = None  # pixels; None = the model's default size
-    width: int | None = None
-    flow_sampler: str = "sde"  # flow models (SD3): sde (Flow-GRPO) | ddim (DDIM for rectified flow) | ode (no log-probs)
+    num_steps: int = setting(20, "denoising steps", flag="--steps", widget="steps")
+    eta: float = setting(1.0, "DDIM eta: 0 deterministic, 1 DDPM-like (log-probs need > 0); SD3-family models: the "
+                              "SDE's noise level, whose default is 0.7", widget="eta")
+    guidance_scale: float = setting(5.0, "classifier-free guidance; <= 1 disables the unconditional branch",
+                                    flag="--cfg", widget="guidance")
+    negative_prompt: str = setting("", "the unconditional prompt", flag="--negative")
+    height: int | None = setting(None, "image height in pixels, a multiple of 8 (None: the model's size)")
+    width: int | None = setting(None, "image width in pixels, a multiple of 8 (None: the model's size)")
+    flow_sampler: str = setting("sde", "SD3-family models: sde (Flow-GRPO), ddim (DDIM for rectified flow) or ode "
+                                       "(deterministic: no log-probs)", choices=FLOW_SAMPLERS)
 
     def validate(self) -> "SamplingParams":
-        _check(isinstance(self.num_steps, int) and 1 <= self.num_steps <= 1000,
-               f"num_steps must be an integer in 1..1000, got {self.num_steps!r}")
-        _check(0.0 <= float(self.eta) <= 1.0, f"eta must be in [0, 1], got {self.eta!r}")
-        _check(self.flow_sampler in FLOW_SAMPLERS,
-               f"flow_sampler must be one of {', '.join(FLOW_SAMPLERS)}, got {self.flow_sampler!r}")
-        _check(0.0 <= float(self.guidance_scale) <= 50.0,
-               f"guidance_scale must be in [0, 50], got {self.guidance_scale!r}")
+        check(isinstance(self.num_steps, int) and 1 <= self.num_steps <= 1000,
+              f"num_steps must be an integer in 1..1000, got {self.num_steps!r}", "num_steps")
+        check(0.0 <= float(self.eta) <= 1.0, f"eta must be in [0, 1], got {self.eta!r}", "eta")
+        check(self.flow_sampler in FLOW_SAMPLERS,
+              f"flow_sampler must be one of {', '.join(FLOW_SAMPLERS)}, got {self.flow_sampler!r}", "flow_sampler")
+        check(0.0 <= float(self.guidance_scale) <= 50.0,
+              f"guidance_scale must be in [0, 50], got {self.guidance_scale!r}", "guidance_scale")
         for name in ("height", "width"):
             v = getattr(self, name)
-            _check(v is None or (isinstance(v, int) and 8 <= v <= 4096 and v % 8 == 0),
-                   f"{name} must be a multiple of 8 in 8..4096, got {v!r}")
+            check(v is None or (isinstance(v, int) and 8 <= v <= 4096 and v % 8 == 0),
+                  f"{name} must be a multiple of 8 in 8..4096, got {v!r}", name)
         return self
 
     @property
@@ -54,77 +55,92 @@ class SamplingParams:
 
 @dataclass(frozen=True)
 class MaskParams:
-    """How the reference's cross-attention becomes the fusion mask (METHOD.md step 4)."""
+    """How the reference's cross-attention becomes the fusion mask (docs/METHOD.md step 4)."""
 
-    keywords: tuple[str, ...] | None = None  # prompt words to mask; None = the prompt's content words
-    layer_factors: tuple[int, ...] = (4,)  # read cross-attention at latent/4 (16x16 for 64x64 latents)
-    threshold_mode: str = "auto"  # auto (Otsu, no tuning) | absolute (paper) | relative (x max) | area
-    threshold: float = 0.5  # absolute: attention prob; relative: fraction of max; area: kept fraction
-    # mean: threshold the mean of the keywords' maps | union: threshold each keyword, OR them (paper). One
-    # diffuse keyword (a colour word that also attends to the background) made the union cover 71-92% of the
-    # image on ShapesWorld's train prompts, i.e. near-global fusion (benchmarks/mask_quality.py, docs/RESULTS-unet.md)
-    combine: str = "mean"
-    resize: str = "smooth"  # nearest (paper) | smooth (bilinear) when resizing to each fusion layer
-    dilate: int = 0  # grow the mask by this many cells at mask resolution
-    feather: float = 0.0  # soften edges: Gaussian sigma in cells of the fusion layer (0 = hard)
-    accumulate_steps: bool = False  # average maps over the steps so far instead of the current step only
-    union_base: bool = False  # also include the base's own keyword mask (reference-union-base)
-    map_softmax: str = "joint"  # MMDiT maps: softmax over the joint image+text sequence, or over text keys only
+    keywords: tuple[str, ...] | None = setting(None, "prompt words whose attention makes the mask (None: the "
+                                                     "prompt's content words)", widget="keywords")
+    layer_factors: tuple[int, ...] = setting((4,), "read cross-attention at latent/F for each factor F (powers of "
+                                                   "two; 4 = 16x16 for 64x64 latents)", flag="--mask-factors")
+    threshold_mode: str = setting("auto", "how the map is cut into the mask: auto (Otsu, no tuning), absolute "
+                                          "(paper), relative (x max) or area", choices=THRESHOLD_MODES,
+                                  widget="threshold_mode")
+    threshold: float = setting(0.5, "absolute: attention probability; relative: fraction of the map's max; area: "
+                                    "fraction of the image kept; auto ignores it", widget="threshold")
+    # One diffuse keyword (a colour word that also attends to the background) made the union cover 71-92% of the
+    # image on ShapesWorld's train prompts, i.e. near-global fusion (benchmarks/mask_quality.py), hence mean
+    combine: str = setting("mean", "keywords' maps: mean = threshold their mean, union = threshold each and OR "
+                                   "them (paper)", choices=COMBINE_MODES, widget="combine")
+    resize: str = setting("smooth", "resizing the mask to each fusion layer: nearest (paper) or smooth (bilinear)",
+                          choices=RESIZE_MODES, widget="resize")
+    dilate: int = setting(0, "grow the mask by this many cells at mask resolution", widget="dilate")
+    feather: float = setting(0.0, "soften edges: Gaussian sigma in cells of the fusion layer (0 = hard)")
+    accumulate_steps: bool = setting(False, "average maps over the steps so far instead of the current step only")
+    union_base: bool = setting(False, "the mask covers the base's keyword objects too (reference OR base)",
+                               widget="union_base")
+    map_softmax: str = setting("joint", "MMDiT maps: softmax over the joint image+text sequence, or over the text "
+                                        "keys only", choices=("joint", "text"))
 
     def validate(self) -> "MaskParams":
-        _check(self.threshold_mode in THRESHOLD_MODES,
-               f"threshold_mode must be one of {THRESHOLD_MODES}, got {self.threshold_mode!r}")
+        check(self.threshold_mode in THRESHOLD_MODES,
+              f"threshold_mode must be one of {THRESHOLD_MODES}, got {self.threshold_mode!r}", "threshold_mode")
         t = float(self.threshold)
         if self.threshold_mode == "absolute":
-            _check(0.0 <= t <= 1.0, f"an absolute threshold is an attention probability in [0, 1], got {t}")
+            check(0.0 <= t <= 1.0, f"an absolute threshold is an attention probability in [0, 1], got {t}", "threshold")
         elif self.threshold_mode in ("relative", "area"):
-            _check(0.0 < t <= 1.0, f"a {self.threshold_mode} threshold must be in (0, 1], got {t}")
-        _check(self.combine in COMBINE_MODES, f"combine must be one of {COMBINE_MODES}, got {self.combine!r}")
-        _check(self.map_softmax in ("joint", "text"), f"map_softmax must be joint or text, got {self.map_softmax!r}")
-        _check(self.resize in RESIZE_MODES, f"resize must be one of {RESIZE_MODES}, got {self.resize!r}")
-        _check(isinstance(self.dilate, int) and 0 <= self.dilate <= 16, f"dilate must be 0..16, got {self.dilate!r}")
-        _check(0.0 <= float(self.feather) <= 16.0, f"feather must be in [0, 16], got {self.feather!r}")
-        _check(len(self.layer_factors) > 0 and all(isinstance(f, int) and f >= 1 and (f & (f - 1)) == 0
-                                                   for f in self.layer_factors),
-               f"layer_factors must be powers of two such as (4,), got {self.layer_factors!r}")
+            check(0.0 < t <= 1.0, f"a {self.threshold_mode} threshold must be in (0, 1], got {t}", "threshold")
+        check(self.combine in COMBINE_MODES, f"combine must be one of {COMBINE_MODES}, got {self.combine!r}", "combine")
+        check(self.map_softmax in ("joint", "text"), f"map_softmax must be joint or text, got {self.map_softmax!r}",
+              "map_softmax")
+        check(self.resize in RESIZE_MODES, f"resize must be one of {RESIZE_MODES}, got {self.resize!r}", "resize")
+        check(isinstance(self.dilate, int) and 0 <= self.dilate <= 16, f"dilate must be 0..16, got {self.dilate!r}",
+              "dilate")
+        check(0.0 <= float(self.feather) <= 16.0, f"feather must be in [0, 16], got {self.feather!r}", "feather")
+        check(len(self.layer_factors) > 0 and all(isinstance(f, int) and f >= 1 and (f & (f - 1)) == 0
+                                                  for f in self.layer_factors),
+              f"layer_factors must be powers of two such as (4,), got {self.layer_factors!r}", "layer_factors")
         if self.keywords is not None:
-            _check(len(self.keywords) > 0 and all(isinstance(k, str) and k.strip() for k in self.keywords),
-                   "keywords must be a non-empty list of words (or None for the prompt's content words)")
+            check(len(self.keywords) > 0 and all(isinstance(k, str) and k.strip() for k in self.keywords),
+                  "keywords must be a non-empty list of words (or None for the prompt's content words)", "keywords")
         return self
 
 
 @dataclass(frozen=True)
 class FusionParams:
-    """Where and when the target's self-attention K/V are replaced by the reference's (METHOD.md step 5)."""
+    """Where and when the target's self-attention K/V are replaced by the reference's (docs/METHOD.md step 5)."""
 
-    start_step: int = 3  # first fused step, 1-based (paper: the two noisiest steps are left alone)
-    end_step: int | None = None  # last fused step, inclusive; None = the last step
-    layers: str | tuple[str, ...] = "mid+up"  # preset (mid+up = paper, up, mid, all) or module-path prefixes
-    use_mask: bool = True  # False = global fusion (the ablation that destroys consistency)
-    # after each fused step, set the target's latent outside the mask to the base's latent of that step, so
-    # the base is kept where the mask is not (an MMDiT's fusion otherwise leaks there); the target's
-    # log-probs are then recomputed under the plain model, since the held latent is not the sampler's draw
-    hold_outside: bool = False
-    mask: MaskParams = field(default_factory=MaskParams)
+    start_step: int = setting(3, "first fused step, 1-based (paper: the two noisiest steps are left alone)",
+                              widget="start_step")
+    end_step: int | None = setting(None, "last fused step, 1-based inclusive (None: the last step)", widget="end_step")
+    layers: str | tuple[str, ...] = setting("mid+up", "fusion layers: a preset (mid+up = paper, up, mid, all) or "
+                                                      "module-path prefixes", widget="layers")
+    use_mask: bool = setting(True, "False (--no-mask): global fusion, no mask; the ablation that destroys consistency",
+                             flag="--no-mask", widget="use_mask")
+    # the target's log-probs are then recomputed under the plain model: the held latent is not the sampler's draw
+    hold_outside: bool = setting(False, "after each fused step, set the target's latent outside the mask to the "
+                                        "base's (an MMDiT's fusion otherwise leaks there)", widget="hold_outside")
+    mask: MaskParams = setting(help="how the mask is made", flag=False, default_factory=MaskParams)
 
     def step_range(self, num_steps: int) -> tuple[int, int]:
         """(first, last) fused step, 1-based inclusive, checked against the number of steps."""
         end = num_steps if self.end_step is None else self.end_step
-        _check(isinstance(self.start_step, int) and isinstance(end, int),
-               f"fusion steps must be integers, got start={self.start_step!r} end={end!r}")
-        _check(1 <= self.start_step <= num_steps, f"start_step must be in 1..{num_steps}, got {self.start_step}")
-        _check(1 <= end <= num_steps, f"end_step must be in 1..{num_steps}, got {end}")
-        _check(self.start_step <= end, f"start_step ({self.start_step}) is after end_step ({end})")
+        check(isinstance(self.start_step, int), f"start_step must be an integer, got {self.start_step!r}",
+              "start_step")
+        check(isinstance(end, int), f"end_step must be an integer, got {end!r}", "end_step")
+        check(1 <= self.start_step <= num_steps, f"start_step must be in 1..{num_steps}, got {self.start_step}",
+              "start_step")
+        check(1 <= end <= num_steps, f"end_step must be in 1..{num_steps}, got {end}", "end_step")
+        check(self.start_step <= end, f"start_step ({self.start_step}) is after end_step ({end})", "end_step")
         return self.start_step, end
 
     def validate(self, num_steps: int) -> "FusionParams":
         self.step_range(num_steps)
         if isinstance(self.layers, str):
-            _check(self.layers in FUSION_LAYER_PRESETS,
-                   f"layers must be one of {FUSION_LAYER_PRESETS} or a list of module paths, got {self.layers!r}")
+            check(self.layers in FUSION_LAYER_PRESETS,
+                  f"layers must be one of {FUSION_LAYER_PRESETS} or a list of module paths, got {self.layers!r}",
+                  "layers")
         else:
-            _check(len(self.layers) > 0 and all(isinstance(p, str) and p for p in self.layers),
-                   "layers must be a non-empty list of module-path prefixes")
+            check(len(self.layers) > 0 and all(isinstance(p, str) and p for p in self.layers),
+                  "layers must be a non-empty list of module-path prefixes", "layers")
         self.mask.validate()
         return self
 
@@ -187,19 +203,10 @@ def read_config_json(path: str | Path, allowed) -> dict:
     try:
         data = json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"cannot read config {path}: {e}") from None
+        raise SettingError(f"cannot read config {path}: {e}") from None
     if not isinstance(data, dict):
-        raise ValueError(f"config {path} must hold a JSON object of field: value")
-    unknown = set(data) - set(allowed)
+        raise SettingError(f"config {path} must hold a JSON object of field: value")
+    unknown = sorted(set(data) - set(allowed))
     if unknown:
-        raise ValueError(f"unknown config fields: {', '.join(sorted(unknown))}")
+        raise SettingError(f"unknown config fields: {', '.join(unknown)}", unknown[0])
     return data
-
-
-def field_comments(cls) -> dict[str, str]:
-    """The one-line comment of each dataclass field (used as CLI help, so docs live in one place)."""
-    import inspect
-    import re
-
-    src = inspect.getsource(cls)
-    return {m.group(1): m.group(2).strip() for m in re.finditer(r"^\s+(\w+):[^#\n]*#\s*(.*)$", src, re.M)}

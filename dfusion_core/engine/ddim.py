@@ -7,10 +7,11 @@ All functions take per-row timesteps, so rows at different steps can share one U
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
+
+from .steps import StepOutput
 
 
 @dataclass(frozen=True)
@@ -79,14 +80,6 @@ def predict_x0_eps(schedule: DDIMSchedule, model_output: torch.Tensor, x_t: torc
     return x0, eps
 
 
-@dataclass
-class StepOutput:
-    prev_sample: torch.Tensor  # x_{t-1}
-    mean: torch.Tensor  # mean of p(x_{t-1} | x_t)
-    std: torch.Tensor  # its standard deviation, per row
-    x0_pred: torch.Tensor
-
-
 def ddim_step(schedule: DDIMSchedule, model_output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor,
               eta: float, noise: torch.Tensor | None) -> StepOutput:
     """One DDIM step (Song et al. eq. 12) with variance eta^2 * sigma_t^2; noise = the step's N(0, I) draw."""
@@ -97,21 +90,3 @@ def ddim_step(schedule: DDIMSchedule, model_output: torch.Tensor, x_t: torch.Ten
     mean = a_prev.sqrt() * x0 + (1 - a_prev - std ** 2).clamp(min=0).sqrt() * eps
     prev = mean if noise is None or eta == 0 else mean + std * noise
     return StepOutput(prev, mean, std, x0)
-
-
-def step_log_prob(prev_sample: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """log N(prev | mean, std^2), averaged over a row's elements (the DDPO convention); 0 where std = 0."""
-    std_safe = std.clamp(min=1e-20)
-    lp = -((prev_sample.detach() - mean) ** 2) / (2 * std_safe ** 2) - torch.log(std_safe) - 0.5 * math.log(2 * math.pi)
-    lp = lp.mean(dim=tuple(range(1, lp.ndim)))
-    return torch.where(std.flatten(1)[:, 0] > 0, lp, torch.zeros_like(lp))
-
-
-def mean_sq_residual(log_probs: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """The mean over a row's elements of ((prev - mean) / std)^2, recovered from step_log_prob's value (its
-    inverse): about 1 for a draw of the Gaussian itself (1 +/- sqrt(2 / elements)), far above 1 for a step the
-    Gaussian would not draw. `std`: per row (broadcast to log_probs); 0 where std = 0 (a deterministic step)."""
-    std = std.to(log_probs)
-    std_safe = std.clamp(min=1e-20)
-    r = -2 * (log_probs + torch.log(std_safe) + 0.5 * math.log(2 * math.pi))
-    return torch.where(std > 0, r, torch.zeros_like(r))

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from .config import FLOW_SAMPLERS
-from .ddim import StepOutput
+from .steps import StepOutput
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,5 @@
 """D-Fusion: denoise a target from the base's seed while borrowing the reference's self-attention K/V
-inside the reference's keyword mask (METHOD.md steps 4-6).
+inside the reference's keyword mask (docs/METHOD.md steps 4-6).
 
 One batched UNet call per step: the reference runs one step ahead of the target, so the call that computes
 the reference's step s+1 also computes the target's step s from the reference's step-s keys, values and

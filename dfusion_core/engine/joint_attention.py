@@ -1,7 +1,7 @@
 """D-Fusion's attention control for MMDiT blocks (SD3 / SD3.5 `SD3Transformer2DModel`).
 
 An MMDiT block runs ONE attention over [image tokens ; text tokens], so every block is both the place where a
-keyword's map is read and the place where content is fused (METHOD.md, "Beyond the paper"):
+keyword's map is read and the place where content is fused (docs/METHOD.md, "Beyond the paper"):
   * map: the image queries' attention to the keyword's text keys (head-averaged), the softmax taken over
     the whole joint sequence ("joint") or over the text keys alone ("text"), for the rows that need maps;
   * fusion: the target's IMAGE keys/values are replaced by the reference's inside the mask,

@@ -17,7 +17,7 @@ from PIL import Image
 from . import offline  # noqa: F401  (sets the no-network environment before diffusers is imported)
 from .attention import AttentionController
 from .config import FusionParams, SamplingParams, looks_like_hub_id, model_defaults, model_settings
-from .families import FAMILIES, ModelFamily
+from .families import FAMILIES, Conditioning, ModelFamily
 
 ASSETS = Path(__file__).resolve().parents[2] / "assets"
 DEFAULT_MODEL = ASSETS / "shapesworld"
@@ -29,16 +29,6 @@ DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16
 
 class ModelLoadError(ValueError):
     """A model that cannot be used: missing folder, corrupt files or an unsupported architecture."""
-
-
-@dataclass
-class Conditioning:
-    """Prompt embeddings, one row per prompt, ready to be gathered into UNet batches."""
-
-    cond: torch.Tensor  # [P, L, D]
-    uncond: torch.Tensor | None  # [P, L, D] or None without CFG
-    added_cond: dict[str, torch.Tensor] | None = None  # SDXL: text_embeds, time_ids; SD3: pooled_projections
-    added_uncond: dict[str, torch.Tensor] | None = None
 
 
 @dataclass
@@ -152,40 +142,17 @@ class LoadedModel:
 
     @torch.no_grad()
     def encode(self, prompts: list[str], negative_prompt: str, cfg: bool, height: int, width: int) -> Conditioning:
-        pipe = self.pipe
-        neg = [negative_prompt] * len(prompts)
-        if self.kind == "sdxl":
-            pe, npe, ppe, nppe = pipe.encode_prompt(prompt=prompts, device=self.device, num_images_per_prompt=1,
-                                                    do_classifier_free_guidance=cfg, negative_prompt=neg)
-            proj = pipe.text_encoder_2.config.projection_dim
-            tid = pipe._get_add_time_ids((height, width), (0, 0), (height, width), dtype=pe.dtype,
-                                         text_encoder_projection_dim=proj).to(self.device).repeat(len(prompts), 1)
-            return Conditioning(pe, npe if cfg else None, {"text_embeds": ppe, "time_ids": tid},
-                                {"text_embeds": nppe, "time_ids": tid} if cfg else None)
-        if self.kind == "sd3":
-            pe, npe, ppe, nppe = pipe.encode_prompt(
-                prompts, None, None, device=self.device, num_images_per_prompt=1, do_classifier_free_guidance=cfg,
-                negative_prompt=neg, max_sequence_length=self.sequence_length)
-            return Conditioning(pe, npe if cfg else None, {"pooled_projections": ppe},
-                                {"pooled_projections": nppe} if cfg else None)
-        pe, npe = pipe.encode_prompt(prompts, self.device, 1, cfg, negative_prompt=neg)
-        return Conditioning(pe, npe if cfg else None)
+        return self.family.encode(self, prompts, negative_prompt, cfg, height, width)
 
     @property
     def sequence_length(self) -> int:
-        """SD3: text tokens after CLIP's 77, T5's or, without T5, the zero rows stock diffusers puts in their place
-        (the context embedder's bias makes them non-zero, so they change the image): 256 as in
-        StableDiffusion3Pipeline, unless the folder's dfusion.json sets max_sequence_length (the ShapesWorld
-        models were trained with 0, i.e. CLIP's tokens alone; stock diffusers draws them with
-        max_sequence_length=0)."""
-        return int(self.defaults.get("max_sequence_length", 256)) if self.kind == "sd3" else 0
+        """Text tokens after CLIP's (SD3: T5's, or the zero rows in their place; see MMDiTFlow.sequence_length)."""
+        return self.family.sequence_length(self)
 
     @property
     def t5_length(self) -> int:
         """SD3: T5 tokens that read the prompt after the 77 CLIP tokens (0 without T5)."""
-        if self.kind != "sd3" or getattr(self.pipe, "text_encoder_3", None) is None:
-            return 0
-        return self.sequence_length
+        return self.sequence_length if getattr(self.pipe, "text_encoder_3", None) is not None else 0
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> list[Image.Image]:

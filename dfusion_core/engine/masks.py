@@ -1,4 +1,4 @@
-"""From recorded cross-attention maps to the fusion mask of each layer (METHOD.md step 4).
+"""From recorded cross-attention maps to the fusion mask of each layer (docs/METHOD.md step 4).
 
 maps (per layer, head-averaged softmax over 77 tokens)
   -> average over layers at the finest mask resolution

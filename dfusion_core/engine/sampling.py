@@ -18,8 +18,9 @@ import torch
 from .attention import ROLE_PLAIN, RowInfo
 from ..data.trajectory import Trajectory
 from .config import SamplingParams
-from .ddim import step_log_prob
-from .loading import Conditioning, LoadedModel
+from .steps import step_log_prob
+from .families import Conditioning
+from .loading import LoadedModel
 
 
 @dataclass
@@ -232,7 +233,7 @@ def recompute_log_probs(model: LoadedModel, prompt: str, trajectory: Trajectory,
     """Per-step log-probs of a recorded trajectory under the plain (unfused) model, in batched passes.
 
     A fused target was drawn by the fused sampler; trajectory methods train the plain model, so its
-    likelihood ratios must use these values instead (METHOD.md, training methods). `denoiser`: see guided_output.
+    likelihood ratios must use these values instead (docs/METHOD.md, training methods). `denoiser`: see guided_output.
     """
     sampling = sampling.validate()
     fam = model.family

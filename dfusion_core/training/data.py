@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from ..engine.pairs import PairRecord, load_pairs
+from ..pairs.build import PairRecord, load_pairs
 
 
 @dataclass

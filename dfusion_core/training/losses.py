@@ -1,4 +1,4 @@
-"""The four training objectives as pure functions of per-sample quantities (METHOD.md, training methods).
+"""The four training objectives as pure functions of per-sample quantities (docs/METHOD.md, training methods).
 
 Conventions, stated once:
 - Diffusion-DPO: loss = -log sigmoid(-beta/2 * ((e_w - e_w_ref) - (e_l - e_l_ref))), e = per-sample mean
@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..engine.ddim import mean_sq_residual
+from ..engine.steps import mean_sq_residual
 
 
 def diffusion_dpo_loss(err_w: torch.Tensor, err_l: torch.Tensor, ref_err_w: torch.Tensor, ref_err_l: torch.Tensor,

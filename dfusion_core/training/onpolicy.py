@@ -1,4 +1,4 @@
-"""DDPO and DPOK as their papers run them: on-policy rounds (METHOD.md, training methods).
+"""DDPO and DPOK as their papers run them: on-policy rounds (docs/METHOD.md, training methods).
 
     python -m dfusion_core train-on-policy --algo ddpo --prompt-set shapesworld:attribute:train --rounds 10 \
         --arm dfusion --out runs/ddpo-onpolicy
@@ -6,8 +6,8 @@
 Each round r:
 1. samples fresh candidates per prompt from the CURRENT policy (the LoRA being trained; candidate seeds derive
    from (pairing seed, round, prompt)) and builds the round's pairs: the D-Fusion arm fuses them
-   (engine/pairs.build_pairs: fused targets vs bases), the random arm pairs plain samples
-   (engine/pairs.build_random_pairs); both are scored by the scorer;
+   (pairs/build.build_pairs: fused targets vs bases), the random arm pairs plain samples
+   (pairs/build.build_random_pairs); both are scored by the scorer;
 2. takes the round's samples = the distinct trajectories of its pairs (targets and bases; for random pairs every
    candidate) with their scores as rewards, and normalises the rewards per prompt over all its samples of one
    kind (`advantage_groups`: the plain draws among themselves, the fused targets among themselves; or per
@@ -24,7 +24,7 @@ A checkpoint is written after every round; a resumed run restarts at the next ro
 (round r's samples depend only on the LoRA after round r - 1 and the seeds).
 
 Under `accelerate launch --num_processes N` the rounds run data-parallel. Process i collects round r for its
-share of the prompts (engine/pairs.shard_prompts: every N-th prompt); a prompt's candidate seeds derive from
+share of the prompts (pairs/build.shard_prompts: every N-th prompt); a prompt's candidate seeds derive from
 (pairing seed, round, prompt) alone, and rewards are normalised per prompt, so with disjoint shards every sample
 and its advantage are the ones a single process computes. Each process trains on its own samples (nothing of
 a trajectory crosses processes: an SD 1.5 trajectory at 512 px is megabytes, a round's gigabytes):
@@ -53,8 +53,9 @@ import torch
 
 from ..engine.config import FusionParams, SamplingParams
 from ..engine.loading import LoadedModel
-from ..engine.pairs import PairingParams, build_pairs, build_random_pairs, shard_prompts
+from ..pairs.build import PairingParams, build_pairs, build_random_pairs, shard_prompts
 from ..engine.sampling import recompute_log_probs, sampler_stds, validate_prompt
+from ..engine.schema import setting
 from . import losses
 from .trainer import TrainConfig, Trainer, TrainResult, _step_generator, drawable_rows
 
@@ -67,17 +68,19 @@ ADVANTAGE_GROUPS = ("prompt-kind", "prompt")
 class OnPolicyConfig(TrainConfig):
     """TrainConfig's fields (steps unused: rounds x inner_epochs x batches decide them) plus the rounds'."""
 
-    algo: str = "ddpo"  # ddpo (PPO-clip) | dpok (clipped PG + KL to the pre-trained model)
-    rounds: int = 10  # sample -> pair -> score -> train rounds
-    arm: str = "dfusion"  # dfusion (fused targets vs bases) | random (plain samples paired at random)
-    steps_per_trajectory: int = 0  # denoising steps trained per trajectory per inner epoch; 0 = all (the papers)
-    micro_batch: int = 0  # (trajectory, step) rows per forward pass inside one optimizer step; 0 = all at once
-    sample_batch: int = 16  # images per batched sampling / fusion call while collecting a round
+    algo: str = setting("ddpo", "ddpo (PPO-clip) | dpok (clipped PG + KL to the pre-trained model)")
+    rounds: int = setting(10, "sample -> pair -> score -> train rounds")
+    arm: str = setting("dfusion", "dfusion (fused targets vs bases) | random (plain samples paired at random)")
+    steps_per_trajectory: int = setting(0, "denoising steps trained per trajectory per inner epoch; 0 = all (the "
+                                           "papers)")
+    micro_batch: int = setting(0, "(trajectory, step) rows per forward pass inside one optimizer step; 0 = all at once")
+    sample_batch: int = setting(16, "images per batched sampling / fusion call while collecting a round")
     # rewards are normalised per prompt and kind (plain draws among themselves, fused targets among themselves),
     # or per prompt over all samples ("prompt"). Per prompt, a D-Fusion round's plain draws (its bases) score
     # below its targets and nearly all get negative advantages: trained alone they collapsed the shipped model in
     # two rounds (reward 0.85 -> 0.22), and with the targets they took TEST accuracy from 0.53 to 0.30
-    advantage_groups: str = "prompt-kind"  # prompt-kind (plain draws and fused targets apart) | prompt (all together)
+    advantage_groups: str = setting("prompt-kind", "prompt-kind (plain draws and fused targets apart) | prompt (all "
+                                                   "together)")
 
     def validate(self) -> "OnPolicyConfig":
         if self.algo not in ON_POLICY_ALGOS:

@@ -1,18 +1,19 @@
 """World plug-ins: one entry point, `discover()`, that the CLI and the app call before they list prompt sets,
-check images or evaluate. It imports the shipped worlds (ShapesWorld) and every module registered under the
-entry-point group "dfusion_core.worlds" by an installed package; each registers itself with
-dfusion_core.engine.worlds.register_world when imported."""
+check images or evaluate. It imports every module registered under the entry-point group "dfusion_core.worlds"
+by an installed package (this one registers ShapesWorld in pyproject.toml); each registers itself with
+dfusion_core.worlds.registry.register_world when imported. SHIPPED is imported too, so a checkout used without
+`pip install -e .` still has its world."""
 from __future__ import annotations
 
 import importlib
 from importlib.metadata import entry_points
 
-SHIPPED = ("dfusion_core.shapesworld",)
+SHIPPED = ("dfusion_core.worlds.shapesworld",)
 
 
 def discover() -> dict:
     """Import every world plug-in once; returns the registry {name: World}."""
-    from ..engine.worlds import WORLDS
+    from .registry import WORLDS
 
     for name in SHIPPED:
         importlib.import_module(name)

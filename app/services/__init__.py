@@ -1,0 +1,1 @@
+"""The app service by tab; app/service.py composes them into AppService."""

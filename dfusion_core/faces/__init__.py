@@ -1,1 +1,0 @@
-"""Faces beside cli.py: subcommand groups it registers (training_cli: train-on-policy, pair-signal)."""

@@ -1,0 +1,469 @@
+"""The paper's claim, checked with ground truth: do D-Fusion pairs align a model better than random pairs?
+
+    python -m experiments.shapesworld.experiment --out runs/experiment --part calibrate     # the budget, train prompts
+    python -m experiments.shapesworld.experiment --out runs/experiment --report docs/RESULTS.md   # the headline
+    python -m experiments.shapesworld.experiment --out runs/experiment --part ablations --report docs/RESULTS.md
+    python -m experiments.shapesworld.experiment --out /tmp/smoke --smoke                         # minutes, same code
+
+Every arm trains on the same TRAIN prompts with the same budget. DPO trains offline on a fixed pair set: random
+pairs (candidates paired at random, the higher CLIP score wins; the paper's baseline) or D-Fusion pairs (fused
+targets over bases) built from the very same candidates, cut to one size. DDPO and DPOK run as their papers do,
+in on-policy rounds (training/onpolicy.py): each round samples fresh candidates from the current policy, pairs them
+(random arm: plain samples; D-Fusion arm: fused targets and their bases), scores them and trains PPO-clip /
+clipped PG + KL on them. The headline repeats every trained arm over several training seeds (LoRA start, batch
+order, noise and, on-policy, the rounds' samples).
+
+Evaluation, the same seeds for every arm: TRAIN prompts with held-out seeds (the seeds the model was trained on
+are hashes of the prompt; these are not) and TEST prompts (combinations never trained on), per family: checker
+accuracy, CLIP score and diversity with 95% bootstrap intervals over prompts; each arm's movement from the base
+model and D-Fusion minus random as paired differences on the same prompts and seeds (pooled over training seeds,
+and per seed). Before any training, the pair signal of every pair set (training/pair_signal.py). The budget is
+chosen on TRAIN prompts only (`--part calibrate`: the random arms of the first seed, which the headline reuses).
+
+Resumable: pair sets and per-arm results are written as they finish and are reused on a re-run. `--workers N`
+runs arms in N processes (one torch thread each).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+import zlib
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dfusion_core.engine.config import FusionParams, MaskParams, SamplingParams, apply_model_defaults, fusion_defaults
+from dfusion_core.engine.loading import LoadedModel
+from dfusion_core.pairs.build import PairingParams, PairRecord, build_pairs, build_random_pairs, load_pairs, save_pairs
+from dfusion_core.worlds.shapesworld.evaluate import evaluate
+from dfusion_core.worlds.shapesworld.world import FAMILIES, prompt_list
+
+
+PARTS = ("calibrate", "headline", "ablations")
+RL_LOSS_ABLATIONS = ("drawable-steps", "per-prompt-advantages")  # on-policy ablations that change the training, not the fusion
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    """One budget for every arm, sized for the SD3-shaped default on 2 CPU cores (the headline <= 90 minutes)."""
+
+    # ---- prompts and pair sets: every algorithm trains on the same TRAIN prompts
+    train_prompts: int = 4  # TRAIN prompts per family
+    num_candidates: int = 16  # candidates per prompt for the offline pair sets (paper: 16 -> 8 pairs a prompt)
+    num_steps: int = 20  # sampling steps everywhere (paper: 20)
+    pair_seed: int = 0  # candidate seeds of the offline pair sets
+    # ---- DPO, offline on a fixed pair set. Calibrated on TRAIN prompts (random pairs, docs/RESULTS.md): at the
+    # paper's beta 5000 the loss rose from 0.69 to ~2 instead of falling (lr 1e-3: accuracy unmoved; lr 3e-3: the
+    # model collapsed, accuracy 0.63 -> 0.25); at beta 500 it falls (0.71 -> 0.15) and the samples move
+    dpo_steps: int = 600  # optimizer steps
+    dpo_batch: int = 8  # pairs per step
+    dpo_lr: float = 1e-3  # AdamW
+    dpo_rank: int = 16  # LoRA rank on attention
+    dpo_beta: float = 500.0  # Diffusion-DPO beta, beta/2 convention (paper: 5000 for SD 1.5)
+    # ---- DDPO and DPOK, on-policy rounds. Calibrated on TRAIN prompts: at lr 3e-4 three rounds left every
+    # evaluation sample unchanged (approx KL 1e-8, no clipping); at 5e-3 with two passes KL ~1e-3, 2-5% clipped
+    rounds: int = 3  # sample -> pair -> score -> train rounds
+    round_candidates: int = 8  # fresh candidates per prompt per round
+    rl_batch: int = 8  # trajectories per optimizer step
+    rl_lr: float = 5e-3
+    inner_epochs: int = 2  # passes over a round's samples
+    steps_per_trajectory: int = 5  # denoising steps trained per trajectory and pass (random ones; 0 = all)
+    max_step_residual: float = 0.0  # TrainConfig's: 0 = every step of a fused target trained (the paper)
+    advantage_groups: str = "prompt-kind"  # OnPolicyConfig's: plain draws and fused targets normalised apart
+    rl_rank: int = 4  # LoRA rank on attention (paper)
+    # ---- evaluation: the same seeds for every arm
+    # (18 and 8, not 6 and 4: at 6 the calibration's interval reached 0 exactly; a sample costs ~0.3 s on one core)
+    eval_train_seeds: int = 18  # held-out seeds per TRAIN prompt
+    eval_prompts: int = 10  # TEST prompts per family
+    eval_seeds: int = 8  # seeds per TEST prompt
+    eval_seed: int = 1  # evaluation seeds derive from it (never a candidate seed: those are prompt hashes)
+    algos: tuple[str, ...] = ("dpo", "ddpo", "dpok")
+    seeds: tuple[int, ...] = (0, 1, 2)  # training seeds: every trained arm of the headline runs once per seed
+    # ---- ablations (--part ablations): DPO on D-Fusion pairs built with one setting changed, or trained with the
+    # mask-weighted loss
+    ablations: tuple[str, ...] = ("no-mask", "early", "late", "union", "reference-only", "masked-loss")
+    ablation_seeds: tuple[int, ...] = (0,)  # training seeds of the ablation arms and the arms they are read against
+    # DDPO on-policy rounds whose D-Fusion targets are fused with one setting changed (no-hold: the target's
+    # latents outside the mask not held on the base's trajectory, so its steps are the fused sampler's own), or
+    # trained without the steps the plain policy would not draw (drawable-steps: max_step_residual 2), or with
+    # advantages normalised per prompt over targets and bases together (per-prompt-advantages)
+    rl_ablations: tuple[str, ...] = ("no-hold",)
+
+    @classmethod
+    def smoke(cls) -> "ExperimentConfig":
+        return cls(train_prompts=1, num_candidates=4, num_steps=4, dpo_steps=2, dpo_batch=2, rounds=1,
+                   round_candidates=4, rl_batch=2, steps_per_trajectory=1, eval_train_seeds=2, eval_prompts=1,
+                   eval_seeds=2, seeds=(0,), ablations=("no-mask", "masked-loss"),
+                   rl_ablations=("no-hold", "per-prompt-advantages"))
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One trained (or the base) model of the experiment."""
+
+    algo: str | None  # dpo | ddpo | dpok; None = the base model
+    kind: str | None = None  # random | dfusion
+    seed: int | None = None  # training seed
+    ablation: str | None = None  # DPO on D-Fusion pairs with this setting changed (fusion_variants / masked-loss)
+
+    @property
+    def name(self) -> str:
+        if self.algo is None:
+            return "base"
+        return f"{self.algo}/{self.kind}{'-' + self.ablation if self.ablation else ''}/s{self.seed}"
+
+    @property
+    def group(self) -> str:
+        """The name without the seed: the runs of one arm over training seeds."""
+        return self.name.rsplit("/s", 1)[0]
+
+    @property
+    def pair_set(self) -> str | None:
+        """The offline pair set it trains on (DPO only)."""
+        if self.algo != "dpo":
+            return None
+        if self.ablation and self.ablation != "masked-loss":
+            return f"dfusion-{self.ablation}"
+        return self.kind
+
+
+def fusion_variants(base: FusionParams, num_steps: int, names) -> dict[str, FusionParams]:
+    """The D-Fusion pair sets by name: 'dfusion' = the model's fusion form (its dfusion.json over the paper's
+    defaults) and one 'dfusion-<ablation>' per fusion ablation ('masked-loss' changes the loss, not the pairs)."""
+    half = max(base.start_step, num_steps // 2)
+    table = {
+        "no-mask": replace(base, use_mask=False),  # global fusion
+        "early": replace(base, end_step=half),  # the first half of the fused steps only
+        "late": replace(base, start_step=min(half + 1, num_steps), end_step=num_steps),
+        "relative": replace(base, mask=replace(base.mask, threshold_mode="relative", threshold=0.5)),
+        "area": replace(base, mask=replace(base.mask, threshold_mode="area", threshold=0.25)),
+        "union-base": replace(base, mask=replace(base.mask, union_base=True)),
+        "reference-only": replace(base, mask=replace(base.mask, union_base=False)),  # for a union-base default
+        "no-hold": replace(base, hold_outside=False),  # the target's latents outside the mask not held
+        "union": replace(base, mask=replace(base.mask, combine="union")),  # the paper's: OR of per-keyword masks
+    }
+    unknown = [n for n in names if n not in table and n != "masked-loss"]
+    if unknown:
+        raise ValueError(f"unknown ablation(s) {unknown}; choose from {sorted([*table, 'masked-loss'])}")
+    return {"dfusion": base} | {f"dfusion-{n}": table[n] for n in names if n in table}
+
+
+class Experiment:
+    def __init__(self, model: LoadedModel, scorer, cfg: ExperimentConfig, out: str | Path,
+                 sampling: SamplingParams | None = None, log=print):
+        self.model, self.scorer, self.cfg, self.out, self.log = model, scorer, cfg, Path(out), log
+        s, mask = apply_model_defaults(model.defaults, SamplingParams(num_steps=cfg.num_steps), MaskParams())
+        self.sampling = (sampling or s).validate()
+        self.fusion = fusion_defaults(model.defaults, mask).validate(self.sampling.num_steps)  # the model's form
+        self.pairing = PairingParams(num_candidates=cfg.num_candidates, seed=cfg.pair_seed).validate()
+        self.train_prompts = [p.text for fam in FAMILIES for p in prompt_list(fam, "train", cfg.train_prompts)]
+        self._candidates: dict = {}
+
+    # ---- pair sets ------------------------------------------------------------------------------
+    def pair_set_names(self, part: str) -> list[str]:
+        names = ["random", "dfusion"] if "dpo" in self.cfg.algos or part == "ablations" else []
+        if part == "ablations":
+            names += [n for n in fusion_variants(self.fusion, self.sampling.num_steps, self.cfg.ablations)
+                      if n != "dfusion"]
+        return names
+
+    def pair_sets(self, names: list[str]) -> dict[str, list[PairRecord]]:
+        """The named pair sets (random, dfusion, dfusion-<ablation>) from one set of candidates, each cut to one
+        common size (a fixed random subset); the signal of the cut set is written beside it."""
+        variants = fusion_variants(self.fusion, self.sampling.num_steps, self.cfg.ablations)
+        sets = {}
+        for name in names:
+            folder = self.out / "pairs" / name
+            if (folder / "pairs.jsonl").is_file():
+                sets[name] = load_pairs(folder)
+                continue
+            t0 = time.time()
+            if name == "random":
+                recs = build_random_pairs(self.model, self.train_prompts, self.scorer, self.sampling, self.pairing,
+                                          candidates=self._candidates)
+            else:
+                recs = build_pairs(self.model, self.train_prompts, self.scorer, self.sampling, variants[name],
+                                   self.pairing, candidates=self._candidates)
+            save_pairs(recs, folder)
+            self.log(f"pairs {name}: {len(recs)} in {time.time() - t0:.0f}s")
+            sets[name] = recs
+        size = self.common_size(sets)
+        out = {}
+        for name, recs in sets.items():  # each set's cut depends on its name only, whatever else is loaded
+            rng = np.random.default_rng([self.cfg.pair_seed, zlib.crc32(name.encode())])
+            keep = sorted(rng.permutation(len(recs))[:size]) if len(recs) > size else range(len(recs))
+            out[name] = [recs[i] for i in keep]
+            self._write_signal(name, out[name])
+        return out
+
+    def common_size(self, sets: dict[str, list[PairRecord]]) -> int:
+        """The size every pair set is cut to: the smaller of the random and D-Fusion sets (an ablation set that
+        comes out smaller keeps all its pairs; the report gives each set's count)."""
+        sizes = [len(sets[n]) if n in sets else len(load_pairs(self.out / "pairs" / n, with_images=False))
+                 for n in ("random", "dfusion") if n in sets or (self.out / "pairs" / n / "pairs.jsonl").is_file()]
+        size = min(sizes) if sizes else min(len(v) for v in sets.values())
+        if size < 2:
+            raise ValueError(f"only {size} pairs could be built; raise train_prompts or num_candidates")
+        return size
+
+    def _write_signal(self, name: str, records: list[PairRecord]) -> None:
+        from dfusion_core.training.pair_signal import pair_signal
+        from dfusion_core.worlds.shapesworld import check_images
+
+        path = self.out / "pairs" / name / "signal.json"
+        if not path.is_file():
+            path.write_text(json.dumps(pair_signal(records, check_images).as_dict()))
+
+    # ---- arms -------------------------------------------------------------------------------------
+    def arms(self, part: str) -> list[Arm]:
+        """The arms of a part: calibrate = the random arms of the first seed; headline = base + every algorithm x
+        {random, D-Fusion} x seed; ablations = DPO per ablation (and the D-Fusion / random DPO arms it is read
+        against) x ablation seed."""
+        first = self.cfg.seeds[0]
+        if part == "calibrate":
+            return [Arm(None)] + [Arm(a, "random", first) for a in self.cfg.algos]
+        if part == "headline":
+            return [Arm(None)] + [Arm(a, k, s) for s in self.cfg.seeds for a in self.cfg.algos
+                                  for k in ("random", "dfusion")]
+        if part == "ablations":
+            # the ablations first; the arms they are read against (the headline's, reused when finished) last
+            seeds = self.cfg.ablation_seeds
+            algos = ("dpo", "ddpo") if self.cfg.rl_ablations else ("dpo",)
+            refs = [Arm(algo, k, s) for s in seeds for algo in algos for k in ("random", "dfusion")]
+            return [Arm(None)] + [Arm("dpo", "dfusion", s, a) for s in seeds for a in self.cfg.ablations] + \
+                [Arm("ddpo", "dfusion", s, a) for s in seeds for a in self.cfg.rl_ablations] + refs
+        raise ValueError(f"part must be one of {', '.join(PARTS)}, got {part!r}")
+
+    def evaluate(self) -> dict:
+        """{"train": report on TRAIN prompts (held-out seeds), "test": report on TEST prompts}."""
+        c, s = self.cfg, self.cfg.eval_seed
+        return {"train": evaluate(self.model, self.scorer, "train", c.train_prompts, c.eval_train_seeds,
+                                  self.sampling, seed=s, localise=False),
+                "test": evaluate(self.model, self.scorer, "test", c.eval_prompts, c.eval_seeds, self.sampling,
+                                 seed=s, localise=False)}
+
+    def arm_path(self, arm: Arm) -> Path:
+        return self.out / "arms" / (arm.name.replace("/", "__") + ".json")
+
+    def run_arm(self, arm: Arm, records: list[PairRecord] | None = None) -> dict:
+        """Train (unless the base) and evaluate one arm; its result is written to arms/ and reused on a re-run."""
+        path = self.arm_path(arm)
+        if path.is_file():
+            return json.loads(path.read_text())
+        t0 = time.time()
+        if arm.algo is None:
+            train, reports = None, self.evaluate()
+        elif arm.algo in ("ddpo", "dpok"):
+            train, reports = self._on_policy(arm)
+        else:
+            if records is None:
+                records = self.pair_sets([arm.pair_set])[arm.pair_set]
+            train, reports = self._offline(arm, records)
+        result = {"arm": arm.name, "group": arm.group, **asdict(arm), "pairs": None if records is None else len(records),
+                  "seconds": time.time() - t0, "train": train, "reports": reports}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result))
+        fams = reports["test"]["families"]
+        self.log(f"{arm.name}: test " + ", ".join(f"{f} {fams[f]['accuracy']:.3f}" for f in fams) +
+                 f" ({result['seconds']:.0f}s)")
+        return result
+
+    def _offline(self, arm: Arm, records: list[PairRecord]) -> tuple[dict, dict]:
+        from dfusion_core.training.data import pairs_from_records
+        from dfusion_core.training.trainer import TrainConfig, Trainer
+
+        c = self.cfg
+        tc = TrainConfig(algo=arm.algo, steps=c.dpo_steps, batch_size=c.dpo_batch, lr=c.dpo_lr, lora_rank=c.dpo_rank,
+                         dpo_beta=c.dpo_beta, seed=arm.seed, ckpt_every=c.dpo_steps,
+                         dpo_outside_weight=0.0 if arm.ablation == "masked-loss" else 1.0)
+        tr = Trainer(self.model, pairs_from_records(records), tc, self.out / "train" / arm.name.replace("/", "__"))
+        try:
+            history = tr.run(resume=True, progress=False).history
+            tr.net.eval()
+            reports = self.evaluate()
+        finally:
+            tr.unload()
+        keys = ("loss", "implicit_acc", "reward_margin")
+        mean = lambda rows, k: float(np.mean([h[k] for h in rows])) if rows and k in rows[0] else None
+        return {"config": asdict(tc), "first_rows": {k: mean(history[:10], k) for k in keys},
+                "last_rows": {k: mean(history[-10:], k) for k in keys}, "steps": len(history)}, reports
+
+    def _on_policy(self, arm: Arm) -> tuple[dict, dict]:
+        from dfusion_core.training.onpolicy import OnPolicyConfig, OnPolicyTrainer
+
+        c = self.cfg
+        fusion = None if arm.kind == "random" else self.fusion
+        if arm.ablation and arm.ablation not in RL_LOSS_ABLATIONS:
+            fusion = fusion_variants(self.fusion, self.sampling.num_steps, [arm.ablation])[f"dfusion-{arm.ablation}"]
+        oc = OnPolicyConfig(algo=arm.algo, arm=arm.kind, rounds=c.rounds, batch_size=c.rl_batch, lr=c.rl_lr,
+                            lora_rank=c.rl_rank, inner_epochs=c.inner_epochs,
+                            steps_per_trajectory=c.steps_per_trajectory, seed=arm.seed, ckpt_every=10 ** 6,
+                            max_step_residual=2.0 if arm.ablation == "drawable-steps" else c.max_step_residual,
+                            advantage_groups="prompt" if arm.ablation == "per-prompt-advantages"
+                            else c.advantage_groups)
+        # the rounds' candidates differ by training seed; round r's pairing seed derives from this one
+        pairing = PairingParams(num_candidates=c.round_candidates, seed=c.pair_seed * 1000 + 7 + arm.seed)
+        tr = OnPolicyTrainer(self.model, self.train_prompts, self.scorer, oc,
+                             self.out / "train" / arm.name.replace("/", "__"), self.sampling, fusion, pairing)
+        try:
+            res = tr.run(resume=True, progress=False)
+            tr.net.eval()
+            reports = self.evaluate()
+        finally:
+            tr.unload()
+        keep = ("round", "samples", "pairs", "fused", "reward_mean", "reward_std", "optimizer_steps", "loss", "ratio",
+                "approx_kl", "clipfrac", "kl", "sample_s", "train_s")
+        return {"config": asdict(oc), "rounds": [{k: r.get(k) for k in keep if k in r} for r in tr.rounds],
+                "steps": res.steps}, reports
+
+    # ---- the run ----------------------------------------------------------------------------------
+    def run(self, part: str = "headline", workers: int = 1, worker_spec: dict | None = None,
+            finished_only: bool = False) -> dict:
+        """Run a part's arms (with finished_only, only report those already done) and write results.json."""
+        t0 = time.time()
+        arms = self.arms(part)
+        if not finished_only:
+            if workers > 1:
+                run_in_processes(self, arms, part, workers, worker_spec or {})
+            else:
+                sets = self.pair_sets(self.pair_set_names(part)) if any(a.pair_set for a in arms) else {}
+                for arm in arms:
+                    self.run_arm(arm, sets.get(arm.pair_set))
+        from .experiment_report import summarise
+
+        results = {a.name: json.loads(self.arm_path(a).read_text()) for a in arms if self.arm_path(a).is_file()}
+        signals = {n: json.loads(p.read_text()) for n in self.pair_set_names(part)
+                   if (p := self.out / "pairs" / n / "signal.json").is_file()}
+        summary = summarise(self, part, results, signals, time.time() - t0)
+        (self.out / f"results-{part}.json").write_text(json.dumps(summary, indent=1))
+        return summary
+
+
+# ---- several processes ------------------------------------------------------------------------------
+_WORKER: dict = {}
+
+
+def _worker_init(spec: dict) -> None:
+    """A worker process: one torch thread, its own model and scorer, the same experiment."""
+    from dfusion_core.engine.loading import load_model
+    from dfusion_core.pairs.scoring import make_scorer
+
+    torch.set_num_threads(1)
+    model = load_model(spec.get("model"), device="cpu")
+    _WORKER["exp"] = Experiment(model, make_scorer(spec.get("scorer")), ExperimentConfig(**spec["config"]),
+                                spec["out"], log=lambda m: print(f"[{os.getpid()}] {m}", flush=True))
+
+
+def _worker_pairs(names: list[str]) -> None:
+    _WORKER["exp"].pair_sets(names)
+
+
+def _worker_arm(arm: Arm) -> str:
+    _WORKER["exp"].run_arm(arm)
+    return arm.name
+
+
+def run_in_processes(exp: Experiment, arms: list[Arm], part: str, workers: int, spec: dict) -> None:
+    """The part's arms over `workers` processes: the pair sets and the base first, the long on-policy arms next
+    (D-Fusion before random), the offline arms once their pair sets exist."""
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    todo = [a for a in arms if not exp.arm_path(a).is_file()]
+    spec = {**spec, "config": asdict(exp.cfg), "out": str(exp.out)}
+    names = exp.pair_set_names(part) if any(a.pair_set for a in todo) else []
+    with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_worker_init,
+                             initargs=(spec,)) as pool:
+        ready = pool.submit(_worker_pairs, names) if names else None
+        first = [a for a in todo if a.pair_set is None]
+        first.sort(key=lambda a: (a.algo is not None, a.kind != "dfusion"))
+        futures = [pool.submit(_worker_arm, a) for a in first]
+        if ready is not None:
+            ready.result()
+        futures += [pool.submit(_worker_arm, a) for a in todo if a.pair_set is not None]
+        for f in futures:
+            f.result()
+
+
+def _config_from_args(ap: argparse.ArgumentParser, a) -> ExperimentConfig:
+    base = ExperimentConfig.smoke() if a.smoke else ExperimentConfig()
+    cfg = replace(base, **{f: tuple(v) if isinstance(v, list) else v for f in asdict(base)
+                           if (v := getattr(a, f, None)) is not None})
+    from dfusion_core.training.trainer import ALGOS
+
+    bad = [x for x in cfg.algos if x not in ("dpo", "ddpo", "dpok")]
+    if bad:
+        ap.error(f"--algos: unknown {bad}; choose from dpo ddpo dpok (of {' '.join(ALGOS)}, traj-dpo is not an arm)")
+    try:
+        fusion_variants(FusionParams(), cfg.num_steps, cfg.ablations)
+    except ValueError as e:
+        ap.error(f"--ablations: {e}")
+    try:
+        fusion_variants(FusionParams(), cfg.num_steps, [a for a in cfg.rl_ablations if a not in RL_LOSS_ABLATIONS])
+    except ValueError as e:
+        ap.error(f"--rl-ablations: {e}")
+    if "masked-loss" in cfg.rl_ablations:
+        ap.error("--rl-ablations: masked-loss is a DPO loss; on-policy ablations change the fusion or the steps")
+    if cfg.advantage_groups not in ("prompt-kind", "prompt"):
+        ap.error(f"--advantage-groups must be prompt-kind or prompt, got {cfg.advantage_groups!r}")
+    if not (cfg.max_step_residual == 0 or cfg.max_step_residual >= 1):
+        ap.error(f"--max-step-residual must be 0 or >= 1, got {cfg.max_step_residual}")
+    for f in ("train_prompts", "num_candidates", "num_steps", "dpo_steps", "dpo_batch", "rounds", "round_candidates",
+              "rl_batch", "inner_epochs", "dpo_rank", "rl_rank", "eval_train_seeds", "eval_prompts", "eval_seeds"):
+        if getattr(cfg, f) < 1:
+            ap.error(f"--{f.replace('_', '-')} must be >= 1, got {getattr(cfg, f)}")
+    for f in ("seeds", "ablation_seeds"):
+        v = getattr(cfg, f)
+        if not v or len(set(v)) != len(v) or min(v) < 0:
+            ap.error(f"--{f.replace('_', '-')}: distinct integers >= 0, got {list(v)}")
+    if not (0 < cfg.dpo_lr < 1 and 0 < cfg.rl_lr < 1):
+        ap.error("--dpo-lr and --rl-lr must be in (0, 1)")
+    return cfg
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="runs/experiment")
+    ap.add_argument("--part", choices=PARTS, default="headline", help="calibrate: the budget on train prompts; "
+                    "headline: base + {dpo, ddpo, dpok} x {random, dfusion} x seeds; ablations (default: headline)")
+    ap.add_argument("--model", default=None, help="pipeline folder (default: the embedded ShapesWorld model)")
+    ap.add_argument("--scorer", default=None, help="scorer (default: the embedded ShapesWorld CLIP)")
+    ap.add_argument("--smoke", action="store_true", help="a few minutes: tiny budget, same code path")
+    ap.add_argument("--report", default=None, help="also write the markdown report here (e.g. docs/RESULTS.md) with "
+                    "every part finished in --out; figures go to results/ beside it")
+    ap.add_argument("--workers", type=int, default=1, help="arms run in this many processes, one thread each")
+    ap.add_argument("--finished-only", action="store_true", help="report the arms already finished, run nothing new")
+    ap.add_argument("--extra", default=None, help="a markdown file appended to the report (e.g. docs/results_extra.md)")
+    for f, v in asdict(ExperimentConfig()).items():
+        if isinstance(v, (int, float)):
+            ap.add_argument("--" + f.replace("_", "-"), type=type(v), default=None)
+        elif isinstance(v, tuple):
+            typ = int if v and isinstance(v[0], int) else str
+            ap.add_argument("--" + f.replace("_", "-"), nargs="*", type=typ, default=None,
+                            help=f"default: {' '.join(map(str, v))}")
+    a = ap.parse_args(argv)
+    if a.extra and not Path(a.extra).is_file():
+        ap.error(f"--extra {a.extra}: no such file")
+    if not 1 <= a.workers <= (os.cpu_count() or 1) * 4:
+        ap.error(f"--workers must be between 1 and {(os.cpu_count() or 1) * 4}, got {a.workers}")
+    cfg = _config_from_args(ap, a)
+    from dfusion_core.engine.loading import load_model
+    from dfusion_core.pairs.scoring import make_scorer
+    from .experiment_report import write_reports
+
+    if a.workers > 1:
+        torch.set_num_threads(1)
+    model = load_model(a.model, device="cpu" if not torch.cuda.is_available() else None)
+    exp = Experiment(model, make_scorer(a.scorer), cfg, a.out)
+    exp.run(a.part, a.workers, {"model": a.model, "scorer": a.scorer}, finished_only=a.finished_only)
+    command = "python -m experiments.shapesworld.experiment " + " ".join(
+        argv if argv is not None else __import__("sys").argv[1:])
+    print(write_reports(exp, None if a.finished_only else command, a.report, a.extra))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,215 @@
+"""Does fusion transfer alignment? Ground-truth pairs on ShapesWorld (issue floor of the embedded model).
+
+    python -m recipes.shapesworld.fusion_transfer --model DIR --prompts 8 --candidates 16 --out table.json
+
+Per TRAIN prompt: sample N candidates, check each with the ground-truth checker, and pair every
+checker-correct candidate (reference) with a checker-wrong one (base), at most `--pairs-per-prompt`. Each
+pair is fused under several fusion forms; per family and form the table gives:
+  * accept: the share of targets the checker passes (the reference's alignment carried over);
+  * ratio: whole-image |target - base| / |reference - base| (how much of the pair's difference the target
+    keeps: low = consistent with the base; a target that copies the reference scores ~1);
+  * coverage: the median share of the image inside the fusion mask (a mask over the whole image is no mask);
+  * keep: |target - base| outside the fusion mask / |reference - base| there (the base kept where the mask
+    is not; read together with coverage: outside a 90% mask is 10% of the image);
+  * moved: 1 - |target - reference| / |base - reference| over the whole image (how far the target went).
+The mask is the one the fusion used: its per-step masks (grown by the dilation) averaged over the fused steps,
+> 0.5, upsampled (nearest). `--write-defaults` picks the form by both criteria at once (choose_form: the most
+accepted form whose ratio and median coverage stay under their limits) and writes it to the model's dfusion.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict, replace
+
+import numpy as np
+import torch
+
+from dfusion_core.engine.config import FusionParams, MaskParams, SamplingParams, apply_model_defaults, fusion_defaults
+from dfusion_core.engine.fusion import fuse_batch
+from dfusion_core.engine.loading import LoadedModel, load_model
+from dfusion_core.engine.masks import resize_mask
+from dfusion_core.engine.sampling import sample
+from dfusion_core.worlds.shapesworld.checker import check
+from dfusion_core.worlds.shapesworld.world import FAMILIES, prompt_list
+
+
+def fusion_forms(defaults: dict, mask: MaskParams) -> dict[str, FusionParams]:
+    """The forms compared: the model's default; the reference-only mask; reference-union-base (dilated one
+    cell) with and without the base's latents held outside the mask, held with a hard (nearest) mask, from
+    step 3, dilated two cells (held softly, hard, from step 3); and a global swap from step 1 (how far fusion
+    can move a target at all)."""
+    union = replace(mask, union_base=True, dilate=1)
+    held = FusionParams(start_step=1, layers="all", hold_outside=True, mask=union)
+    reference_only = FusionParams(start_step=1, layers="all", mask=replace(mask, union_base=False, dilate=0))
+    return {"default": fusion_defaults(defaults, mask),
+            "reference_only": reference_only,
+            "reference_only_held": replace(reference_only, hold_outside=True),
+            "union_base_held": replace(held, mask=replace(union, dilate=0)),
+            "union_base_held_from3": replace(held, start_step=3, mask=replace(union, dilate=0)),
+            "union_base_dilated": FusionParams(start_step=1, layers="all", mask=union),
+            "union_base_dilated_held": held,
+            "union_base_dilated_held_nearest": replace(held, mask=replace(union, resize="nearest")),
+            "union_base_dilated_held_from3": replace(held, start_step=3),
+            "union_base_dilated2_held": replace(held, mask=replace(union, dilate=2)),
+            "union_base_dilated2_held_nearest": replace(held, mask=replace(union, dilate=2, resize="nearest")),
+            "union_base_dilated2_held_from3": replace(held, start_step=3, mask=replace(union, dilate=2)),
+            "global_from_step1": FusionParams(start_step=1, layers="all", use_mask=False, mask=mask)}
+
+
+def _pixels(im) -> np.ndarray:
+    return np.asarray(im).astype(np.float64)
+
+
+def _pixel_mask(res, size: int) -> np.ndarray:
+    """The region the fusion used: the fused steps' masks (already grown by the dilation), > 0.5 on average."""
+    first, last = res.fusion.step_range(res.sampling.num_steps)
+    m = (res.masks[first - 1:last].mean(0) > 0.5).float()
+    return (resize_mask(m, (size, size), "nearest") > 0.5).numpy()
+
+
+def pair_metrics(res, prompt: str) -> dict:
+    t, b, r = _pixels(res.target_image), _pixels(res.base_image), _pixels(res.reference_image)
+    out = ~_pixel_mask(res, t.shape[0]) if res.fusion.use_mask else np.zeros(t.shape[:2], bool)
+    rb_out = np.abs(r - b)[out].mean() if out.any() else float("nan")
+    rb = np.abs(r - b).mean()
+    return {"accept": bool(check(np.asarray(res.target_image), prompt).correct),
+            "ratio": float(np.abs(t - b).mean() / rb) if rb > 0 else float("nan"),
+            "coverage": float(1 - out.mean()),
+            "keep": float(np.abs(t - b)[out].mean() / rb_out) if out.any() and rb_out > 0 else float("nan"),
+            "moved": float(1 - np.abs(t - r).mean() / max(np.abs(b - r).mean(), 1e-9))}
+
+
+def ground_truth_pairs(model: LoadedModel, prompt: str, seeds: list[int], sampling: SamplingParams, per_prompt: int):
+    cands = sample(model, prompt, seeds, sampling)
+    ok = [check(np.asarray(im), prompt).correct for im in cands.images]
+    good = [s for s, c in zip(seeds, ok) if c]
+    bad = [(s, tr, im) for s, c, tr, im in zip(seeds, ok, cands.trajectories, cands.images) if not c]
+    pairs = [(bad[i][0], good[i % len(good)]) for i in range(min(per_prompt, len(bad)))] if good else []
+    bases = {s: tr for s, tr, _ in bad}
+    images = {s: im for s, _, im in bad}
+    return pairs, bases, images, sum(ok) / len(ok)
+
+
+def run(model: LoadedModel, n_prompts: int, n_candidates: int, per_prompt: int, seed: int = 0,
+        forms: list[str] | None = None) -> dict:
+    sampling, mask = apply_model_defaults(model.defaults, SamplingParams(), MaskParams())
+    every = fusion_forms(model.defaults, mask)
+    unknown = set(forms or ()) - set(every)
+    if unknown:
+        raise ValueError(f"unknown fusion form(s) {sorted(unknown)}; choose from {', '.join(every)}")
+    forms = {k: v for k, v in every.items() if not forms or k in forms}
+    rows = []
+    for family in FAMILIES:
+        for spec in prompt_list(family, "train", n=n_prompts, seed=seed):
+            seeds = list(range(seed * 1000, seed * 1000 + n_candidates))
+            pairs, bases, images, acc = ground_truth_pairs(model, spec.text, seeds, sampling, per_prompt)
+            print(f"{family}: {spec.text!r}: accuracy {acc:.2f}, {len(pairs)} pairs", file=sys.stderr, flush=True)
+            done: dict = {}  # a form equal to one already run (e.g. the default) reuses its metrics
+            for name, fp in forms.items():
+                if not pairs:
+                    continue
+                if fp not in done:
+                    done[fp] = [pair_metrics(res, spec.text) for res in
+                                fuse_batch(model, spec.text, pairs, sampling, fp, bases=bases, base_images=images)]
+                rows += [{"family": family, "form": name, "prompt": spec.text, **m} for m in done[fp]]
+    return {"model": model.model_id, "candidates": n_candidates, "prompts_per_family": n_prompts,
+            "forms": {k: asdict(v) for k, v in forms.items()}, "rows": rows, "table": summarise(rows)}
+
+
+def summarise(rows: list[dict]) -> dict:
+    """{form: {family and "all": pairs, accept, keep (mean over pairs with an outside), moved}}."""
+    table: dict = {}
+    for r in rows:
+        for fam in (r["family"], "all"):
+            table.setdefault(r["form"], {}).setdefault(fam, []).append(r)
+    out = {}
+    for form, fams in table.items():
+        out[form] = {}
+        for fam in sorted(fams, key=lambda f: (f == "all", f)):
+            rs = fams[fam]
+            keep = [x["keep"] for x in rs if x["keep"] == x["keep"]]
+            ratio = [x["ratio"] for x in rs if x.get("ratio", float("nan")) == x.get("ratio", float("nan"))]
+            out[form][fam] = {"pairs": len(rs), "accept": float(np.mean([x["accept"] for x in rs])),
+                              "ratio": float(np.mean(ratio)) if ratio else None,
+                              "coverage": float(np.median([x["coverage"] for x in rs])) if "coverage" in rs[0] else None,
+                              "keep": float(np.mean(keep)) if keep else None,
+                              "moved": float(np.mean([x["moved"] for x in rs]))}
+    return out
+
+
+DEFAULT_KEYS = ("union_base", "dilate", "resize", "start_step", "layers", "hold_outside")  # what dfusion.json keeps
+
+
+def choose_form(table: dict, max_ratio: float = 0.4, max_coverage: float = 0.5) -> str | None:
+    """The form the model should fuse with, judged on all families at once: among masked forms whose mean
+    whole-image ratio <= max_ratio and median coverage <= max_coverage (consistent with the base), the one the
+    checker accepts most often (ties: the lower ratio). None when no form is consistent enough."""
+    ok = [(v["all"]["accept"], -v["all"]["ratio"], name) for name, v in table.items()
+          if name != "global_from_step1" and v["all"].get("ratio") is not None and v["all"].get("coverage") is not None
+          and v["all"]["ratio"] <= max_ratio and v["all"]["coverage"] <= max_coverage]
+    return max(ok)[2] if ok else None
+
+
+def form_defaults(fp: FusionParams) -> dict:
+    """A form's dfusion.json keys (engine.config.fusion_defaults / apply_model_defaults read them back)."""
+    flat = {**asdict(fp.mask), **{k: v for k, v in asdict(fp).items() if k != "mask"}}
+    return {k: (list(flat[k]) if isinstance(flat[k], tuple) else flat[k]) for k in DEFAULT_KEYS}
+
+
+def write_defaults(folder, form: str, fp: FusionParams) -> dict:
+    """Merge the chosen form into FOLDER/dfusion.json (other keys kept) and return the file's content."""
+    from pathlib import Path
+
+    from dfusion_core.data.atomic import write_text_atomic
+
+    path = Path(folder) / "dfusion.json"
+    data = json.loads(path.read_text()) if path.is_file() else {}
+    data.update({**form_defaults(fp), "fusion_form": form})
+    write_text_atomic(path, json.dumps(data, indent=2))
+    return data
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default=None, help="pipeline folder (default: the embedded model)")
+    p.add_argument("--prompts", type=int, default=8, help="train prompts per family (8)")
+    p.add_argument("--candidates", type=int, default=16, help="candidates sampled per prompt (16)")
+    p.add_argument("--pairs-per-prompt", type=int, default=4, help="ground-truth pairs kept per prompt (4)")
+    p.add_argument("--forms", default=None, help="comma-separated fusion forms to compare (default: all)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--out", default=None, help="write the rows and the table as JSON here")
+    p.add_argument("--write-defaults", action="store_true",
+                   help="write the form choose_form picks into the model folder's dfusion.json")
+    p.add_argument("--max-ratio", type=float, default=0.4, help="choose_form: whole-image ratio limit (0.4)")
+    p.add_argument("--max-coverage", type=float, default=0.5, help="choose_form: median mask coverage limit (0.5)")
+    a = p.parse_args(argv)
+    if min(a.prompts, a.candidates, a.pairs_per_prompt) < 1:
+        p.error("--prompts, --candidates and --pairs-per-prompt must be at least 1")
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    forms = [f.strip() for f in a.forms.split(",") if f.strip()] if a.forms else None
+    try:
+        model = load_model(a.model, device="cpu")
+        res = run(model, a.prompts, a.candidates, a.pairs_per_prompt, forms=forms)
+    except ValueError as e:
+        p.error(str(e))
+    res["chosen"] = choose_form(res["table"], a.max_ratio, a.max_coverage)
+    if a.out:
+        with open(a.out, "w") as f:
+            json.dump(res, f, indent=1)
+    print(json.dumps({"table": res["table"], "chosen": res["chosen"]}, indent=1))
+    if a.write_defaults:
+        if res["chosen"] is None:
+            print("error: no form meets both limits; dfusion.json left as it was", file=sys.stderr)
+            return 1
+        from dfusion_core.engine.loading import DEFAULT_MODEL
+
+        fp = FusionParams(**{**res["forms"][res["chosen"]], "mask": MaskParams(**res["forms"][res["chosen"]]["mask"])})
+        write_defaults(a.model or DEFAULT_MODEL, res["chosen"], fp)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
