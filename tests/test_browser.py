@@ -154,7 +154,7 @@ def test_a_refused_fusion_keeps_the_last_outputs_and_says_why(fused):
 @pytest.mark.slow
 def test_the_fusion_step_sliders_cannot_cross(fused):
     """...and after every fusion both boxes show the range the target was fused with (typed values, followed ones
-    and refused ones alike)."""
+    and ones typed past the slider's end alike)."""
     page, _ = fused
     start = page.locator("#start-step input[type=number]")
     end = page.locator("#end-step input[type=number]")
@@ -172,10 +172,11 @@ def test_the_fusion_step_sliders_cannot_cross(fused):
     assert "steps 3-3" in shown(_set_slider(page, "end-step", 3))
     assert f"steps 3-{n}" in shown(_set_slider(page, "end-step", n))
     box = page.locator("#end-step input[type=number]")
-    box.fill(str(n + 5))  # past the slider's end: refused on the end step's own box, the fused range unchanged
+    box.fill(str(n + 5))  # past the slider's end: the boxes come back to the range the target was fused with
     box.blur()
-    page.locator("#end-step", has_text=f"end_step must be in 1..{n}").wait_for(timeout=WAIT_MS)
-    assert "end_step" not in page.locator("#start-step").inner_text()
+    page.wait_for_timeout(3000)
+    shown(f"steps 3-{n}")
+    assert f"steps 3-{n}" in _status(page)
 
 
 def test_the_fuse_tab_names_no_winner(fused):
