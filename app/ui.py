@@ -371,9 +371,13 @@ class FuseEvents:
         return self.threshold_view(sess, mode, thr, um, comb, coverage=keep)
 
     @guarded
-    def on_word(self, sess, word):
+    def on_word(self, sess, word, prompt=None):
+        """The word's attention over the reference, when the pair on show was fused from the prompt in the box;
+        after the prompt changed it would be the old pair's reference, so the panel is emptied instead."""
         if sess.result is None or not word:
             return gr.update()
+        if prompt is not None and " ".join(str(prompt).split()) != sess.result.prompt:
+            return None
         return self.overlays(sess, word)[0]
 
     @guarded
@@ -514,7 +518,7 @@ def _wire_fuse(v: SimpleNamespace, ev: FuseEvents, state: gr.State) -> None:
     v.prompt.change(ev.on_prompt_notes, [v.prompt], [v.notes], api_name="prompt_notes", queue=False,
                     show_progress="hidden", trigger_mode="always_last")
     _wire_fusion(v, ev)
-    v.words.change(ev.on_word, [state, v.words], [v.heat], api_name="word_heatmap")
+    v.words.change(ev.on_word, [state, v.words, v.prompt], [v.heat], api_name="word_heatmap")
     v.traj_step.release(ev.on_traj, [state, v.traj_step], [v.x0_img], api_name="trajectory")
     for lab, btn in v.label_buttons.items():
         btn.click(ev.labeller(lab), [state], [v.status], api_name=f"label_{lab}")
@@ -594,7 +598,13 @@ class DatasetEvents:
 
     @guarded
     def on_import(self, path, text, lf):
-        return self.svc.import_pairs(path), self.on_table(text, lf)
+        """The import's report; a refused archive is said in its place (an Error badge over the previous
+        import's report read as if that one had failed) and the table stays."""
+        try:
+            report = self.svc.import_pairs(path)
+        except UserError as e:
+            return f"import failed: {e}", gr.update()
+        return report, self.on_table(text, lf)
 
 
 def dataset_tab(svc: AppService):

@@ -311,9 +311,9 @@ def test_dataset_tab_exports_a_download_imports_an_upload_with_a_report_and_undo
     assert len(svc.store) == n
     bad = tmp_path / "notes.zip"
     bad.write_text("not an archive")
-    with pytest.raises(Exception, match="neither a folder nor a readable .zip") as shown:
-        c.predict(handle_file(str(bad)), "", "any", api_name="/import")
-    assert "internal error" not in str(shown.value) and len(svc.store) == n
+    report, table = c.predict(handle_file(str(bad)), "", "any", api_name="/import")  # said in the report's place
+    assert report.startswith("import failed:") and "neither a folder nor a readable .zip" in report, report
+    assert "internal error" not in report and len(svc.store) == n  # the table is left as it was (no update)
 
 
 @pytest.mark.parametrize("values", [("dpo", 4, 1e-3, 5000, 3), ("traj-dpo", 8, 1e-4, 0.2, 100), ("ddpo", 2, 1e-4, 1, 20)])
@@ -468,6 +468,19 @@ def test_a_refused_fusion_is_a_validation_error_naming_the_input_before_any_mode
     with pytest.raises(ValidationError, match=r"- end_step: .*starts at step 4, after its end"):
         c.predict(*_fuse_args(start=4, end=2), api_name="/refuse_start_step")  # a live control: the same rule
     assert calls == []
+
+
+def test_a_words_heatmap_is_never_drawn_over_another_prompts_reference(app_url):
+    """After the prompt changed, clicking a word empties the heatmap (it drew over the previous prompt's reference,
+    or showed an Error badge for a word the old prompt lacked)."""
+    url, _ = app_url
+    c = gradio_client.Client(url, verbose=False)
+    c.predict("a red dog", api_name="/words")
+    c.predict(*_fuse_args("70", "71"), api_name="/fuse")
+    assert c.predict("dog", "a red  dog", api_name="/word_heatmap") is not None  # the fused prompt, as typed
+    c.predict("a red cat", api_name="/words")  # the prompt typed anew: its words are the choices
+    assert c.predict("red", "a red cat", api_name="/word_heatmap") is None
+    assert c.predict("cat", "a red cat", api_name="/word_heatmap") is None
 
 
 def test_a_refused_sample_is_a_validation_error_and_replaces_nothing(app_url, monkeypatch):
