@@ -770,13 +770,18 @@ def train_tab(svc: AppService, state: gr.State, weights: gr.Markdown) -> list:
         ba_rows = gr.Markdown(elem_id="before-after-rows")
         timer = gr.Timer(2.0)
     ev, shown = TrainEvents(svc), [train_status, train_progress, train_plot]
-    train_btn.click(ev.on_train, [state, algo, rank, lr, beta, tsteps], [state, train_msg, *shown], api_name="train")
-    rounds_btn.click(ev.on_rounds, [state, rl_algo, rank, lr, rounds, arm, rl_prompts, cands], [state, train_msg, *shown],
-                     api_name="train_on_policy")
+    trained = train_btn.click(ev.on_train, [state, algo, rank, lr, beta, tsteps], [state, train_msg, *shown],
+                              api_name="train")
+    rounds_started = rounds_btn.click(ev.on_rounds, [state, rl_algo, rank, lr, rounds, arm, rl_prompts, cands],
+                                      [state, train_msg, *shown], api_name="train_on_policy")
     cancel_btn.click(ev.on_cancel, [state], [train_msg, *shown], api_name="train_cancel")
     resume_btn.click(ev.on_resume, [state], [train_msg, *shown], api_name="train_resume")
     load_btn.click(ev.on_load, [state], [state, train_msg, weights], api_name="load_trained")
     unload_btn.click(ev.on_unload, [state], [state, train_msg, weights], api_name="unload_trained")
+    # a fine-tune started makes the shown before / after stale: it compared the previous LoRA
+    for started in (trained, rounds_started):
+        started.success(lambda: (None, ""), None, [before_after, ba_rows], queue=False, api_name=False,
+                        show_progress="hidden")
     compare_btn.click(ev.on_compare, [state, ba_prompts], [before_after, ba_prompts, ba_rows], api_name="before_after")
     ba_prompts.change(ev.on_compare_plan, [state, ba_prompts], [ba_plan], api_name=False, show_progress="hidden")
     timer.tick(ev.on_tick, [state], shown, api_name="train_status", show_progress="hidden")

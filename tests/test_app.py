@@ -680,3 +680,19 @@ def test_the_ablation_plots_title_legend_and_labels_lie_inside_the_figure_apart(
     fig = training_plot([{"step": s, "loss": 1 / (s + 1), "implicit_acc": 0.5, "reward_margin": 0.1} for s in range(5)])
     fig.canvas.draw()
     assert all(fig.bbox.x0 <= ax.title.get_window_extent().x0 for ax in fig.axes)
+
+
+def test_a_started_fine_tune_clears_the_previous_before_after(sd1, tmp_path):
+    """The before / after grid compared the previous LoRA: once /train or /train_on_policy succeeds, an event that
+    follows it (on success only) empties the grid and its row list."""
+    from app.service import AppService
+    from app.ui import build_demo
+
+    demo = build_demo(AppService(sd1, store_dir=tmp_path / "store"))
+    cfg = demo.config
+    ids = {c.get("props", {}).get("elem_id"): c["id"] for c in cfg["components"]}
+    grid, rows = ids["before-after"], ids["before-after-rows"]
+    for name in ("train", "train_on_policy"):
+        start = next(d for d in cfg["dependencies"] if d["api_name"] == name)
+        after = [d for d in cfg["dependencies"] if d["trigger_after"] == start["id"] and d["trigger_only_on_success"]]
+        assert any({grid, rows} <= set(d["outputs"]) for d in after), name
