@@ -16,7 +16,8 @@ from types import SimpleNamespace
 
 import gradio as gr
 
-from dfusion_core.engine.config import COMBINE_MODES, FUSION_LAYER_PRESETS, RESIZE_MODES, THRESHOLD_MODES
+from dfusion_core.engine.config import FUSION_LAYER_PRESETS, FusionParams, MaskParams, SamplingParams
+from dfusion_core.engine.schema import control_spec
 
 from .service import (PAIR_COLUMNS, AppService, FuseControls, Session, UserError, check_prompt, model_name,
                       parse_seed)
@@ -93,6 +94,18 @@ def fuse_controls(fn):
                for f in fields(FuseControls)]
     fn.__signature__ = sig.replace(parameters=params)
     return fn
+
+
+def setting_control(cls, name: str, value, **kw):
+    """A Fuse control made from its setting's schema (engine/schema: label, choices, element id): a radio over the
+    choices, a checkbox for a flag, else a slider; `kw` adds what the schema leaves to the page (a range)."""
+    spec = control_spec(cls, name)
+    common = {"label": spec["label"], "elem_id": spec["elem_id"], "value": value, **kw}
+    if spec["choices"]:
+        return gr.Radio(list(spec["choices"]), **common)
+    if isinstance(spec["default"], bool):
+        return gr.Checkbox(**common)
+    return gr.Slider(**common)
 
 
 def guarded(fn):
@@ -419,9 +432,10 @@ def _candidate_widgets(v: SimpleNamespace, s0, examples: list[str], checker: boo
     v.notes = gr.Markdown(elem_id="prompt-notes")  # why the model cannot draw the prompt as typed, if it cannot
     with gr.Accordion("Sampling", open=False):
         with gr.Row():
-            v.steps = gr.Slider(2, 50, value=s0.num_steps, step=1, label="DDIM steps")
-            v.guidance = gr.Slider(0, 15, value=s0.guidance_scale, step=0.25, label="Guidance (CFG)")
-            v.eta = gr.Slider(0, 1, value=s0.eta, step=0.05, label="eta (1 = stochastic)")
+            v.steps = setting_control(SamplingParams, "num_steps", s0.num_steps, minimum=2, maximum=50, step=1)
+            v.guidance = setting_control(SamplingParams, "guidance_scale", s0.guidance_scale, minimum=0, maximum=15,
+                                         step=0.25)
+            v.eta = setting_control(SamplingParams, "eta", s0.eta, minimum=0, maximum=1, step=0.05)
             v.n_cand = gr.Slider(2, 32, value=8, step=1, label="Candidates")
             v.first_seed = gr.Number(value=0, precision=0, label="First seed")
     v.sample_btn = gr.Button("Sample candidates", variant="primary", elem_id="sample")
@@ -443,31 +457,28 @@ def _mask_widgets(v: SimpleNamespace, f0, n_steps: int) -> None:
     with gr.Row():
         with gr.Column(scale=1):
             v.words = gr.Radio(choices=[], label="Words (click one to see its attention)", elem_id="words")
-            v.keywords = gr.CheckboxGroup(choices=[], label="Mask keywords", elem_id="keywords")
-            v.threshold_mode = gr.Radio(list(THRESHOLD_MODES), value=m0.threshold_mode, label="Threshold mode",
-                                        elem_id="threshold-mode")
+            v.keywords = gr.CheckboxGroup(choices=[], label=control_spec(MaskParams, "keywords")["label"],
+                                          elem_id="keywords")
+            v.threshold_mode = setting_control(MaskParams, "threshold_mode", m0.threshold_mode)
             first = threshold_slider(m0.threshold_mode, m0.threshold)  # no map yet: each mode's whole range
             v.threshold = gr.Slider(first.get("minimum", 0.0), first.get("maximum", 1.0), value=m0.threshold,
                                     step=first.get("step", 0.01), label=first["label"],
                                     interactive=first["interactive"], elem_id="threshold")
             with gr.Row():
-                v.start_step = gr.Slider(1, n_steps, value=min(f0.start_step, n_steps), step=1, label="Fuse from step",
-                                         elem_id="start-step")
-                v.end_step = gr.Slider(1, n_steps, value=n_steps, step=1, label="to step", elem_id="end-step")
+                v.start_step = setting_control(FusionParams, "start_step", min(f0.start_step, n_steps), minimum=1,
+                                               maximum=n_steps, step=1)
+                v.end_step = setting_control(FusionParams, "end_step", n_steps, minimum=1, maximum=n_steps, step=1)
             # a Radio, not a Dropdown: gradio's dropdown also fires its input event on blur, so one choice fused
             # twice (the second a cache hit, seconds on a busy machine)
-            v.layers = gr.Radio(list(FUSION_LAYER_PRESETS), label="Fusion layers", elem_id="layers",
-                                value=f0.layers if f0.layers in FUSION_LAYER_PRESETS else "mid+up")
-            v.resize = gr.Radio(list(RESIZE_MODES), value=m0.resize, label="Mask resize")
-            v.combine = gr.Radio(list(COMBINE_MODES), value=m0.combine,
-                                 label="Keywords combined by (mean map, or union of one mask each: the paper's)")
-            v.use_mask = gr.Checkbox(value=True, label="Use the mask (off = global fusion)", elem_id="use-mask")
+            v.layers = setting_control(FusionParams, "layers",
+                                       f0.layers if f0.layers in FUSION_LAYER_PRESETS else "mid+up")
+            v.resize = setting_control(MaskParams, "resize", m0.resize)
+            v.combine = setting_control(MaskParams, "combine", m0.combine)
+            v.use_mask = setting_control(FusionParams, "use_mask", True)
             with gr.Row():
-                v.union_base = gr.Checkbox(value=m0.union_base, elem_id="union-base",
-                                           label="Mask covers the base's objects too (reference ∪ base)")
-                v.hold_outside = gr.Checkbox(value=f0.hold_outside, elem_id="hold-outside",
-                                             label="Keep the base outside the mask (hold its latents)")
-            v.dilate = gr.Slider(0, 4, value=m0.dilate, step=1, label="Grow the mask by (cells)", elem_id="dilate")
+                v.union_base = setting_control(MaskParams, "union_base", m0.union_base)
+                v.hold_outside = setting_control(FusionParams, "hold_outside", f0.hold_outside)
+            v.dilate = setting_control(MaskParams, "dilate", m0.dilate, minimum=0, maximum=4, step=1)
         with gr.Column(scale=1):
             v.heat = gr.Image(label="Selected word's attention over the reference", **PIXELS,
                               interactive=False, elem_id="heat")

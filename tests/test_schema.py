@@ -104,3 +104,25 @@ def test_an_app_refusal_names_its_control(sd1, tmp_path):
     with pytest.raises(UserError) as e:
         svc.sampling(4, 99, 1.0)
     assert e.value.widget == "guidance"
+
+
+def test_the_apps_setting_controls_are_made_from_the_schema(sd1, tmp_path):
+    """Each Fuse control of a setting shows the schema's label and choices under the schema's element id."""
+    from app.service import AppService
+    from app.ui import build_demo
+    from dfusion_core.engine.schema import control_spec
+
+    comps = {c.get("props", {}).get("elem_id"): c["props"]
+             for c in build_demo(AppService(sd1, store_dir=tmp_path / "store")).config["components"]}
+    made = 0
+    for cls in SETTINGS:
+        for f in fields(cls):
+            if not f.metadata.get("widget") or f.name in ("threshold", "keywords"):
+                continue  # the threshold slider's label follows its mode; keywords follow the prompt
+            spec = control_spec(cls, f.name)
+            props = comps[spec["elem_id"]]
+            assert props["label"] == spec["label"], f.name
+            if spec["choices"]:
+                assert [c[0] for c in props["choices"]] == list(spec["choices"]), f.name
+            made += 1
+    assert made >= 12

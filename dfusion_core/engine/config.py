@@ -23,11 +23,13 @@ FLOW_SAMPLERS = ("sde", "ddim", "ode")  # dfusion_core.engine.flow; kept here so
 class SamplingParams:
     """How one image is denoised (paper: DDIM, 20 steps, eta 1.0, CFG 5.0, empty negative prompt)."""
 
-    num_steps: int = setting(20, "denoising steps", flag="--steps", widget="steps")
+    num_steps: int = setting(20, "denoising steps", flag="--steps", widget="steps", label="Steps")
     eta: float = setting(1.0, "DDIM eta: 0 deterministic, 1 DDPM-like (log-probs need > 0); SD3-family models: the "
-                              "SDE's noise level, whose default is 0.7", widget="eta")
+                              "SDE's noise level, whose default is 0.7", widget="eta",
+                   label="eta (0 = deterministic, 1 = stochastic)")
     guidance_scale: float = setting(5.0, "classifier-free guidance; <= 1 disables the unconditional branch",
-                                    flag="--cfg", widget="guidance")
+                                    flag="--cfg", widget="guidance",
+                                    label="Guidance (CFG)")
     negative_prompt: str = setting("", "the unconditional prompt", flag="--negative")
     height: int | None = setting(None, "image height in pixels, a multiple of 8 (None: the model's size)")
     width: int | None = setting(None, "image width in pixels, a multiple of 8 (None: the model's size)")
@@ -58,25 +60,28 @@ class MaskParams:
     """How the reference's cross-attention becomes the fusion mask (docs/METHOD.md step 4)."""
 
     keywords: tuple[str, ...] | None = setting(None, "prompt words whose attention makes the mask (None: the "
-                                                     "prompt's content words)", widget="keywords")
+                                                     "prompt's content words)", widget="keywords",
+                                               label="Mask keywords")
     layer_factors: tuple[int, ...] = setting((4,), "read cross-attention at latent/F for each factor F (powers of "
                                                    "two; 4 = 16x16 for 64x64 latents)", flag="--mask-factors")
     threshold_mode: str = setting("auto", "how the map is cut into the mask: auto (Otsu, no tuning), absolute "
                                           "(paper), relative (x max) or area", choices=THRESHOLD_MODES,
-                                  widget="threshold_mode")
+                                  widget="threshold_mode", label="Threshold mode")
     threshold: float = setting(0.5, "absolute: attention probability; relative: fraction of the map's max; area: "
                                     "fraction of the image kept; auto ignores it", widget="threshold")
     # One diffuse keyword (a colour word that also attends to the background) made the union cover 71-92% of the
     # image on ShapesWorld's train prompts, i.e. near-global fusion (benchmarks/mask_quality.py), hence mean
     combine: str = setting("mean", "keywords' maps: mean = threshold their mean, union = threshold each and OR "
-                                   "them (paper)", choices=COMBINE_MODES, widget="combine")
+                                   "them (paper)", choices=COMBINE_MODES, widget="combine",
+                           label="Keywords combined by (mean map, or union of one mask each: the paper's)")
     resize: str = setting("smooth", "resizing the mask to each fusion layer: nearest (paper) or smooth (bilinear)",
-                          choices=RESIZE_MODES, widget="resize")
-    dilate: int = setting(0, "grow the mask by this many cells at mask resolution", widget="dilate")
+                          choices=RESIZE_MODES, widget="resize", label="Mask resize")
+    dilate: int = setting(0, "grow the mask by this many cells at mask resolution", widget="dilate",
+                          label="Grow the mask by (cells)")
     feather: float = setting(0.0, "soften edges: Gaussian sigma in cells of the fusion layer (0 = hard)")
     accumulate_steps: bool = setting(False, "average maps over the steps so far instead of the current step only")
     union_base: bool = setting(False, "the mask covers the base's keyword objects too (reference OR base)",
-                               widget="union_base")
+                               widget="union_base", label="Mask covers the base's objects too (reference ∪ base)")
     map_softmax: str = setting("joint", "MMDiT maps: softmax over the joint image+text sequence, or over the text "
                                         "keys only", choices=("joint", "text"))
 
@@ -109,15 +114,18 @@ class FusionParams:
     """Where and when the target's self-attention K/V are replaced by the reference's (docs/METHOD.md step 5)."""
 
     start_step: int = setting(3, "first fused step, 1-based (paper: the two noisiest steps are left alone)",
-                              widget="start_step")
-    end_step: int | None = setting(None, "last fused step, 1-based inclusive (None: the last step)", widget="end_step")
+                              widget="start_step", label="Fuse from step")
+    end_step: int | None = setting(None, "last fused step, 1-based inclusive (None: the last step)", widget="end_step",
+                                   label="to step")
     layers: str | tuple[str, ...] = setting("mid+up", "fusion layers: a preset (mid+up = paper, up, mid, all) or "
-                                                      "module-path prefixes", widget="layers")
+                                                      "module-path prefixes", widget="layers",
+                                              label="Fusion layers", choices=FUSION_LAYER_PRESETS)
     use_mask: bool = setting(True, "False (--no-mask): global fusion, no mask; the ablation that destroys consistency",
-                             flag="--no-mask", widget="use_mask")
+                             flag="--no-mask", widget="use_mask", label="Use the mask (off = global fusion)")
     # the target's log-probs are then recomputed under the plain model: the held latent is not the sampler's draw
     hold_outside: bool = setting(False, "after each fused step, set the target's latent outside the mask to the "
-                                        "base's (an MMDiT's fusion otherwise leaks there)", widget="hold_outside")
+                                        "base's (an MMDiT's fusion otherwise leaks there)", widget="hold_outside",
+                                 label="Keep the base outside the mask (hold its latents)")
     mask: MaskParams = setting(help="how the mask is made", flag=False, default_factory=MaskParams)
 
     def step_range(self, num_steps: int) -> tuple[int, int]:
@@ -175,7 +183,8 @@ def model_defaults(model_dir: str | Path | None) -> dict:
     return data if isinstance(data, dict) else {}
 
 
-def apply_model_defaults(defaults: dict, sampling: SamplingParams, mask: MaskParams) -> tuple[SamplingParams, MaskParams]:
+def apply_model_defaults(defaults: dict, sampling: SamplingParams,
+                         mask: MaskParams) -> tuple[SamplingParams, MaskParams]:
     """Overlay a model's dfusion.json on the paper defaults (only fields the file names)."""
     s_names = {f.name for f in fields(SamplingParams)}
     m_names = {f.name for f in fields(MaskParams)}

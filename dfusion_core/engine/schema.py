@@ -20,10 +20,11 @@ class SettingError(ValueError):
 
 
 def setting(default=MISSING, help: str = "", *, flag: str | bool | None = None, widget: str | None = None,
-            choices=None, default_factory=MISSING) -> Field:
-    """A dataclass field with its help text, its CLI flag (None: --field-name; False: not on the command line)
-    and the name of the app control that sets it (None: no control)."""
-    meta = {"help": help, "flag": flag, "widget": widget, "choices": tuple(choices) if choices else None}
+            label: str | None = None, choices=None, default_factory=MISSING) -> Field:
+    """A dataclass field with its help text, its CLI flag (None: --field-name; False: not on the command line),
+    the name of the app control that sets it (None: no control) and that control's short label."""
+    meta = {"help": help, "flag": flag, "widget": widget, "label": label,
+            "choices": tuple(choices) if choices else None}
     if default_factory is not MISSING:
         return field(default_factory=default_factory, metadata=meta)
     return field(default=default, metadata=meta)
@@ -65,6 +66,15 @@ def widget_of(cls, name: str) -> str | None:
     return None
 
 
+def control_spec(cls, name: str) -> dict:
+    """What the app's control of field `name` is made of: its label, choices (None: free), the default, the
+    element id (the widget name, dashed) and the help as its tooltip-length info."""
+    f = cls.__dataclass_fields__[name]
+    m = f.metadata
+    return {"label": m.get("label") or name.replace("_", " "), "choices": m.get("choices"), "default": default_of(f),
+            "elem_id": (m.get("widget") or name).replace("_", "-"), "info": m.get("help", "")}
+
+
 def from_dict(cls, data: dict, source: str = "config"):
     """`cls` from a JSON object of field: value, lists turned into tuples; unknown fields named."""
     if not isinstance(data, dict):
@@ -98,5 +108,5 @@ def markdown_table(cls, own_only: bool = False) -> str:
         choices = f.metadata.get("choices")
         text = f.metadata.get("help", "") + (f" ({' / '.join(choices)})" if choices else "")
         rows.append(f"| `{f.name}` | `{_show(default)}` | {f'`{flag}`' if flag else '-'} | "
-                    f"{f.metadata.get('widget') or '-'} | {text.replace('|', '/')} |")
+                    f"{f.metadata.get('label') or f.metadata.get('widget') or '-'} | {text.replace('|', '/')} |")
     return "\n".join(rows)
