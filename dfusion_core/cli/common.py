@@ -128,6 +128,16 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
                    help="weights' precision (default: fp32 on CPU, fp16 on CUDA)")
 
 
+def add_prompt_flags(p: argparse.ArgumentParser) -> None:
+    """--prompt / --prompt-set / --limit: the prompts a bulk command runs on (read by prompts_arg)."""
+    p.add_argument("--prompt", action="append", help="a prompt, repeatable (default: none; give --prompt or "
+                   "--prompt-set)")
+    p.add_argument("--prompt-set", action="append", help="paper:FAMILY:SPLIT, shapesworld:FAMILY:SPLIT or a file, "
+                   "repeatable (default: none)")
+    p.add_argument("--limit", type=int_at_least(1), default=None, help="use only the first N prompts "
+                   "(default: all)")
+
+
 def add_sampling_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("sampling (paper defaults unless the model's dfusion.json says otherwise)")
     add_setting_flags(g, SamplingParams)

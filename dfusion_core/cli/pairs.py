@@ -5,9 +5,9 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from .common import (SCORER_HELP, SEED_RANGE, add_fusion_flags, add_model_flags, add_sampling_flags, check_model_arg,
-    finish_processes, int_at_least, load_model_arg, params_from_args, plural, progress_bar, prompts_arg,
-    scorer_arg, seed_arg, start_processes, world_checker)
+from .common import (SCORER_HELP, SEED_RANGE, add_fusion_flags, add_model_flags, add_prompt_flags, add_sampling_flags,
+                     check_model_arg, finish_processes, int_at_least, load_model_arg, params_from_args, plural,
+                     progress_bar, prompts_arg, scorer_arg, seed_arg, start_processes, world_checker)
 
 
 def cmd_fuse(a) -> dict:
@@ -119,12 +119,7 @@ def _add_fuse_build(sub) -> None:
 
     p = sub.add_parser("build-pairs", help="sample N per prompt, score, pair, fuse, label by score; under "
                        "`accelerate launch` the prompts are split over the processes; a rerun resumes")
-    p.add_argument("--prompt", action="append", help="a prompt, repeatable (default: none; give --prompt or "
-                   "--prompt-set)")
-    p.add_argument("--prompt-set", action="append", help="paper:FAMILY:SPLIT, shapesworld:FAMILY:SPLIT or a file, "
-                   "repeatable (default: none)")
-    p.add_argument("--limit", type=int_at_least(1), default=None, help="use only the first N prompts "
-                   "(default: all)")
+    add_prompt_flags(p)
     p.add_argument("--scorer", default="default", help=f"{SCORER_HELP} (default: %(default)s)")
     p.add_argument("--num-candidates", type=int_at_least(2, 4096), default=16,
                    help="images sampled and scored per prompt (default: %(default)s)")

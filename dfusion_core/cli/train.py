@@ -12,8 +12,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..engine.config import model_defaults
-from .common import (SCORER_HELP, add_config_flags, add_fusion_flags, add_model_flags, add_sampling_flags,
-                     check_model_arg, config_from_args, finish_processes, int_at_least, load_model_arg,
+from .common import (SCORER_HELP, add_config_flags, add_fusion_flags, add_model_flags, add_prompt_flags,
+                     add_sampling_flags, check_model_arg, config_from_args, finish_processes, int_at_least, load_model_arg,
                      params_from_args, prompts_arg, scorer_arg, start_processes)
 
 SKIPPED_FIELDS = ("steps", "ckpt_every", "dpo_beta", "traj_beta")  # rounds decide the steps; a checkpoint after
@@ -115,12 +115,7 @@ def _add_on_policy(sub) -> None:
     p = sub.add_parser("train-on-policy", help="DDPO / DPOK in on-policy rounds: sample from the current LoRA, pair "
                        "(D-Fusion or random), score, train; repeat")
     p.add_argument("--out", required=True, help="output folder: LoRA, checkpoints, log.jsonl, rounds.jsonl (required)")
-    p.add_argument("--prompt", action="append", help="a prompt, repeatable (default: none; give --prompt or "
-                   "--prompt-set)")
-    p.add_argument("--prompt-set", action="append", help="paper:FAMILY:SPLIT, shapesworld:FAMILY:SPLIT or a file, "
-                   "repeatable (default: none)")
-    p.add_argument("--limit", type=int_at_least(1), default=None, help="use only the first N prompts "
-                   "(default: all)")
+    add_prompt_flags(p)
     p.add_argument("--scorer", default="default", help=f"{SCORER_HELP} (default: %(default)s)")
     p.add_argument("--num-candidates", type=int_at_least(2, 4096), default=16,
                    help="images sampled per prompt per round (default: %(default)s)")
