@@ -276,7 +276,8 @@ def test_fusion_transfer_metrics_on_known_images():
 
 def test_choose_form_needs_both_consistency_and_transfer(tmp_path):
     """The most accepted form among those whose whole-image ratio and median coverage are under their limits;
-    a form copying the reference (ratio ~1, coverage 0.9) never wins however often it is accepted."""
+    a form copying the reference (ratio ~1, coverage 0.9) never wins however often it is accepted, nor does a
+    consistent form that transfers nothing (v3 at step 2040: reference-only held, ratio 0.34, accepted 3%)."""
     import json
 
     from dfusion_core.engine.config import FusionParams, MaskParams, SamplingParams, apply_model_defaults, \
@@ -284,11 +285,13 @@ def test_choose_form_needs_both_consistency_and_transfer(tmp_path):
     from recipes.shapesworld.fusion_transfer import choose_form, write_defaults
 
     row = lambda acc, ratio, cov: {"all": {"accept": acc, "ratio": ratio, "coverage": cov}}
-    table = {"copy": row(0.95, 0.97, 0.9), "tight": row(0.55, 0.25, 0.3), "loose": row(0.7, 0.38, 0.45),
+    table = {"copy": row(0.95, 0.97, 0.9), "tight": row(0.62, 0.25, 0.3), "loose": row(0.7, 0.38, 0.45),
              "global_from_step1": row(0.99, 0.2, 0.1)}
     assert choose_form(table) == "loose"
     assert choose_form(table, max_ratio=0.3) == "tight"
     assert choose_form({"copy": row(0.95, 0.97, 0.9)}) is None
+    assert choose_form({"base_copy": row(0.03, 0.34, 0.11), "copy": row(0.95, 0.97, 0.9)}) is None
+    assert choose_form({"base_copy": row(0.03, 0.34, 0.11)}, min_accept=0.0) == "base_copy"
     fp = FusionParams(start_step=2, layers="all", hold_outside=True, mask=MaskParams(union_base=True, dilate=1))
     (tmp_path / "dfusion.json").write_text(json.dumps({"guidance_scale": 3.0}))
     data = write_defaults(tmp_path, "loose", fp)

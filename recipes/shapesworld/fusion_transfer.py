@@ -142,13 +142,17 @@ def summarise(rows: list[dict]) -> dict:
 DEFAULT_KEYS = ("union_base", "dilate", "resize", "start_step", "layers", "hold_outside")  # what dfusion.json keeps
 
 
-def choose_form(table: dict, max_ratio: float = 0.4, max_coverage: float = 0.5) -> str | None:
+def choose_form(table: dict, max_ratio: float = 0.4, max_coverage: float = 0.5,
+                min_accept: float = 0.6) -> str | None:
     """The form the model should fuse with, judged on all families at once: among masked forms whose mean
-    whole-image ratio <= max_ratio and median coverage <= max_coverage (consistent with the base), the one the
-    checker accepts most often (ties: the lower ratio). None when no form is consistent enough."""
+    whole-image ratio <= max_ratio and median coverage <= max_coverage (consistent with the base) and whose
+    targets the checker accepts at least min_accept of the time (a consistent form that transfers nothing is
+    a copy of the base, not a D-Fusion pair), the most accepted (ties: the lower ratio). None when no form is
+    both."""
     ok = [(v["all"]["accept"], -v["all"]["ratio"], name) for name, v in table.items()
           if name != "global_from_step1" and v["all"].get("ratio") is not None and v["all"].get("coverage") is not None
-          and v["all"]["ratio"] <= max_ratio and v["all"]["coverage"] <= max_coverage]
+          and v["all"]["ratio"] <= max_ratio and v["all"]["coverage"] <= max_coverage
+          and v["all"]["accept"] >= min_accept]
     return max(ok)[2] if ok else None
 
 
@@ -184,6 +188,7 @@ def main(argv=None) -> int:
                    help="write the form choose_form picks into the model folder's dfusion.json")
     p.add_argument("--max-ratio", type=float, default=0.4, help="choose_form: whole-image ratio limit (0.4)")
     p.add_argument("--max-coverage", type=float, default=0.5, help="choose_form: median mask coverage limit (0.5)")
+    p.add_argument("--min-accept", type=float, default=0.6, help="choose_form: checker acceptance floor (0.6)")
     a = p.parse_args(argv)
     if min(a.prompts, a.candidates, a.pairs_per_prompt) < 1:
         p.error("--prompts, --candidates and --pairs-per-prompt must be at least 1")
@@ -195,7 +200,7 @@ def main(argv=None) -> int:
         res = run(model, a.prompts, a.candidates, a.pairs_per_prompt, forms=forms)
     except ValueError as e:
         p.error(str(e))
-    res["chosen"] = choose_form(res["table"], a.max_ratio, a.max_coverage)
+    res["chosen"] = choose_form(res["table"], a.max_ratio, a.max_coverage, a.min_accept)
     if a.out:
         with open(a.out, "w") as f:
             json.dump(res, f, indent=1)
