@@ -63,8 +63,8 @@ def test_the_page_is_served_before_the_model_and_says_it_is_loading(sd1, pipelin
             page = browser.new_page(viewport={"width": 1300, "height": 1400})
             page.goto(url)
             page.locator("#model-status", has_text="still loading").wait_for(timeout=WAIT_MS)
-            page.click("#sample")  # a model call: refused with the reason, not an internal error
-            page.locator(".toast-body", has_text="still loading").first.wait_for(timeout=WAIT_MS)
+            page.click("#sample")  # a model call: refused with the reason at the prompt, not an internal error
+            page.locator("#prompt", has_text="still loading").wait_for(timeout=WAIT_MS)
             assert "internal error" not in page.locator("body").inner_text()
             svc.start_loading()
             page.locator("#model-status", has_text="ready").wait_for(timeout=WAIT_MS)
