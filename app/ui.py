@@ -108,6 +108,21 @@ def setting_control(cls, name: str, value, **kw):
     return gr.Slider(**common)
 
 
+class Refusals(dict):
+    """{control: message} of what the service refuses, found before a model call (an event's validator)."""
+
+    def test(self, name: str, fn, *args):
+        """fn(*args), or None with its refusal kept on the control it names (UserError.widget), else on `name`."""
+        try:
+            return fn(*args)
+        except UserError as err:
+            self.setdefault(err.widget or name, str(err))
+
+    def validators(self, names) -> list:
+        """One gr.validate per input of the event, in order: its message, or valid."""
+        return [gr.validate(name not in self, self.get(name, "")) for name in names]
+
+
 def guarded(fn):
     """UserError -> a toast with its message; anything else -> a short toast, logged with its traceback."""
     @functools.wraps(fn)
@@ -227,19 +242,15 @@ class FuseEvents:
     def check_sample(self, sess, p, st, g, e, n, s0_):
         """The validator of /sample, as /fuse has one: a refused input gets its message and nothing on the page is
         replaced (a refusal raised by the handler covered the gallery, seeds and word lists with Error badges)."""
-        bad: dict[str, str] = {}
+        bad = Refusals()
         if not self.svc.ready:
             bad["prompt"] = self.svc.model_status()
         else:
-            for name, fn, args in (("prompt", check_prompt, (p,)), ("steps", self.svc.sampling, (st, g, e)),
-                                   ("n_cand", self.svc.check_candidates, (n,)),
-                                   ("first_seed", parse_seed, (s0_, "first seed"))):
-                try:
-                    fn(*args)
-                except UserError as err:
-                    bad.setdefault(err.widget or name, str(err))
-        names = ["state", "prompt", "steps", "guidance", "eta", "n_cand", "first_seed"]
-        return [gr.validate(name not in bad, bad.get(name, "")) for name in names]
+            bad.test("prompt", check_prompt, p)
+            bad.test("steps", self.svc.sampling, st, g, e)
+            bad.test("n_cand", self.svc.check_candidates, n)
+            bad.test("first_seed", parse_seed, s0_, "first seed")
+        return bad.validators(["state", "prompt", "steps", "guidance", "eta", "n_cand", "first_seed"])
 
     @staticmethod
     def candidates(sess, base, ref) -> list:
@@ -331,7 +342,7 @@ class FuseEvents:
         except Exception:  # noqa: BLE001 - not a refusal: the handler runs and reports it (guarded)
             log.exception("the fuse validator failed")
             bad = {}
-        return [gr.validate(name not in bad, bad.get(name, "")) for name in FUSE_INPUTS]
+        return Refusals(bad).validators(FUSE_INPUTS)
 
     @fuse_controls
     def check_live(self, sess, *values):
@@ -343,13 +354,8 @@ class FuseEvents:
     def problems(self, c: FuseControls) -> dict[str, str]:
         """{input name: message} for what the service would refuse, found without running the model; each
         message goes on the control the refused setting came from (UserError.widget)."""
-        bad: dict[str, str] = {}
-
-        def test(name, fn, *a):
-            try:
-                return fn(*a)
-            except UserError as err:
-                bad.setdefault(err.widget or name, str(err))
+        bad = Refusals()
+        test = bad.test
         if not self.svc.ready:  # the model loads behind the page: said at the prompt, nothing else checked
             return {"prompt": self.svc.model_status()}
         prompt, sampling = test("prompt", check_prompt, c.prompt), test("steps", self.svc.sampling, c.steps,

@@ -50,6 +50,7 @@ class ModelService:
         self.scorer_source = scorer_source  # the scorer's name for a training child (on-policy rewards)
         self.store = PreferenceStore(store_dir)
         self.cache = ReferenceCache(max_bytes=cache_bytes)
+        self.seconds_per_image: float | None = None  # the last candidates' sampling speed (before / after)
         self._set_defaults(self.model_defaults)
         self._pending = (model, load_options or {}, make_scorer) if self._model is None else None
         if self._model is not None and make_scorer is not None:

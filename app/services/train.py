@@ -228,7 +228,7 @@ class TrainService:
     def before_after_estimate(self, n_prompts: int, seeds=(0, 1)) -> str:
         """What a before / after costs: images, and seconds at this machine's last measured sampling speed."""
         images = n_prompts * len(seeds) * 2
-        per = getattr(self, "seconds_per_image", None)
+        per = self.seconds_per_image
         took = f", about {max(1, round(images * per))} s at the last sampling's speed" if per else ""
         return f"{n_prompts} prompt(s) x {len(seeds)} seeds, base and LoRA: {images} images{took}"
 

@@ -3,6 +3,7 @@ prompt lists and accelerate processes."""
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 import tempfile
 from dataclasses import fields, replace
@@ -71,12 +72,17 @@ def fmt_default(v) -> str:
     return " ".join(map(str, v)) if isinstance(v, (tuple, list)) else repr(v) if v == "" else str(v)
 
 
+@functools.lru_cache(maxsize=1)
+def _shipped_defaults() -> dict:
+    return model_defaults(SHIPPED_MODEL)  # read once, not once per flag
+
+
 def field_help(cls, name: str) -> str:
     """A config field's help (engine/schema) and its default, and where the shipped model's dfusion.json sets
     another value, that too (the default --model uses it)."""
     f = cls.__dataclass_fields__[name]
     default = default_of(f)
-    shipped = model_defaults(SHIPPED_MODEL).get(name)
+    shipped = _shipped_defaults().get(name)
     note = f"; the model's dfusion.json may set another: the shipped model's is {fmt_default(shipped)}" \
         if shipped is not None and fmt_default(shipped) != fmt_default(default) else ""
     return f"{help_of(cls)[name]} (default: {fmt_default(default)}{note})"
@@ -84,7 +90,8 @@ def field_help(cls, name: str) -> str:
 
 def add_setting_flags(g, cls, skip=()) -> None:
     """One flag per field of a settings dataclass, generated from its schema (engine/schema.setting): the flag,
-    its help, choices and type; dest is the field's name and None means not given (the model's default)."""
+    its help, choices and type; dest is the field's name and None means not given (the model's default, or for
+    a training config its --config file or the field's default)."""
     for f in fields(cls):
         flag = flag_of(f)
         if flag is None or f.name in skip:
@@ -275,23 +282,6 @@ def quiet_loading() -> None:
 
     dlog.disable_progress_bar()
     tlog.disable_progress_bar()
-
-
-def add_config_flags(p: argparse.ArgumentParser, cls, skip=()) -> None:
-    """One optional flag per field of a training config dataclass (None when not given: --config or the field's
-    default decides); string fields are validated by the dataclass, lora_targets takes several names."""
-    notes = help_of(cls)
-    for fld in fields(cls):
-        if fld.name in skip:
-            continue
-        flag, doc = "--" + fld.name.replace("_", "-"), f"{notes[fld.name]} (default: {fmt_default(fld.default)})"
-        if fld.name == "lora_targets":
-            p.add_argument(flag, nargs="+", default=None, help=doc)
-        elif isinstance(fld.default, str):
-            p.add_argument(flag, default=None, help=doc)
-        else:
-            typ = float if isinstance(fld.default, float) or fld.default is None else int
-            p.add_argument(flag, type=typ, default=None, help=doc)
 
 
 def config_from_args(a, cls, skip=()):

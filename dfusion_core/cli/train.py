@@ -12,9 +12,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..engine.config import model_defaults
-from .common import (SCORER_HELP, add_config_flags, add_fusion_flags, add_model_flags, add_prompt_flags,
-                     add_sampling_flags, check_model_arg, config_from_args, finish_processes, int_at_least, load_model_arg,
-                     params_from_args, prompts_arg, scorer_arg, start_processes)
+from .common import (SCORER_HELP, add_fusion_flags, add_model_flags, add_prompt_flags, add_sampling_flags,
+                     add_setting_flags, check_model_arg, config_from_args, finish_processes, int_at_least,
+                     load_model_arg, params_from_args, prompts_arg, scorer_arg, start_processes)
 
 SKIPPED_FIELDS = ("steps", "ckpt_every", "dpo_beta", "traj_beta")  # rounds decide the steps; a checkpoint after
 # every round; the DPO betas belong to the offline methods
@@ -104,7 +104,7 @@ def _add_train(sub) -> None:
     p.add_argument("--config", default=None, help="JSON file of TrainConfig fields; flags override it "
                    "(default: none)")
     p.add_argument("--no-resume", action="store_true", help="start over even if OUT has a checkpoint")
-    add_config_flags(p, TrainConfig)
+    add_setting_flags(p, TrainConfig)
     add_model_flags(p)
     p.set_defaults(fn=cmd_train)
 
@@ -128,7 +128,7 @@ def _add_on_policy(sub) -> None:
     p.add_argument("--config", default=None, help="JSON file of OnPolicyConfig fields; flags override it "
                    "(default: none)")
     p.add_argument("--no-resume", action="store_true", help="start over even if OUT has a checkpoint")
-    add_config_flags(p, OnPolicyConfig, skip=SKIPPED_FIELDS)
+    add_setting_flags(p, OnPolicyConfig, skip=SKIPPED_FIELDS)
     add_model_flags(p), add_sampling_flags(p), add_fusion_flags(p)
     p.set_defaults(fn=cmd_train_on_policy)
 

@@ -19,12 +19,12 @@ from dfusion_core.worlds.shapesworld.world import prompt_list
 FAMILIES = ("action", "attribute", "spatial")
 
 
-def grid_prompts(per_family: int = 3, stride: int = 7) -> list[tuple[str, str]]:
-    """(family, prompt): TEST prompts spread through each family's list (neighbours share their first words)."""
+def grid_prompts(per_family: int = 3, stride: int = 7) -> list:
+    """(family, PromptSpec): TEST prompts spread through each family's list (neighbours share their first words)."""
     out = []
     for fam in FAMILIES:
         specs = prompt_list(fam, "test")
-        out += [(fam, specs[(k * stride) % len(specs)].text) for k in range(per_family)]
+        out += [(fam, specs[(k * stride) % len(specs)]) for k in range(per_family)]
     return out
 
 
@@ -37,12 +37,11 @@ def framed(im: Image.Image, ok: bool, scale: int = 2) -> Image.Image:
 
 def make_grid(model, prompts, seeds) -> tuple[Image.Image, dict]:
     rows, accepted = [], {f: [] for f in FAMILIES}
-    for fam, prompt in prompts:
-        res = sample(model, prompt, list(seeds), model.default_sampling())
-        spec = next(s for s in prompt_list(fam, "test") if s.text == prompt)
+    for fam, spec in prompts:
+        res = sample(model, spec.text, list(seeds), model.default_sampling())
         oks = [check(np.asarray(im), spec).correct for im in res.images]
         accepted[fam] += oks
-        rows.append((prompt, [framed(im, ok) for im, ok in zip(res.images, oks)]))
+        rows.append((spec.text, [framed(im, ok) for im, ok in zip(res.images, oks)]))
     cell = rows[0][1][0].size
     label_w = 330
     sheet = Image.new("RGB", (label_w + cell[0] * len(seeds), cell[1] * len(rows)), "white")
