@@ -3,6 +3,7 @@ screen, and the checks of typed values (seeds, prompts)."""
 from __future__ import annotations
 
 import tempfile
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -73,6 +74,36 @@ class Candidate:
     correct: bool | None = None  # ShapesWorld ground-truth checker, when the prompt is a ShapesWorld caption
 
 
+class FusionTicket:
+    """Which of a session's fusion requests is the newest. Each fusion takes a number when it starts; one whose
+    number is no longer the latest stops at its next step (a slider moved again), so a drag never queues stale
+    work. Shared by every copy dataclasses.replace makes of a Session; a fresh one per visitor."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.latest = self.finished = 0
+
+    def take(self) -> int:
+        with self._lock:
+            self.latest += 1
+            return self.latest
+
+    def stale(self, number: int) -> bool:
+        return number != self.latest
+
+    def finish(self, number: int) -> None:
+        with self._lock:
+            self.finished = max(self.finished, number)
+
+    @property
+    def pending(self) -> bool:
+        """A newer fusion than the last finished one is on its way (what the page shows is about to change)."""
+        return self.latest > self.finished
+
+    def __deepcopy__(self, memo):  # gradio deep-copies the initial Session for each visitor (a lock cannot be)
+        return FusionTicket()
+
+
 @dataclass
 class Session:
     """One browser session's working state (gradio keeps one per visitor)."""
@@ -87,6 +118,7 @@ class Session:
     same_pair: bool = False  # the last fusion kept prompt, seeds and sampling: base and reference are unchanged
     weights: str | None = None  # the LoRA folder every model call of this session computes with; None = base
     token: str = ""  # names this session's fine-tune; given at its first (gradio copies one Session to every visitor)
+    fusions: FusionTicket = field(default_factory=FusionTicket, repr=False, compare=False)
 
 
 def parse_seed(value, name: str) -> int:

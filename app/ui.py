@@ -7,23 +7,26 @@ service). Every event has an api_name, so the app is scriptable with gradio_clie
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import logging
+import queue
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import fields
 from types import SimpleNamespace
 
 import gradio as gr
 
 from dfusion_core.engine.config import FUSION_LAYER_PRESETS, FusionParams, MaskParams, SamplingParams
+from dfusion_core.engine.progress import FusionCancelled
 from dfusion_core.engine.schema import control_spec
 
 from .service import (PAIR_COLUMNS, AppService, FuseControls, Session, UserError, check_prompt, model_name,
                       parse_seed)
-from .views import (CHECKER_LEGEND, MASK_LEGEND, ablation_plot, candidate_caption, enlarge, heat_overlay,
-                    mask_overlay, pair_notes,
-                    progress_bar, prompt_notes_text, score_text, threshold_slider, training_plot)
+from .views import (CHECKER_LEGEND, MASK_LEGEND, PREVIEW_STATUS, SUPERSEDED_STATUS, ablation_plot, candidate_caption,
+                    enlarge, heat_overlay, mask_overlay, pair_notes, progress_bar, prompt_notes_text, score_text, threshold_slider, training_plot)
 
 log = logging.getLogger("dfusion.app")
 
@@ -69,6 +72,10 @@ CSS = """.pixelated img { image-rendering: pixelated; }
 # Small images shown large with crisp pixels, sent as PNG: exact pixels, and about 3x faster to encode than
 # gradio's default WebP (4.7 vs 13.6 ms for a 256 px image here).
 PIXELS = {"elem_classes": ["pixelated"], "format": "png"}
+# Fusions (Fuse and the live re-fusions) running at once, app-wide. Each waits for the one model thread; what
+# concurrency buys is that a session's newer request starts at once and stops its older one at the older's next
+# step (Session.fusions), so moving a slider again never waits behind stale work.
+FUSION_CONCURRENCY = 16
 # Re-fuse live when one of these Fuse controls moves: (widget name, its event, the endpoint's suffix).
 LIVE_CONTROLS = [("threshold", "release", "threshold"), ("start_step", "release", "start_step"),
                  ("end_step", "release", "end_step"), ("threshold_mode", "input", "threshold_mode"),
@@ -123,19 +130,34 @@ class Refusals(dict):
         return [gr.validate(name not in self, self.get(name, "")) for name in names]
 
 
+@contextlib.contextmanager
+def _reported(name: str):
+    """UserError -> a toast with its message; anything else -> a short toast, logged with its traceback. A fusion
+    a newer one superseded passes through (its handler says so)."""
+    try:
+        yield
+    except UserError as e:
+        raise gr.Error(str(e), print_exception=False) from None
+    except (gr.Error, FusionCancelled):
+        raise
+    except Exception as e:  # noqa: BLE001 - the UI must stay up
+        log.exception("unexpected error in %s", name)
+        raise gr.Error(f"internal error ({type(e).__name__}): {e}", print_exception=False) from None
+
+
 def guarded(fn):
-    """UserError -> a toast with its message; anything else -> a short toast, logged with its traceback."""
+    """A handler whose errors reach the screen as toasts (_reported); a generator's too, while it streams."""
+    if inspect.isgeneratorfunction(fn):
+        @functools.wraps(fn)
+        def streaming(*args):
+            with _reported(fn.__name__):
+                yield from fn(*args)
+        return streaming
+
     @functools.wraps(fn)
     def wrapper(*args):
-        try:
+        with _reported(fn.__name__):
             return fn(*args)
-        except UserError as e:
-            raise gr.Error(str(e), print_exception=False) from None
-        except gr.Error:
-            raise
-        except Exception as e:  # noqa: BLE001 - the UI must stay up
-            log.exception("unexpected error in %s", fn.__name__)
-            raise gr.Error(f"internal error ({type(e).__name__}): {e}", print_exception=False) from None
     return wrapper
 
 
@@ -195,6 +217,7 @@ class FuseEvents:
 
     def __init__(self, svc: AppService):
         self.svc = svc
+        self._fusions = ThreadPoolExecutor(FUSION_CONCURRENCY, thread_name_prefix="dfusion-fusion")
 
     def word_choices(self, p):
         """Updates of the word picker and the keyword boxes for a prompt (empty for a prompt refused)."""
@@ -291,14 +314,48 @@ class FuseEvents:
     @guarded
     @fuse_controls
     def on_fuse(self, sess, *values):
-        """/fuse: the controls (FUSE_INPUTS after the session) as one FuseControls value."""
-        c = FuseControls(*values)
-        sampling, fusion = self.svc.fuse_settings(c)
-        t0 = time.perf_counter()
-        sess = self.svc.fuse(sess, c.prompt, c.base_seed, c.ref_seed, sampling, fusion)
-        took = time.perf_counter() - t0
-        r = sess.result
-        heat_im, mask_im = self.overlays(sess, c.words)
+        """/fuse: the controls (FUSE_INPUTS after the session) as one FuseControls value. Streams: the target's
+        preview while it forms, then the pair."""
+        yield from self.fusing(sess, FuseControls(*values))
+
+    @guarded
+    @fuse_controls
+    def on_live(self, sess, *values):
+        if sess.result is None:  # nothing fused yet: a control moved before the first fusion
+            yield (sess, *[gr.update()] * 7, "move a control after the first fusion to see it live")
+            return
+        yield from self.fusing(sess, FuseControls(*values), live=True)
+
+    def fusing(self, sess, c: FuseControls, live: bool = False):
+        """Run the fusion beside this event and yield the target's preview each time one arrives (the status says
+        which step), then the fused pair; a fusion superseded by a newer one of the session says so and ends."""
+        previews = queue.SimpleQueue()
+        job = self._fusions.submit(self.fused, sess, c, lambda *p: previews.put(p))
+        keep = (gr.skip(),) * 3
+        while not (job.done() and previews.empty()):
+            try:
+                step, n, image = previews.get(timeout=0.05)
+            except queue.Empty:
+                continue
+            yield (*keep, enlarge(image), *keep, gr.skip(), PREVIEW_STATUS.format(step=step, n=n))
+        try:
+            out = job.result()
+        except FusionCancelled:
+            yield (*keep, *keep, gr.skip(), gr.skip(), SUPERSEDED_STATUS)
+            return
+        if live and out[0].same_pair:  # base, reference and their attention are unchanged: fewer images to send
+            out = (out[0], gr.skip(), gr.skip(), *out[3:5], gr.skip(), *out[6:])
+        yield out
+
+    def fused(self, sess, c: FuseControls, preview=None) -> tuple:
+        """Fuse (the service) and the Fuse outputs of the new pair."""
+        with _reported("fuse"):
+            sampling, fusion = self.svc.fuse_settings(c)
+            t0 = time.perf_counter()
+            sess = self.svc.fuse(sess, c.prompt, c.base_seed, c.ref_seed, sampling, fusion, preview=preview)
+            took = time.perf_counter() - t0
+            r = sess.result
+            heat_im, mask_im = self.overlays(sess, c.words)
         how = "one batched run"
         if r.from_cache:
             how = "cache (target branch only" + (f", {r.steps_reused} of {r.sampling.num_steps} steps reused)"
@@ -313,21 +370,12 @@ class FuseEvents:
                 (enlarge(r.base_image), enlarge(r.target_image)), heat_im, mask_im, score_text(sess.scores, notes),
                 msg)
 
-    @guarded
-    @fuse_controls
-    def on_live(self, sess, *values):
-        if sess.result is None:  # nothing fused yet: a control moved before the first fusion
-            return (sess, *[gr.update()] * 7, "move a control after the first fusion to see it live")
-        out = self.on_fuse(sess, *values)
-        if out[0].same_pair:  # base, reference and their attention are unchanged: three fewer images to send
-            out = (out[0], gr.skip(), gr.skip(), *out[3:5], gr.skip(), *out[6:])
-        return out
-
     @staticmethod
     def on_steps_view(sess):
-        """The step sliders set to the range the target was fused with (whatever was typed or followed)."""
+        """The step sliders set to the range the target was fused with (whatever was typed or followed); left as
+        they are while a newer fusion is on its way (they show what it was asked for)."""
         r = sess.result if sess is not None else None
-        if r is None:
+        if r is None or sess.fusions.pending:
             return gr.update(), gr.update()
         return r.fusion.step_range(r.sampling.num_steps)
 
@@ -556,7 +604,8 @@ def _wire_fusion(v: SimpleNamespace, ev: FuseEvents) -> None:
     # a new fusion clears the trajectory's predicted image: it showed the previous target
     clear = {"fn": lambda: None, "inputs": None, "outputs": [v.x0_img], "queue": False, "show_progress": "hidden",
              "api_name": False}
-    fused = v.fuse_btn.click(ev.on_fuse, inputs, outputs, api_name="fuse", validator=ev.check, preprocess=False)
+    fused = v.fuse_btn.click(ev.on_fuse, inputs, outputs, api_name="fuse", validator=ev.check, preprocess=False,
+                             concurrency_id="fusion", concurrency_limit=FUSION_CONCURRENCY)
     steps = {"fn": ev.on_steps_view, "inputs": [v.state], "outputs": [v.start_step, v.end_step], "queue": False,
              "show_progress": "hidden", "api_name": False}
     fused.success(**slider, api_name=False)
@@ -568,11 +617,13 @@ def _wire_fusion(v: SimpleNamespace, ev: FuseEvents) -> None:
     for widget, event, name in LIVE_CONTROLS:
         listen = getattr(getattr(v, widget), event)
         live = {"fn": ev.on_live, "inputs": inputs, "outputs": outputs, "api_name": f"refuse_{name}",
-                "validator": ev.check_live, "preprocess": False}
+                "validator": ev.check_live, "preprocess": False, "concurrency_id": "fusion",
+                "concurrency_limit": FUSION_CONCURRENCY}
+        # "multiple": a move made while a fusion runs is sent at once and stops that fusion (see FUSION_CONCURRENCY)
         if widget in first:
-            dep = listen(**first[widget], api_name=False, trigger_mode="always_last").then(**live)
+            dep = listen(**first[widget], api_name=False, trigger_mode="multiple").then(**live)
         else:
-            dep = listen(**live, trigger_mode="always_last")
+            dep = listen(**live, trigger_mode="multiple")
         dep.success(**slider, api_name=False)
         dep.success(**clear)
         dep.success(**steps)

@@ -71,6 +71,8 @@ def mask_overlay(image: Image.Image, mask: np.ndarray, colour=MASK_COLOUR) -> Im
     return Image.fromarray(out.astype(np.uint8))
 
 
+PREVIEW_STATUS = "fusing · step {step} of {n} · preview of the target"  # the status while a target forms
+SUPERSEDED_STATUS = "superseded by a newer setting: fusing that one"
 ROLES = ("base", "reference", "target")  # the order of the images on the Fuse tab
 
 

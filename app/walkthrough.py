@@ -8,6 +8,8 @@ import argparse
 import shutil
 from pathlib import Path
 
+from .views import PREVIEW_STATUS, SUPERSEDED_STATUS
+
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-dev-shm-usage"]
 
@@ -22,9 +24,12 @@ def status_text(page) -> str:
 
 
 def next_status(page, old: str, timeout_ms: int) -> str:
-    """Wait for the status line to change from `old` (a fusion, a label or an undo answered); the new line."""
-    page.wait_for_function("old => { const e = document.querySelector('#status [data-testid=markdown]');"
-                           " const t = e ? e.innerText.trim() : ''; return t && t !== old; }", arg=old,
+    """Wait for the status line to change from `old` (a fusion, a label or an undo answered); the new line. A
+    fusion's previews and a superseded fusion's line are passed over: they are not its answer."""
+    passing = [PREVIEW_STATUS.split("{")[0], SUPERSEDED_STATUS]
+    page.wait_for_function("([old, passing]) => { const e = document.querySelector('#status [data-testid=markdown]');"
+                           " const t = e ? e.innerText.trim() : '';"
+                           " return t && t !== old && !passing.some(p => t.startsWith(p)); }", arg=[old, passing],
                            timeout=timeout_ms)
     return status_text(page)
 

@@ -9,7 +9,10 @@ Then the benchmark drives the app
 with gradio_client as a script would: sample 4 candidates, fuse once, and move the threshold slider
 `rounds` times (each a /refuse_threshold call that returns the updated target), then the end-step slider
 `rounds` times to seeded random positions (/refuse_end_step: the target steps before the earlier of the old
-and new end are reused, the rest computed). Prints one JSON object.
+and new end are reused, the rest computed). Last, a drag: `--drag-moves` threshold moves sent `--drag-gap` s
+apart without waiting, quiet and then beside `--load` busy processes (a loaded machine): the time from each move
+to its first answer (the target's preview, or the pair), from the last move to its pair, and how many moves ended
+superseded by a newer one (stale work stopped, not queued). Prints one JSON object.
 
 The round trip is split into the server's share (the fusion handler's own time, which the app reports at the
 end of its status line) and the rest (queue, image encoding, transfer, the client). The client reuses one
@@ -80,6 +83,40 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def busy(n: int) -> list[subprocess.Popen]:
+    """n processes that keep one core each busy (the loaded case)."""
+    return [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
+
+
+def drag(c, args: list, moves: int, gap: float) -> dict:
+    """`moves` threshold moves `gap` s apart, none waited for; each move's first answer and the last one's pair."""
+    jobs, sent, first = [], [], {}
+    for i in range(moves):
+        sent.append(time.perf_counter())
+        jobs.append(c.submit(*args, "relative", 0.25 + 0.05 * i, 3, 20, "mid+up", "smooth", True, None,
+                             api_name="/refuse_threshold"))
+        deadline = time.perf_counter() + gap
+        while time.perf_counter() < deadline:
+            _note_first(jobs, first)
+            time.sleep(0.01)
+    while not jobs[-1].done():
+        _note_first(jobs, first)
+        time.sleep(0.01)
+    done_s = time.perf_counter() - sent[-1]
+    _note_first(jobs, first)
+    finals = [j.result(timeout=600)[-1] for j in jobs]
+    return {"first_answer_s": [round(first[i] - sent[i], 3) if i in first else None for i in range(moves)],
+            "last_move_to_pair_s": round(done_s, 3),
+            "superseded": sum("superseded" in f for f in finals),
+            "last_status": finals[-1]}
+
+
+def _note_first(jobs, first: dict) -> None:
+    for i, j in enumerate(jobs):
+        if i not in first and (j.outputs() or j.done()):
+            first[i] = time.perf_counter()
+
+
 def startup_only(repeat: int, ready_timeout: float, model: str | None) -> None:
     runs = []
     for _ in range(repeat):
@@ -98,6 +135,9 @@ def main() -> None:
     ap.add_argument("--model", default=None, help="a pipeline folder for app.py --model (default: the embedded one)")
     ap.add_argument("--startup-only", action="store_true", help="measure the start-up alone")
     ap.add_argument("--repeat", type=int, default=3, help="start-ups measured with --startup-only")
+    ap.add_argument("--drag-moves", type=int, default=5, help="threshold moves of the drag (5)")
+    ap.add_argument("--drag-gap", type=float, default=0.3, help="seconds between two moves of the drag (0.3)")
+    ap.add_argument("--load", type=int, default=2, help="busy processes beside the loaded drag (2)")
     ap.add_argument("--ready-timeout", type=float, default=120,
                     help=f"seconds to wait after the page for the log's '{READY_LINE}' (0 for an app without it)")
     a = ap.parse_args()
@@ -135,6 +175,13 @@ def main() -> None:
             end_times.append(time.perf_counter() - t)
             m = re.search(r"([0-9]+) of [0-9]+ steps reused", out[-1])
             reused.append(int(m.group(1)) if m else 0)
+        quiet = drag(c, args, a.drag_moves, a.drag_gap)
+        load = busy(a.load)
+        try:
+            loaded = drag(c, args, a.drag_moves, a.drag_gap)
+        finally:
+            for p in load:
+                p.kill()
         print(json.dumps({"page_served_s": round(page_s, 2), "model_ready_s": round(ready_s, 2),
                           "load_average": [round(x, 2) for x in os.getloadavg()],
                           "first_fuse_s": round(first_fuse_s, 3),
@@ -144,7 +191,8 @@ def main() -> None:
                           "rest_median_s": round(statistics.median(rest), 3),
                           "end_step_round_trip_median_s": round(statistics.median(end_times), 3),
                           "end_step_round_trip_s": [round(x, 3) for x in end_times],
-                          "end_step_steps_reused": reused}))
+                          "end_step_steps_reused": reused,
+                          "drag_quiet": quiet, f"drag_beside_{a.load}_busy": loaded}))
     finally:
         stop(proc)
 

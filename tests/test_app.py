@@ -696,3 +696,35 @@ def test_a_started_fine_tune_clears_the_previous_before_after(sd1, tmp_path):
         start = next(d for d in cfg["dependencies"] if d["api_name"] == name)
         after = [d for d in cfg["dependencies"] if d["trigger_after"] == start["id"] and d["trigger_only_on_success"]]
         assert any({grid, rows} <= set(d["outputs"]) for d in after), name
+
+
+def test_a_fusion_streams_previews_and_a_newer_move_stops_the_running_one(app_url, monkeypatch):
+    """Latency under load: the target's preview arrives while it forms, and a control moved again while a
+    fusion runs stops that fusion at its next step (its status says so) instead of queueing behind it."""
+    import time
+
+    import app.services.fuse as fuse_module
+
+    url, svc = app_url
+    c = gradio_client.Client(url, verbose=False)
+    c.predict(*_fuse_args(), api_name="/fuse")
+    real, slow = fuse_module.fuse, {"on": True}
+
+    def slow_fuse(*args, on_step=None, **kw):  # each step 0.3 s: a loaded machine
+        def step(p):
+            if slow["on"]:
+                time.sleep(0.3)
+            on_step(p)
+        return real(*args, on_step=step, **kw)
+    monkeypatch.setattr(fuse_module, "fuse", slow_fuse)
+    first = c.submit(*_fuse_args(mode="relative", thr=0.3), api_name="/refuse_threshold")
+    deadline = time.time() + 30
+    while not any("preview of the target" in str(o[-1]) for o in first.outputs()) and time.time() < deadline:
+        time.sleep(0.05)
+    assert any("preview of the target" in str(o[-1]) for o in first.outputs()), first.outputs()
+    slow["on"] = False
+    second = c.submit(*_fuse_args(mode="relative", thr=0.6), api_name="/refuse_threshold")
+    newer = second.result(timeout=60)
+    older = first.result(timeout=60)
+    assert "superseded by a newer setting" in older[-1], older[-1]
+    assert "fused in cache" in newer[-1], newer[-1]

@@ -202,3 +202,29 @@ def test_a_models_dfusion_json_can_set_fusion_fields():
 def test_the_engine_refuses_a_pair_of_equal_seeds(sd1):
     with pytest.raises(ValueError, match="same seed"):
         fuse(sd1, PROMPT, 5, 5, SP)
+
+
+def test_on_step_reports_each_call_and_a_cancelled_run_leaves_no_trace(sd1):
+    """The app's live view: progress after every denoiser call (the target's x0 once it moves), and a fusion
+    stopped by FusionCancelled caches nothing; the next run is the same as if the stopped one never happened."""
+    from dfusion_core.engine.progress import FusionCancelled
+
+    base = sample(sd1, PROMPT, [11], SP).trajectories[0]
+    seen = []
+    cache = ReferenceCache()
+    done = fuse(sd1, PROMPT, 11, 22, SP, FusionParams(), base=base, cache=cache, on_step=seen.append)
+    assert [p.call for p in seen] == list(range(1, seen[0].calls + 1))
+    targets = [p for p in seen if p.step is not None]
+    assert [p.step for p in targets] == list(range(targets[0].step, SP.num_steps + 1))
+    torch.testing.assert_close(targets[-1].x0_pred, done.target.x0_preds[-1])
+
+    def stop_at_three(p):
+        if p.call == 3:
+            raise FusionCancelled
+
+    fresh = ReferenceCache()
+    with pytest.raises(FusionCancelled):
+        fuse(sd1, PROMPT, 11, 33, SP, FusionParams(), base=base, cache=fresh, on_step=stop_at_three)
+    assert len(fresh) == 0  # nothing half-recorded was kept
+    again = fuse(sd1, PROMPT, 11, 22, SP, FusionParams(), base=base)
+    torch.testing.assert_close(again.target.latents, done.target.latents, atol=1e-4, rtol=0)

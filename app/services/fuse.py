@@ -10,6 +10,7 @@ import numpy as np
 from dfusion_core.data.preference_store import LABELS
 from dfusion_core.engine.config import FUSION_LAYER_PRESETS, FusionParams, SamplingParams
 from dfusion_core.engine.fusion import finish_log_probs, fuse
+from dfusion_core.engine.progress import FusionCancelled, FusionStep
 from dfusion_core.engine.sampling import MAX_SEED, check_pair_seeds, sample
 from dfusion_core.engine.schema import SettingError, widget_of
 from dfusion_core.engine.tokens import default_keywords, word_tokens
@@ -18,6 +19,9 @@ from dfusion_core.worlds.registry import explain_prompt, world_of
 
 from ..session import (MAX_CANDIDATES, Candidate, FuseControls, Session, UserError, check_prompt, example_prompts,
                        parse_seed)
+
+PREVIEW_EVERY = 0.25  # seconds between two previews of a forming target (each is one decoder pass)
+
 
 class FuseService:
     # ---- inputs -> parameters -------------------------------------------------------------------
@@ -178,22 +182,30 @@ class FuseService:
         return b, r
 
     def fuse(self, session: Session, prompt, base_seed, ref_seed, sampling: SamplingParams,
-             fusion: FusionParams) -> Session:
+             fusion: FusionParams, preview=None) -> Session:
+        """Fuse the pair into the session. A newer fusion of the same session started meanwhile stops this one at
+        its next step (FusionCancelled). preview(step, num_steps, image): the target's x0 prediction as it forms,
+        at most every PREVIEW_EVERY seconds (called on the model thread)."""
         prompt = check_prompt(prompt)
         b, r = self.pair_seeds(base_seed, ref_seed)
         same = session.prompt == prompt and session.sampling == sampling
         cand = session.candidates.get(b) if same else None
+        number = session.fusions.take()
         try:
             res = self._run(session, fuse, self.model, prompt, b, r, sampling, fusion,
                             base=cand.trajectory if cand else None, cache=self.cache,
                             base_image=cand.image if cand else None, previous=session.result,
-                            exact_log_probs=False)  # a held target's log-probs: recomputed when it is labelled
+                            exact_log_probs=False,  # a held target's log-probs: recomputed when it is labelled
+                            on_step=self._on_step(session, number, preview))
         except ValueError as e:
             raise UserError(str(e)) from None
+        finally:
+            session.fusions.finish(number)
         if not same:
             session = replace(session, prompt=prompt, sampling=sampling, candidates={})
         prev = session.result
-        unchanged = prev is not None and (prev.prompt, prev.base_seed, prev.ref_seed, prev.sampling) == (prompt, b, r, sampling)
+        unchanged = prev is not None and (prev.prompt, prev.base_seed, prev.ref_seed, prev.sampling) == (prompt, b, r,
+                                                                                                     sampling)
         roles = ("target",) if unchanged else ("base", "reference", "target")  # base / reference scores stay valid
         images = {"base": res.base_image, "reference": res.reference_image, "target": res.target_image}
         scores = dict(session.scores) if unchanged else {}
@@ -206,6 +218,19 @@ class FuseService:
         session.result, session.scores, session.same_pair = res, scores, unchanged
         session.x0_images = None
         return session
+
+    def _on_step(self, session: Session, number: int, preview):
+        """The engine's on_step for one fusion: stop when superseded, else a preview now and then."""
+        due = [0.0]
+
+        def on_step(p: FusionStep) -> None:
+            if session.fusions.stale(number):
+                raise FusionCancelled(f"fusion {number} superseded by fusion {session.fusions.latest}")
+            now = time.perf_counter()
+            if preview is not None and p.x0_pred is not None and p.step < p.num_steps and now >= due[0]:
+                preview(p.step, p.num_steps, self.model.decode(p.x0_pred[None])[0])
+                due[0] = time.perf_counter() + PREVIEW_EVERY
+        return on_step
 
     # ---- views of the fused pair (arrays for the UI's overlays) ----------------------------------------
     def word_map(self, session: Session, word: str) -> np.ndarray:

@@ -1,9 +1,11 @@
 """Timing of plain sampling vs fused pairs vs cached re-fusion, on one model, steps and seeds.
 
 `fused_pair_over_plain` compares fusing a pair (reference + target; the base's trajectory is known from
-candidate sampling) with sampling one plain image: two images' compute is 2.0. `refuse_cached_over_plain`
-compares a re-fusion from the reference cache (new threshold: target branch only) with one plain image:
-the physical limit is 1.0.
+candidate sampling) with sampling one plain image: two images' compute is 2.0, one more with a mask that takes
+the base's maps too (union_base: the base is replayed) and one more for a target held on its base (its exact
+log-probs come from plain-model rows in the same calls); `limit_passes` says which. `refuse_cached_over_plain`
+compares a re-fusion from the reference cache (new threshold: target branch only) with one plain image: the
+limit is 1.0, 2.0 for a held target (`refuse_limit_passes`).
 """
 from __future__ import annotations
 
@@ -69,6 +71,7 @@ def run_bench(model: LoadedModel, prompt: str, sampling: SamplingParams, fusion:
         "fused_pair": lambda: fuse(model, prompt, base_seed, ref_seed, sampling, fusion, base=base, base_image=base_image),
         "refuse_cached": refuse, "refuse_cached_from_step1": refuse_from_step1}, repeats)
     (plain_s, plain_mem), (pair_s, pair_mem), (cached_s, cached_mem) = res["plain"], res["fused_pair"], res["refuse_cached"]
+    held = float(fusion.hold_outside and fusion.use_mask)
     return {
         "model": model.model_id, "device": str(model.device), "dtype": str(model.dtype).replace("torch.", ""),
         "steps": sampling.num_steps, "guidance_scale": sampling.guidance_scale, "size": list(model.default_size()
@@ -83,7 +86,10 @@ def run_bench(model: LoadedModel, prompt: str, sampling: SamplingParams, fusion:
         "form": {"start_step": fusion.start_step, "layers": fusion.layers if isinstance(fusion.layers, str)
                  else list(fusion.layers), "use_mask": fusion.use_mask, "union_base": fusion.mask.union_base,
                  "dilate": fusion.mask.dilate, "hold_outside": fusion.hold_outside},
-        "limit_passes": 3.0 if fusion.hold_outside and fusion.use_mask else 2.0,
+        # plain passes a fused pair cannot go below: reference and target; the base again when the mask takes the
+        # base's own maps (candidate sampling records none); a held target's plain-model rows for its log-probs
+        "limit_passes": 2.0 + fusion.mask.union_base * fusion.use_mask + held,
+        "refuse_limit_passes": 1.0 + held,
         "peak_mem_mib": {"plain": round(plain_mem), "fused_pair": round(pair_mem), "refuse_cached": round(cached_mem)},
         "cache_mib": round(cache.nbytes() / 2 ** 20, 1),
     }

@@ -87,22 +87,25 @@ class MaskParams:
 
     def validate(self) -> "MaskParams":
         check(self.threshold_mode in THRESHOLD_MODES,
-              f"threshold_mode must be one of {THRESHOLD_MODES}, got {self.threshold_mode!r}", "threshold_mode")
+              f"threshold_mode must be one of {', '.join(THRESHOLD_MODES)}, got {self.threshold_mode!r}",
+              "threshold_mode")
         t = float(self.threshold)
         if self.threshold_mode == "absolute":
             check(0.0 <= t <= 1.0, f"an absolute threshold is an attention probability in [0, 1], got {t}", "threshold")
         elif self.threshold_mode in ("relative", "area"):
             check(0.0 < t <= 1.0, f"a {self.threshold_mode} threshold must be in (0, 1], got {t}", "threshold")
-        check(self.combine in COMBINE_MODES, f"combine must be one of {COMBINE_MODES}, got {self.combine!r}", "combine")
+        check(self.combine in COMBINE_MODES, f"combine must be one of {', '.join(COMBINE_MODES)}, got {self.combine!r}",
+              "combine")
         check(self.map_softmax in ("joint", "text"), f"map_softmax must be joint or text, got {self.map_softmax!r}",
               "map_softmax")
-        check(self.resize in RESIZE_MODES, f"resize must be one of {RESIZE_MODES}, got {self.resize!r}", "resize")
+        check(self.resize in RESIZE_MODES, f"resize must be one of {', '.join(RESIZE_MODES)}, got {self.resize!r}",
+              "resize")
         check(isinstance(self.dilate, int) and 0 <= self.dilate <= 16, f"dilate must be 0..16, got {self.dilate!r}",
               "dilate")
         check(0.0 <= float(self.feather) <= 16.0, f"feather must be in [0, 16], got {self.feather!r}", "feather")
         check(len(self.layer_factors) > 0 and all(isinstance(f, int) and f >= 1 and (f & (f - 1)) == 0
                                                   for f in self.layer_factors),
-              f"layer_factors must be powers of two such as (4,), got {self.layer_factors!r}", "layer_factors")
+              f"layer_factors must be powers of two such as 4 or 4, 8, got {', '.join(map(str, self.layer_factors))}", "layer_factors")
         if self.keywords is not None:
             check(len(self.keywords) > 0 and all(isinstance(k, str) and k.strip() for k in self.keywords),
                   "keywords must be a non-empty list of words (or None for the prompt's content words)", "keywords")
@@ -144,7 +147,8 @@ class FusionParams:
         self.step_range(num_steps)
         if isinstance(self.layers, str):
             check(self.layers in FUSION_LAYER_PRESETS,
-                  f"layers must be one of {FUSION_LAYER_PRESETS} or a list of module paths, got {self.layers!r}",
+                  f"layers must be one of {', '.join(FUSION_LAYER_PRESETS)} or a list of module paths, "
+                  f"got {self.layers!r}",
                   "layers")
         else:
             check(len(self.layers) > 0 and all(isinstance(p, str) and p for p in self.layers),

@@ -19,6 +19,7 @@ from .config import FusionParams, MaskParams, SamplingParams
 from .loading import LoadedModel
 from .masks import FusionMasker, aggregate_maps, resize_mask, threshold_maps
 from .reference_cache import CachedReference, ReferenceCache, ReferenceStore
+from .progress import FusionStep, OnStep
 from .sampling import (Stream, Trajectory, _size, check_pair_seeds, check_seed, denoise, recompute_log_probs,
                        validate_prompt)
 from .tokens import default_keywords
@@ -204,10 +205,12 @@ def _streams(plan: _Plan, previous) -> list[Stream]:
     return streams + [target(b, r, True) for b, r in plan.pairs]
 
 
-def run_fusion(model: LoadedModel, prompt: str, plan: _Plan, cache, previous, exact_log_probs: bool = False):
+def run_fusion(model: LoadedModel, prompt: str, plan: _Plan, cache, previous, exact_log_probs: bool = False,
+               on_step: OnStep | None = None):
     """Denoise every stream of the plan with the controller set up; returns (streams, trajectories, store, masker).
     exact_log_probs: held targets also run the plain model in the same calls (Stream.plain_shadow), so their
-    log-probs come out exact without a second loop."""
+    log-probs come out exact without a second loop. on_step: called after every call (progress.FusionStep); it
+    may raise FusionCancelled, which ends the run before anything is cached."""
     if plan.from_cache:
         store = _ChainStore([plan.entries[r].store for r in plan.ref_seeds])
     else:
@@ -226,6 +229,7 @@ def run_fusion(model: LoadedModel, prompt: str, plan: _Plan, cache, previous, ex
     cond = model.encode([prompt], plan.sampling.negative_prompt, plan.sampling.uses_cfg, h, w)
 
     replayed = {s.base: s for s in streams if s.role == ROLE_BASE}  # bases denoised alongside
+    calls = max(s.offset + plan.n - s.first_step for s in streams)  # as denoise counts them
 
     def on_call(call, active, steps):
         if fusion.hold_outside and fusion.use_mask:
@@ -233,12 +237,22 @@ def run_fusion(model: LoadedModel, prompt: str, plan: _Plan, cache, previous, ex
         done = [k for s, k in zip(active, steps) if s.role == ROLE_TARGET]
         if done and isinstance(store, ReferenceStore):
             store.finish_step(min(done))
+        if on_step is not None:
+            on_step(_progress(call, calls, plan.n, active, steps))
 
     with model.controller.configured(store, masker, frozenset() if plan.from_cache else plan.map_layers, layers,
                                      {ROLE_REF, ROLE_BASE}, fusion.mask.map_softmax):
         trajs = denoise(model, cond, streams, plan.sampling, plan.schedule, on_call=on_call,
                         row_info=lambda s, k: RowInfo(s.role, k, s.ref, s.base))
     return streams, trajs, store, masker
+
+
+def _progress(call: int, calls: int, n: int, active, steps) -> FusionStep:
+    """The call's FusionStep: the first target it advanced (after holding), if any."""
+    first = next(((s, k) for s, k in zip(active, steps) if s.role == ROLE_TARGET), None)
+    if first is None:
+        return FusionStep(call + 1, calls, None, n, None)
+    return FusionStep(call + 1, calls, first[1] + 1, n, first[0].x0s[-1])
 
 
 def _hold_outside(plan: _Plan, masker: FusionMasker, replayed: dict[int, Stream], active, steps) -> None:
@@ -258,7 +272,7 @@ def fuse_batch(model: LoadedModel, prompt: str, pairs: list[tuple[int, int]], sa
                fusion: FusionParams | None = None, bases: dict[int, Trajectory] | None = None,
                cache: ReferenceCache | None = None, base_images: dict | None = None,
                previous: dict[tuple[int, int], FusionResult] | None = None,
-               exact_log_probs: bool = True) -> list[FusionResult]:
+               exact_log_probs: bool = True, on_step: OnStep | None = None) -> list[FusionResult]:
     """Fuse several (base_seed, ref_seed) pairs of one prompt in one batched run: plan, run, assemble.
 
     bases / base_images: trajectories and images of bases already sampled (not replayed, not re-decoded).
@@ -268,7 +282,7 @@ def fuse_batch(model: LoadedModel, prompt: str, pairs: list[tuple[int, int]], sa
     view that shows images only (the app's live controls); finish_log_probs recomputes them before storing.
     """
     plan = plan_fusion(model, prompt, pairs, sampling, fusion, bases, cache, previous)
-    streams, trajs, store, masker = run_fusion(model, prompt, plan, cache, previous, exact_log_probs)
+    streams, trajs, store, masker = run_fusion(model, prompt, plan, cache, previous, exact_log_probs, on_step)
     by_role = {(s.role, s.seed if s.role != ROLE_TARGET else (s.base, s.ref)): t for s, t in zip(streams, trajs)}
     refs = {r: (plan.entries[r].reference if plan.from_cache else by_role[(ROLE_REF, r)]) for r in plan.ref_seeds}
     for b in plan.replay_bases:
@@ -367,14 +381,14 @@ def _substore(store: ReferenceStore, ref: int, base_seeds: list[int]) -> Referen
 def fuse(model: LoadedModel, prompt: str, base_seed: int, ref_seed: int, sampling: SamplingParams | None = None,
          fusion: FusionParams | None = None, base: Trajectory | None = None,
          cache: ReferenceCache | None = None, base_image=None, previous: FusionResult | None = None,
-         exact_log_probs: bool = True) -> FusionResult:
+         exact_log_probs: bool = True, on_step: OnStep | None = None) -> FusionResult:
     """Fuse one pair: the target starts from base_seed and borrows from the reference drawn with ref_seed.
     previous: this pair's last result, whose leading steps a new end step can reuse (with a cache)."""
     bases = {base_seed: base} if base is not None else None
     images = {base_seed: base_image} if base is not None and base_image is not None else None
     prev = {(base_seed, ref_seed): previous} if previous is not None else None
     return fuse_batch(model, prompt, [(base_seed, ref_seed)], sampling, fusion, bases, cache, images, prev,
-                      exact_log_probs)[0]
+                      exact_log_probs, on_step)[0]
 
 
 @dataclass

@@ -47,11 +47,13 @@ class JointDFusionProcessor:
             tq, tk, tv = _qkv(encoder_hidden_states, attn.heads, attn.add_q_proj, attn.add_k_proj, attn.add_v_proj,
                               attn.norm_added_q, attn.norm_added_k)
             query, key, value = torch.cat([query, tq], 2), torch.cat([key, tk], 2), torch.cat([value, tv], 2)
-        out = F.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False)
+        rows = []
         if has_text and ctl.active and self.name in ctl.map_layers:
             rows = [b for b, half, r in ctl.batch_rows() if half == 1 and r.role in ctl.map_roles]
-            if rows:
-                out = self._record(attn, query, key, value, rows, n_img, out)
+        if rows:  # the rows whose maps are read take the explicit softmax, the others sdpa: no row computed twice
+            out = self._record(attn, query, key, value, rows, n_img)
+        else:
+            out = F.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False)
         out = out.transpose(1, 2).reshape(batch, -1, attn.heads * out.shape[-1]).to(query.dtype)
         img, txt = out[:, :n_img], out[:, n_img:]
         img = attn.to_out[1](attn.to_out[0](img))
@@ -61,14 +63,20 @@ class JointDFusionProcessor:
             txt = attn.to_add_out(txt)
         return img, txt
 
-    def _record(self, attn, query, key, value, rows, n_img, sdpa_out):
-        """Explicit softmax for the rows whose maps are read; their output comes from the same probs."""
+    def _record(self, attn, query, key, value, rows, n_img):
+        """Attention with the maps of `rows` recorded: those rows by an explicit softmax (whose probs are the
+        maps), the rest by sdpa."""
         ctl = self.controller
         idx = torch.tensor(rows, device=query.device)
         scores = torch.matmul(query[idx], key[idx].transpose(-1, -2)) * attn.scale
         probs = scores.float().softmax(dim=-1)
-        out = sdpa_out.clone()
+        out = torch.empty_like(query)
         out[idx] = torch.matmul(probs.to(value.dtype), value[idx])
+        rest = [b for b in range(query.shape[0]) if b not in set(rows)]
+        if rest:
+            other = torch.tensor(rest, device=query.device)
+            out[other] = F.scaled_dot_product_attention(query[other], key[other], value[other], dropout_p=0.0,
+                                                        is_causal=False)
         img_to_text = scores[:, :, :n_img, n_img:].float().softmax(-1) if ctl.map_softmax == "text" \
             else probs[:, :, :n_img, n_img:]
         head_mean = img_to_text.mean(dim=1)  # [rows, N_img, T_text]
