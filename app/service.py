@@ -14,6 +14,8 @@ from __future__ import annotations
 from .services.ablations import AblationService
 from .services.dataset import DatasetService
 from .services.fuse import FuseService
+
+FusionCancelled = FuseService.Cancelled  # a fusion a newer one of its session stopped (the UI says so, no error)
 from .services.model import ModelService
 from .services.train import TrainService
 from .session import (EXPORT_DIR, LORA_FILE, MAX_ADAPTERS, MAX_CANDIDATES, MAX_ROUND_PROMPTS, MAX_ROUNDS, MAX_SEED,
@@ -25,6 +27,6 @@ class AppService(FuseService, DatasetService, TrainService, AblationService, Mod
     """What the app does, by tab; constructed as ModelService (the model, the store, the cache, the limits)."""
 
 
-__all__ = ["AppService", "Candidate", "EXPORT_DIR", "FuseControls", "LORA_FILE", "MAX_ADAPTERS", "MAX_CANDIDATES", "MAX_ROUNDS",
+__all__ = ["AppService", "Candidate", "FusionCancelled", "EXPORT_DIR", "FuseControls", "LORA_FILE", "MAX_ADAPTERS", "MAX_CANDIDATES", "MAX_ROUNDS",
            "MAX_ROUND_PROMPTS", "MAX_SEED", "MAX_TRAINING_JOBS", "MAX_UNDO_DELETES", "PAIR_COLUMNS", "Session",
            "TUNED_ADAPTER", "UserError", "check_prompt", "example_prompts", "model_name", "parse_seed", "score_cell"]

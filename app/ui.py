@@ -20,11 +20,10 @@ from types import SimpleNamespace
 import gradio as gr
 
 from dfusion_core.engine.config import FUSION_LAYER_PRESETS, FusionParams, MaskParams, SamplingParams
-from dfusion_core.engine.progress import FusionCancelled
 from dfusion_core.engine.schema import control_spec
 
-from .service import (PAIR_COLUMNS, AppService, FuseControls, Session, UserError, check_prompt, model_name,
-                      parse_seed)
+from .service import (PAIR_COLUMNS, AppService, FusionCancelled, FuseControls, Session, UserError, check_prompt,
+                      model_name, parse_seed)
 from .views import (CHECKER_LEGEND, MASK_LEGEND, PREVIEW_STATUS, SUPERSEDED_STATUS, ablation_plot, candidate_caption,
                     enlarge, heat_overlay, mask_overlay, pair_notes, progress_bar, prompt_notes_text, score_text, threshold_slider, training_plot)
 

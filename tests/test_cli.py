@@ -365,3 +365,18 @@ def test_help_names_every_command():
     sentence = " ".join(cli.__doc__.split("Commands:")[1].split(".")[0].split())
     named = {w.strip(",") for w in sentence.split()}
     assert set(sub.choices) <= named, set(sub.choices) - named
+
+
+def test_a_missing_model_folder_is_refused_before_torch_or_diffusers_import():
+    """`fuse --model /nonexistent` answered in 16 s on a loaded machine: the refusal waited for torch and diffusers.
+    Nothing but the flags and the folder check runs before the message now."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom dfusion_core.cli import main\n"
+            "for cmd in (['fuse', '--base-seed', '1', '--ref-seed', '2'], ['sample']):\n"
+            "    assert main([*cmd, '--model', '/no/such/folder', '--prompt', 'a red circle']) == 2\n"
+            "print(sorted(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules))")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0 and p.stdout.strip() == "[]", (p.stdout, p.stderr)
+    assert p.stderr.count("error: model folder /no/such/folder does not exist") == 2, p.stderr

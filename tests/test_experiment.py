@@ -135,3 +135,20 @@ def test_dfusion_pairs_use_the_models_fusion_form(sd1, tmp_path, monkeypatch):
     v = fusion_variants(exp.fusion, 4, ("reference-only", "no-hold"))
     assert not v["dfusion-reference-only"].mask.union_base and v["dfusion-reference-only"].hold_outside
     assert not v["dfusion-no-hold"].hold_outside and v["dfusion-no-hold"].mask.union_base
+
+
+def test_two_stage_bootstrap_widens_with_the_spread_over_training_seeds_and_holm_adjusts():
+    from experiments.shapesworld.statistics import holm, two_stage_bootstrap
+
+    rng = np.random.default_rng(0)
+    prompts = lambda shift: [list(shift + rng.normal(0, 0.1, 4)) for _ in range(10)]
+    agree = [prompts(0.2), prompts(0.2), prompts(0.2)]  # three training seeds that agree
+    spread = [prompts(-0.3), prompts(0.2), prompts(0.7)]  # same mean, seeds far apart
+    lo_a, hi_a, p_a = two_stage_bootstrap(agree)
+    lo_s, hi_s, p_s = two_stage_bootstrap(spread)
+    assert lo_a > 0 and p_a < 0.01 and hi_s - lo_s > 3 * (hi_a - lo_a)
+    assert lo_s < 0 < hi_s and p_s > 0.05  # prompts alone (the pooled interval) would have excluded 0
+    lo_1, hi_1, _ = two_stage_bootstrap(spread[1:2])  # one run: prompts only
+    assert lo_1 > 0
+    adj = holm({"a": 0.01, "b": 0.04, "c": 0.03, "d": None})
+    assert adj == {"a": 0.03, "b": 0.06, "c": 0.06, "d": None}

@@ -229,3 +229,26 @@ def test_every_index_is_read_a_pair_id_once_and_a_torn_line_never_swallows_the_n
     assert [r.pair_id for r in load_pairs(tmp_path)] == [recs[0].pair_id, recs[1].pair_id]
     assert stored_pair_ids(tmp_path) == {recs[0].pair_id, recs[1].pair_id}
     assert save_new_pairs(recs, tmp_path, rank=3) == (0, 2)
+
+
+def test_control_pairs_are_the_dfusion_pairs_with_the_unfused_reference_as_winner(sd1):
+    """The paper's control: same prompts, bases and references as the D-Fusion pairs; the winner is the reference
+    as sampled (its own trajectory, no mask), so only visual consistency differs from the D-Fusion set."""
+    from dfusion_core.pairs.build import build_control_pairs
+
+    sp, pairing = SamplingParams(num_steps=3), PairingParams(num_candidates=4)
+    score = lambda ims, ps: [float(np.asarray(im).mean()) for im in ims]
+    memo = {}
+    fused = build_pairs(sd1, ["a red dog"], score, sp, pairing=pairing, candidates=memo)
+    control = build_control_pairs(sd1, fused, sp, pairing, candidates=memo)
+    again = build_control_pairs(sd1, fused, sp, pairing)  # no memo (a re-run from stored pairs): drawn again
+    assert len(control) == len(fused) > 0
+    seeds, cands, _ = memo[next(iter(memo))]
+    for f, c, a in zip(fused, control, again):
+        ref = cands.trajectories[seeds.index(f.ref_seed)]
+        assert (c.base_seed, c.ref_seed, c.label) == (f.base_seed, f.ref_seed, "target")
+        assert torch.equal(c.target.latents, ref.latents) and torch.equal(c.base.latents, f.base.latents)
+        assert not torch.equal(c.target.latents, f.target.latents)  # the fused target is not the reference
+        assert c.masks.sum() == 0 and c.extra == {"kind": "control", "dfusion_pair": f.pair_id}
+        assert c.scores["target"] == f.scores["reference"]
+        torch.testing.assert_close(a.target.latents, c.target.latents)

@@ -24,6 +24,8 @@ PREVIEW_EVERY = 0.25  # seconds between two previews of a forming target (each i
 
 
 class FuseService:
+    Cancelled = FusionCancelled  # what fuse raises when a newer fusion of the session stopped it
+
     # ---- inputs -> parameters -------------------------------------------------------------------
     def sampling(self, steps, guidance, eta) -> SamplingParams:
         values = {"num_steps": _number(steps, "steps", int, "steps"), "guidance_scale": _number(guidance, "CFG",

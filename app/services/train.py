@@ -17,13 +17,13 @@ from ..session import (LORA_FILE, MAX_COMPARE_PROMPTS, MAX_ROUND_PROMPTS, MAX_RO
                        check_prompt)
 
 if TYPE_CHECKING:
-    from dfusion_core.training.trainer import TrainConfig
+    from dfusion_core.training.config import TrainConfig
 
 class TrainService:
     # ---- training ----------------------------------------------------------------------------------
     def train_config(self, algo: str, lora_rank, lr, beta, steps) -> TrainConfig:
         """The Train tab's values as a checked TrainConfig (beta is dpo_beta or traj_beta, by algorithm)."""
-        from dfusion_core.training.trainer import ALGOS, TrainConfig
+        from dfusion_core.training.config import ALGOS, TrainConfig
 
         if algo not in ALGOS:
             raise UserError(f"algorithm must be one of {', '.join(ALGOS)}")
@@ -37,7 +37,7 @@ class TrainService:
 
     def on_policy_config(self, algo: str, lora_rank, lr, rounds, arm: str):
         """The Train tab's on-policy values as a checked OnPolicyConfig (DDPO or DPOK rounds)."""
-        from dfusion_core.training.onpolicy import ARMS, ON_POLICY_ALGOS, OnPolicyConfig
+        from dfusion_core.training.config import ARMS, ON_POLICY_ALGOS, OnPolicyConfig
 
         if algo not in ON_POLICY_ALGOS:
             raise UserError(f"on-policy rounds train {' or '.join(ON_POLICY_ALGOS)}, not {algo}: DPO and trajectory "

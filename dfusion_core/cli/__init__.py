@@ -19,7 +19,7 @@ import warnings
 
 from ..engine import offline  # noqa: F401
 from . import measure, pairs, sampling, train
-from .common import SCORER_HELP, SEED_RANGE, SHIPPED_MODEL, Parser, quiet_loading
+from .common import SCORER_HELP, SEED_RANGE, SHIPPED_MODEL, Parser
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,7 +34,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     ap = build_parser()
     a = ap.parse_args(argv)
-    quiet_loading()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)

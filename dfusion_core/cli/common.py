@@ -42,7 +42,7 @@ def int_at_least(lo: int, hi: int | None = None):
 
 def seed_arg(text: str) -> int:
     """An argparse type: one seed, checked by the engine's seed rule (the app's too)."""
-    from ..engine.sampling import check_seed
+    from ..engine.inputs import check_seed
 
     try:
         return check_seed(int(text), "a seed")
@@ -161,6 +161,7 @@ def load_model_arg(a, device: str | None = None, state=None):
     run (`state`, an accelerate PartialState), so that all load the very same pipeline folder."""
     from ..engine.loading import load_model
 
+    quiet_loading()
     model = a.model
     if model and model.startswith("tiny:"):
         model = build_tiny_model(model.split(":", 1)[1], state)
@@ -216,6 +217,7 @@ def scorer_arg(spec: str, device: str | None = None):
     """--scorer: 'default' (ShapesWorld CLIP), 'none' (None) or a make_scorer spec."""
     from ..pairs.scoring import make_scorer
 
+    quiet_loading()
     return None if spec == "none" else make_scorer(None if spec == "default" else spec, device=device)
 
 
@@ -276,7 +278,8 @@ def plural(n: int, one: str, many: str) -> str:
 
 
 def quiet_loading() -> None:
-    """No per-component loading bars on stderr: a command's stderr is its errors (one line each)."""
+    """No per-component loading bars on stderr: a command's stderr is its errors (one line each). Called where a
+    model loads, so that a command refused before that never imports the libraries."""
     from diffusers.utils import logging as dlog
     from transformers.utils import logging as tlog
 

@@ -11,13 +11,14 @@ from .common import (SCORER_HELP, SEED_RANGE, add_fusion_flags, add_model_flags,
 
 
 def cmd_fuse(a) -> dict:
-    from ..engine.fusion import fuse
-    from ..pairs.build import record_from_result, save_new_pairs, verdict
-    from ..engine.sampling import check_pair_seeds, validate_prompt
+    from ..engine.inputs import check_pair_seeds, validate_prompt
 
     validate_prompt(a.prompt)
     check_pair_seeds(a.base_seed, a.ref_seed)  # the app's rule: in range and two different images
-    check_model_arg(a)
+    check_model_arg(a)  # all before torch loads: a wrong folder is said at once
+    from ..engine.fusion import fuse
+    from ..pairs.build import record_from_result, save_new_pairs, verdict
+
     scorer = scorer_arg(a.scorer)
     model = load_model_arg(a)
     s, f = params_from_args(a, model)

@@ -5,7 +5,8 @@ import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
-from .common import SEED_RANGE, add_model_flags, add_sampling_flags, load_model_arg, params_from_args, seed_list_arg
+from .common import (SEED_RANGE, add_model_flags, add_sampling_flags, check_model_arg, load_model_arg, params_from_args,
+                     seed_list_arg)
 
 
 def cmd_tokens(a) -> dict | list:
@@ -30,11 +31,14 @@ def cmd_tokens(a) -> dict | list:
 
 
 def cmd_sample(a) -> dict:
-    from safetensors.torch import save_file
-
-    from ..engine.sampling import sample, validate_prompt
+    from ..engine.inputs import validate_prompt
 
     validate_prompt(a.prompt)  # before the model loads
+    check_model_arg(a)  # and before torch does: a wrong folder is said at once
+    from safetensors.torch import save_file
+
+    from ..engine.sampling import sample
+
     model = load_model_arg(a)
     s, _ = params_from_args(a, model)
     seeds = a.seeds  # parsed and range-checked by seed_list_arg

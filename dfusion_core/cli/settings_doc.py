@@ -18,8 +18,7 @@ fusion fields for that model (the shipped ShapesWorld model's file does). A conf
 
 
 def settings_doc() -> str:
-    from ..training.onpolicy import OnPolicyConfig
-    from ..training.trainer import TrainConfig
+    from ..training.config import OnPolicyConfig, TrainConfig
 
     sections = [("Sampling (`SamplingParams`)", SamplingParams), ("Mask (`MaskParams`)", MaskParams),
                 ("Fusion (`FusionParams`)", FusionParams), ("Pairing (`PairingParams`, build-pairs)", PairingParams),

@@ -96,7 +96,7 @@ def cmd_pair_signal(a) -> dict | None:
 
 
 def _add_train(sub) -> None:
-    from ..training.trainer import TrainConfig
+    from ..training.config import TrainConfig
 
     p = sub.add_parser("train", help="fine-tune on pairs: dpo | traj-dpo | ddpo | dpok (accelerate launch for N GPUs)")
     p.add_argument("--data", required=True, help="preference store folder or pair folder (required)")
@@ -110,7 +110,7 @@ def _add_train(sub) -> None:
 
 
 def _add_on_policy(sub) -> None:
-    from ..training.onpolicy import OnPolicyConfig
+    from ..training.config import OnPolicyConfig
 
     p = sub.add_parser("train-on-policy", help="DDPO / DPOK in on-policy rounds: sample from the current LoRA, pair "
                        "(D-Fusion or random), score, train; repeat")

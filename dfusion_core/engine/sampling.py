@@ -18,6 +18,7 @@ import torch
 from .attention import ROLE_PLAIN, RowInfo
 from ..data.trajectory import Trajectory
 from .config import SamplingParams
+from .inputs import MAX_PROMPT_CHARS, MAX_SEED, check_pair_seeds, check_seed, validate_prompt  # noqa: F401
 from .steps import step_log_prob
 from .families import Conditioning
 from .loading import LoadedModel
@@ -82,24 +83,6 @@ def guided_output(model: LoadedModel, cond: Conditioning, rows: list[int], x: to
         return out
     uncond_out, cond_out = out.chunk(2)
     return uncond_out + guidance_scale * (cond_out - uncond_out)
-
-
-MAX_SEED = 2 ** 31 - 1  # seeds are integers in 0..MAX_SEED: the one range of the CLI, the app and stored pairs
-
-
-def check_seed(seed, name: str = "a seed") -> int:
-    """The seed rule every face uses: an integer in 0..MAX_SEED (fits a widget's int32 and any RNG)."""
-    if isinstance(seed, bool) or not isinstance(seed, int) or not (0 <= seed <= MAX_SEED):
-        raise ValueError(f"{name} must be an integer in 0..{MAX_SEED}, got {seed!r}")
-    return seed
-
-
-def check_pair_seeds(base_seed, ref_seed) -> tuple[int, int]:
-    """A fused pair's seeds: each in range, and two different images (equal seeds give the same image twice)."""
-    b, r = check_seed(base_seed, "the base seed"), check_seed(ref_seed, "the reference seed")
-    if b == r:
-        raise ValueError(f"base and reference are the same seed ({b}): a pair needs two different images")
-    return b, r
 
 
 def denoise(model: LoadedModel, cond: Conditioning, streams: list[Stream], sampling: SamplingParams,
@@ -213,18 +196,6 @@ def sample(model: LoadedModel, prompts: str | list[str], seeds: list[int], sampl
 def _size(model: LoadedModel, sampling: SamplingParams) -> tuple[int, int]:
     dh, dw = model.default_size()
     return sampling.height or dh, sampling.width or dw
-
-
-MAX_PROMPT_CHARS = 1000
-
-
-def validate_prompt(prompt) -> str:
-    if not isinstance(prompt, str) or not prompt.strip():
-        raise ValueError("the prompt is empty: type what the image should show")
-    if len(prompt) > MAX_PROMPT_CHARS:
-        raise ValueError(f"the prompt has {len(prompt)} characters; the limit is {MAX_PROMPT_CHARS} "
-                         "(the text encoder reads at most 77 tokens anyway)")
-    return prompt
 
 
 @torch.no_grad()

@@ -133,6 +133,8 @@ def _candidates(model: LoadedModel, prompt: str, scorer, sampling: SamplingParam
         return memo[key]
     seeds = candidate_seeds(prompt, pairing.num_candidates, pairing.seed)
     cands = sample(model, prompt, seeds, sampling, batch_size=batch_size)
+    if scorer is None:  # the images alone (a control re-drawing its references): not kept as scored candidates
+        return seeds, cands, None
     scores = np.asarray(scorer(cands.images, [prompt] * len(seeds)), dtype=np.float64)
     if memo is not None:
         memo[key] = (seeds, cands, scores)
@@ -203,6 +205,35 @@ def build_pairs(model: LoadedModel, prompts: list[str], scorer, sampling: Sampli
         if progress is not None:
             progress(i + 1, len(prompts))
     return records
+
+
+def build_control_pairs(model: LoadedModel, records: list[PairRecord], sampling: SamplingParams | None = None,
+                        pairing: PairingParams | None = None, batch_size: int = 16,
+                        candidates: dict | None = None) -> list[PairRecord]:
+    """The paper's control for D-Fusion pairs: each pair's unfused reference as winner over the same base. The
+    same prompts, candidates, selection and label rule as `records` (D-Fusion pairs built with `candidates`,
+    `sampling` and `pairing`); what differs is visual consistency alone. No fusion runs: the references are
+    candidates already sampled. With the scorer's label rule the verdict is the reference's against the base."""
+    sampling = (sampling or model.default_sampling()).validate()
+    pairing = (pairing or PairingParams()).validate()
+    out = []
+    for rec in records:
+        seeds, cands, scores = _candidates(model, rec.prompt, None, sampling, pairing, batch_size, candidates)
+        i = seeds.index(rec.ref_seed)
+        label = "target"
+        if pairing.label == "score":
+            label = verdict(rec.scores["base"], rec.scores["reference"], pairing.min_gap) or "tie"
+            if label == "tie":
+                continue
+        pid = hashlib.sha256(f"control|{rec.pair_id}".encode()).hexdigest()[:16]
+        out.append(PairRecord(
+            prompt=rec.prompt, base_seed=rec.base_seed, ref_seed=rec.ref_seed,
+            scores={**rec.scores, "target": rec.scores["reference"]}, sampling=rec.sampling, fusion={}, keywords=[],
+            model_id=rec.model_id, target=cands.trajectories[i], base=rec.base,
+            masks=torch.zeros(sampling.num_steps, 1, 1),
+            images={"base": rec.images.get("base"), "target": cands.images[i], "reference": cands.images[i]},
+            label=label, pair_id=pid, extra={"kind": "control", "dfusion_pair": rec.pair_id}))
+    return out
 
 
 def build_random_pairs(model: LoadedModel, prompts: list[str], scorer, sampling: SamplingParams | None = None,

@@ -55,50 +55,11 @@ from ..engine.config import FusionParams, SamplingParams
 from ..engine.loading import LoadedModel
 from ..pairs.build import PairingParams, build_pairs, build_random_pairs, shard_prompts
 from ..engine.sampling import recompute_log_probs, sampler_stds, validate_prompt
-from ..engine.schema import setting
 from . import losses
-from .trainer import TrainConfig, Trainer, TrainResult, _step_generator, drawable_rows
+from .trainer import Trainer, TrainResult, _step_generator, drawable_rows
 
-ARMS = ("dfusion", "random")
-ON_POLICY_ALGOS = ("ddpo", "dpok")
-ADVANTAGE_GROUPS = ("prompt-kind", "prompt")
+from .config import ADVANTAGE_GROUPS, ARMS, ON_POLICY_ALGOS, OnPolicyConfig  # noqa: F401 - where they were defined
 
-
-@dataclass
-class OnPolicyConfig(TrainConfig):
-    """TrainConfig's fields (steps unused: rounds x inner_epochs x batches decide them) plus the rounds'."""
-
-    algo: str = setting("ddpo", "ddpo (PPO-clip) | dpok (clipped PG + KL to the pre-trained model)")
-    rounds: int = setting(10, "sample -> pair -> score -> train rounds")
-    arm: str = setting("dfusion", "dfusion (fused targets vs bases) | random (plain samples paired at random)")
-    steps_per_trajectory: int = setting(0, "denoising steps trained per trajectory per inner epoch; 0 = all (the "
-                                           "papers)")
-    micro_batch: int = setting(0, "(trajectory, step) rows per forward pass inside one optimizer step; 0 = all at once")
-    sample_batch: int = setting(16, "images per batched sampling / fusion call while collecting a round")
-    # rewards are normalised per prompt and kind (plain draws among themselves, fused targets among themselves),
-    # or per prompt over all samples ("prompt"). Per prompt, a D-Fusion round's plain draws (its bases) score
-    # below its targets and nearly all get negative advantages: trained alone they collapsed the shipped model in
-    # two rounds (reward 0.85 -> 0.22), and with the targets they took TEST accuracy from 0.53 to 0.30
-    advantage_groups: str = setting("prompt-kind", "prompt-kind (plain draws and fused targets apart) | prompt (all "
-                                                   "together)")
-
-    def validate(self) -> "OnPolicyConfig":
-        if self.algo not in ON_POLICY_ALGOS:
-            raise ValueError(f"on-policy rounds train {' or '.join(ON_POLICY_ALGOS)}, got {self.algo!r} "
-                             "(dpo and traj-dpo train offline on a pair set: use train --data)")
-        if self.arm not in ARMS:
-            raise ValueError(f"arm must be one of {', '.join(ARMS)}, got {self.arm!r}")
-        if self.advantage_groups not in ADVANTAGE_GROUPS:
-            raise ValueError(f"advantage_groups must be one of {', '.join(ADVANTAGE_GROUPS)}, "
-                             f"got {self.advantage_groups!r}")
-        for name in ("rounds", "sample_batch"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
-        for name in ("steps_per_trajectory", "micro_batch"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
-                raise ValueError(f"{name} must be an integer >= 0, got {getattr(self, name)!r}")
-        TrainConfig.validate(replace(self, steps=max(1, self.steps), steps_per_trajectory=1))
-        return self
 
 
 @dataclass

@@ -33,85 +33,12 @@ from ..engine.families import Conditioning
 from ..engine.loading import LoadedModel
 from ..engine.masks import resize_mask
 from ..engine.sampling import guided_output, recompute_log_probs, sampler_stds
-from ..engine.schema import setting
 from ..engine.steps import step_log_prob
 from . import losses
 from .data import PreferencePair, check_pairs
 
-ALGOS = ("dpo", "traj-dpo", "ddpo", "dpok")
-WEIGHTINGS = ("uniform", "logit_normal")
+from .config import ALGOS, WEIGHTINGS, TrainConfig  # noqa: F401 - where they were defined
 
-
-@dataclass
-class TrainConfig:
-    """Defaults are the paper's reference training setup (docs/METHOD.md)."""
-
-    algo: str = setting("dpo", "dpo (Diffusion-DPO) | traj-dpo (per-step DPO) | ddpo (PPO-clip) | dpok (PG + KL)")
-    steps: int = setting(100, "optimizer steps")
-    batch_size: int = setting(4, "global pairs (dpo, traj-dpo) or trajectories (ddpo, dpok) per step, over all "
-                                 "processes")
-    lr: float = setting(1e-4, "AdamW learning rate")
-    weight_decay: float = setting(1e-4, "AdamW weight decay")
-    warmup_steps: int = setting(0, "linear learning-rate warm-up")
-    max_grad_norm: float = setting(1.0, "gradient clipping")
-    lora_rank: int = setting(4, "LoRA rank on the denoiser's attention; 0 = full fine-tune")
-    lora_alpha: float | None = setting(None, "LoRA scaling numerator; None = the rank (scale 1)")
-    lora_targets: tuple[str, ...] | None = setting(None, "attention projections adapted; None = the model family's")
-    # how a Diffusion-DPO step draws its noise level: uniform over the training schedule (Diffusion-DPO, and
-    # diffusers' SD3 script with --weighting_scheme none) or logit_normal (u = sigmoid(N(0, 1)), the density SD3
-    # and ShapesWorld's flow models were pre-trained with; the default of diffusers' SD3 training script)
-    weighting: str = setting("uniform", "uniform | logit_normal: the training noise levels of dpo")
-    dpo_beta: float = setting(5000.0, "Diffusion-DPO beta in the beta/2 convention (= 2500 without the 1/2; see "
-                                      "losses)")
-    # a D-Fusion pair differs only inside its fusion mask; pairs without a mask (random pairs) weigh everywhere 1
-    dpo_outside_weight: float = setting(1.0, "DPO error weight outside the pair's fusion mask (1 = paper, 0 = inside "
-                                             "only)")
-    traj_beta: float = setting(0.1, "trajectory DPO beta")
-    clip_eps: float = setting(0.1, "ratio clip for traj-dpo, ddpo and dpok")
-    adv_clip: float = setting(5.0, "DDPO/DPOK advantage clip")
-    # DPOK's KL term is the exact per-step Gaussian KL to the frozen model. Flow-GRPO's (its KL loss) equals that
-    # KL times the step's sigma decrement dt, so at the same coefficient this one weighs 1/dt more (3.7x-112x on
-    # a 20-step schedule); kl_scale flow_grpo multiplies by dt so a coefficient reads on Flow-GRPO's scale
-    kl_coef: float = setting(0.01, "DPOK KL weight")
-    kl_scale: str = setting("exact", "exact (per-step Gaussian KL) | flow_grpo (x the step's dt; flow models only)")
-    inner_epochs: int = setting(2, "DDPO/DPOK: optimizer steps on each drawn batch")
-    # DDPO/DPOK: leave out recorded steps whose mean squared standardised residual under the plain model exceeds
-    # this (>= 1; the policy's own draws give ~1, the shipped model's fused targets ~50 at their last step, whose
-    # std is 7e-4, so its gradient swamps a batch). 0 = train every step (the paper)
-    max_step_residual: float = setting(0.0, "DDPO/DPOK: leave out steps the plain model would not draw (e.g. 2); 0 = "
-                                            "none")
-    steps_per_trajectory: int = setting(1, "denoising steps sampled per trajectory per optimizer step (all = paper)")
-    ckpt_every: int = setting(50, "checkpoint (and LoRA export) every N steps")
-    seed: int = setting(0, "batches, timesteps and noise derive from (seed, step)")
-    mixed_precision: str = setting("no", "no | fp16 | bf16 (accelerate)")
-
-    def validate(self) -> "TrainConfig":
-        if self.algo not in ALGOS:
-            raise ValueError(f"algo must be one of {ALGOS}, got {self.algo!r}")
-        for name in ("steps", "batch_size", "ckpt_every", "inner_epochs", "steps_per_trajectory"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be a positive integer, got {v!r}")
-        if not (0 < self.lr < 1):
-            raise ValueError(f"lr must be in (0, 1), got {self.lr}")
-        if not isinstance(self.lora_rank, int) or self.lora_rank < 0:
-            raise ValueError(f"lora_rank must be an integer >= 0, got {self.lora_rank!r}")
-        if self.dpo_beta <= 0 or self.traj_beta <= 0:
-            raise ValueError("beta must be positive")
-        if not 0.0 <= self.dpo_outside_weight <= 1.0:
-            raise ValueError(f"dpo_outside_weight must be in [0, 1], got {self.dpo_outside_weight}")
-        if not (0 < self.clip_eps < 1):
-            raise ValueError(f"clip_eps must be in (0, 1), got {self.clip_eps}")
-        if not (self.max_step_residual == 0 or self.max_step_residual >= 1):
-            raise ValueError(f"max_step_residual must be 0 (train every step) or >= 1 (a draw of the policy gives "
-                             f"about 1), got {self.max_step_residual}")
-        if self.kl_scale not in ("exact", "flow_grpo"):
-            raise ValueError(f"kl_scale must be exact or flow_grpo, got {self.kl_scale!r}")
-        if self.weighting not in WEIGHTINGS:
-            raise ValueError(f"weighting must be one of {', '.join(WEIGHTINGS)}, got {self.weighting!r}")
-        if self.mixed_precision not in ("no", "fp16", "bf16"):
-            raise ValueError(f"mixed_precision must be no, fp16 or bf16, got {self.mixed_precision!r}")
-        return self
 
 
 @dataclass
