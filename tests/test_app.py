@@ -728,3 +728,19 @@ def test_a_fusion_streams_previews_and_a_newer_move_stops_the_running_one(app_ur
     older = first.result(timeout=60)
     assert "superseded by a newer setting" in older[-1], older[-1]
     assert "fused in cache" in newer[-1], newer[-1]
+
+
+def test_the_readmes_gradio_client_example_runs_and_fuses_with_the_pages_settings(app_url):
+    """The README's script, run as written against the app (its URL swapped): it samples, fuses with every control
+    at the page's starting value, and labels."""
+    url, svc = app_url
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    code = next(b for b in re.findall(r"```python\n(.*?)```", readme, re.S) if "gradio_client" in b)
+    code = code.replace("http://127.0.0.1:7860/", url).replace("print(out[-1])", "status = out[-1]")
+    n0 = len(svc.store)
+    scope = {}
+    exec(code, scope)
+    s = svc.default_sampling
+    assert scope["status"].startswith("fused in") and f"layers {svc.default_fusion.layers}" in scope["status"]
+    assert len(scope["gallery"]) == 8 and len(svc.store) == n0 + 1
+    assert s.num_steps == 20 and f"steps {svc.default_fusion.step_range(s.num_steps)[0]}-" in scope["status"]

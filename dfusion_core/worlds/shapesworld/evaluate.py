@@ -168,6 +168,12 @@ def evaluate(model: LoadedModel, scorer=None, split: str = "test", n_prompts: in
     return summarise(rows, split, sampling, seeds_per_prompt, scorer is not None) | {"rows": rows}
 
 
+def _mean_defined(values) -> float:
+    """Mean of the values that are not nan; nan (without numpy's empty-slice warning) when none is."""
+    vals = [v for v in values if not np.isnan(v)]
+    return float(np.mean(vals)) if vals else float("nan")
+
+
 def summarise(rows: list[dict], split: str, sampling: SamplingParams, seeds_per_prompt: int, scored: bool) -> dict:
     out = {"split": split, "samples": len(rows), "seeds_per_prompt": seeds_per_prompt, "sampling": asdict(sampling),
            "families": {}}
@@ -181,7 +187,7 @@ def summarise(rows: list[dict], split: str, sampling: SamplingParams, seeds_per_
             "n": len(rs), "prompts": len({r["prompt"] for r in rs}),
             "accuracy": k / len(rs), "accuracy_ci95": wilson(k, len(rs)),
             "accuracy_ci95_prompts": bootstrap_ci(rs, "correct"),
-            "diversity": float(np.nanmean([r.get("diversity", float("nan")) for r in rs])),
+            "diversity": _mean_defined(r.get("diversity", float("nan")) for r in rs),  # nan with one seed a prompt
             "objects_found": float(np.mean([r["objects_found"] for r in rs])),
             "colours_right": float(np.mean([r["colours_right"] for r in rs])),
             "shapes_right": float(np.mean([r["shapes_right"] for r in rs])),
