@@ -152,3 +152,37 @@ def test_two_stage_bootstrap_widens_with_the_spread_over_training_seeds_and_holm
     assert lo_1 > 0
     adj = holm({"a": 0.01, "b": 0.04, "c": 0.03, "d": None})
     assert adj == {"a": 0.03, "b": 0.06, "c": 0.06, "d": None}
+
+
+@pytest.mark.slow
+def test_the_control_arm_trains_on_the_dfusion_pairs_unfused_and_answers_the_primary_endpoint(sd1, tmp_path):
+    """The paper's control: DPO on the same (reference, base) pairs as the D-Fusion arm, the reference unfused; the
+    summary's primary endpoint is D-Fusion minus control on TEST, and the report states it first."""
+    cfg = replace(ExperimentConfig.smoke(), algos=("dpo",), dpo_kinds=("random", "dfusion", "control"),
+                  ablations=())
+    sampling = SamplingParams(num_steps=cfg.num_steps, height=64, width=64, guidance_scale=2.0)
+    exp = Experiment(sd1, brightness, cfg, tmp_path, sampling=sampling, log=lambda *_: None)
+    summary = exp.run("headline")
+    assert list(summary["arms"]) == ["base", "dpo/random", "dpo/dfusion", "dpo/control"]
+    sets = exp.pair_sets(["dfusion", "control"])
+    assert [(r.base_seed, r.ref_seed) for r in sets["control"]] == [(r.base_seed, r.ref_seed) for r in sets["dfusion"]]
+    assert all(c.masks.sum() == 0 and c.extra["kind"] == "control" for c in sets["control"])
+    p = summary["primary"]
+    assert p["endpoint"].startswith("TEST prompts, all families") and p["diff"] is not None and 0 <= p["p"] <= 1
+    assert set(p["families"]) == {"action", "attribute", "spatial"}
+    assert all(f["p_holm"] is None for f in p["families"].values())  # one prompt a family: no family claim
+    path = write_reports(exp, "python -m experiments.shapesworld.experiment", str(tmp_path / "RESULTS.md"))
+    md = (tmp_path / "RESULTS.md").read_text()
+    assert md.splitlines()[2].startswith("**Primary endpoint**") and "## D-Fusion minus the inconsistent control" in md
+    assert path.is_file()
+
+
+def test_label_by_and_dpo_kinds_are_checked(capsys, tmp_path):
+    from experiments.shapesworld.experiment import main
+
+    for args, msg in ((["--label-by", "oracle"], "--label-by must be one of scorer, checker"),
+                      (["--dpo-kinds", "control"], "control needs dfusion")):
+        with pytest.raises(SystemExit):
+            main(["--smoke", "--out", str(tmp_path / "never"), *args])
+        assert msg in capsys.readouterr().err
+    assert not (tmp_path / "never").exists()

@@ -238,10 +238,12 @@ def build_control_pairs(model: LoadedModel, records: list[PairRecord], sampling:
 
 def build_random_pairs(model: LoadedModel, prompts: list[str], scorer, sampling: SamplingParams | None = None,
                        pairing: PairingParams | None = None, batch_size: int = 16,
-                       candidates: dict | None = None, stats: dict | None = None) -> list[PairRecord]:
+                       candidates: dict | None = None, stats: dict | None = None, check=None) -> list[PairRecord]:
     """The paper's baseline in the same record format: per prompt, candidates paired at random, the higher
     score as winner ('target', not fused) and the lower as loser ('base'); masks empty. A tie (`verdict`:
-    scores equal or closer than min_gap) is dropped; `stats` receives dropped_tie and kept.
+    scores equal or closer than min_gap) is dropped; `stats` receives dropped_tie and kept. With `check` (a
+    world's checker, (images, prompt) -> pass / fail per image) the checker labels instead: the passing image
+    wins, and a pair both pass or both fail is a tie; the records keep the scorer's scores.
 
     `candidates` (a dict, shared between calls) keeps each prompt's sampled and scored candidates, so the
     random and the D-Fusion pairs of an experiment come from the very same images at half the cost."""
@@ -252,8 +254,12 @@ def build_random_pairs(model: LoadedModel, prompts: list[str], scorer, sampling:
     for prompt in prompts:
         seeds, cands, scores = _candidates(model, prompt, scorer, sampling, pairing, batch_size, candidates)
         order = np.random.default_rng(int(seeds[0]) % (2 ** 32)).permutation(len(seeds))
+        passes = check(cands.images, prompt) if check is not None else None
         for a, b in zip(order[0::2], order[1::2]):
-            v = verdict(scores[a], scores[b], pairing.min_gap)  # a as "base", b as "target"
+            if passes is not None:
+                v = None if bool(passes[a]) == bool(passes[b]) else "target" if passes[b] else "base"
+            else:
+                v = verdict(scores[a], scores[b], pairing.min_gap)  # a as "base", b as "target"
             if v is None:
                 _count(stats, "dropped_tie", 1)
                 continue

@@ -6,8 +6,13 @@
     python -m experiments.shapesworld.experiment --out /tmp/smoke --smoke                         # minutes, same code
 
 Every arm trains on the same TRAIN prompts with the same budget. DPO trains offline on a fixed pair set: random
-pairs (candidates paired at random, the higher CLIP score wins; the paper's baseline) or D-Fusion pairs (fused
-targets over bases) built from the very same candidates, cut to one size. DDPO and DPOK run as their papers do,
+pairs (candidates paired at random, the better one wins; the paper's baseline), D-Fusion pairs (fused targets over
+bases) or the paper's control (the same references over the same bases, unfused: it differs from D-Fusion in
+visual consistency alone), all built from the very same candidates and cut to one size. `label_by` says who picks
+and labels: the world's checker (default: an oracle reward, so the question is consistency, not reward quality)
+or the CLIP scorer (as the paper ran it). The primary endpoint, stated before any run: TEST prompts, all families,
+DPO on D-Fusion pairs minus DPO on the control pairs, checker accuracy (experiment_report.PRIMARY), with a
+two-stage bootstrap over training seeds and prompts and Holm over the family cells. DDPO and DPOK run as their papers do,
 in on-policy rounds (training/onpolicy.py): each round samples fresh candidates from the current policy, pairs them
 (random arm: plain samples; D-Fusion arm: fused targets and their bases), scores them and trains PPO-clip /
 clipped PG + KL on them. The headline repeats every trained arm over several training seeds (LoRA start, batch
@@ -38,12 +43,14 @@ import torch
 
 from dfusion_core.engine.config import FusionParams, MaskParams, SamplingParams, apply_model_defaults, fusion_defaults
 from dfusion_core.engine.loading import LoadedModel
-from dfusion_core.pairs.build import PairingParams, PairRecord, build_pairs, build_random_pairs, load_pairs, save_pairs
+from dfusion_core.pairs.build import (PairingParams, PairRecord, build_control_pairs, build_pairs, build_random_pairs,
+                                     load_pairs, save_pairs)
 from dfusion_core.worlds.shapesworld.evaluate import evaluate
 from dfusion_core.worlds.shapesworld.world import FAMILIES, prompt_list
 
 
 PARTS = ("calibrate", "headline", "ablations")
+LABEL_RULES = ("scorer", "checker")
 RL_LOSS_ABLATIONS = ("drawable-steps", "per-prompt-advantages")  # on-policy ablations that change the training, not the fusion
 
 
@@ -56,6 +63,12 @@ class ExperimentConfig:
     num_candidates: int = 16  # candidates per prompt for the offline pair sets (paper: 16 -> 8 pairs a prompt)
     num_steps: int = 20  # sampling steps everywhere (paper: 20)
     pair_seed: int = 0  # candidate seeds of the offline pair sets
+    # who picks references and bases and labels the offline pairs: "checker" (the world's ground truth, an oracle
+    # reward: the question is consistency, not reward quality) or "scorer" (the CLIP scorer, as the paper ran it)
+    label_by: str = "checker"
+    # the offline DPO arms: random pairs, D-Fusion pairs (fused target over base) and the paper's control, the same
+    # (reference, base) pairs left unfused (reference over base): D-Fusion minus control isolates consistency
+    dpo_kinds: tuple[str, ...] = ("random", "dfusion", "control")
     # ---- DPO, offline on a fixed pair set. Calibrated on TRAIN prompts (random pairs, docs/RESULTS.md): at the
     # paper's beta 5000 the loss rose from 0.69 to ~2 instead of falling (lr 1e-3: accuracy unmoved; lr 3e-3: the
     # model collapsed, accuracy 0.63 -> 0.25); at beta 500 it falls (0.71 -> 0.15) and the samples move
@@ -95,7 +108,7 @@ class ExperimentConfig:
 
     @classmethod
     def smoke(cls) -> "ExperimentConfig":
-        return cls(train_prompts=1, num_candidates=4, num_steps=4, dpo_steps=2, dpo_batch=2, rounds=1,
+        return cls(label_by="scorer", dpo_kinds=("random", "dfusion"), train_prompts=1, num_candidates=4, num_steps=4, dpo_steps=2, dpo_batch=2, rounds=1,
                    round_candidates=4, rl_batch=2, steps_per_trajectory=1, eval_train_seeds=2, eval_prompts=1,
                    eval_seeds=2, seeds=(0,), ablations=("no-mask", "masked-loss"),
                    rl_ablations=("no-hold", "per-prompt-advantages"))
@@ -106,7 +119,7 @@ class Arm:
     """One trained (or the base) model of the experiment."""
 
     algo: str | None  # dpo | ddpo | dpok; None = the base model
-    kind: str | None = None  # random | dfusion
+    kind: str | None = None  # random | dfusion | control (DPO only: the D-Fusion pairs' references unfused)
     seed: int | None = None  # training seed
     ablation: str | None = None  # DPO on D-Fusion pairs with this setting changed (fusion_variants / masked-loss)
 
@@ -159,13 +172,17 @@ class Experiment:
         s, mask = apply_model_defaults(model.defaults, SamplingParams(num_steps=cfg.num_steps), MaskParams())
         self.sampling = (sampling or s).validate()
         self.fusion = fusion_defaults(model.defaults, mask).validate(self.sampling.num_steps)  # the model's form
-        self.pairing = PairingParams(num_candidates=cfg.num_candidates, seed=cfg.pair_seed).validate()
+        if cfg.label_by not in LABEL_RULES:
+            raise ValueError(f"label_by must be one of {', '.join(LABEL_RULES)}, got {cfg.label_by!r}")
+        self.pairing = PairingParams(num_candidates=cfg.num_candidates, seed=cfg.pair_seed,
+                                     pick="checker" if cfg.label_by == "checker" else "scorer").validate()
         self.train_prompts = [p.text for fam in FAMILIES for p in prompt_list(fam, "train", cfg.train_prompts)]
         self._candidates: dict = {}
 
     # ---- pair sets ------------------------------------------------------------------------------
     def pair_set_names(self, part: str) -> list[str]:
-        names = ["random", "dfusion"] if "dpo" in self.cfg.algos or part == "ablations" else []
+        names = list(dict.fromkeys(["random", "dfusion", *self.cfg.dpo_kinds])) if "dpo" in self.cfg.algos \
+            or part == "ablations" else []
         if part == "ablations":
             names += [n for n in fusion_variants(self.fusion, self.sampling.num_steps, self.cfg.ablations)
                       if n != "dfusion"]
@@ -182,23 +199,32 @@ class Experiment:
                 sets[name] = load_pairs(folder)
                 continue
             t0 = time.time()
-            if name == "random":
-                recs = build_random_pairs(self.model, self.train_prompts, self.scorer, self.sampling, self.pairing,
-                                          candidates=self._candidates)
-            else:
-                recs = build_pairs(self.model, self.train_prompts, self.scorer, self.sampling, variants[name],
-                                   self.pairing, candidates=self._candidates)
+            recs = self._build_set(name, variants, sets)
             save_pairs(recs, folder)
             self.log(f"pairs {name}: {len(recs)} in {time.time() - t0:.0f}s")
             sets[name] = recs
         size = self.common_size(sets)
         out = {}
         for name, recs in sets.items():  # each set's cut depends on its name only, whatever else is loaded
-            rng = np.random.default_rng([self.cfg.pair_seed, zlib.crc32(name.encode())])
+            # the control is cut as its D-Fusion set is (one to one while neither drops a pair): the same pairs
+            key = "dfusion" if name == "control" and len(recs) == len(sets.get("dfusion", [])) else name
+            rng = np.random.default_rng([self.cfg.pair_seed, zlib.crc32(key.encode())])
             keep = sorted(rng.permutation(len(recs))[:size]) if len(recs) > size else range(len(recs))
             out[name] = [recs[i] for i in keep]
             self._write_signal(name, out[name])
         return out
+
+    def _build_set(self, name: str, variants: dict, sets: dict) -> list[PairRecord]:
+        """One pair set from the shared candidates: random, control (from the D-Fusion set) or a D-Fusion form."""
+        check = _checker() if self.cfg.label_by == "checker" else None
+        if name == "random":
+            return build_random_pairs(self.model, self.train_prompts, self.scorer, self.sampling, self.pairing,
+                                      candidates=self._candidates, check=check)
+        if name == "control":
+            fused = sets["dfusion"] if "dfusion" in sets else self.pair_sets(["dfusion"])["dfusion"]
+            return build_control_pairs(self.model, fused, self.sampling, self.pairing, candidates=self._candidates)
+        return build_pairs(self.model, self.train_prompts, self.scorer, self.sampling, variants[name], self.pairing,
+                           candidates=self._candidates, check=check)
 
     def common_size(self, sets: dict[str, list[PairRecord]]) -> int:
         """The size every pair set is cut to: the smaller of the random and D-Fusion sets (an ablation set that
@@ -228,7 +254,7 @@ class Experiment:
             return [Arm(None)] + [Arm(a, "random", first) for a in self.cfg.algos]
         if part == "headline":
             return [Arm(None)] + [Arm(a, k, s) for s in self.cfg.seeds for a in self.cfg.algos
-                                  for k in ("random", "dfusion")]
+                                  for k in (self.cfg.dpo_kinds if a == "dpo" else ("random", "dfusion"))]
         if part == "ablations":
             # the ablations first; the arms they are read against (the headline's, reused when finished) last
             seeds = self.cfg.ablation_seeds
@@ -343,6 +369,13 @@ class Experiment:
         return summary
 
 
+def _checker():
+    """The world's checker as build_pairs takes it: (images, prompt) -> pass / fail per image."""
+    from dfusion_core.worlds.shapesworld import check_images
+
+    return check_images
+
+
 # ---- several processes ------------------------------------------------------------------------------
 _WORKER: dict = {}
 
@@ -408,6 +441,11 @@ def _config_from_args(ap: argparse.ArgumentParser, a) -> ExperimentConfig:
         ap.error(f"--rl-ablations: {e}")
     if "masked-loss" in cfg.rl_ablations:
         ap.error("--rl-ablations: masked-loss is a DPO loss; on-policy ablations change the fusion or the steps")
+    if cfg.label_by not in LABEL_RULES:
+        ap.error(f"--label-by must be one of {', '.join(LABEL_RULES)}, got {cfg.label_by!r}")
+    if not cfg.dpo_kinds or set(cfg.dpo_kinds) - {"random", "dfusion", "control"} or \
+            ("control" in cfg.dpo_kinds and "dfusion" not in cfg.dpo_kinds):
+        ap.error(f"--dpo-kinds: some of random dfusion control (control needs dfusion), got {list(cfg.dpo_kinds)}")
     if cfg.advantage_groups not in ("prompt-kind", "prompt"):
         ap.error(f"--advantage-groups must be prompt-kind or prompt, got {cfg.advantage_groups!r}")
     if not (cfg.max_step_residual == 0 or cfg.max_step_residual >= 1):
@@ -439,8 +477,8 @@ def main(argv=None) -> None:
     ap.add_argument("--finished-only", action="store_true", help="report the arms already finished, run nothing new")
     ap.add_argument("--extra", default=None, help="a markdown file appended to the report (e.g. docs/results_extra.md)")
     for f, v in asdict(ExperimentConfig()).items():
-        if isinstance(v, (int, float)):
-            ap.add_argument("--" + f.replace("_", "-"), type=type(v), default=None)
+        if isinstance(v, (int, float, str)):
+            ap.add_argument("--" + f.replace("_", "-"), type=type(v), default=None, help=f"default: {v}")
         elif isinstance(v, tuple):
             typ = int if v and isinstance(v[0], int) else str
             ap.add_argument("--" + f.replace("_", "-"), nargs="*", type=typ, default=None,
