@@ -38,7 +38,8 @@ from dfusion_core.worlds.shapesworld.world import FAMILIES, prompt_list
 def fusion_forms(defaults: dict, mask: MaskParams) -> dict[str, FusionParams]:
     """The forms compared: the model's default; the reference-only mask; reference-union-base (dilated one
     cell) with and without the base's latents held outside the mask, held with a hard (nearest) mask, from
-    step 3, dilated two cells (held softly, hard, from step 3); and a global swap from step 1 (how far fusion
+    step 3, dilated two cells (held softly, hard, from step 3); union masks cut at 30% of each map's peak; and a
+    global swap from step 1 (how far fusion
     can move a target at all)."""
     union = replace(mask, union_base=True, dilate=1)
     held = FusionParams(start_step=1, layers="all", hold_outside=True, mask=union)
@@ -55,6 +56,11 @@ def fusion_forms(defaults: dict, mask: MaskParams) -> dict[str, FusionParams]:
             "union_base_dilated2_held": replace(held, mask=replace(union, dilate=2)),
             "union_base_dilated2_held_nearest": replace(held, mask=replace(union, dilate=2, resize="nearest")),
             "union_base_dilated2_held_from3": replace(held, start_step=3, mask=replace(union, dilate=2)),
+            # a lower cut (30% of each map's peak, not Otsu's): whole objects on a 16x16 grid without growing the mask
+            "union_base_held_rel30": replace(held, mask=replace(union, dilate=0, threshold_mode="relative",
+                                                                threshold=0.3)),
+            "union_base_dilated_held_rel30": replace(held, mask=replace(union, threshold_mode="relative",
+                                                                        threshold=0.3)),
             "global_from_step1": FusionParams(start_step=1, layers="all", use_mask=False, mask=mask)}
 
 
