@@ -350,3 +350,18 @@ def test_v3_scenes_are_v2_scenes_with_smaller_objects():
                     assert check(scene.image, spec.text).correct, spec.text
     ratio = sum(areas[3]) / sum(areas[2])
     assert 0.45 < ratio < 0.7, ratio
+
+
+def test_stratified_prompt_lists_span_every_relation_and_texture_and_do_not_overlap():
+    """The evidence's TRAIN prompts span every texture and relation (4 random attribute prompts had hollow and
+    striped only); its validation prompts come after them in the same order, so none is trained on."""
+    from dfusion_core.worlds.shapesworld.world import FAMILIES, prompts, stratified_prompt_list
+
+    for fam in FAMILIES:
+        train = stratified_prompt_list(fam, "train", 16)
+        val = stratified_prompt_list(fam, "train", 6, offset=16)
+        assert len(train) == 16 and len(val) == 6 and not {p.text for p in train} & {p.text for p in val}
+        key = (lambda p: p.objects[0].texture) if fam == "attribute" else (lambda p: p.relation)
+        assert {key(p) for p in train} == {key(p) for p in prompts(fam, "train")}
+        assert {key(p) for p in stratified_prompt_list(fam, "test", 24)} == {key(p) for p in prompts(fam, "test")}
+        assert stratified_prompt_list(fam, "train", 22) == train + val  # one fixed order

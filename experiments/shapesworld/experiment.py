@@ -46,7 +46,7 @@ from dfusion_core.engine.loading import LoadedModel
 from dfusion_core.pairs.build import (PairingParams, PairRecord, build_control_pairs, build_pairs, build_random_pairs,
                                      load_pairs, save_pairs)
 from dfusion_core.worlds.shapesworld.evaluate import evaluate
-from dfusion_core.worlds.shapesworld.world import FAMILIES, prompt_list
+from dfusion_core.worlds.shapesworld.world import FAMILIES, stratified_prompt_list
 
 
 PARTS = ("calibrate", "headline", "ablations")
@@ -59,7 +59,8 @@ class ExperimentConfig:
     """One budget for every arm, sized for the SD3-shaped default on 2 CPU cores (the headline <= 90 minutes)."""
 
     # ---- prompts and pair sets: every algorithm trains on the same TRAIN prompts
-    train_prompts: int = 4  # TRAIN prompts per family
+    train_prompts: int = 4  # TRAIN prompts per family (dealt in turn from each relation / texture)
+    val_prompts: int = 6  # validation prompts per family: TRAIN-split prompts never trained on (0: none)
     num_candidates: int = 16  # candidates per prompt for the offline pair sets (paper: 16 -> 8 pairs a prompt)
     num_steps: int = 20  # sampling steps everywhere (paper: 20)
     pair_seed: int = 0  # candidate seeds of the offline pair sets
@@ -91,8 +92,8 @@ class ExperimentConfig:
     # ---- evaluation: the same seeds for every arm
     # (18 and 8, not 6 and 4: at 6 the calibration's interval reached 0 exactly; a sample costs ~0.3 s on one core)
     eval_train_seeds: int = 18  # held-out seeds per TRAIN prompt
-    eval_prompts: int = 10  # TEST prompts per family
-    eval_seeds: int = 8  # seeds per TEST prompt
+    eval_prompts: int = 24  # TEST prompts per family (dealt in turn from each relation / texture)
+    eval_seeds: int = 4  # seeds per TEST prompt (more prompts, fewer seeds: the interval resamples prompts)
     eval_seed: int = 1  # evaluation seeds derive from it (never a candidate seed: those are prompt hashes)
     algos: tuple[str, ...] = ("dpo", "ddpo", "dpok")
     seeds: tuple[int, ...] = (0, 1, 2)  # training seeds: every trained arm of the headline runs once per seed
@@ -108,7 +109,8 @@ class ExperimentConfig:
 
     @classmethod
     def smoke(cls) -> "ExperimentConfig":
-        return cls(label_by="scorer", dpo_kinds=("random", "dfusion"), train_prompts=1, num_candidates=4, num_steps=4, dpo_steps=2, dpo_batch=2, rounds=1,
+        return cls(label_by="scorer", dpo_kinds=("random", "dfusion"), train_prompts=1, val_prompts=1,
+                   num_candidates=4, num_steps=4, dpo_steps=2, dpo_batch=2, rounds=1,
                    round_candidates=4, rl_batch=2, steps_per_trajectory=1, eval_train_seeds=2, eval_prompts=1,
                    eval_seeds=2, seeds=(0,), ablations=("no-mask", "masked-loss"),
                    rl_ablations=("no-hold", "per-prompt-advantages"))
@@ -176,7 +178,13 @@ class Experiment:
             raise ValueError(f"label_by must be one of {', '.join(LABEL_RULES)}, got {cfg.label_by!r}")
         self.pairing = PairingParams(num_candidates=cfg.num_candidates, seed=cfg.pair_seed,
                                      pick="checker" if cfg.label_by == "checker" else "scorer").validate()
-        self.train_prompts = [p.text for fam in FAMILIES for p in prompt_list(fam, "train", cfg.train_prompts)]
+        # TRAIN prompts spanning every relation and texture; validation prompts after them (never trained on)
+        self.prompt_lists = {
+            "train": {f: stratified_prompt_list(f, "train", cfg.train_prompts) for f in FAMILIES},
+            "validation": {f: stratified_prompt_list(f, "train", cfg.val_prompts, offset=cfg.train_prompts)
+                           for f in FAMILIES},
+            "test": {f: stratified_prompt_list(f, "test", cfg.eval_prompts) for f in FAMILIES}}
+        self.train_prompts = [p.text for f in FAMILIES for p in self.prompt_lists["train"][f]]
         self._candidates: dict = {}
 
     # ---- pair sets ------------------------------------------------------------------------------
@@ -265,12 +273,13 @@ class Experiment:
         raise ValueError(f"part must be one of {', '.join(PARTS)}, got {part!r}")
 
     def evaluate(self) -> dict:
-        """{"train": report on TRAIN prompts (held-out seeds), "test": report on TEST prompts}."""
-        c, s = self.cfg, self.cfg.eval_seed
-        return {"train": evaluate(self.model, self.scorer, "train", c.train_prompts, c.eval_train_seeds,
-                                  self.sampling, seed=s, localise=False),
-                "test": evaluate(self.model, self.scorer, "test", c.eval_prompts, c.eval_seeds, self.sampling,
-                                 seed=s, localise=False)}
+        """{"train": report on the TRAIN prompts (held-out seeds), "validation": on TRAIN-split prompts never
+        trained on (what a budget is chosen by), "test": on TEST prompts}."""
+        c, s, lists = self.cfg, self.cfg.eval_seed, self.prompt_lists
+        seeds = {"train": c.eval_train_seeds, "validation": c.eval_train_seeds, "test": c.eval_seeds}
+        return {split: evaluate(self.model, self.scorer, "test" if split == "test" else "train", 0, seeds[split],
+                                self.sampling, seed=s, localise=False, prompt_lists=lists[split])
+                for split in ("train", "validation", "test") if split != "validation" or c.val_prompts}
 
     def arm_path(self, arm: Arm) -> Path:
         return self.out / "arms" / (arm.name.replace("/", "__") + ".json")
@@ -454,6 +463,8 @@ def _config_from_args(ap: argparse.ArgumentParser, a) -> ExperimentConfig:
               "rl_batch", "inner_epochs", "dpo_rank", "rl_rank", "eval_train_seeds", "eval_prompts", "eval_seeds"):
         if getattr(cfg, f) < 1:
             ap.error(f"--{f.replace('_', '-')} must be >= 1, got {getattr(cfg, f)}")
+    if cfg.val_prompts < 0:
+        ap.error(f"--val-prompts must be >= 0, got {cfg.val_prompts}")
     for f in ("seeds", "ablation_seeds"):
         v = getattr(cfg, f)
         if not v or len(set(v)) != len(v) or min(v) < 0:

@@ -120,16 +120,18 @@ def localisation(token_maps: torch.Tensor, tokens: tuple[int, ...], silhouette: 
 
 def evaluate(model: LoadedModel, scorer=None, split: str = "test", n_prompts: int = 40, seeds_per_prompt: int = 5,
              sampling: SamplingParams | None = None, families=FAMILIES, seed: int = 0, progress=None,
-             localise: bool = True) -> dict:
+             localise: bool = True, prompt_lists: dict | None = None) -> dict:
     """`localise=False` samples plainly (no attention recording, no mask rows): the evidence harness's many arms
-    need accuracy, CLIP score and diversity only."""
+    need accuracy, CLIP score and diversity only. `prompt_lists` ({family: [PromptSpec]}) replaces the split's
+    fixed sample of `n_prompts` (e.g. the harness's stratified training and validation prompts)."""
     from ...engine.sampling import sample
 
     sampling = sampling or model.default_sampling()
     factors = tuple(model.defaults.get("layer_factors", (4,)))
     rng = random.Random(seed)
     rows = []
-    specs = [(fam, s) for fam in families for s in prompt_list(fam, split, n_prompts)]
+    specs = [(fam, s) for fam in families
+             for s in (prompt_lists[fam] if prompt_lists is not None else prompt_list(fam, split, n_prompts))]
     for i, (fam, spec) in enumerate(specs):
         seeds = [seed * 100_000 + i * 100 + k for k in range(seeds_per_prompt)]
         if localise:

@@ -189,6 +189,20 @@ def prompt_list(family: str, split: str, n: int = 40, seed: int = 0) -> list[Pro
     return random.Random(f"{family}:{split}:{seed}").sample(pool, n)
 
 
+def stratified_prompt_list(family: str, split: str, n: int, offset: int = 0, seed: int = 0) -> list[PromptSpec]:
+    """n captions dealt in turn from each relation (action, spatial) or texture (attribute), each group in a fixed
+    shuffled order: any n >= the number of groups spans them all. `offset` skips the first `offset` of that order,
+    so lists taken at successive offsets (training, then validation prompts) never share a caption."""
+    pool = prompts(family, split)
+    key = (lambda p: p.objects[0].texture) if family == "attribute" else (lambda p: p.relation)
+    groups: dict = {}
+    for p in pool:
+        groups.setdefault(key(p), []).append(p)
+    order = [random.Random(f"{family}:{split}:{seed}:{g}").sample(v, len(v)) for g, v in sorted(groups.items())]
+    dealt = [grp[i] for i in range(max(map(len, order), default=0)) for grp in order if i < len(grp)]
+    return dealt[offset:offset + n]
+
+
 def parse_prompt(text: str) -> PromptSpec | None:
     """The PromptSpec whose caption is exactly `text` (normalised), or None outside the grammar."""
     norm = " ".join(text.lower().strip().rstrip(".").split())
