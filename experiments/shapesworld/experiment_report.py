@@ -124,10 +124,14 @@ def cells(summary: dict, split: str) -> tuple[int, int, int]:
 def _setup(summary: dict, commands: list[str]) -> list[str]:
     c, s, f, hw = summary["config"], summary["sampling"], summary["fusion"], summary["hardware"]
     m = f["mask"]
+    labeller = "world's checker" if c.get("label_by") == "checker" else "CLIP scorer"
     return ["## Setup", "",
             f"- Model: `{Path(summary['model']).name}` (the embedded default unless named otherwise); {s['num_steps']} "
             f"sampling steps ({s.get('flow_sampler', 'ddim')} sampler), eta {s['eta']}, CFG {s['guidance_scale']}.",
-            f"- Prompts: {c['train_prompts']} TRAIN prompts per family, the same for every arm.",
+            f"- Prompts: {c['train_prompts']} TRAIN prompts per family, the same for every arm, dealt in turn from "
+            f"each relation / texture; {c.get('val_prompts', 0)} validation prompts per family after them (TRAIN-split "
+            f"captions never trained on); {c['eval_prompts']} TEST prompts per family x {c['eval_seeds']} seeds. "
+            f"Pairs picked and labelled by the {labeller}.",
             f"- DPO (offline): pair sets from {c['num_candidates']} candidates per prompt scored by the ShapesWorld CLIP "
             "scorer. D-Fusion: best quarter as references, each twice, against the worst half, fused with the model's "
             f"form (mask {m['combine']} of the keywords' maps, reference-union-base {m['union_base']}, grown "

@@ -118,7 +118,8 @@ def run(model: LoadedModel, n_prompts: int, n_candidates: int, per_prompt: int, 
                     continue
                 if fp not in done:
                     done[fp] = [pair_metrics(res, spec.text) for res in
-                                fuse_batch(model, spec.text, pairs, sampling, fp, bases=bases, base_images=images)]
+                                fuse_batch(model, spec.text, pairs, sampling, fp, bases=bases, base_images=images,
+                                           exact_log_probs=False)]  # images only: no plain-model rows
                 rows += [{"family": family, "form": name, "prompt": spec.text, **m} for m in done[fp]]
     return {"model": model.model_id, "candidates": n_candidates, "prompts_per_family": n_prompts,
             "forms": {k: asdict(v) for k, v in forms.items()}, "rows": rows, "table": summarise(rows)}
