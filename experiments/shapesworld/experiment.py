@@ -109,7 +109,7 @@ class ExperimentConfig:
 
     @classmethod
     def smoke(cls) -> "ExperimentConfig":
-        return cls(label_by="scorer", dpo_kinds=("random", "dfusion"), train_prompts=1, val_prompts=1,
+        return cls(label_by="scorer", dpo_kinds=("random", "dfusion"), train_prompts=1, val_prompts=0,
                    num_candidates=4, num_steps=4, dpo_steps=2, dpo_batch=2, rounds=1,
                    round_candidates=4, rl_batch=2, steps_per_trajectory=1, eval_train_seeds=2, eval_prompts=1,
                    eval_seeds=2, seeds=(0,), ablations=("no-mask", "masked-loss"),
