@@ -88,12 +88,13 @@ def busy(n: int) -> list[subprocess.Popen]:
     return [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
 
 
-def drag(c, args: list, moves: int, gap: float) -> dict:
-    """`moves` threshold moves `gap` s apart, none waited for; each move's first answer and the last one's pair."""
+def drag(c, args: list, moves: int, gap: float, start: float) -> dict:
+    """`moves` threshold moves from `start`, `gap` s apart, none waited for; each move's first answer and the last
+    one's pair (a drag of its own: no position of an earlier drag, whose result could be reused)."""
     jobs, sent, first = [], [], {}
     for i in range(moves):
         sent.append(time.perf_counter())
-        jobs.append(c.submit(*args, "relative", 0.25 + 0.05 * i, 3, 20, "mid+up", "smooth", True, None,
+        jobs.append(c.submit(*args, "relative", round(start + 0.02 * i, 3), 3, 20, "mid+up", "smooth", True, None,
                              api_name="/refuse_threshold"))
         deadline = time.perf_counter() + gap
         while time.perf_counter() < deadline:
@@ -175,10 +176,10 @@ def main() -> None:
             end_times.append(time.perf_counter() - t)
             m = re.search(r"([0-9]+) of [0-9]+ steps reused", out[-1])
             reused.append(int(m.group(1)) if m else 0)
-        quiet = drag(c, args, a.drag_moves, a.drag_gap)
+        quiet = drag(c, args, a.drag_moves, a.drag_gap, start=0.21)
         load = busy(a.load)
         try:
-            loaded = drag(c, args, a.drag_moves, a.drag_gap)
+            loaded = drag(c, args, a.drag_moves, a.drag_gap, start=0.22)
         finally:
             for p in load:
                 p.kill()

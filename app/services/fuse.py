@@ -21,6 +21,7 @@ from ..session import (MAX_CANDIDATES, Candidate, FuseControls, Session, UserErr
                        parse_seed)
 
 PREVIEW_EVERY = 0.25  # seconds between two previews of a forming target (each is one decoder pass)
+PREVIEW_AFTER = 0.3  # no preview before a fusion has run this long: a quick one (a quiet machine) pays nothing
 
 
 class FuseService:
@@ -187,7 +188,7 @@ class FuseService:
              fusion: FusionParams, preview=None) -> Session:
         """Fuse the pair into the session. A newer fusion of the same session started meanwhile stops this one at
         its next step (FusionCancelled). preview(step, num_steps, image): the target's x0 prediction as it forms,
-        at most every PREVIEW_EVERY seconds (called on the model thread)."""
+        from PREVIEW_AFTER seconds on, at most every PREVIEW_EVERY seconds (called on the model thread)."""
         prompt = check_prompt(prompt)
         b, r = self.pair_seeds(base_seed, ref_seed)
         same = session.prompt == prompt and session.sampling == sampling
@@ -223,7 +224,7 @@ class FuseService:
 
     def _on_step(self, session: Session, number: int, preview):
         """The engine's on_step for one fusion: stop when superseded, else a preview now and then."""
-        due = [0.0]
+        due = [time.perf_counter() + PREVIEW_AFTER]
 
         def on_step(p: FusionStep) -> None:
             if session.fusions.stale(number):
