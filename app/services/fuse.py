@@ -20,7 +20,8 @@ from dfusion_core.worlds.registry import explain_prompt, world_of
 from ..session import (MAX_CANDIDATES, Candidate, FuseControls, Session, UserError, check_prompt, example_prompts,
                        parse_seed)
 
-PREVIEW_EVERY = 0.25  # seconds between two previews of a forming target (each is one decoder pass)
+PREVIEW_EVERY = 0.5  # seconds at least between two previews of a forming target (each is one decoder pass)
+PREVIEW_SHARE = 0.1  # and at most this share of the fusion's time spent decoding them (a loaded machine decodes slowly)
 PREVIEW_AFTER = 0.3  # no preview before a fusion has run this long: a quick one (a quiet machine) pays nothing
 
 
@@ -188,7 +189,8 @@ class FuseService:
              fusion: FusionParams, preview=None) -> Session:
         """Fuse the pair into the session. A newer fusion of the same session started meanwhile stops this one at
         its next step (FusionCancelled). preview(step, num_steps, image): the target's x0 prediction as it forms,
-        from PREVIEW_AFTER seconds on, at most every PREVIEW_EVERY seconds (called on the model thread)."""
+        from PREVIEW_AFTER seconds on, at most every PREVIEW_EVERY seconds and PREVIEW_SHARE of the time (called on the
+        model thread)."""
         prompt = check_prompt(prompt)
         b, r = self.pair_seeds(base_seed, ref_seed)
         same = session.prompt == prompt and session.sampling == sampling
@@ -231,8 +233,10 @@ class FuseService:
                 raise FusionCancelled(f"fusion {number} superseded by fusion {session.fusions.latest}")
             now = time.perf_counter()
             if preview is not None and p.x0_pred is not None and p.step < p.num_steps and now >= due[0]:
-                preview(p.step, p.num_steps, self.model.decode(p.x0_pred[None])[0])
-                due[0] = time.perf_counter() + PREVIEW_EVERY
+                image = self.model.decode(p.x0_pred[None])[0]
+                took = time.perf_counter() - now
+                preview(p.step, p.num_steps, image)
+                due[0] = time.perf_counter() + max(PREVIEW_EVERY, took / PREVIEW_SHARE)
         return on_step
 
     # ---- views of the fused pair (arrays for the UI's overlays) ----------------------------------------
