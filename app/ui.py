@@ -25,7 +25,8 @@ from dfusion_core.engine.schema import control_spec
 from .service import (PAIR_COLUMNS, AppService, FusionCancelled, FuseControls, Session, UserError, check_prompt,
                       model_name, parse_seed)
 from .views import (CHECKER_LEGEND, MASK_LEGEND, PREVIEW_STATUS, SUPERSEDED_STATUS, ablation_plot, candidate_caption,
-                    enlarge, heat_overlay, mask_overlay, pair_notes, progress_bar, prompt_notes_text, score_text, threshold_slider, training_plot)
+                    enlarge, heat_overlay, mask_overlay, pair_notes, progress_bar, prompt_notes_text, score_text,
+                    threshold_slider, training_plot)
 
 log = logging.getLogger("dfusion.app")
 

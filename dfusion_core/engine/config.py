@@ -105,7 +105,8 @@ class MaskParams:
         check(0.0 <= float(self.feather) <= 16.0, f"feather must be in [0, 16], got {self.feather!r}", "feather")
         check(len(self.layer_factors) > 0 and all(isinstance(f, int) and f >= 1 and (f & (f - 1)) == 0
                                                   for f in self.layer_factors),
-              f"layer_factors must be powers of two such as 4 or 4, 8, got {', '.join(map(str, self.layer_factors))}", "layer_factors")
+              f"layer_factors must be powers of two such as 4 or 4, 8, got "
+              f"{', '.join(map(str, self.layer_factors))}", "layer_factors")
         if self.keywords is not None:
             check(len(self.keywords) > 0 and all(isinstance(k, str) and k.strip() for k in self.keywords),
                   "keywords must be a non-empty list of words (or None for the prompt's content words)", "keywords")
