@@ -158,12 +158,12 @@ def test_two_stage_bootstrap_widens_with_the_spread_over_training_seeds_and_holm
 def test_the_control_arm_trains_on_the_dfusion_pairs_unfused_and_answers_the_primary_endpoint(sd1, tmp_path):
     """The paper's control: DPO on the same (reference, base) pairs as the D-Fusion arm, the reference unfused; the
     summary's primary endpoint is D-Fusion minus control on TEST, and the report states it first."""
-    cfg = replace(ExperimentConfig.smoke(), algos=("dpo",), dpo_kinds=("random", "dfusion", "control"),
-                  ablations=(), val_prompts=1)
+    cfg = replace(ExperimentConfig.smoke(), algos=("dpo",), dpo_kinds=("dfusion", "control"), ablations=(),
+                  val_prompts=1)
     sampling = SamplingParams(num_steps=cfg.num_steps, height=64, width=64, guidance_scale=2.0)
     exp = Experiment(sd1, brightness, cfg, tmp_path, sampling=sampling, log=lambda *_: None)
     summary = exp.run("headline")
-    assert list(summary["arms"]) == ["base", "dpo/random", "dpo/dfusion", "dpo/control"]
+    assert list(summary["arms"]) == ["base", "dpo/dfusion", "dpo/control"]
     arm = json.loads(exp.arm_path(Arm("dpo", "control", 0)).read_text())
     val = {r["prompt"] for r in arm["reports"]["validation"]["rows"]}
     assert val and not val & set(exp.train_prompts)  # validation prompts are never trained on
