@@ -174,7 +174,7 @@ def main(argv=None) -> None:
                     help="ShapesWorld version of the training scenes (1; 2 or 3 for the SD3-shaped models)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads (2)")
     ap.add_argument("--init", default=None, help="an exported scorer folder (open_clip_model.safetensors) to start from, "
-                    "e.g. checkpoints/shapesworld-v3-clip; ignored when OUT has a checkpoint")
+                    "e.g. assets/shapesworld-v3-clip; ignored when OUT has a checkpoint")
     a = ap.parse_args(argv)
     train(Path(a.out), a.steps, a.batch, a.lr, a.vae, threads=a.threads, world_version=a.world_version, init=a.init)
 
