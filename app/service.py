@@ -11,11 +11,11 @@ method names. app/session.py holds what they share (Session, UserError, the type
 """
 from __future__ import annotations
 
+from dfusion_core.engine.progress import FusionCancelled  # fuse raises it when a newer fusion of the session won
+
 from .services.ablations import AblationService
 from .services.dataset import DatasetService
 from .services.fuse import FuseService
-
-FusionCancelled = FuseService.Cancelled  # a fusion a newer one of its session stopped (the UI says so, no error)
 from .services.model import ModelService
 from .services.train import TrainService
 from .session import (EXPORT_DIR, LORA_FILE, MAX_ADAPTERS, MAX_CANDIDATES, MAX_ROUND_PROMPTS, MAX_ROUNDS, MAX_SEED,

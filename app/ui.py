@@ -331,12 +331,10 @@ class FuseEvents:
         which step), then the fused pair; a fusion superseded by a newer one of the session says so and ends."""
         previews = queue.SimpleQueue()
         job = self._fusions.submit(self.fused, sess, c, lambda *p: previews.put(p))
+        job.add_done_callback(lambda _: previews.put(None))  # after the job's last preview: the end of the stream
         keep = (gr.skip(),) * 3
-        while not (job.done() and previews.empty()):
-            try:
-                step, n, image = previews.get(timeout=0.05)
-            except queue.Empty:
-                continue
+        while (item := previews.get()) is not None:
+            step, n, image = item
             yield (*keep, enlarge(image), *keep, gr.skip(), PREVIEW_STATUS.format(step=step, n=n))
         try:
             out = job.result()

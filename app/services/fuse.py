@@ -26,8 +26,6 @@ PREVIEW_AFTER = 0.3  # no preview before a fusion has run this long: a quick one
 
 
 class FuseService:
-    Cancelled = FusionCancelled  # what fuse raises when a newer fusion of the session stopped it
-
     # ---- inputs -> parameters -------------------------------------------------------------------
     def sampling(self, steps, guidance, eta) -> SamplingParams:
         values = {"num_steps": _number(steps, "steps", int, "steps"), "guidance_scale": _number(guidance, "CFG",

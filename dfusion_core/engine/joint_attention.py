@@ -72,7 +72,8 @@ class JointDFusionProcessor:
         probs = scores.float().softmax(dim=-1)
         out = torch.empty_like(query)
         out[idx] = torch.matmul(probs.to(value.dtype), value[idx])
-        rest = [b for b in range(query.shape[0]) if b not in set(rows)]
+        chosen = set(rows)
+        rest = [b for b in range(query.shape[0]) if b not in chosen]
         if rest:
             other = torch.tensor(rest, device=query.device)
             out[other] = F.scaled_dot_product_attention(query[other], key[other], value[other], dropout_p=0.0,

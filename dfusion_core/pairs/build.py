@@ -216,9 +216,11 @@ def build_control_pairs(model: LoadedModel, records: list[PairRecord], sampling:
     candidates already sampled. With the scorer's label rule the verdict is the reference's against the base."""
     sampling = (sampling or model.default_sampling()).validate()
     pairing = (pairing or PairingParams()).validate()
-    out = []
+    out, drawn = [], {}
     for rec in records:
-        seeds, cands, scores = _candidates(model, rec.prompt, None, sampling, pairing, batch_size, candidates)
+        if rec.prompt not in drawn:  # once a prompt (a memo miss re-draws its candidates)
+            drawn[rec.prompt] = _candidates(model, rec.prompt, None, sampling, pairing, batch_size, candidates)
+        seeds, cands, _ = drawn[rec.prompt]
         i = seeds.index(rec.ref_seed)
         label = "target"
         if pairing.label == "score":

@@ -45,6 +45,7 @@ from dfusion_core.engine.config import FusionParams, MaskParams, SamplingParams,
 from dfusion_core.engine.loading import LoadedModel
 from dfusion_core.pairs.build import (PairingParams, PairRecord, build_control_pairs, build_pairs, build_random_pairs,
                                      load_pairs, save_pairs)
+from dfusion_core.worlds.shapesworld import check_images
 from dfusion_core.worlds.shapesworld.evaluate import evaluate
 from dfusion_core.worlds.shapesworld.world import FAMILIES, stratified_prompt_list
 
@@ -224,7 +225,7 @@ class Experiment:
 
     def _build_set(self, name: str, variants: dict, sets: dict) -> list[PairRecord]:
         """One pair set from the shared candidates: random, control (from the D-Fusion set) or a D-Fusion form."""
-        check = _checker() if self.cfg.label_by == "checker" else None
+        check = check_images if self.cfg.label_by == "checker" else None  # (images, prompt) -> pass / fail
         if name == "random":
             return build_random_pairs(self.model, self.train_prompts, self.scorer, self.sampling, self.pairing,
                                       candidates=self._candidates, check=check)
@@ -376,13 +377,6 @@ class Experiment:
         summary = summarise(self, part, results, signals, time.time() - t0)
         (self.out / f"results-{part}.json").write_text(json.dumps(summary, indent=1))
         return summary
-
-
-def _checker():
-    """The world's checker as build_pairs takes it: (images, prompt) -> pass / fail per image."""
-    from dfusion_core.worlds.shapesworld import check_images
-
-    return check_images
 
 
 # ---- several processes ------------------------------------------------------------------------------

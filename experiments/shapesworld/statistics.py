@@ -48,8 +48,8 @@ def paired_difference(rows_a, rows_b, family: str, key: str = "correct", n_boot:
         return {"diff": None, "ci95": [None, None], "p": None, "per_run": per_run, "prompts": 0}
     if any(set(run) != set(prompts) for run in cells):
         raise ValueError("every run must be evaluated on the same prompts")
-    diffs = [[np.mean([np.mean(run[p]) for run in cells])] * len(cells[0][p]) for p in prompts]
-    diff = sum(map(sum, diffs)) / sum(map(len, diffs))  # per sample averaged over the runs, then over samples
+    per_prompt = [np.mean([np.mean(run[p]) for run in cells]) for p in prompts]
+    diff = np.average(per_prompt, weights=[len(cells[0][p]) for p in prompts])  # a sample's mean over runs, averaged
     lo, hi, pval = two_stage_bootstrap([[run[p] for p in prompts] for run in cells], n_boot, seed)
     return {"diff": float(diff), "ci95": [lo, hi], "p": pval, "per_run": per_run, "prompts": len(prompts)}
 
