@@ -79,7 +79,14 @@ class TrainingJob:
             del self._stderr[:-50]
 
     def rows(self) -> list[dict]:
-        return read_jsonl(self.out / "log.jsonl")
+        """The optimizer steps' rows (loss, lr, ...)."""
+        return [r for r in read_jsonl(self.out / "log.jsonl") if "stage" not in r]
+
+    def validation(self) -> tuple[list[dict], dict | None]:
+        """(held-out validation rows, the early-stopping verdict once the run ended) from the log."""
+        rows = read_jsonl(self.out / "log.jsonl")
+        ended = [r for r in rows if r.get("stage") == "early_stopping"]
+        return [r for r in rows if r.get("stage") == "validation"], (ended[-1] if ended else None)
 
     @property
     def state(self) -> str:

@@ -744,3 +744,28 @@ def test_the_readmes_gradio_client_example_runs_and_fuses_with_the_pages_setting
     assert scope["status"].startswith("fused in") and f"layers {svc.default_fusion.layers}" in scope["status"]
     assert len(scope["gallery"]) == 8 and len(svc.store) == n0 + 1
     assert s.num_steps == 20 and f"steps {svc.default_fusion.step_range(s.num_steps)[0]}-" in scope["status"]
+
+
+def test_the_train_status_says_what_the_held_out_pairs_chose(tmp_path):
+    """A DPO run that holds out pairs logs a validation row at each checkpoint and, at its end, which checkpoint its
+    weights are: the loss plot reads the steps only, the status line says both."""
+    import json
+
+    from app.jobs import TrainingJob
+    from app.services.train import validation_text
+
+    job = TrainingJob.__new__(TrainingJob)
+    job._setup(None, tmp_path, 40, [])
+    rows = [{"step": s, "loss": 0.7 - s / 100} for s in range(1, 41)]
+    vals = [{"stage": "validation", "step": s, "score": a, "val_implicit_acc": a}
+            for s, a in ((10, 0.55), (20, 0.70), (30, 0.60), (40, 0.65))]
+    log = rows[:10] + vals[:1] + rows[10:20] + vals[1:2] + rows[20:30] + vals[2:3] + rows[30:] + vals[3:]
+    (tmp_path / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
+    assert job.rows() == rows and job.progress() == ("step 40/40", 1.0)
+    assert validation_text(job) == " · held-out pairs ranked right 0.65 (best 0.70 at step 20)"
+    with open(tmp_path / "log.jsonl", "a") as f:
+        f.write(json.dumps({"stage": "early_stopping", "best_step": 20, "last_step": 40, "stopped_early": True,
+                            "best_score": 0.7}) + "\n")
+    assert validation_text(job).endswith(" · stopped early at step 40: the weights are step 20's, the best")
+    (tmp_path / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert validation_text(job) == ""  # no held-out pairs (a small set, or another algorithm)

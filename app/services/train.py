@@ -19,6 +19,22 @@ from ..session import (LORA_FILE, MAX_COMPARE_PROMPTS, MAX_ROUND_PROMPTS, MAX_RO
 if TYPE_CHECKING:
     from dfusion_core.training.config import TrainConfig
 
+def validation_text(job) -> str:
+    """' · held-out accuracy ...' of a DPO run that validates on held-out pairs ('' for other runs)."""
+    if not hasattr(job, "validation"):
+        return ""
+    vals, ended = job.validation()
+    if not vals:
+        return ""
+    best = max(vals, key=lambda v: v["score"])
+    text = (f" · held-out pairs ranked right {vals[-1]['val_implicit_acc']:.2f} (best {best['score']:.2f} at step "
+            f"{best['step']})")
+    if ended and ended["best_step"] != ended["last_step"]:
+        how = "stopped early" if ended["stopped_early"] else "ended"
+        text += f" · {how} at step {ended['last_step']}: the weights are step {ended['best_step']}'s, the best"
+    return text
+
+
 class TrainService:
     # ---- training ----------------------------------------------------------------------------------
     def train_config(self, algo: str, lora_rank, lr, beta, steps) -> TrainConfig:
@@ -151,6 +167,7 @@ class TrainService:
         msg = f"{state}: {done}"
         if rows:
             msg += f" · loss {rows[-1]['loss']:.4f}"
+        msg += validation_text(job)
         if state == "failed":
             msg += f" · {job.error()}"
         msg += f" · run folder {job.out}"

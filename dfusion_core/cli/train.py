@@ -16,8 +16,8 @@ from .common import (SCORER_HELP, add_fusion_flags, add_model_flags, add_prompt_
                      add_setting_flags, check_model_arg, config_from_args, finish_processes, int_at_least,
                      load_model_arg, params_from_args, prompts_arg, scorer_arg, start_processes)
 
-SKIPPED_FIELDS = ("steps", "ckpt_every", "dpo_beta", "traj_beta")  # rounds decide the steps; a checkpoint after
-# every round; the DPO betas belong to the offline methods
+SKIPPED_FIELDS = ("steps", "ckpt_every", "dpo_beta", "traj_beta", "val_fraction", "patience")  # rounds decide
+# the steps; a checkpoint after every round; the DPO betas and held-out pairs belong to the offline methods
 
 
 def cmd_train(a) -> dict:
@@ -33,8 +33,13 @@ def cmd_train(a) -> dict:
     if not trainer.acc.is_main_process:
         return None  # one report per run, from the main process
     last = res.history[-1] if res.history else {}
-    return {"out": str(res.out_dir), "steps": res.steps, "pairs": len(pairs), "processes": trainer.acc.num_processes,
-            "last": last}
+    out = {"out": str(res.out_dir), "steps": res.steps, "pairs": len(pairs), "processes": trainer.acc.num_processes,
+           "last": last}
+    if trainer.validations:  # held-out pairs: the exported weights are the best checkpoint's
+        es = trainer.stopper
+        out |= {"held_out_pairs": len(trainer.val_pairs), "best_step": es.best_step, "best_held_out_acc": es.best_score,
+                "stopped_early": es.should_stop}
+    return out
 
 
 def cmd_train_on_policy(a) -> dict:

@@ -38,6 +38,8 @@ class TrainConfig:
     traj_beta: float = setting(0.1, "trajectory DPO beta")
     clip_eps: float = setting(0.1, "ratio clip for traj-dpo, ddpo and dpok")
     adv_clip: float = setting(5.0, "DDPO/DPOK advantage clip")
+    dual_clip: float = setting(0.0, "DDPO/DPOK dual clip: a negative advantage's loss capped at this x |A| (> 1; 0 = "
+                                    "off, as DDPO)")
     # DPOK's KL term is the exact per-step Gaussian KL to the frozen model. Flow-GRPO's (its KL loss) equals that
     # KL times the step's sigma decrement dt, so at the same coefficient this one weighs 1/dt more (3.7x-112x on
     # a 20-step schedule); kl_scale flow_grpo multiplies by dt so a coefficient reads on Flow-GRPO's scale
@@ -51,6 +53,12 @@ class TrainConfig:
                                             "none")
     steps_per_trajectory: int = setting(1, "denoising steps sampled per trajectory per optimizer step (all = paper)")
     ckpt_every: int = setting(50, "checkpoint (and LoRA export) every N steps")
+    # early stopping (training/early_stopping.py): a share of the pairs is never trained on; at each checkpoint
+    # their DPO implicit accuracy (fixed noise draws) is read, the best checkpoint's adapter kept in OUT/best
+    # (sets of fewer than 10 pairs are not split: two held-out pairs say nothing)
+    val_fraction: float = setting(0.1, "dpo: share of the pairs held out to validate each checkpoint; the best "
+                                       "checkpoint is the result (0: none)")
+    patience: int = setting(3, "checkpoints without a better validation score before the run stops (0: never)")
     seed: int = setting(0, "batches, timesteps and noise derive from (seed, step)")
     mixed_precision: str = setting("no", "no | fp16 | bf16 (accelerate)")
 
@@ -61,6 +69,10 @@ class TrainConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        if not 0.0 <= self.val_fraction <= 0.5:
+            raise ValueError(f"val_fraction must be in [0, 0.5], got {self.val_fraction}")
+        if not isinstance(self.patience, int) or self.patience < 0:
+            raise ValueError(f"patience must be an integer >= 0, got {self.patience!r}")
         if not (0 < self.lr < 1):
             raise ValueError(f"lr must be in (0, 1), got {self.lr}")
         if not isinstance(self.lora_rank, int) or self.lora_rank < 0:
@@ -71,6 +83,8 @@ class TrainConfig:
             raise ValueError(f"dpo_outside_weight must be in [0, 1], got {self.dpo_outside_weight}")
         if not (0 < self.clip_eps < 1):
             raise ValueError(f"clip_eps must be in (0, 1), got {self.clip_eps}")
+        if not (self.dual_clip == 0 or self.dual_clip > 1):
+            raise ValueError(f"dual_clip must be 0 (off) or > 1, got {self.dual_clip}")
         if not (self.max_step_residual == 0 or self.max_step_residual >= 1):
             raise ValueError(f"max_step_residual must be 0 (train every step) or >= 1 (a draw of the policy gives "
                              f"about 1), got {self.max_step_residual}")

@@ -36,6 +36,7 @@ from ..engine.sampling import guided_output, recompute_log_probs, sampler_stds
 from ..engine.steps import step_log_prob
 from . import losses
 from .data import PreferencePair, check_pairs
+from .early_stopping import EarlyStopping
 
 from .config import ALGOS, WEIGHTINGS, TrainConfig  # noqa: F401 - where they were defined
 
@@ -61,6 +62,23 @@ def train_timestep_indices(weighting: str, num_train_timesteps: int, n: int, g: 
     return (u * num_train_timesteps).long().clamp_(0, num_train_timesteps - 1)
 
 
+MIN_PAIRS_TO_HOLD_OUT = 10
+
+
+def split_validation(pairs: list[PreferencePair], fraction: float, seed: int):
+    """(training pairs, held-out pairs): a seeded share of the set (at least 2) never trained on; none from a set
+    of fewer than MIN_PAIRS_TO_HOLD_OUT pairs."""
+    if not fraction or len(pairs) < MIN_PAIRS_TO_HOLD_OUT:
+        return pairs, []
+    n_val = max(2, round(len(pairs) * fraction))
+    if len(pairs) - n_val < 2:
+        raise ValueError(f"val_fraction {fraction} of {len(pairs)} pairs leaves fewer than 2 to train on: label "
+                         "more pairs or set val_fraction 0")
+    order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(seed + 104729)).tolist()
+    held = set(order[:n_val])
+    return [p for i, p in enumerate(pairs) if i not in held], [pairs[i] for i in sorted(held)]
+
+
 def drop_rows_after(log: Path, step: int) -> None:
     """Keep a log's rows up to `step` (and rows without one): a run killed after its last checkpoint logged steps
     that the resumed run computes again, and each step should appear once."""
@@ -84,7 +102,8 @@ class Trainer:
                  accelerator=None):
         self.cfg = cfg.validate()
         check_pairs(pairs, cfg.algo)  # before touching the model: refused data leaves it as it was
-        self.pairs = pairs
+        self.pairs, self.val_pairs = split_validation(pairs, cfg.val_fraction if cfg.algo == "dpo" else 0.0,
+                                                      cfg.seed)
         p0 = pairs[0]
         self._setup(model, SamplingParams(num_steps=p0.num_steps, eta=p0.eta, guidance_scale=p0.guidance_scale,
                                           negative_prompt=p0.negative_prompt, flow_sampler=p0.flow_sampler),
@@ -128,6 +147,7 @@ class Trainer:
         self.net.train()
         self._embeds: dict[str, tuple] = {}
         self.history: list[dict] = []
+        self.validations: list[dict] = []  # {"step", "score", ...} after each validated checkpoint
         self.step = 0
 
     def _make_trainable(self, net) -> list:
@@ -226,14 +246,15 @@ class Trainer:
         n = len(idx) // self.acc.num_processes
         return idx[self.acc.process_index * n:(self.acc.process_index + 1) * n]
 
-    def _noised_pairs(self, g):
-        """This step's pairs, noised: rows [winners; losers] share each pair's timestep and noise.
-        Returns (x_t, target, denoiser timesteps, conditioning, the pairs here)."""
-        idx = torch.randint(0, len(self.pairs), (self.cfg.batch_size,), generator=g)
+    def _noised_pairs(self, g, pool: list[PreferencePair] | None = None, local: bool = True):
+        """This step's pairs (from `pool`, default the training pairs), noised: rows [winners; losers] share each
+        pair's timestep and noise. Returns (x_t, target, denoiser timesteps, conditioning, the pairs here)."""
+        pool = self.pairs if pool is None else pool
+        idx = torch.randint(0, len(pool), (self.cfg.batch_size,), generator=g)
         t_all = train_timestep_indices(self.cfg.weighting, self.schedule.num_train_timesteps, self.cfg.batch_size, g)
-        noise_all = torch.randn((self.cfg.batch_size, *self.pairs[0].winner.latents[-1].shape), generator=g)
-        sel = self._local(torch.arange(self.cfg.batch_size))
-        pairs = [self.pairs[int(i)] for i in idx[sel]]
+        noise_all = torch.randn((self.cfg.batch_size, *pool[0].winner.latents[-1].shape), generator=g)
+        sel = self._local(torch.arange(self.cfg.batch_size)) if local else torch.arange(self.cfg.batch_size)
+        pairs = [pool[int(i)] for i in idx[sel]]
         dev = self.model.device
         t, noise = t_all[sel], noise_all[sel].to(dev)
         x0 = torch.cat([torch.stack([p.winner.latents[-1] for p in pairs]),
@@ -254,8 +275,8 @@ class Trainer:
         weights = (ms + w_out * (1 - ms))[:, None].to(self.model.device)
         return torch.cat([weights, weights])
 
-    def _loss_dpo(self, g):
-        x_t, target, t_in, cond, pairs = self._noised_pairs(g)
+    def _loss_dpo(self, g, pool: list[PreferencePair] | None = None, local: bool = True):
+        x_t, target, t_in, cond, pairs = self._noised_pairs(g, pool, local)
         n, weights = len(pairs), self._error_weights(pairs, x_t.shape)
 
         def error(net):
@@ -268,6 +289,19 @@ class Trainer:
         with torch.no_grad(), self.reference() as ref:
             ref_err = error(ref)
         return losses.diffusion_dpo_loss(err[:n], err[n:], ref_err[:n], ref_err[n:], self.cfg.dpo_beta)
+
+    @torch.no_grad()
+    def held_out_metrics(self, draws: int = 32) -> dict:
+        """DPO loss and implicit accuracy on the held-out pairs, over `draws` batches whose pairs, timesteps and
+        noise are the same at every checkpoint (so checkpoints compare); score = implicit accuracy."""
+        was_training = self.net.training
+        self.net.eval()
+        rows = [self._loss_dpo(_step_generator(self.cfg.seed + 7919, k), self.val_pairs, local=False)
+                for k in range(draws)]
+        self.net.train(was_training)
+        acc = sum(st["implicit_acc"] for _, st in rows) / draws
+        return {"score": acc, "val_implicit_acc": acc, "val_loss": sum(float(l) for l, _ in rows) / draws,
+                "val_pairs": len(self.val_pairs)}
 
     def _loss_sft(self, g):
         """Plain supervised denoising loss on the same two images a DPO step sees (the cost benchmark's baseline)."""
@@ -299,14 +333,14 @@ class Trainer:
         mean, std, logp = self._policy_step(self.net, trajs, js, prompts)
         old, adv = old_logp.to(logp), adv.to(logp)
         if self.cfg.algo == "ddpo":
-            return losses.ppo_clip_loss(logp, old, adv, self.cfg.clip_eps)
+            return losses.ppo_clip_loss(logp, old, adv, self.cfg.clip_eps, self.cfg.dual_clip)
         with torch.no_grad(), self.reference() as ref:
             ref_mean, _, _ = self._policy_step(ref, trajs, js, prompts)
         kl = losses.gaussian_kl(mean, ref_mean, std)
         if self.cfg.kl_scale == "flow_grpo":  # Flow-GRPO's scale: the exact KL times the step's sigma decrement
             sig = self.schedule.sigmas
             kl = kl * torch.tensor([float(sig[j] - sig[j + 1]) for j in js]).to(kl)
-        return losses.dpok_loss(logp, old, adv, kl, self.cfg.kl_coef, self.cfg.clip_eps)
+        return losses.dpok_loss(logp, old, adv, kl, self.cfg.kl_coef, self.cfg.clip_eps, self.cfg.dual_clip)
 
     def _loss_pg(self, g):
         draw = self.step // self.cfg.inner_epochs  # the same batch for inner_epochs consecutive steps
@@ -397,13 +431,7 @@ class Trainer:
         if not marker.is_file():
             return False
         st = torch.load(self.out / "checkpoints" / marker.read_text().strip() / "state.pt", weights_only=False)
-        inner = self.acc.unwrap_model(self.net)
-        if self.cfg.lora_rank > 0:
-            from peft.utils import set_peft_model_state_dict
-
-            set_peft_model_state_dict(inner, st["trainable"], adapter_name="dfusion")
-        else:
-            inner.load_state_dict(st["trainable"])
+        self._load_trainable(st["trainable"])
         self.opt.load_state_dict(st["opt"])
         self.sched.load_state_dict(st["sched"])
         self.step = int(st["step"])
@@ -419,38 +447,98 @@ class Trainer:
     def _load_extra_state(self, state: dict) -> None:
         pass
 
-    def run(self, resume: bool = True, progress: bool = True, on_step=None, should_stop=None) -> TrainResult:
+    def run(self, resume: bool = True, progress: bool = True, on_step=None, should_stop=None,
+            validate=None) -> TrainResult:
+        """Train to cfg.steps (or until `should_stop()`), checkpointing every cfg.ckpt_every steps. `validate(self)`
+        -> {"score": higher is better, ...} is read after each checkpoint (default: held-out pairs when
+        cfg.val_fraction > 0); the best checkpoint's adapter lands in OUT/best and the run stops after cfg.patience
+        checkpoints without a better score."""
         self.out.mkdir(parents=True, exist_ok=True)
         if resume:
             self.resume()
-        log = self.out / "log.jsonl"
+        validate = validate or (type(self).held_out_metrics if self.val_pairs else None)
+        self.stopper = EarlyStopping.load(self.out / "validation.json", self.cfg.patience) if validate else None
         bar = None
         if progress and self.acc.is_main_process:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=self.cfg.steps, initial=self.step, desc=f"{self.cfg.algo}")
-        while self.step < self.cfg.steps:
+        while self.step < self.cfg.steps and not (self.stopper and self.stopper.should_stop):
             if should_stop is not None and should_stop():
                 break
             row = self.train_step()
-            if self.acc.is_main_process:
-                with open(log, "a") as f:
-                    f.write(json.dumps(row) + "\n")
-                if bar:
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{row['loss']:.4f}")
+            self._log_row(row)
+            if bar:
+                bar.update(1)
+                bar.set_postfix(loss=f"{row['loss']:.4f}")
             if on_step is not None:
                 on_step(row)
             if self.step % self.cfg.ckpt_every == 0 or self.step == self.cfg.steps:
                 self.save()
+                if validate:
+                    self._validate(validate)
         if bar:
             bar.close()
         if self.step % self.cfg.ckpt_every and self.step < self.cfg.steps:
             self.save()  # stopped early: keep what was done
+        if self.stopper is not None:
+            self._keep_best()
         checksum = sum(float(v.double().sum() + v.double().abs().sum()) for v in self.trainable_state().values())
         with open(self.out / "rank_checksums.jsonl", "a") as f:  # lets a multi-process run show its ranks agree
             f.write(json.dumps({"rank": self.acc.process_index, "step": self.step, "checksum": checksum}) + "\n")
         return TrainResult(self.out, self.step, self.history)
+
+    def _log_row(self, row: dict) -> None:
+        if self.acc.is_main_process:
+            with open(self.out / "log.jsonl", "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+    def _validate(self, validate) -> None:
+        """Read the validation score of this checkpoint; a new best is exported to OUT/best (adapter + state)."""
+        was_training = self.net.training
+        self.net.eval()
+        try:
+            metrics = validate(self)
+        finally:
+            self.net.train(was_training)
+        improved = self.stopper.update(self.step, float(metrics["score"]))
+        self._log_row({"stage": "validation", "step": self.step, **metrics, "best_step": self.stopper.best_step})
+        self.validations.append({"step": self.step, **metrics})
+        if improved and self.acc.is_main_process:
+            best = self.out / "best"
+            self.export(best)
+            state = {"step": self.step, "trainable": self.trainable_state()}
+            write_atomic(best / "state.pt", lambda p: torch.save(state, p))
+        if self.acc.is_main_process:
+            self.stopper.save(self.out / "validation.json")
+
+    def _keep_best(self) -> None:
+        """The run's result is its best validated checkpoint: its weights in the network and its adapter in OUT
+        (the last checkpoint's state stays in OUT/checkpoints for a resume)."""
+        self.acc.wait_for_everyone()
+        best = self.restore_best()
+        if best is not None and self.acc.is_main_process:
+            self.export(self.out)
+            self._log_row({"stage": "early_stopping", "best_step": best, "last_step": self.step,
+                           "stopped_early": self.stopper.should_stop, "best_score": self.stopper.best_score})
+
+    def restore_best(self) -> int | None:
+        """Load the best validated checkpoint's weights into the network (for evaluation); its step, or None."""
+        path = self.out / "best" / "state.pt"
+        if not path.is_file():
+            return None
+        st = torch.load(path, weights_only=False)
+        self._load_trainable(st["trainable"])
+        return int(st["step"])
+
+    def _load_trainable(self, trainable: dict) -> None:
+        inner = self.acc.unwrap_model(self.net)
+        if self.cfg.lora_rank > 0:
+            from peft.utils import set_peft_model_state_dict
+
+            set_peft_model_state_dict(inner, trainable, adapter_name="dfusion")
+        else:
+            inner.load_state_dict(trainable)
 
     def unload(self) -> None:
         """Remove the adapter so the model is the plain pre-trained one again."""
