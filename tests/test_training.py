@@ -76,6 +76,20 @@ def test_ppo_clip_and_advantages_by_hand():
     assert math.isclose(loss_neg.item(), 2.0 * 1.5, rel_tol=1e-6)  # pessimistic for A < 0
 
 
+def test_dual_clip_caps_a_runaway_ratio_under_a_negative_advantage_only():
+    logp = torch.log(torch.tensor([50.0, 50.0, 2.0, 1.05]))
+    old, adv = torch.zeros(4), torch.tensor([-2.0, 2.0, -2.0, -2.0])
+    loss, st = losses.ppo_clip_loss(logp, old, adv, clip_range=0.1, dual_clip=3.0)
+    # rows: A < 0 at ratio 50 -> capped at 3 x 2; A > 0 -> -1.1 x 2; A < 0 at ratio 2 -> 2 x 2 (under the cap);
+    # A < 0 at ratio 1.05 inside the clip range -> 1.05 x 2
+    assert math.isclose(loss.item(), (6.0 - 2.2 + 4.0 + 2.1) / 4, rel_tol=1e-6)
+    assert st["dual_clipfrac"] == 0.25
+    plain, st0 = losses.ppo_clip_loss(logp, old, adv, clip_range=0.1)
+    assert math.isclose(plain.item(), (100.0 - 2.2 + 4.0 + 2.1) / 4, rel_tol=1e-6) and st0["dual_clipfrac"] == 0
+    with pytest.raises(ValueError, match="dual_clip"):
+        TrainConfig(algo="ddpo", dual_clip=0.5).validate()
+
+
 def test_dpok_kl_term():
     kl = losses.gaussian_kl(torch.ones(1, 2, 2), torch.zeros(1, 2, 2), torch.full((1, 1, 1), 0.5))
     assert math.isclose(kl.item(), 1 / (2 * 0.25), rel_tol=1e-6)

@@ -71,14 +71,21 @@ def normalise_rewards(rewards: torch.Tensor, groups: list, clip: float = 5.0) ->
 
 
 def ppo_clip_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor,
-                  clip_range: float = 0.1) -> tuple[torch.Tensor, dict]:
-    """DDPO's PPO-clip on per-step likelihood ratios."""
+                  clip_range: float = 0.1, dual_clip: float = 0.0) -> tuple[torch.Tensor, dict]:
+    """DDPO's PPO-clip on per-step likelihood ratios. With `dual_clip` c > 1 (dual-clip PPO, Ye et al. 2020) a
+    negative advantage's loss is capped at c x |A|: PPO-clip alone leaves -A x ratio unbounded above when the
+    ratio runs away (one run's ratio reached 5e5), and that one row then decides the step."""
     ratio = torch.exp(logp - old_logp)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1 - clip_range, 1 + clip_range)
     loss = torch.maximum(unclipped, clipped)
+    capped = torch.zeros_like(loss, dtype=torch.bool)
+    if dual_clip:
+        cap = -dual_clip * advantages
+        capped = (advantages < 0) & (loss > cap)
+        loss = torch.where(capped, cap, loss)
     stats = {"ratio": ratio.mean().item(), "clipfrac": ((ratio - 1).abs() > clip_range).float().mean().item(),
-             "approx_kl": (0.5 * (logp - old_logp) ** 2).mean().item()}
+             "approx_kl": (0.5 * (logp - old_logp) ** 2).mean().item(), "dual_clipfrac": capped.float().mean().item()}
     return loss.mean(), stats
 
 
@@ -100,9 +107,9 @@ def gaussian_kl(mean_p: torch.Tensor, mean_q: torch.Tensor, std: torch.Tensor) -
 
 
 def dpok_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, kl: torch.Tensor,
-              kl_coef: float = 0.01, clip_range: float = 0.1) -> tuple[torch.Tensor, dict]:
+              kl_coef: float = 0.01, clip_range: float = 0.1, dual_clip: float = 0.0) -> tuple[torch.Tensor, dict]:
     """DPOK: clipped policy gradient on the reward plus kl_coef x KL to the frozen pre-trained model."""
-    pg, stats = ppo_clip_loss(logp, old_logp, advantages, clip_range)
+    pg, stats = ppo_clip_loss(logp, old_logp, advantages, clip_range, dual_clip)
     loss = pg + kl_coef * kl.mean()
     stats["kl"] = kl.mean().item()
     return loss, stats
