@@ -61,7 +61,7 @@ def test_smoke_experiment_runs_every_part_and_resumes(sd1, tmp_path):
     sampling = SamplingParams(num_steps=cfg.num_steps, height=64, width=64, guidance_scale=2.0)
     exp = Experiment(sd1, brightness, cfg, tmp_path, sampling=sampling, log=lambda *_: None)
     calib = exp.run("calibrate")
-    assert list(calib["arms"]) == ["base", "dpo/random", "ddpo/random", "dpok/random"]
+    assert list(calib["arms"]) == ["base", "dpo/random@lr0.001", "ddpo/random", "dpok/random"]
     summary = exp.run("headline")
     arms = summary["arms"]
     assert list(arms) == ["base", "dpo/random", "dpo/dfusion", "ddpo/random", "ddpo/dfusion", "dpok/random",
@@ -178,6 +178,36 @@ def test_the_control_arm_trains_on_the_dfusion_pairs_unfused_and_answers_the_pri
     md = (tmp_path / "RESULTS.md").read_text()
     assert md.splitlines()[2].startswith("**Primary endpoint**") and "## D-Fusion minus the inconsistent control" in md
     assert path.is_file()
+
+
+@pytest.mark.slow
+def test_calibration_picks_the_lr_by_validation_and_arms_stop_early(sd1, tmp_path):
+    """--part calibrate trains the positive control at each lr, validated at every checkpoint; budget.json keeps the
+    lr with the best validation accuracy, and the headline's DPO arms train at it and report their best step."""
+    cfg = replace(ExperimentConfig.smoke(), algos=("dpo",), dpo_kinds=("random",), ablations=(), val_prompts=1,
+                  dpo_lrs=(1e-3, 3e-3), dpo_steps=3, dpo_epochs=100.0, val_every=1, val_seeds=1, patience=1)
+    sampling = SamplingParams(num_steps=cfg.num_steps, height=64, width=64, guidance_scale=2.0)
+    exp = Experiment(sd1, brightness, cfg, tmp_path, sampling=sampling, log=lambda *_: None)
+    assert exp.dpo_lr() == cfg.dpo_lr  # nothing calibrated yet
+    calib = exp.run("calibrate")
+    budget = json.loads((tmp_path / "budget.json").read_text())
+    tried = {t["lr"]: t for t in budget["tried"]}
+    assert set(tried) == {1e-3, 3e-3} and budget["lr"] == max(tried, key=lambda k: tried[k]["validation_accuracy"])
+    assert budget["positive_control_passes"] == (budget["movement"]["ci95"][0] > 0)
+    for lr in (1e-3, 3e-3):
+        train = json.loads(exp.arm_path(Arm("dpo", "random", 0, lr=lr)).read_text())["train"]
+        assert train["config"]["lr"] == lr and train["config"]["ckpt_every"] == 1
+        steps = [v["step"] for v in train["validations"]]
+        assert steps == list(range(1, train["steps"] + 1)) and train["best_step"] in steps
+        assert max(v["score"] for v in train["validations"]) == \
+            next(v["score"] for v in train["validations"] if v["step"] == train["best_step"])
+    assert calib["budget"]["lr"] == budget["lr"] and exp.dpo_lr() == budget["lr"]
+    exp.run("headline")
+    arm = json.loads(exp.arm_path(Arm("dpo", "random", 0)).read_text())
+    assert arm["train"]["config"]["lr"] == budget["lr"]
+    write_reports(exp, "python -m experiments.shapesworld.experiment", str(tmp_path / "RESULTS.md"))
+    md = (tmp_path / "RESULTS.md").read_text()
+    assert f"lr **{budget['lr']:g}**" in md and "Positive control" in md
 
 
 def test_label_by_and_dpo_kinds_are_checked(capsys, tmp_path):

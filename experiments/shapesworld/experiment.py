@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import time
 import zlib
@@ -60,7 +61,7 @@ class ExperimentConfig:
     """One budget for every arm, sized for the SD3-shaped default on 2 CPU cores (the headline <= 90 minutes)."""
 
     # ---- prompts and pair sets: every algorithm trains on the same TRAIN prompts
-    train_prompts: int = 4  # TRAIN prompts per family (dealt in turn from each relation / texture)
+    train_prompts: int = 16  # TRAIN prompts per family (dealt in turn from each relation / texture: spans them all)
     val_prompts: int = 6  # validation prompts per family: TRAIN-split prompts never trained on (0: none)
     num_candidates: int = 16  # candidates per prompt for the offline pair sets (paper: 16 -> 8 pairs a prompt)
     num_steps: int = 20  # sampling steps everywhere (paper: 20)
@@ -71,28 +72,41 @@ class ExperimentConfig:
     # the offline DPO arms: random pairs, D-Fusion pairs (fused target over base) and the paper's control, the same
     # (reference, base) pairs left unfused (reference over base): D-Fusion minus control isolates consistency
     dpo_kinds: tuple[str, ...] = ("random", "dfusion", "control")
-    # ---- DPO, offline on a fixed pair set. Calibrated on TRAIN prompts (random pairs, docs/RESULTS.md): at the
-    # paper's beta 5000 the loss rose from 0.69 to ~2 instead of falling (lr 1e-3: accuracy unmoved; lr 3e-3: the
-    # model collapsed, accuracy 0.63 -> 0.25); at beta 500 it falls (0.71 -> 0.15) and the samples move
-    dpo_steps: int = 600  # optimizer steps
+    # ---- DPO, offline on a fixed pair set, at the references' budget (Diffusion-DPO / D-Fusion: beta 5000, lr
+    # 1e-4). The first round's lr 1e-3 at beta 500 over 50 epochs made every arm worse (docs/results_extra.md).
+    # `--part calibrate` trains the positive control (random pairs labelled by the checker: oracle pairs) at each
+    # of dpo_lrs and keeps the lr whose best checkpoint scores highest on the validation prompts (budget.json);
+    # every DPO arm then trains at that lr, validated every val_every steps, and is evaluated at its best checkpoint
+    dpo_steps: int = 600  # at most this many optimizer steps ...
+    dpo_epochs: float = 10.0  # ... and at most this many passes over the pair set
     dpo_batch: int = 8  # pairs per step
-    dpo_lr: float = 1e-3  # AdamW
+    dpo_lr: float = 1e-4  # AdamW; the headline's lr until --part calibrate has written budget.json
+    dpo_lrs: tuple[float, ...] = (1e-4, 3e-4, 1e-3)  # the learning rates --part calibrate compares
     dpo_rank: int = 16  # LoRA rank on attention
-    dpo_beta: float = 500.0  # Diffusion-DPO beta, beta/2 convention (paper: 5000 for SD 1.5)
-    # ---- DDPO and DPOK, on-policy rounds. Calibrated on TRAIN prompts: at lr 3e-4 three rounds left every
-    # evaluation sample unchanged (approx KL 1e-8, no clipping); at 5e-3 with two passes KL ~1e-3, 2-5% clipped
+    dpo_beta: float = 5000.0  # Diffusion-DPO beta, beta/2 convention (the paper's, for SD 1.5)
+    val_every: int = 50  # DPO: checkpoint and validation accuracy every N steps (0: no early stopping)
+    val_seeds: int = 6  # seeds per validation prompt at each checkpoint (the final report uses eval_train_seeds)
+    patience: int = 3  # checkpoints without a better validation accuracy before an arm stops
+    # ---- DDPO and DPOK, on-policy rounds, at the references' settings (Flow-GRPO / ddpo-pytorch): lr 3e-4, PPO
+    # clip 1e-4, one pass over a round's samples, a dual clip (the first round's lr 5e-3 and clip 0.1 moved the
+    # model by noise, and one run's ratio reached 5e5), DPOK's KL 0.04 on Flow-GRPO's scale (flow models; the
+    # exact per-step KL on a UNet)
     rounds: int = 3  # sample -> pair -> score -> train rounds
     round_candidates: int = 8  # fresh candidates per prompt per round
     rl_batch: int = 8  # trajectories per optimizer step
-    rl_lr: float = 5e-3
-    inner_epochs: int = 2  # passes over a round's samples
+    rl_lr: float = 3e-4
+    rl_clip: float = 1e-4  # PPO clip range
+    rl_dual_clip: float = 3.0  # a negative advantage's loss capped at 3 x |A| (0: off)
+    rl_kl: float = 0.04  # DPOK's KL coefficient
+    rl_kl_scale: str = "flow_grpo"  # flow_grpo (x the step's sigma decrement; flow models) | exact
+    inner_epochs: int = 1  # passes over a round's samples
     steps_per_trajectory: int = 5  # denoising steps trained per trajectory and pass (random ones; 0 = all)
     max_step_residual: float = 0.0  # TrainConfig's: 0 = every step of a fused target trained (the paper)
     advantage_groups: str = "prompt-kind"  # OnPolicyConfig's: plain draws and fused targets normalised apart
     rl_rank: int = 4  # LoRA rank on attention (paper)
     # ---- evaluation: the same seeds for every arm
-    # (18 and 8, not 6 and 4: at 6 the calibration's interval reached 0 exactly; a sample costs ~0.3 s on one core)
-    eval_train_seeds: int = 18  # held-out seeds per TRAIN prompt
+    # (intervals resample prompts, so prompts buy more than seeds: 16 TRAIN and 6 validation prompts a family)
+    eval_train_seeds: int = 4  # held-out seeds per TRAIN and per validation prompt (16 + 6 prompts a family)
     eval_prompts: int = 24  # TEST prompts per family (dealt in turn from each relation / texture)
     eval_seeds: int = 4  # seeds per TEST prompt (more prompts, fewer seeds: the interval resamples prompts)
     eval_seed: int = 1  # evaluation seeds derive from it (never a candidate seed: those are prompt hashes)
@@ -111,7 +125,8 @@ class ExperimentConfig:
     @classmethod
     def smoke(cls) -> "ExperimentConfig":
         return cls(label_by="scorer", dpo_kinds=("random", "dfusion"), train_prompts=1, val_prompts=0,
-                   num_candidates=4, num_steps=4, dpo_steps=2, dpo_batch=2, rounds=1,
+                   num_candidates=4, num_steps=4, dpo_steps=2, dpo_batch=2, dpo_lr=1e-3, dpo_lrs=(1e-3,),
+                   rl_kl_scale="exact", rounds=1,
                    round_candidates=4, rl_batch=2, steps_per_trajectory=1, eval_train_seeds=2, eval_prompts=1,
                    eval_seeds=2, seeds=(0,), ablations=("no-mask", "masked-loss"),
                    rl_ablations=("no-hold", "per-prompt-advantages"))
@@ -125,12 +140,14 @@ class Arm:
     kind: str | None = None  # random | dfusion | control (DPO only: the D-Fusion pairs' references unfused)
     seed: int | None = None  # training seed
     ablation: str | None = None  # DPO on D-Fusion pairs with this setting changed (fusion_variants / masked-loss)
+    lr: float | None = None  # DPO at this learning rate (--part calibrate); None = the experiment's budget
 
     @property
     def name(self) -> str:
         if self.algo is None:
             return "base"
-        return f"{self.algo}/{self.kind}{'-' + self.ablation if self.ablation else ''}/s{self.seed}"
+        lr = f"@lr{self.lr:g}" if self.lr is not None else ""
+        return f"{self.algo}/{self.kind}{'-' + self.ablation if self.ablation else ''}{lr}/s{self.seed}"
 
     @property
     def group(self) -> str:
@@ -259,8 +276,9 @@ class Experiment:
         {random, D-Fusion} x seed; ablations = DPO per ablation (and the D-Fusion / random DPO arms it is read
         against) x ablation seed."""
         first = self.cfg.seeds[0]
-        if part == "calibrate":
-            return [Arm(None)] + [Arm(a, "random", first) for a in self.cfg.algos]
+        if part == "calibrate":  # the positive control at each candidate lr, and the on-policy random arms
+            dpo = [Arm("dpo", "random", first, lr=lr) for lr in self.cfg.dpo_lrs] if "dpo" in self.cfg.algos else []
+            return [Arm(None)] + dpo + [Arm(a, "random", first) for a in self.cfg.algos if a != "dpo"]
         if part == "headline":
             return [Arm(None)] + [Arm(a, k, s) for s in self.cfg.seeds for a in self.cfg.algos
                                   for k in (self.cfg.dpo_kinds if a == "dpo" else ("random", "dfusion"))]
@@ -281,6 +299,43 @@ class Experiment:
         return {split: evaluate(self.model, self.scorer, "test" if split == "test" else "train", 0, seeds[split],
                                 self.sampling, seed=s, localise=False, prompt_lists=lists[split])
                 for split in ("train", "validation", "test") if split != "validation" or c.val_prompts}
+
+    def validation_accuracy(self, trainer) -> dict:
+        """Early stopping's score at a checkpoint: checker accuracy on the validation prompts (val_seeds each)."""
+        c = self.cfg
+        rep = evaluate(self.model, None, "train", 0, c.val_seeds, self.sampling, seed=c.eval_seed + 1000,
+                       localise=False, prompt_lists=self.prompt_lists["validation"])
+        return {"score": rep["families"]["all"]["accuracy"],
+                **{f"val_{f}": rep["families"][f]["accuracy"] for f in FAMILIES}}
+
+    def dpo_lr(self) -> float:
+        """The headline's DPO learning rate: the one --part calibrate chose (budget.json), else dpo_lr."""
+        path = self.out / "budget.json"
+        return float(json.loads(path.read_text())["lr"]) if path.is_file() else self.cfg.dpo_lr
+
+    def choose_budget(self) -> dict | None:
+        """After --part calibrate: the lr whose positive control (oracle pairs) scores highest on the validation
+        prompts at its best checkpoint, and whether that control beat the base outside its interval."""
+        from .statistics import paired_difference
+
+        base_path = self.arm_path(Arm(None))
+        arms = [a for a in self.arms("calibrate") if a.lr is not None and self.arm_path(a).is_file()]
+        if not arms or not base_path.is_file() or not self.cfg.val_prompts:
+            return None
+        base = json.loads(base_path.read_text())["reports"]["validation"]["rows"]
+        tried = []
+        for a in arms:
+            r = json.loads(self.arm_path(a).read_text())
+            move = paired_difference(r["reports"]["validation"]["rows"], base, "all")
+            tried.append({"lr": a.lr, "best_step": r["train"].get("best_step"), "steps": r["train"]["steps"],
+                          "validation_accuracy": r["reports"]["validation"]["families"]["all"]["accuracy"],
+                          "movement": move})
+        best = max(tried, key=lambda t: t["validation_accuracy"])
+        budget = {**best, "positive_control_passes": (best["movement"]["ci95"][0] or 0) > 0, "tried": tried,
+                  "base_validation_accuracy": json.loads(base_path.read_text())["reports"]["validation"]
+                  ["families"]["all"]["accuracy"]}
+        (self.out / "budget.json").write_text(json.dumps(budget, indent=1))
+        return budget
 
     def arm_path(self, arm: Arm) -> Path:
         return self.out / "arms" / (arm.name.replace("/", "__") + ".json")
@@ -309,16 +364,23 @@ class Experiment:
         return result
 
     def _offline(self, arm: Arm, records: list[PairRecord]) -> tuple[dict, dict]:
+        """DPO at the budget (arm.lr or the calibrated one), validated every val_every steps with early stopping;
+        evaluated at its best validated checkpoint."""
         from dfusion_core.training.data import pairs_from_records
         from dfusion_core.training.trainer import TrainConfig, Trainer
 
         c = self.cfg
-        tc = TrainConfig(algo=arm.algo, steps=c.dpo_steps, batch_size=c.dpo_batch, lr=c.dpo_lr, lora_rank=c.dpo_rank,
-                         dpo_beta=c.dpo_beta, seed=arm.seed, ckpt_every=c.dpo_steps,
+        steps = max(1, min(c.dpo_steps, math.ceil(c.dpo_epochs * len(records) / c.dpo_batch)))
+        validate = self.validation_accuracy if c.val_prompts and c.val_every else None
+        tc = TrainConfig(algo=arm.algo, steps=steps, batch_size=c.dpo_batch, lr=arm.lr or self.dpo_lr(),
+                         lora_rank=c.dpo_rank, dpo_beta=c.dpo_beta, seed=arm.seed,
+                         ckpt_every=min(c.val_every, steps) if validate else steps, patience=c.patience,
+                         val_fraction=0.0,  # every pair is trained on: validation is on prompts never trained on
                          dpo_outside_weight=0.0 if arm.ablation == "masked-loss" else 1.0)
         tr = Trainer(self.model, pairs_from_records(records), tc, self.out / "train" / arm.name.replace("/", "__"))
         try:
-            history = tr.run(resume=True, progress=False).history
+            history = tr.run(resume=True, progress=False, validate=validate).history
+            best = tr.restore_best() if validate else None
             tr.net.eval()
             reports = self.evaluate()
         finally:
@@ -326,7 +388,8 @@ class Experiment:
         keys = ("loss", "implicit_acc", "reward_margin")
         mean = lambda rows, k: float(np.mean([h[k] for h in rows])) if rows and k in rows[0] else None
         return {"config": asdict(tc), "first_rows": {k: mean(history[:10], k) for k in keys},
-                "last_rows": {k: mean(history[-10:], k) for k in keys}, "steps": len(history)}, reports
+                "last_rows": {k: mean(history[-10:], k) for k in keys}, "steps": tr.step, "best_step": best,
+                "validations": tr.validations}, reports
 
     def _on_policy(self, arm: Arm) -> tuple[dict, dict]:
         from dfusion_core.training.onpolicy import OnPolicyConfig, OnPolicyTrainer
@@ -336,6 +399,7 @@ class Experiment:
         if arm.ablation and arm.ablation not in RL_LOSS_ABLATIONS:
             fusion = fusion_variants(self.fusion, self.sampling.num_steps, [arm.ablation])[f"dfusion-{arm.ablation}"]
         oc = OnPolicyConfig(algo=arm.algo, arm=arm.kind, rounds=c.rounds, batch_size=c.rl_batch, lr=c.rl_lr,
+                            clip_eps=c.rl_clip, dual_clip=c.rl_dual_clip, kl_coef=c.rl_kl, kl_scale=c.rl_kl_scale,
                             lora_rank=c.rl_rank, inner_epochs=c.inner_epochs,
                             steps_per_trajectory=c.steps_per_trajectory, seed=arm.seed, ckpt_every=10 ** 6,
                             max_step_residual=2.0 if arm.ablation == "drawable-steps" else c.max_step_residual,
@@ -371,6 +435,12 @@ class Experiment:
                     self.run_arm(arm, sets.get(arm.pair_set))
         from .experiment_report import summarise
 
+        if part == "calibrate":
+            budget = self.choose_budget()
+            if budget:
+                self.log(f"budget: lr {budget['lr']:g} (validation {budget['validation_accuracy']:.3f}, base "
+                         f"{budget['base_validation_accuracy']:.3f}; positive control "
+                         f"{'passes' if budget['positive_control_passes'] else 'does not pass'})")
         results = {a.name: json.loads(self.arm_path(a).read_text()) for a in arms if self.arm_path(a).is_file()}
         signals = {n: json.loads(p.read_text()) for n in self.pair_set_names(part)
                    if (p := self.out / "pairs" / n / "signal.json").is_file()}
@@ -451,6 +521,9 @@ def _config_from_args(ap: argparse.ArgumentParser, a) -> ExperimentConfig:
         ap.error(f"--dpo-kinds: some of random dfusion control (control needs dfusion), got {list(cfg.dpo_kinds)}")
     if cfg.advantage_groups not in ("prompt-kind", "prompt"):
         ap.error(f"--advantage-groups must be prompt-kind or prompt, got {cfg.advantage_groups!r}")
+    if cfg.rl_kl_scale not in ("flow_grpo", "exact") or not 0 < cfg.rl_clip < 1 or cfg.rl_kl < 0 or \
+            not (cfg.rl_dual_clip == 0 or cfg.rl_dual_clip > 1):
+        ap.error("--rl-kl-scale must be flow_grpo or exact, --rl-clip in (0, 1), --rl-kl >= 0, --rl-dual-clip 0 or > 1")
     if not (cfg.max_step_residual == 0 or cfg.max_step_residual >= 1):
         ap.error(f"--max-step-residual must be 0 or >= 1, got {cfg.max_step_residual}")
     for f in ("train_prompts", "num_candidates", "num_steps", "dpo_steps", "dpo_batch", "rounds", "round_candidates",
@@ -463,8 +536,10 @@ def _config_from_args(ap: argparse.ArgumentParser, a) -> ExperimentConfig:
         v = getattr(cfg, f)
         if not v or len(set(v)) != len(v) or min(v) < 0:
             ap.error(f"--{f.replace('_', '-')}: distinct integers >= 0, got {list(v)}")
-    if not (0 < cfg.dpo_lr < 1 and 0 < cfg.rl_lr < 1):
-        ap.error("--dpo-lr and --rl-lr must be in (0, 1)")
+    if not (0 < cfg.dpo_lr < 1 and 0 < cfg.rl_lr < 1) or not cfg.dpo_lrs or not all(0 < x < 1 for x in cfg.dpo_lrs):
+        ap.error("--dpo-lr, --dpo-lrs and --rl-lr must be in (0, 1)")
+    if cfg.dpo_epochs <= 0 or cfg.val_every < 0 or cfg.val_seeds < 1 or cfg.patience < 0:
+        ap.error("--dpo-epochs must be > 0, --val-every and --patience >= 0, --val-seeds >= 1")
     return cfg
 
 
@@ -485,7 +560,7 @@ def main(argv=None) -> None:
         if isinstance(v, (int, float, str)):
             ap.add_argument("--" + f.replace("_", "-"), type=type(v), default=None, help=f"default: {v}")
         elif isinstance(v, tuple):
-            typ = int if v and isinstance(v[0], int) else str
+            typ = type(v[0]) if v and isinstance(v[0], (int, float)) else str
             ap.add_argument("--" + f.replace("_", "-"), nargs="*", type=typ, default=None,
                             help=f"default: {' '.join(map(str, v))}")
     a = ap.parse_args(argv)

@@ -29,12 +29,17 @@ def _by_seed(runs: list[dict]) -> dict:
     return {r["seed"]: r for r in runs}
 
 
-def _group_summary(runs: list[dict], base: dict | None) -> dict:
+def splits_of(results) -> tuple[str, ...]:
+    """The splits every arm was evaluated on (validation only where the run had validation prompts)."""
+    return tuple(s for s in SPLITS if all(s in r["reports"] for r in results))
+
+
+def _group_summary(runs: list[dict], base: dict | None, splits: tuple[str, ...]) -> dict:
     """One arm over its training seeds: pooled metrics and the movement from the base model, per split/family."""
     first = runs[0]
     out = {"algo": first["algo"], "kind": first["kind"], "ablation": first["ablation"], "seeds": [r["seed"] for r in runs],
            "pairs": first["pairs"], "seconds": sum(r["seconds"] for r in runs), "training": [r["train"] for r in runs]}
-    for split in SPLITS:
+    for split in splits:
         rows = [_rows(r, split) for r in runs]
         out[split] = {f: {m: pooled_summary(rows, f, m) for m in METRICS} for f in FAMS}
         if base is not None and first["algo"] is not None:
@@ -60,23 +65,25 @@ def summarise(exp, part: str, results: dict[str, dict], signals: dict[str, dict]
     for r in sorted(results.values(), key=lambda r: (r["seed"] is not None, r["seed"] or 0)):
         groups.setdefault(r["group"], []).append(r)
     base = groups.get("base", [None])[0]
-    arms = {g: _group_summary(runs, base) for g, runs in groups.items()}
+    splits = splits_of(results.values())
+    arms = {g: _group_summary(runs, base, splits) for g, runs in groups.items()}
     comparisons = {split: {algo: _compare(groups[f"{algo}/dfusion"], groups[f"{algo}/random"], split)
                            for algo in exp.cfg.algos if f"{algo}/dfusion" in groups and f"{algo}/random" in groups}
-                   for split in SPLITS}
+                   for split in splits}
     controls = {split: {algo: _compare(groups[f"{algo}/dfusion"], groups[f"{algo}/control"], split)
                         for algo in exp.cfg.algos if f"{algo}/dfusion" in groups and f"{algo}/control" in groups}
-                for split in SPLITS}
+                for split in splits}
     ablations = {}
     for g, runs in groups.items():
         if runs[0]["ablation"]:
             algo = runs[0]["algo"]
             ablations[g] = {split: {ref: _compare(runs, groups[f"{algo}/{ref}"], split)
-                                    for ref in ("dfusion", "random") if f"{algo}/{ref}" in groups} for split in SPLITS}
+                                    for ref in ("dfusion", "random") if f"{algo}/{ref}" in groups} for split in splits}
     return {"part": part, "config": asdict(exp.cfg), "sampling": asdict(exp.sampling), "fusion": asdict(exp.fusion),
             "model": exp.model.model_id, "train_prompts": exp.train_prompts, "pair_signal": signals, "arms": arms,
             "comparisons": comparisons, "controls": controls, "primary": primary_endpoint(controls),
-            "ablations": ablations, "hardware": hardware(), "wall_seconds_this_run": wall}
+            "ablations": ablations, "hardware": hardware(), "wall_seconds_this_run": wall,
+            "budget": json.loads(b.read_text()) if (b := exp.out / "budget.json").is_file() else None}
 
 
 PRIMARY = "TEST prompts, all families: DPO on D-Fusion pairs minus DPO on the control pairs, checker accuracy"
@@ -137,22 +144,50 @@ def _setup(summary: dict, commands: list[str]) -> list[str]:
             f"form (mask {m['combine']} of the keywords' maps, reference-union-base {m['union_base']}, grown "
             f"{m.get('dilate', 0)} cells, steps {f['start_step']}-{f['end_step'] or s['num_steps']}, layers "
             f"{f['layers']}, held outside the mask {f['hold_outside']}); random: the same candidates paired at random, "
-            f"the higher score wins; every set cut to one size. {c['dpo_steps']} steps, batch {c['dpo_batch']}, lr "
-            f"{c['dpo_lr']}, LoRA rank {c['dpo_rank']}, beta {c['dpo_beta']:g}.",
+            f"the higher score wins; every set cut to one size. At most {c['dpo_steps']} steps and "
+            f"{c.get('dpo_epochs', '-')} epochs, batch {c['dpo_batch']}, lr {_lr_text(summary)}, LoRA rank "
+            f"{c['dpo_rank']}, beta {c['dpo_beta']:g}; "
+            + (f"validation accuracy ({c.get('val_seeds')} seeds a validation prompt) every {c['val_every']} steps, "
+               f"stopped after {c.get('patience')} checkpoints without a better one, evaluated at the best checkpoint."
+               if c.get("val_every") and c.get("val_prompts") else "evaluated at the last step (no validation)."),
             f"- DDPO / DPOK (on-policy): {c['rounds']} rounds; each samples {c['round_candidates']} fresh candidates per "
             "prompt from the current policy, pairs them (random arm: plain samples; D-Fusion arm: fused targets and "
             "their bases), scores them with the CLIP scorer, normalises rewards per prompt "
             f"{'and kind (bases among bases, targets among targets)' if c.get('advantage_groups', 'prompt') == 'prompt-kind' else 'over all its samples'}"
             " and trains "
             f"{c['inner_epochs']} pass(es), batch {c['rl_batch']} trajectories, {c['steps_per_trajectory'] or 'all'} "
-            f"denoising steps per trajectory, lr {c['rl_lr']}, LoRA rank {c['rl_rank']}, PPO clip 0.1 (DPOK: + KL "
-            "0.01 to the base model).",
+            f"denoising steps per trajectory, lr {c['rl_lr']}, LoRA rank {c['rl_rank']}, PPO clip {c.get('rl_clip', 0.1):g}"
+            f"{', dual clip %g' % c['rl_dual_clip'] if c.get('rl_dual_clip') else ''} (DPOK: + KL "
+            f"{c.get('rl_kl', 0.01):g} to the base model, {c.get('rl_kl_scale', 'exact')} scale).",
             f"- Training seeds: {', '.join(map(str, c['seeds']))} (LoRA start, batches, noise and the rounds' samples).",
             f"- Evaluation (same seeds for every arm): TRAIN prompts x {c['eval_train_seeds']} held-out seeds and "
             f"{c['eval_prompts']} TEST prompts per family (combinations never trained on) x {c['eval_seeds']} seeds; "
             "ground-truth checker accuracy, CLIP score, diversity (mean pixel difference between a prompt's seeds).",
             f"- Hardware: {hw['cpus']} CPU cores ({hw['machine']}), GPU {hw['cuda'] or 'none'}, torch {hw['torch']}.",
             "", "```bash", *commands, "```", ""]
+
+
+def _lr_text(summary: dict) -> str:
+    b = summary.get("budget")
+    return f"{b['lr']:g} (chosen by --part calibrate)" if b else f"{summary['config']['dpo_lr']:g}"
+
+
+def _budget_lines(summary: dict) -> list[str]:
+    """How the calibration chose the lr, and whether the positive control moved the model."""
+    b = summary.get("budget")
+    if not b:
+        return ["No learning rate was chosen (the calibration needs validation prompts and the base arm)."]
+    rows = ["| lr | steps run | best step | validation accuracy | movement from base [95% CI] |",
+            "| --- | --- | --- | --- | --- |"]
+    rows += [f"| {t['lr']:g} | {t['steps']} | {t['best_step'] or '-'} | {t['validation_accuracy']:.3f} | "
+             f"{est(t['movement'])} |" for t in b["tried"]]
+    verdict_text = ("moved validation accuracy up outside its interval: the budget can align the model" if
+                    b["positive_control_passes"] else "did **not** move validation accuracy up outside its interval "
+                    "at any learning rate tried: no affordable budget aligned the model, and the comparisons below "
+                    "cannot show an alignment effect")
+    return [f"Positive control: DPO on oracle pairs (random pairs labelled by the checker), at each learning rate, "
+            f"validated on the validation prompts (base: {b['base_validation_accuracy']:.3f}). Chosen: lr "
+            f"**{b['lr']:g}**; the control {verdict_text}.", "", *rows]
 
 
 def _movement_table(summary: dict, split: str) -> list[str]:
@@ -289,10 +324,11 @@ def report_markdown(parts: dict, commands: list[str], figure_dir: str) -> str:
     lines = ["# Results: D-Fusion pairs vs random pairs on ShapesWorld", "", *_headline(parts), "",
              *_setup(any_part, commands)]
     if "calibrate" in parts:
-        lines += ["## Calibration: does the budget move the model? (TRAIN prompts, held-out seeds)", "",
-                  "The random-pair arms of the first training seed against the base model. The budget was chosen "
-                  "before this run by probes on TRAIN prompts (below, 'How the budget was chosen'); no D-Fusion arm "
-                  "and no TEST prompt was used to choose it.", "", *_movement_table(parts["calibrate"], "train"), ""]
+        cal = parts["calibrate"]
+        split = "validation" if "validation" in cal["arms"].get("base", {}) else "train"
+        lines += ["## Calibration: the positive control and the learning rate (validation prompts)", "",
+                  "Chosen on TRAIN-split prompts never trained on; no D-Fusion arm and no TEST prompt was used to "
+                  "choose it.", "", *_budget_lines(cal), "", *_movement_table(cal, split), ""]
     h = parts.get("headline")
     if h is not None:
         for split, title in (("test", "TEST prompts (unseen combinations)"), ("train", "TRAIN prompts, held-out seeds")):

@@ -10,7 +10,7 @@ import torch
 
 from dfusion_core.worlds.shapesworld.evaluate import grouped_bootstrap
 
-SPLITS = ("train", "test")
+SPLITS = ("train", "validation", "test")  # a report reads those its arms were evaluated on
 METRICS = ("correct", "clip", "diversity")  # checker accuracy, CLIP score, diversity across a prompt's seeds
 
 
