@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from dfusion_core.data.atomic import replace_folder, write_atomic
 from dfusion_core.worlds.shapesworld.render import render
+from .sample_bank import Bank
 from .validate_checker import degrade_noise
 from dfusion_core.worlds.shapesworld.world import FAMILIES, IMAGE_SIZE, ObjectSpec, PromptSpec, perturbations, prompts, scene_style
 
@@ -90,10 +91,28 @@ def near_miss(spec: PromptSpec, rng: random.Random) -> PromptSpec:
     return rng.choice(list(perturbations(spec, rng).values()))
 
 
+def bank_ranking_loss(model, tok, bank, rng: random.Random, n_pairs: int) -> tuple[torch.Tensor, float]:
+    """Bradley-Terry loss on `n_pairs` (correct, wrong) sample pairs of one prompt each, drawn from a bank of the
+    generator's own checker-labelled samples (sample_bank.py): the scorer learns to rank a prompt's candidates as
+    the checker does. Returns the loss and the share of pairs already ranked right."""
+    ranked = bank.ranked_prompts()
+    picks = [ranked[rng.randrange(len(ranked))] for _ in range(n_pairs)]
+    idx = [(int(pos[rng.randrange(len(pos))]), int(neg[rng.randrange(len(neg))])) for _, pos, neg in picks]
+    ims = np.stack([bank.images[i] for pair in idx for i in pair])
+    x = torch.from_numpy(ims).permute(0, 3, 1, 2).float() / 127.5 - 1
+    img_f = F.normalize(model.encode_image(x), dim=-1).view(n_pairs, 2, -1)
+    txt_f = F.normalize(model.encode_text(tok([p for p, _, _ in picks])), dim=-1)
+    s = model.logit_scale.exp() * (img_f * txt_f[:, None]).sum(-1)  # [pairs, (correct, wrong)]
+    margin = s[:, 0] - s[:, 1]
+    return F.softplus(-margin).mean(), (margin > 0).float().mean().item()
+
+
 def train(out: Path, steps: int, batch: int, lr: float, vae_ckpt: str | None, seed: int = 0, threads: int = 2,
-          world_version: int = 1, init: str | None = None):
+          world_version: int = 1, init: str | None = None, bank: str | None = None, bank_pairs: int = 32,
+          bank_weight: float = 1.0):
     """Scenes of `world_version` (2: backgrounds and lighting the captions never mention, so the scorer learns
-    to look past them); `vae_ckpt` should be the autoencoder of the generator it will score."""
+    to look past them); `vae_ckpt` should be the autoencoder of the generator it will score; `bank` adds the
+    within-prompt ranking loss on the generator's own labelled samples (`bank_pairs` pairs a step)."""
     import open_clip
 
     torch.set_num_threads(threads)
@@ -120,6 +139,7 @@ def train(out: Path, steps: int, batch: int, lr: float, vae_ckpt: str | None, se
     nrng = np.random.default_rng(seed)
     style = scene_style(world_version)
     pool = [p for f in FAMILIES for split in ("train", "test") for p in prompts(f, split)] + prompts("simple", "train")
+    samples = Bank.load(bank) if bank else None
     t0 = time.time()
     while step < steps:
         specs = [rng.choice(pool) for _ in range(batch)]
@@ -142,6 +162,10 @@ def train(out: Path, steps: int, batch: int, lr: float, vae_ckpt: str | None, se
         # image -> text over the batch's captions and all hard negative captions; text -> image over the batch's
         # images and the near-miss images (a caption must outrank the wrong images of its own prompt)
         loss = (F.cross_entropy(logits[:batch], labels) + F.cross_entropy(logits[:, :batch].T, labels)) / 2
+        rank_acc = None
+        if samples is not None:
+            rank_loss, rank_acc = bank_ranking_loss(model, tok, samples, rng, bank_pairs)
+            loss = loss + bank_weight * rank_loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -152,7 +176,7 @@ def train(out: Path, steps: int, batch: int, lr: float, vae_ckpt: str | None, se
         if step % 25 == 0:
             acc = (logits[:batch].argmax(1) == labels).float().mean().item()
             _log(out, stage="clip", step=step, loss=loss.item(), acc=acc, lr=sched.get_last_lr()[0],
-                 img_s=25 * batch / (time.time() - t0))
+                 img_s=25 * batch / (time.time() - t0), **({"bank_rank_acc": rank_acc} if rank_acc is not None else {}))
             t0 = time.time()
         if step % 250 == 0 or step == steps:
             state = {"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(), "step": step,
@@ -175,8 +199,13 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, default=2, help="torch threads (2)")
     ap.add_argument("--init", default=None, help="an exported scorer folder (open_clip_model.safetensors) to start from, "
                     "e.g. assets/shapesworld-v3-clip; ignored when OUT has a checkpoint")
+    ap.add_argument("--bank", default=None, help="a bank of the generator's own checker-labelled samples "
+                    "(sample_bank.py build) for a within-prompt ranking loss")
+    ap.add_argument("--bank-pairs", type=int, default=32, help="(correct, wrong) pairs from the bank a step (32)")
+    ap.add_argument("--bank-weight", type=float, default=1.0, help="weight of the ranking loss (1.0)")
     a = ap.parse_args(argv)
-    train(Path(a.out), a.steps, a.batch, a.lr, a.vae, threads=a.threads, world_version=a.world_version, init=a.init)
+    train(Path(a.out), a.steps, a.batch, a.lr, a.vae, threads=a.threads, world_version=a.world_version, init=a.init,
+          bank=a.bank, bank_pairs=a.bank_pairs, bank_weight=a.bank_weight)
 
 
 if __name__ == "__main__":
