@@ -274,6 +274,19 @@ def test_fusion_transfer_metrics_on_known_images():
     assert table["f"]["spatial"]["coverage"] == 0.5 and table["f"]["all"]["ratio"] == m["ratio"]
 
 
+def test_the_ideal_ratio_is_the_share_of_a_pairs_difference_on_its_objects():
+    """An ideal fusion moves both images' objects and nothing else: on one backdrop that is all of the
+    difference (1.0); on two backdrops the background's part of |R-B| is left out (< 1)."""
+    from recipes.shapesworld.fusion_transfer import ideal_ratio
+
+    base = render(parse_prompt("a red circle"), random.Random(1), V2).image.astype(float)
+    same_backdrop = render(parse_prompt("a blue square"), random.Random(1), V2).image.astype(float)
+    other_backdrop = render(parse_prompt("a blue square"), random.Random(2), V2).image.astype(float)
+    assert ideal_ratio(base, same_backdrop) == pytest.approx(1.0)
+    assert 0.05 < ideal_ratio(base, other_backdrop) < 0.95
+    assert ideal_ratio(base, base) != ideal_ratio(base, base)  # no difference: undefined (nan)
+
+
 def test_choose_form_needs_both_consistency_and_transfer(tmp_path):
     """The most accepted form among those whose whole-image ratio and median coverage are under their limits;
     a form copying the reference (ratio ~1, coverage 0.9) never wins however often it is accepted, nor does a

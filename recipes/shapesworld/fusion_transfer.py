@@ -11,7 +11,10 @@ pair is fused under several fusion forms; per family and form the table gives:
   * coverage: the median share of the image inside the fusion mask (a mask over the whole image is no mask);
   * keep: |target - base| outside the fusion mask / |reference - base| there (the base kept where the mask
     is not; read together with coverage: outside a 90% mask is 10% of the image);
-  * moved: 1 - |target - reference| / |base - reference| over the whole image (how far the target went).
+  * moved: 1 - |target - reference| / |base - reference| over the whole image (how far the target went);
+  * ideal: the ratio an ideal object-level fusion would score on the same pair: the reference's pixels inside
+    the union of both images' objects (the checker's filled silhouettes), the base's elsewhere. The part of
+    the pair's difference that lies on the objects; a form cannot be more consistent while moving every object.
 The mask is the one the fusion used: its per-step masks (grown by the dilation) averaged over the fused steps,
 > 0.5, upsampled (nearest). `--write-defaults` picks the form by both criteria at once (choose_form: the most
 accepted form whose ratio and median coverage stay under their limits) and writes it to the model's dfusion.json.
@@ -31,7 +34,7 @@ from dfusion_core.engine.fusion import fuse_batch
 from dfusion_core.engine.loading import LoadedModel, load_model
 from dfusion_core.engine.masks import resize_mask
 from dfusion_core.engine.sampling import sample
-from dfusion_core.worlds.shapesworld.checker import check
+from dfusion_core.worlds.shapesworld.checker import check, parse_image
 from dfusion_core.worlds.shapesworld.world import FAMILIES, prompt_list
 
 
@@ -75,6 +78,17 @@ def _pixel_mask(res, size: int) -> np.ndarray:
     return (resize_mask(m, (size, size), "nearest") > 0.5).numpy()
 
 
+def ideal_ratio(base: np.ndarray, reference: np.ndarray) -> float:
+    """Whole-image ratio of the ideal target: reference inside the union of both images' object silhouettes,
+    base outside (so |ideal - base| is |reference - base| on the objects, 0 elsewhere)."""
+    objects = np.zeros(base.shape[:2], bool)
+    for im in (base, reference):
+        for o in parse_image(im.astype(np.uint8)):
+            objects |= o.silhouette
+    diff = np.abs(reference - base).sum(-1)
+    return float(diff[objects].sum() / diff.sum()) if diff.sum() > 0 else float("nan")
+
+
 def pair_metrics(res, prompt: str) -> dict:
     t, b, r = _pixels(res.target_image), _pixels(res.base_image), _pixels(res.reference_image)
     out = ~_pixel_mask(res, t.shape[0]) if res.fusion.use_mask else np.zeros(t.shape[:2], bool)
@@ -84,7 +98,8 @@ def pair_metrics(res, prompt: str) -> dict:
             "ratio": float(np.abs(t - b).mean() / rb) if rb > 0 else float("nan"),
             "coverage": float(1 - out.mean()),
             "keep": float(np.abs(t - b)[out].mean() / rb_out) if out.any() and rb_out > 0 else float("nan"),
-            "moved": float(1 - np.abs(t - r).mean() / max(np.abs(b - r).mean(), 1e-9))}
+            "moved": float(1 - np.abs(t - r).mean() / max(np.abs(b - r).mean(), 1e-9)),
+            "ideal": ideal_ratio(b, r)}
 
 
 def ground_truth_pairs(model: LoadedModel, prompt: str, seeds: list[int], sampling: SamplingParams, per_prompt: int):
@@ -121,12 +136,19 @@ def run(model: LoadedModel, n_prompts: int, n_candidates: int, per_prompt: int, 
                                 fuse_batch(model, spec.text, pairs, sampling, fp, bases=bases, base_images=images,
                                            exact_log_probs=False)]  # images only: no plain-model rows
                 rows += [{"family": family, "form": name, "prompt": spec.text, **m} for m in done[fp]]
+                print(f"  {name}: " + json.dumps(done[fp]), file=sys.stderr, flush=True)  # kept if the run stops
     return {"model": model.model_id, "candidates": n_candidates, "prompts_per_family": n_prompts,
             "forms": {k: asdict(v) for k, v in forms.items()}, "rows": rows, "table": summarise(rows)}
 
 
+def _mean_of(rows: list[dict], key: str) -> float | None:
+    vals = [x[key] for x in rows if x.get(key) is not None and x[key] == x[key]]
+    return float(np.mean(vals)) if vals else None
+
+
 def summarise(rows: list[dict]) -> dict:
-    """{form: {family and "all": pairs, accept, keep (mean over pairs with an outside), moved}}."""
+    """{form: {family and "all": pairs, accept, ratio, coverage, keep (mean over pairs with an outside), moved,
+    ideal}}."""
     table: dict = {}
     for r in rows:
         for fam in (r["family"], "all"):
@@ -142,7 +164,8 @@ def summarise(rows: list[dict]) -> dict:
                               "ratio": float(np.mean(ratio)) if ratio else None,
                               "coverage": float(np.median([x["coverage"] for x in rs])) if "coverage" in rs[0] else None,
                               "keep": float(np.mean(keep)) if keep else None,
-                              "moved": float(np.mean([x["moved"] for x in rs]))}
+                              "moved": float(np.mean([x["moved"] for x in rs])),
+                              "ideal": _mean_of(rs, "ideal")}
     return out
 
 
