@@ -272,6 +272,10 @@ def test_fusion_transfer_metrics_on_known_images():
     assert m["coverage"] == 0.5  # the top half
     assert abs(m["ratio"] - np.abs(tgt.astype(float) - base).mean() / full_gap) < 1e-12
     assert table["f"]["spatial"]["coverage"] == 0.5 and table["f"]["all"]["ratio"] == m["ratio"]
+    # excess: the share of the off-object difference copied; a copy of the reference copies all of it
+    copy = summarise([{"form": "c", "family": "spatial", **m, "ratio": 1.0, "ideal": 0.4}])
+    half = summarise([{"form": "h", "family": "spatial", **m, "ratio": 0.7, "ideal": 0.4}])
+    assert copy["c"]["all"]["excess"] == pytest.approx(1.0) and half["h"]["all"]["excess"] == pytest.approx(0.5)
 
 
 def test_the_ideal_ratio_is_the_share_of_a_pairs_difference_on_its_objects():

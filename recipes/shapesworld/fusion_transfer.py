@@ -14,7 +14,9 @@ pair is fused under several fusion forms; per family and form the table gives:
   * moved: 1 - |target - reference| / |base - reference| over the whole image (how far the target went);
   * ideal: the ratio an ideal object-level fusion would score on the same pair: the reference's pixels inside
     the union of both images' objects (the checker's filled silhouettes), the base's elsewhere. The part of
-    the pair's difference that lies on the objects; a form cannot be more consistent while moving every object.
+    the pair's difference that lies on the objects; a form cannot be more consistent while moving every object;
+  * excess: (ratio - ideal) / (1 - ideal), the share of the background's difference the target copied (0: an
+    ideal fusion, 1: a copy of the reference).
 The mask is the one the fusion used: its per-step masks (grown by the dilation) averaged over the fused steps,
 > 0.5, upsampled (nearest). `--write-defaults` picks the form by both criteria at once (choose_form: the most
 accepted form whose ratio and median coverage stay under their limits) and writes it to the model's dfusion.json.
@@ -146,9 +148,18 @@ def _mean_of(rows: list[dict], key: str) -> float | None:
     return float(np.mean(vals)) if vals else None
 
 
+def _excess(row: dict) -> float | None:
+    """(ratio - ideal) / (1 - ideal): the share of the difference off the objects (the background's) that the
+    target copied from the reference: 0 for an ideal object-level fusion, 1 for a copy of the reference."""
+    ideal, ratio = row.get("ideal"), row.get("ratio")
+    if ideal is None or ratio is None or not (ideal == ideal and ratio == ratio) or ideal >= 1:
+        return None
+    return (ratio - ideal) / (1 - ideal)
+
+
 def summarise(rows: list[dict]) -> dict:
     """{form: {family and "all": pairs, accept, ratio, coverage, keep (mean over pairs with an outside), moved,
-    ideal}}."""
+    ideal, excess}}."""
     table: dict = {}
     for r in rows:
         for fam in (r["family"], "all"):
@@ -165,7 +176,8 @@ def summarise(rows: list[dict]) -> dict:
                               "coverage": float(np.median([x["coverage"] for x in rs])) if "coverage" in rs[0] else None,
                               "keep": float(np.mean(keep)) if keep else None,
                               "moved": float(np.mean([x["moved"] for x in rs])),
-                              "ideal": _mean_of(rs, "ideal")}
+                              "ideal": _mean_of(rs, "ideal"),
+                              "excess": _mean_of([{"x": _excess(x)} for x in rs], "x")}
     return out
 
 
