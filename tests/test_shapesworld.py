@@ -309,6 +309,10 @@ def test_choose_form_needs_both_consistency_and_transfer(tmp_path):
     assert choose_form({"copy": row(0.95, 0.97, 0.9)}) is None
     assert choose_form({"base_copy": row(0.03, 0.34, 0.11), "copy": row(0.95, 0.97, 0.9)}) is None
     assert choose_form({"base_copy": row(0.03, 0.34, 0.11)}, min_accept=0.0) == "base_copy"
+    # by excess: a form whose ratio is high only because the objects carry the pair's difference qualifies
+    ex = lambda acc, ratio, cov, excess: {"all": {**row(acc, ratio, cov)["all"], "excess": excess}}
+    objects = {"objects": ex(0.65, 0.62, 0.4, 0.05), "copy": ex(0.95, 0.97, 0.9, 0.9)}
+    assert choose_form(objects) is None and choose_form(objects, max_excess=0.15) == "objects"
     fp = FusionParams(start_step=2, layers="all", hold_outside=True, mask=MaskParams(union_base=True, dilate=1))
     (tmp_path / "dfusion.json").write_text(json.dumps({"guidance_scale": 3.0}))
     data = write_defaults(tmp_path, "loose", fp)

@@ -185,16 +185,22 @@ DEFAULT_KEYS = ("union_base", "dilate", "resize", "start_step", "layers", "hold_
 
 
 def choose_form(table: dict, max_ratio: float = 0.4, max_coverage: float = 0.5,
-                min_accept: float = 0.6) -> str | None:
+                min_accept: float = 0.6, max_excess: float | None = None) -> str | None:
     """The form the model should fuse with, judged on all families at once: among masked forms whose mean
     whole-image ratio <= max_ratio and median coverage <= max_coverage (consistent with the base) and whose
     targets the checker accepts at least min_accept of the time (a consistent form that transfers nothing is
     a copy of the base, not a D-Fusion pair), the most accepted (ties: the lower ratio). None when no form is
-    both."""
+    both. With max_excess, consistency is read as excess <= max_excess instead of the ratio: the share of the
+    background's difference copied, which does not count the objects' own difference (in a world whose
+    backgrounds barely differ between seeds, even an ideal target keeps most of |R-B|)."""
+    def consistent(v: dict) -> bool:
+        if max_excess is not None:
+            return v.get("excess") is not None and v["excess"] <= max_excess
+        return v.get("ratio") is not None and v["ratio"] <= max_ratio
+
     ok = [(v["all"]["accept"], -v["all"]["ratio"], name) for name, v in table.items()
-          if name != "global_from_step1" and v["all"].get("ratio") is not None and v["all"].get("coverage") is not None
-          and v["all"]["ratio"] <= max_ratio and v["all"]["coverage"] <= max_coverage
-          and v["all"]["accept"] >= min_accept]
+          if name != "global_from_step1" and v["all"].get("coverage") is not None and consistent(v["all"])
+          and v["all"]["coverage"] <= max_coverage and v["all"]["accept"] >= min_accept]
     return max(ok)[2] if ok else None
 
 
@@ -217,6 +223,15 @@ def write_defaults(folder, form: str, fp: FusionParams) -> dict:
     return data
 
 
+def _rows_from(path: str) -> dict:
+    """An earlier run's file with its table recomputed from its rows (new columns, new limits)."""
+    with open(path) as f:
+        res = json.load(f)
+    if not isinstance(res, dict) or not isinstance(res.get("rows"), list):
+        raise ValueError(f"{path}: not a fusion_transfer --out file (no rows)")
+    return {**res, "table": summarise(res["rows"])}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default=None, help="pipeline folder (default: the embedded model)")
@@ -226,10 +241,14 @@ def main(argv=None) -> int:
     p.add_argument("--forms", default=None, help="comma-separated fusion forms to compare (default: all)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--out", default=None, help="write the rows and the table as JSON here")
+    p.add_argument("--rows-from", default=None, help="fuse nothing: re-summarise (and choose from) the rows of an "
+                   "earlier --out file")
     p.add_argument("--write-defaults", action="store_true",
                    help="write the form choose_form picks into the model folder's dfusion.json")
     p.add_argument("--max-ratio", type=float, default=0.4, help="choose_form: whole-image ratio limit (0.4)")
     p.add_argument("--max-coverage", type=float, default=0.5, help="choose_form: median mask coverage limit (0.5)")
+    p.add_argument("--max-excess", type=float, default=None,
+                   help="choose_form: read consistency as excess <= this instead of the ratio (default: the ratio)")
     p.add_argument("--min-accept", type=float, default=0.6, help="choose_form: checker acceptance floor (0.6)")
     a = p.parse_args(argv)
     if min(a.prompts, a.candidates, a.pairs_per_prompt) < 1:
@@ -238,11 +257,14 @@ def main(argv=None) -> int:
         torch.set_num_threads(a.threads)
     forms = [f.strip() for f in a.forms.split(",") if f.strip()] if a.forms else None
     try:
-        model = load_model(a.model, device="cpu")
-        res = run(model, a.prompts, a.candidates, a.pairs_per_prompt, forms=forms)
-    except ValueError as e:
+        if a.rows_from:
+            res = _rows_from(a.rows_from)
+        else:
+            model = load_model(a.model, device="cpu")
+            res = run(model, a.prompts, a.candidates, a.pairs_per_prompt, forms=forms)
+    except (ValueError, OSError, KeyError) as e:
         p.error(str(e))
-    res["chosen"] = choose_form(res["table"], a.max_ratio, a.max_coverage, a.min_accept)
+    res["chosen"] = choose_form(res["table"], a.max_ratio, a.max_coverage, a.min_accept, a.max_excess)
     if a.out:
         with open(a.out, "w") as f:
             json.dump(res, f, indent=1)
