@@ -207,6 +207,10 @@ class Experiment:
 
     # ---- pair sets ------------------------------------------------------------------------------
     def pair_set_names(self, part: str) -> list[str]:
+        """The pair sets a part trains on. Calibrate's positive control needs the random set only (uncut: the
+        D-Fusion set, whose size the headline cuts every set to, is not built for it)."""
+        if part == "calibrate":
+            return ["random"] if "dpo" in self.cfg.algos else []
         names = list(dict.fromkeys(["random", "dfusion", *self.cfg.dpo_kinds])) if "dpo" in self.cfg.algos \
             or part == "ablations" else []
         if part == "ablations":
