@@ -386,3 +386,26 @@ def test_stratified_prompt_lists_span_every_relation_and_texture_and_do_not_over
         assert {key(p) for p in train} == {key(p) for p in prompts(fam, "train")}
         assert {key(p) for p in stratified_prompt_list(fam, "test", 24)} == {key(p) for p in prompts(fam, "test")}
         assert stratified_prompt_list(fam, "train", 22) == train + val  # one fixed order
+
+
+def test_a_sample_bank_measures_within_prompt_auroc_with_an_interval_over_prompts(tmp_path):
+    """A bank round-trips through its file; only prompts with both verdicts count; the AUROC weighs pairs
+    equally and its interval resamples prompts (one prompt: no spread)."""
+    from recipes.shapesworld.sample_bank import Bank, within_prompt_auroc
+
+    grey = lambda v: np.full((8, 8, 3), v, np.uint8)
+    bank = Bank.empty().extend([grey(200), grey(10), grey(30)], ["p", "p", "p"], ["action"] * 3, [0, 1, 2],
+                               [True, False, False])
+    bank = bank.extend([grey(50), grey(60), grey(90)], ["q", "q", "q"], ["spatial"] * 3, [0, 1, 2], [True, True, False])
+    bank = bank.extend([grey(5)], ["r"], ["spatial"], [0], [True])  # all correct: no pair
+    bank.save(tmp_path / "b.npz")
+    back = Bank.load(tmp_path / "b.npz")
+    assert back.images.shape == (7, 8, 8, 3) and back.correct.tolist() == bank.correct.tolist()
+    assert [p for p, _, _ in back.ranked_prompts()] == ["p", "q"]
+    brightness = lambda ims, prompts: [float(np.mean(im)) for im in ims]
+    res = within_prompt_auroc(back, brightness)
+    assert res["action"] == {"auroc": 1.0, "pairs": 2, "prompts": 1, "ci95": [1.0, 1.0]}
+    assert res["spatial"]["auroc"] == 0.0 and res["spatial"]["pairs"] == 2  # q's correct samples are darker
+    assert res["all"]["auroc"] == 0.5 and res["all"]["prompts"] == 2
+    lo, hi = res["all"]["ci95"]
+    assert lo == 0.0 and hi == 1.0  # two prompts that disagree completely

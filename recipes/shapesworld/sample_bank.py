@@ -91,21 +91,27 @@ def build(model, out: Path, split: str, per_family: int, n_seeds: int, offset: i
     return bank
 
 
-def within_prompt_auroc(bank: Bank, scorer) -> dict:
+def within_prompt_auroc(bank: Bank, scorer, draws: int = 2000, seed: int = 0) -> dict:
     """Per family and overall: the probability that a prompt's correct sample outscores its wrong one (pairs
-    weighted equally), over the prompts with both."""
+    weighted equally), over the prompts with both; `ci95` resamples those prompts (a bank holds few of them)."""
     from dfusion_core.worlds.shapesworld.evaluate import auroc
 
     scores = np.asarray(scorer(list(bank.images), bank.prompts.tolist()), dtype=float)
-    wins: dict[str, list[float]] = {}
+    per_prompt: dict[str, list[tuple[float, int]]] = {}  # family -> (wins, pairs) of each prompt
     for p, pos, neg in bank.ranked_prompts():
         fam = str(bank.families[pos[0]])
-        w = auroc(scores[pos].tolist(), scores[neg].tolist()) * len(pos) * len(neg)
+        n = len(pos) * len(neg)
         for key in (fam, "all"):
-            wins.setdefault(key, [0.0, 0.0])
-            wins[key][0] += w
-            wins[key][1] += len(pos) * len(neg)
-    return {k: {"auroc": round(a / n, 4), "pairs": int(n)} for k, (a, n) in wins.items()}
+            per_prompt.setdefault(key, []).append((auroc(scores[pos].tolist(), scores[neg].tolist()) * n, n))
+    rng = np.random.default_rng(seed)
+    out = {}
+    for k, rows in per_prompt.items():
+        w, n = np.array(rows).T
+        pick = rng.integers(0, len(w), (draws, len(w)))
+        boot = w[pick].sum(1) / n[pick].sum(1)
+        out[k] = {"auroc": round(float(w.sum() / n.sum()), 4), "pairs": int(n.sum()), "prompts": len(w),
+                  "ci95": [round(float(x), 4) for x in np.percentile(boot, [2.5, 97.5])]}
+    return out
 
 
 def main(argv=None) -> int:
