@@ -69,3 +69,11 @@ def test_resume_continues_exactly(straight, tmp_path):
     assert _done_row(out)["last_loss"] == _done_row(straight)["last_loss"]
     for k, v in a["model"].items():
         assert torch.equal(v, b["model"][k]), k
+
+
+def test_the_fusion_form_written_with_a_model_follows_its_token_grid():
+    """Two cells of mask growth on v2's 8x8 token grid, one on v3's 16x16 (patch 1); the rest of the form alike."""
+    v2 = train_mmdit.dfusion_defaults(train_mmdit.MMDiTConfig())
+    v3 = train_mmdit.dfusion_defaults(train_mmdit.MMDiTConfig(patch=1, world_version=3))
+    assert (v2["dilate"], v3["dilate"]) == (2, 1) and v3["world_version"] == 3
+    assert all(v2[k] == v3[k] for k in ("union_base", "start_step", "layers", "hold_outside"))
