@@ -56,7 +56,7 @@ def test_held_out_pairs_are_never_trained_on_and_the_split_is_seeded(pairs):
 
 
 def test_the_trainer_keeps_the_best_checkpoint_and_stops_after_patience(sd1, pairs, tmp_path):
-    scores = iter([0.5, 0.7, 0.6, 0.65, 0.9])  # best at step 2; steps 3 and 4 do not beat it: stop at 4
+    scores = iter([0.4, 0.5, 0.7, 0.6, 0.65, 0.9])  # steps 0-5: best at step 2; 3 and 4 do not beat it: stop at 4
     states = {}
 
     def validate(tr):
@@ -67,7 +67,7 @@ def test_the_trainer_keeps_the_best_checkpoint_and_stops_after_patience(sd1, pai
     tr = Trainer(sd1, pairs, cfg, tmp_path)
     try:
         tr.run(progress=False, validate=validate)
-        assert tr.step == 4 and [v["step"] for v in tr.validations] == [1, 2, 3, 4]
+        assert tr.step == 4 and [v["step"] for v in tr.validations] == [0, 1, 2, 3, 4]
         assert json.loads((tmp_path / "validation.json").read_text())["best_step"] == 2
         assert (tmp_path / "best" / "pytorch_lora_weights.safetensors").is_file()
         assert tr.restore_best() == 2
@@ -76,7 +76,7 @@ def test_the_trainer_keeps_the_best_checkpoint_and_stops_after_patience(sd1, pai
         for k in now:
             torch.testing.assert_close(now[k], states[2][k])
         rows = [json.loads(x) for x in (tmp_path / "log.jsonl").read_text().splitlines()]
-        assert [r["step"] for r in rows if r.get("stage") == "validation"] == [1, 2, 3, 4]
+        assert [r["step"] for r in rows if r.get("stage") == "validation"] == [0, 1, 2, 3, 4]
         assert rows[-1] == {"stage": "early_stopping", "best_step": 2, "last_step": 4, "stopped_early": True,
                             "best_score": 0.7}
         result = load_file(str(tmp_path / "pytorch_lora_weights.safetensors"))  # OUT's adapter is the best one
@@ -95,7 +95,30 @@ def test_held_out_metrics_repeat_exactly_and_default_validation_uses_them(sd1, p
         assert a == b and a["val_pairs"] == len(tr.val_pairs) and 0.0 <= a["score"] <= 1.0
         assert a["score"] == a["val_implicit_acc"]
         tr.run(progress=False)
-        assert [v["step"] for v in tr.validations] == [1, 2]
+        assert [v["step"] for v in tr.validations] == [0, 1, 2]
         assert tr.net.training  # validation leaves the network in training mode
+    finally:
+        tr.unload()
+
+
+def test_a_run_that_never_beats_the_plain_model_ends_as_the_plain_model(sd1, pairs, tmp_path):
+    """Validation before the first step scores the untrained adapter; when no checkpoint beats it, best_step is 0
+    and the adapter restored is the untrained one (LoRA's zero up-projection: the plain model's outputs)."""
+    scores = iter([0.6, 0.5, 0.55, 0.4])
+    start = {}
+
+    def validate(tr):
+        if tr.step == 0:
+            start.update({k: v.clone() for k, v in tr.trainable_state().items()})
+        return {"score": next(scores)}
+
+    cfg = TrainConfig(algo="dpo", steps=10, batch_size=2, lr=1e-3, ckpt_every=1, patience=3)
+    tr = Trainer(sd1, pairs, cfg, tmp_path)
+    try:
+        tr.run(progress=False, validate=validate)
+        assert tr.step == 3 and tr.restore_best() == 0
+        now = tr.trainable_state()
+        assert all(torch.equal(now[k], start[k]) for k in now)
+        assert all(not v.any() for k, v in now.items() if "lora_B" in k)
     finally:
         tr.unload()

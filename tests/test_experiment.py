@@ -199,7 +199,7 @@ def test_calibration_picks_the_lr_by_validation_and_arms_stop_early(sd1, tmp_pat
         train = json.loads(exp.arm_path(Arm("dpo", "random", 0, lr=lr)).read_text())["train"]
         assert train["config"]["lr"] == lr and train["config"]["ckpt_every"] == 1
         steps = [v["step"] for v in train["validations"]]
-        assert steps == list(range(1, train["steps"] + 1)) and train["best_step"] in steps
+        assert steps == list(range(0, train["steps"] + 1)) and train["best_step"] in steps  # 0: the plain model
         assert max(v["score"] for v in train["validations"]) == \
             next(v["score"] for v in train["validations"] if v["step"] == train["best_step"])
     assert calib["budget"]["lr"] == budget["lr"] and exp.dpo_lr() == budget["lr"]

@@ -450,14 +450,16 @@ class Trainer:
     def run(self, resume: bool = True, progress: bool = True, on_step=None, should_stop=None,
             validate=None) -> TrainResult:
         """Train to cfg.steps (or until `should_stop()`), checkpointing every cfg.ckpt_every steps. `validate(self)`
-        -> {"score": higher is better, ...} is read after each checkpoint (default: held-out pairs when
-        cfg.val_fraction > 0); the best checkpoint's adapter lands in OUT/best and the run stops after cfg.patience
-        checkpoints without a better score."""
+        -> {"score": higher is better, ...} is read before the first step and after each checkpoint (default:
+        held-out pairs when cfg.val_fraction > 0); the best checkpoint's adapter lands in OUT/best (step 0: no
+        checkpoint beat the plain model) and the run stops after cfg.patience checkpoints without a better score."""
         self.out.mkdir(parents=True, exist_ok=True)
         if resume:
             self.resume()
         validate = validate or (type(self).held_out_metrics if self.val_pairs else None)
         self.stopper = EarlyStopping.load(self.out / "validation.json", self.cfg.patience) if validate else None
+        if self.stopper is not None and self.step == 0 and self.stopper.best_step is None:
+            self._validate(validate)  # the untrained adapter (the plain model) is a candidate: a run must beat it
         bar = None
         if progress and self.acc.is_main_process:
             from tqdm.auto import tqdm
