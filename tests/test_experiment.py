@@ -191,6 +191,8 @@ def test_calibration_picks_the_lr_by_validation_and_arms_stop_early(sd1, tmp_pat
     assert exp.dpo_lr() == cfg.dpo_lr  # nothing calibrated yet
     calib = exp.run("calibrate")
     assert sorted(p.name for p in (tmp_path / "pairs").iterdir()) == ["random"]  # no D-Fusion set built for it
+    write_reports(exp, None)
+    assert "triplets.png" not in (tmp_path / "RESULTS.md").read_text()  # no D-Fusion pairs: no triplet figure
     budget = json.loads((tmp_path / "budget.json").read_text())
     tried = {t["lr"]: t for t in budget["tried"]}
     assert set(tried) == {1e-3, 3e-3} and budget["lr"] == max(tried, key=lambda k: tried[k]["validation_accuracy"])

@@ -318,7 +318,7 @@ def _headline(parts: dict) -> list[str]:
             "above it, outside their intervals."]
 
 
-def report_markdown(parts: dict, commands: list[str], figure_dir: str) -> str:
+def report_markdown(parts: dict, commands: list[str], figure_dir: str, triplets: bool = True) -> str:
     """docs/RESULTS.md from the parts' summaries (calibrate, headline, ablations; any may be missing)."""
     any_part = next(iter(parts.values()))
     lines = ["# Results: D-Fusion pairs vs random pairs on ShapesWorld", "", *_headline(parts), "",
@@ -360,8 +360,9 @@ def report_markdown(parts: dict, commands: list[str], figure_dir: str) -> str:
                   "D-Fusion and random arms of the same seeds (pooled over them).", "",
                   *_ablation_table(a), "", f"![checker accuracy of the ablation arms]({figure_dir}/ablations.png)", "",
                   "Pair signal of the ablation pair sets:", "", *_signal_table(a), ""]
-    lines += ["## Figures", "", f"![checker accuracy per arm]({figure_dir}/accuracy.png)", "",
-              f"![base, reference and target of D-Fusion pairs]({figure_dir}/triplets.png)", ""]
+    lines += ["## Figures", "", f"![checker accuracy per arm]({figure_dir}/accuracy.png)", ""]
+    if triplets:  # a D-Fusion pair set was built (calibrate builds none)
+        lines += [f"![base, reference and target of D-Fusion pairs]({figure_dir}/triplets.png)", ""]
     return "\n".join(lines)
 
 
@@ -456,13 +457,13 @@ def write_reports(exp, command: str | None, report: str | None = None, extra: st
     folder = exp.out / "pairs" / "dfusion"
     pairs = load_pairs(folder) if (folder / "pairs.jsonl").is_file() else []
     pngs = figures(parts, pairs, exp.out) if parts else []
-    (exp.out / "RESULTS.md").write_text(report_markdown(parts, cmds, "."))
+    (exp.out / "RESULTS.md").write_text(report_markdown(parts, cmds, ".", "triplets.png" in pngs))
     if report:
         dest = Path(report)
         fig_dir = dest.parent / dest.stem.lower()  # RESULTS.md -> results/, RESULTS-ablations.md -> results-ablations/
         fig_dir.mkdir(parents=True, exist_ok=True)
         for png in pngs:
             shutil.copy(exp.out / png, fig_dir / png)
-        text = report_markdown(parts, cmds, fig_dir.name)
+        text = report_markdown(parts, cmds, fig_dir.name, "triplets.png" in pngs)
         dest.write_text(text + ("\n" + Path(extra).read_text() if extra else ""))
     return exp.out / "RESULTS.md"
