@@ -222,3 +222,13 @@ def test_label_by_and_dpo_kinds_are_checked(capsys, tmp_path):
             main(["--smoke", "--out", str(tmp_path / "never"), *args])
         assert msg in capsys.readouterr().err
     assert not (tmp_path / "never").exists()
+
+
+def test_revalidate_refuses_an_unfinished_arm_before_sampling(tmp_path, capsys):
+    from experiments.shapesworld.revalidate import main
+
+    (tmp_path / "train" / "dpo__random@lr0.001__s0").mkdir(parents=True)  # started, no adapter yet
+    with pytest.raises(SystemExit):
+        main(["--out", str(tmp_path), "--arms", "dpo__random@lr0.001__s0"])
+    assert "no adapter (is the arm finished?)" in capsys.readouterr().err
+    assert not (tmp_path / "revalidate.json").exists()
