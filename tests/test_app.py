@@ -767,5 +767,10 @@ def test_the_train_status_says_what_the_held_out_pairs_chose(tmp_path):
         f.write(json.dumps({"stage": "early_stopping", "best_step": 20, "last_step": 40, "stopped_early": True,
                             "best_score": 0.7}) + "\n")
     assert validation_text(job).endswith(" · stopped early at step 40: the weights are step 20's, the best")
+    untrained = [{"stage": "validation", "step": 0, "score": 0.8, "val_implicit_acc": 0.8}, *vals,
+                 {"stage": "early_stopping", "best_step": 0, "last_step": 30, "stopped_early": True, "best_score": 0.8}]
+    (tmp_path / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in untrained))
+    assert validation_text(job).endswith("no checkpoint ranked the held-out pairs better than the untrained model, so "
+                                         "the weights are the plain model's")
     (tmp_path / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert validation_text(job) == ""  # no held-out pairs (a small set, or another algorithm)

@@ -29,7 +29,10 @@ def validation_text(job) -> str:
     best = max(vals, key=lambda v: v["score"])
     text = (f" · held-out pairs ranked right {vals[-1]['val_implicit_acc']:.2f} (best {best['score']:.2f} at step "
             f"{best['step']})")
-    if ended and ended["best_step"] != ended["last_step"]:
+    if ended and ended["best_step"] == 0:
+        text += (f" · ended at step {ended['last_step']}: no checkpoint ranked the held-out pairs better than the "
+                 "untrained model, so the weights are the plain model's")
+    elif ended and ended["best_step"] != ended["last_step"]:
         how = "stopped early" if ended["stopped_early"] else "ended"
         text += f" · {how} at step {ended['last_step']}: the weights are step {ended['best_step']}'s, the best"
     return text
