@@ -91,7 +91,8 @@ def ideal_ratio(base: np.ndarray, reference: np.ndarray) -> float:
     return float(diff[objects].sum() / diff.sum()) if diff.sum() > 0 else float("nan")
 
 
-def pair_metrics(res, prompt: str) -> dict:
+def pair_metrics(res, prompt: str, ideal: float | None = None) -> dict:
+    """One fused pair's metrics; `ideal` depends on the pair alone (pass it to reuse it across forms)."""
     t, b, r = _pixels(res.target_image), _pixels(res.base_image), _pixels(res.reference_image)
     out = ~_pixel_mask(res, t.shape[0]) if res.fusion.use_mask else np.zeros(t.shape[:2], bool)
     rb_out = np.abs(r - b)[out].mean() if out.any() else float("nan")
@@ -101,7 +102,7 @@ def pair_metrics(res, prompt: str) -> dict:
             "coverage": float(1 - out.mean()),
             "keep": float(np.abs(t - b)[out].mean() / rb_out) if out.any() and rb_out > 0 else float("nan"),
             "moved": float(1 - np.abs(t - r).mean() / max(np.abs(b - r).mean(), 1e-9)),
-            "ideal": ideal_ratio(b, r)}
+            "ideal": ideal_ratio(b, r) if ideal is None else ideal}
 
 
 def ground_truth_pairs(model: LoadedModel, prompt: str, seeds: list[int], sampling: SamplingParams, per_prompt: int):
@@ -130,21 +131,24 @@ def run(model: LoadedModel, n_prompts: int, n_candidates: int, per_prompt: int, 
             pairs, bases, images, acc = ground_truth_pairs(model, spec.text, seeds, sampling, per_prompt)
             print(f"{family}: {spec.text!r}: accuracy {acc:.2f}, {len(pairs)} pairs", file=sys.stderr, flush=True)
             done: dict = {}  # a form equal to one already run (e.g. the default) reuses its metrics
+            ideals: list = [None] * len(pairs)  # per pair, not per form: parsed once
             for name, fp in forms.items():
                 if not pairs:
                     continue
                 if fp not in done:
-                    done[fp] = [pair_metrics(res, spec.text) for res in
-                                fuse_batch(model, spec.text, pairs, sampling, fp, bases=bases, base_images=images,
-                                           exact_log_probs=False)]  # images only: no plain-model rows
+                    done[fp] = [pair_metrics(res, spec.text, ideal) for res, ideal in
+                                zip(fuse_batch(model, spec.text, pairs, sampling, fp, bases=bases,
+                                               base_images=images, exact_log_probs=False), ideals)]  # images only
+                    ideals = [m["ideal"] for m in done[fp]]
                 rows += [{"family": family, "form": name, "prompt": spec.text, **m} for m in done[fp]]
                 print(f"  {name}: " + json.dumps(done[fp]), file=sys.stderr, flush=True)  # kept if the run stops
     return {"model": model.model_id, "candidates": n_candidates, "prompts_per_family": n_prompts,
             "forms": {k: asdict(v) for k, v in forms.items()}, "rows": rows, "table": summarise(rows)}
 
 
-def _mean_of(rows: list[dict], key: str) -> float | None:
-    vals = [x[key] for x in rows if x.get(key) is not None and x[key] == x[key]]
+def _mean(values) -> float | None:
+    """Mean of the defined values (None and nan left out); None when there are none."""
+    vals = [v for v in values if v is not None and v == v]
     return float(np.mean(vals)) if vals else None
 
 
@@ -169,15 +173,13 @@ def summarise(rows: list[dict]) -> dict:
         out[form] = {}
         for fam in sorted(fams, key=lambda f: (f == "all", f)):
             rs = fams[fam]
-            keep = [x["keep"] for x in rs if x["keep"] == x["keep"]]
-            ratio = [x["ratio"] for x in rs if x.get("ratio", float("nan")) == x.get("ratio", float("nan"))]
             out[form][fam] = {"pairs": len(rs), "accept": float(np.mean([x["accept"] for x in rs])),
-                              "ratio": float(np.mean(ratio)) if ratio else None,
+                              "ratio": _mean(x.get("ratio") for x in rs),
                               "coverage": float(np.median([x["coverage"] for x in rs])) if "coverage" in rs[0] else None,
-                              "keep": float(np.mean(keep)) if keep else None,
+                              "keep": _mean(x["keep"] for x in rs),
                               "moved": float(np.mean([x["moved"] for x in rs])),
-                              "ideal": _mean_of(rs, "ideal"),
-                              "excess": _mean_of([{"x": _excess(x)} for x in rs], "x")}
+                              "ideal": _mean(x.get("ideal") for x in rs),
+                              "excess": _mean(_excess(x) for x in rs)}
     return out
 
 
