@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from dfusion_core.engine.config import SamplingParams
+from dfusion_core.pairs.build import load_pairs
 from experiments.shapesworld.experiment import Arm, Experiment, ExperimentConfig
 from experiments.shapesworld.statistics import paired_difference, pooled_summary
 from experiments.shapesworld.experiment_report import write_reports
@@ -61,7 +62,7 @@ def test_smoke_experiment_runs_every_part_and_resumes(sd1, tmp_path):
     sampling = SamplingParams(num_steps=cfg.num_steps, height=64, width=64, guidance_scale=2.0)
     exp = Experiment(sd1, brightness, cfg, tmp_path, sampling=sampling, log=lambda *_: None)
     calib = exp.run("calibrate")
-    assert list(calib["arms"]) == ["base", "dpo/random@lr0.001", "ddpo/random", "dpok/random"]
+    assert list(calib["arms"]) == ["base", "dpo/random@lr0.001", "sft/random@lr0.001", "ddpo/random", "dpok/random"]
     summary = exp.run("headline")
     arms = summary["arms"]
     assert list(arms) == ["base", "dpo/random", "dpo/dfusion", "ddpo/random", "ddpo/dfusion", "dpok/random",
@@ -194,9 +195,15 @@ def test_calibration_picks_the_lr_by_validation_and_arms_stop_early(sd1, tmp_pat
     write_reports(exp, None)
     assert "triplets.png" not in (tmp_path / "RESULTS.md").read_text()  # no D-Fusion pairs: no triplet figure
     budget = json.loads((tmp_path / "budget.json").read_text())
-    tried = {t["lr"]: t for t in budget["tried"]}
-    assert set(tried) == {1e-3, 3e-3} and budget["lr"] == max(tried, key=lambda k: tried[k]["validation_accuracy"])
-    assert budget["positive_control_passes"] == (budget["movement"]["ci95"][0] > 0)
+    tried = {(t["algo"], t["lr"]): t for t in budget["tried"]}
+    assert set(tried) == {("dpo", 1e-3), ("dpo", 3e-3), ("sft", 1e-3)}  # the lr is chosen among the DPO arms
+    assert budget["lr"] == max((1e-3, 3e-3), key=lambda lr: tried["dpo", lr]["validation_accuracy"])
+    assert budget["dpo_control_passes"] == (budget["movement"]["ci95"][0] > 0)
+    assert budget["sft_control_passes"] == (tried["sft", 1e-3]["movement"]["ci95"][0] > 0)
+    assert budget["positive_control_passes"] == (budget["dpo_control_passes"] or budget["sft_control_passes"])
+    sft = json.loads(exp.arm_path(Arm("sft", "random", 0, lr=1e-3)).read_text())
+    assert sft["train"]["config"]["algo"] == "sft" and sft["pairs"] == len(load_pairs(tmp_path / "pairs" / "random"))
+    assert set(sft["reports"]) == {"train", "validation"}  # a calibration arm is read on validation, not TEST
     for lr in (1e-3, 3e-3):
         train = json.loads(exp.arm_path(Arm("dpo", "random", 0, lr=lr)).read_text())["train"]
         assert train["config"]["lr"] == lr and train["config"]["ckpt_every"] == 1

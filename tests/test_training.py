@@ -112,7 +112,7 @@ def _lora(out: Path) -> dict:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("algo", ["dpo", "traj-dpo", "ddpo", "dpok"])
+@pytest.mark.parametrize("algo", ["dpo", "traj-dpo", "ddpo", "dpok", "sft"])
 def test_every_algorithm_trains_and_exports_a_lora(sd1, pair_dir, tmp_path, algo):
     pairs = load_training_pairs(pair_dir)
     tr = Trainer(sd1, pairs, TrainConfig(algo=algo, steps=2, batch_size=2, ckpt_every=1), tmp_path)
@@ -123,6 +123,26 @@ def test_every_algorithm_trains_and_exports_a_lora(sd1, pair_dir, tmp_path, algo
     assert res.steps == 2 and all(np.isfinite(r["loss"]) for r in res.history)
     assert len((tmp_path / "log.jsonl").read_text().splitlines()) == 2
     assert _lora(tmp_path)
+
+
+def test_sft_trains_on_the_winners_alone(sd1, pair_dir, tmp_path):
+    """algo sft: the denoising loss on the winners' rows of the draws a DPO step makes, nothing on the losers."""
+    tr = Trainer(sd1, load_training_pairs(pair_dir), TrainConfig(algo="sft", steps=1, batch_size=2), tmp_path)
+    try:
+        both = tr._noised_pairs(_step_generator(0, 0))
+        won = tr._noised_pairs(_step_generator(0, 0), winners_only=True)
+        n = len(won[4])
+        assert won[0].shape[0] == n == both[0].shape[0] // 2
+        assert torch.equal(won[0], both[0][:n]) and torch.equal(won[1], both[1][:n])
+        assert not torch.equal(both[0][:n], both[0][n:])  # the losers' rows differ: leaving them out matters
+        with torch.no_grad():
+            loss, _ = tr._loss_sft(_step_generator(0, 0))
+            expected = torch.nn.functional.mse_loss(tr._forward(tr.net, won[0], won[2], won[3], False), won[1])
+        assert torch.isclose(loss, expected)
+        res = tr.run(progress=False)
+    finally:
+        tr.unload()
+    assert res.steps == 1 and np.isfinite(res.history[0]["loss"])
 
 
 @pytest.fixture(scope="module")

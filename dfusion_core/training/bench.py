@@ -27,7 +27,8 @@ from .trainer import TrainConfig, Trainer, _step_generator
 
 def _one_step(tr: Trainer, kind: str, k: int) -> float:
     t0 = time.perf_counter()
-    loss, _ = (tr._loss_sft if kind == "sft" else tr._loss_dpo)(_step_generator(tr.cfg.seed, k))
+    loss, _ = (tr._loss_sft(_step_generator(tr.cfg.seed, k), both=True) if kind == "sft"
+               else tr._loss_dpo(_step_generator(tr.cfg.seed, k)))
     tr.acc.backward(loss)
     tr.opt.step()
     tr.opt.zero_grad(set_to_none=True)

@@ -7,7 +7,7 @@ from dataclasses import dataclass, replace
 
 from ..engine.schema import setting
 
-ALGOS = ("dpo", "traj-dpo", "ddpo", "dpok")
+ALGOS = ("dpo", "traj-dpo", "ddpo", "dpok", "sft")
 WEIGHTINGS = ("uniform", "logit_normal")
 
 
@@ -15,7 +15,8 @@ WEIGHTINGS = ("uniform", "logit_normal")
 class TrainConfig:
     """Defaults are the paper's reference training setup (docs/METHOD.md)."""
 
-    algo: str = setting("dpo", "dpo (Diffusion-DPO) | traj-dpo (per-step DPO) | ddpo (PPO-clip) | dpok (PG + KL)")
+    algo: str = setting("dpo", "dpo (Diffusion-DPO) | traj-dpo (per-step DPO) | ddpo (PPO-clip) | dpok (PG + KL) | "
+                               "sft (denoising loss on the winners only: a baseline / positive control)")
     steps: int = setting(100, "optimizer steps")
     batch_size: int = setting(4, "global pairs (dpo, traj-dpo) or trajectories (ddpo, dpok) per step, over all "
                                  "processes")

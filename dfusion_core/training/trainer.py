@@ -246,9 +246,11 @@ class Trainer:
         n = len(idx) // self.acc.num_processes
         return idx[self.acc.process_index * n:(self.acc.process_index + 1) * n]
 
-    def _noised_pairs(self, g, pool: list[PreferencePair] | None = None, local: bool = True):
+    def _noised_pairs(self, g, pool: list[PreferencePair] | None = None, local: bool = True,
+                      winners_only: bool = False):
         """This step's pairs (from `pool`, default the training pairs), noised: rows [winners; losers] share each
-        pair's timestep and noise. Returns (x_t, target, denoiser timesteps, conditioning, the pairs here)."""
+        pair's timestep and noise (winners_only: the winners' rows alone, same draws). Returns (x_t, target,
+        denoiser timesteps, conditioning, the pairs here)."""
         pool = self.pairs if pool is None else pool
         idx = torch.randint(0, len(pool), (self.cfg.batch_size,), generator=g)
         t_all = train_timestep_indices(self.cfg.weighting, self.schedule.num_train_timesteps, self.cfg.batch_size, g)
@@ -257,11 +259,12 @@ class Trainer:
         pairs = [pool[int(i)] for i in idx[sel]]
         dev = self.model.device
         t, noise = t_all[sel], noise_all[sel].to(dev)
-        x0 = torch.cat([torch.stack([p.winner.latents[-1] for p in pairs]),
-                        torch.stack([p.loser.latents[-1] for p in pairs])]).to(dev)
-        x_t, target, t_in = self.family.train_noised(self.schedule, x0, torch.cat([noise, noise]), torch.cat([t, t]))
+        sides = ("winner",) if winners_only else ("winner", "loser")
+        x0 = torch.cat([torch.stack([getattr(p, side).latents[-1] for p in pairs]) for side in sides]).to(dev)
+        k = len(sides)
+        x_t, target, t_in = self.family.train_noised(self.schedule, x0, torch.cat([noise] * k), torch.cat([t] * k))
         prompts = [p.prompt for p in pairs]
-        return x_t, target, t_in, self._embed(prompts + prompts), pairs
+        return x_t, target, t_in, self._embed(prompts * k), pairs
 
     def _error_weights(self, pairs, shape) -> torch.Tensor | None:
         """[2n, 1, h, w] per-position weights of the DPO errors (winners then losers, a pair's mask for both):
@@ -303,9 +306,11 @@ class Trainer:
         return {"score": acc, "val_implicit_acc": acc, "val_loss": sum(float(l) for l, _ in rows) / draws,
                 "val_pairs": len(self.val_pairs)}
 
-    def _loss_sft(self, g):
-        """Plain supervised denoising loss on the same two images a DPO step sees (the cost benchmark's baseline)."""
-        x_t, target, t_in, cond, _ = self._noised_pairs(g)
+    def _loss_sft(self, g, both: bool = False):
+        """algo sft: the plain denoising loss on the pairs' winners, i.e. fine-tuning on the preferred samples
+        (rejection-sampling fine-tuning, the simplest positive control for a preference set); both=True: on the
+        same two images a DPO step sees (the cost benchmark's baseline)."""
+        x_t, target, t_in, cond, _ = self._noised_pairs(g, winners_only=not both)
         return F.mse_loss(self._forward(self.net, x_t, t_in, cond, False), target), {}
 
     def _draw_steps(self, g, count):
@@ -359,7 +364,8 @@ class Trainer:
         return loss, stats
 
     def _loss_fn(self, g):
-        return {"dpo": self._loss_dpo, "traj-dpo": self._loss_traj_dpo}.get(self.cfg.algo, self._loss_pg)(g)
+        return {"dpo": self._loss_dpo, "traj-dpo": self._loss_traj_dpo, "sft": self._loss_sft}.get(
+            self.cfg.algo, self._loss_pg)(g)
 
     def train_step(self) -> dict:
         g = _step_generator(self.cfg.seed, self.step)

@@ -53,6 +53,7 @@ from dfusion_core.worlds.shapesworld.world import FAMILIES, stratified_prompt_li
 
 PARTS = ("calibrate", "headline", "ablations")
 LABEL_RULES = ("scorer", "checker")
+OFFLINE_ALGOS = ("dpo", "sft")  # arms trained on a fixed pair set (sft: on its winners)
 RL_LOSS_ABLATIONS = ("drawable-steps", "per-prompt-advantages")  # on-policy ablations that change the training, not the fusion
 
 
@@ -82,6 +83,10 @@ class ExperimentConfig:
     dpo_batch: int = 8  # pairs per step
     dpo_lr: float = 1e-4  # AdamW; the headline's lr until --part calibrate has written budget.json
     dpo_lrs: tuple[float, ...] = (1e-4, 3e-4, 1e-3)  # the learning rates --part calibrate compares
+    # the positive control's second form (--part calibrate): SFT, the denoising loss on the oracle set's winners
+    # (the model's own checker-correct samples), at each of these lrs, same steps and epochs; () = none. It passes
+    # where DPO's preference signal is too weak to move a model, and shows whether the evaluation can see a move
+    sft_lrs: tuple[float, ...] = (3e-4, 1e-3)
     dpo_rank: int = 16  # LoRA rank on attention
     dpo_beta: float = 5000.0  # Diffusion-DPO beta, beta/2 convention (the paper's, for SD 1.5)
     val_every: int = 50  # DPO: checkpoint and validation accuracy every N steps (0: no early stopping)
@@ -125,7 +130,7 @@ class ExperimentConfig:
     @classmethod
     def smoke(cls) -> "ExperimentConfig":
         return cls(label_by="scorer", dpo_kinds=("random", "dfusion"), train_prompts=1, val_prompts=0,
-                   num_candidates=4, num_steps=4, dpo_steps=2, dpo_batch=2, dpo_lr=1e-3, dpo_lrs=(1e-3,),
+                   num_candidates=4, num_steps=4, dpo_steps=2, dpo_batch=2, dpo_lr=1e-3, dpo_lrs=(1e-3,), sft_lrs=(1e-3,),
                    rl_kl_scale="exact", rounds=1,
                    round_candidates=4, rl_batch=2, steps_per_trajectory=1, eval_train_seeds=2, eval_prompts=1,
                    eval_seeds=2, seeds=(0,), ablations=("no-mask", "masked-loss"),
@@ -136,7 +141,7 @@ class ExperimentConfig:
 class Arm:
     """One trained (or the base) model of the experiment."""
 
-    algo: str | None  # dpo | ddpo | dpok; None = the base model
+    algo: str | None  # dpo | ddpo | dpok | sft (the calibration's second positive control); None = the base model
     kind: str | None = None  # random | dfusion | control (DPO only: the D-Fusion pairs' references unfused)
     seed: int | None = None  # training seed
     ablation: str | None = None  # DPO on D-Fusion pairs with this setting changed (fusion_variants / masked-loss)
@@ -156,8 +161,8 @@ class Arm:
 
     @property
     def pair_set(self) -> str | None:
-        """The offline pair set it trains on (DPO only)."""
-        if self.algo != "dpo":
+        """The offline pair set it trains on (DPO and SFT only)."""
+        if self.algo not in OFFLINE_ALGOS:
             return None
         if self.ablation and self.ablation != "masked-loss":
             return f"dfusion-{self.ablation}"
@@ -210,7 +215,7 @@ class Experiment:
         """The pair sets a part trains on. Calibrate's positive control needs the random set only (uncut: the
         D-Fusion set, whose size the headline cuts every set to, is not built for it)."""
         if part == "calibrate":
-            return ["random"] if "dpo" in self.cfg.algos else []
+            return ["random"] if "dpo" in self.cfg.algos or self.cfg.sft_lrs else []
         names = list(dict.fromkeys(["random", "dfusion", *self.cfg.dpo_kinds])) if "dpo" in self.cfg.algos \
             or part == "ablations" else []
         if part == "ablations":
@@ -282,7 +287,8 @@ class Experiment:
         first = self.cfg.seeds[0]
         if part == "calibrate":  # the positive control at each candidate lr, and the on-policy random arms
             dpo = [Arm("dpo", "random", first, lr=lr) for lr in self.cfg.dpo_lrs] if "dpo" in self.cfg.algos else []
-            return [Arm(None)] + dpo + [Arm(a, "random", first) for a in self.cfg.algos if a != "dpo"]
+            sft = [Arm("sft", "random", first, lr=lr) for lr in self.cfg.sft_lrs]
+            return [Arm(None)] + dpo + sft + [Arm(a, "random", first) for a in self.cfg.algos if a != "dpo"]
         if part == "headline":
             return [Arm(None)] + [Arm(a, k, s) for s in self.cfg.seeds for a in self.cfg.algos
                                   for k in (self.cfg.dpo_kinds if a == "dpo" else ("random", "dfusion"))]
@@ -295,14 +301,16 @@ class Experiment:
                 [Arm("ddpo", "dfusion", s, a) for s in seeds for a in self.cfg.rl_ablations] + refs
         raise ValueError(f"part must be one of {', '.join(PARTS)}, got {part!r}")
 
-    def evaluate(self) -> dict:
+    def evaluate(self, test: bool = True) -> dict:
         """{"train": report on the TRAIN prompts (held-out seeds), "validation": on TRAIN-split prompts never
-        trained on (what a budget is chosen by), "test": on TEST prompts}."""
+        trained on (what a budget is chosen by), "test": on TEST prompts (unless test=False: a calibration arm is
+        read on validation only, and TEST, half an evaluation's samples, is left to the headline)}."""
         c, s, lists = self.cfg, self.cfg.eval_seed, self.prompt_lists
         seeds = {"train": c.eval_train_seeds, "validation": c.eval_train_seeds, "test": c.eval_seeds}
+        splits = [x for x in ("train", "validation", "test") if (x != "validation" or c.val_prompts)
+                  and (x != "test" or test or not c.val_prompts)]
         return {split: evaluate(self.model, self.scorer, "test" if split == "test" else "train", 0, seeds[split],
-                                self.sampling, seed=s, localise=False, prompt_lists=lists[split])
-                for split in ("train", "validation", "test") if split != "validation" or c.val_prompts}
+                                self.sampling, seed=s, localise=False, prompt_lists=lists[split]) for split in splits}
 
     def validation_accuracy(self, trainer) -> dict:
         """Early stopping's score at a checkpoint: checker accuracy on the validation prompts (val_seeds each)."""
@@ -315,11 +323,13 @@ class Experiment:
     def dpo_lr(self) -> float:
         """The headline's DPO learning rate: the one --part calibrate chose (budget.json), else dpo_lr."""
         path = self.out / "budget.json"
-        return float(json.loads(path.read_text())["lr"]) if path.is_file() else self.cfg.dpo_lr
+        lr = json.loads(path.read_text()).get("lr") if path.is_file() else None
+        return self.cfg.dpo_lr if lr is None else float(lr)
 
     def choose_budget(self) -> dict | None:
-        """After --part calibrate: the lr whose positive control (oracle pairs) scores highest on the validation
-        prompts at its best checkpoint, and whether that control beat the base outside its interval."""
+        """After --part calibrate: the DPO lr whose positive control (oracle pairs) scores highest on the validation
+        prompts at its best checkpoint, and whether a positive control (DPO at that lr, or SFT on the oracle
+        winners at any lr) beat the base outside its interval."""
         from .statistics import paired_difference
 
         base_path = self.arm_path(Arm(None))
@@ -331,13 +341,17 @@ class Experiment:
         for a in arms:
             r = json.loads(self.arm_path(a).read_text())
             move = paired_difference(r["reports"]["validation"]["rows"], base, "all")
-            tried.append({"lr": a.lr, "best_step": r["train"].get("best_step"), "steps": r["train"]["steps"],
+            tried.append({"algo": a.algo, "lr": a.lr, "best_step": r["train"].get("best_step"),
+                          "steps": r["train"]["steps"],
                           "validation_accuracy": r["reports"]["validation"]["families"]["all"]["accuracy"],
                           "movement": move})
-        best = max(tried, key=lambda t: t["validation_accuracy"])
-        budget = {**best, "positive_control_passes": (best["movement"]["ci95"][0] or 0) > 0, "tried": tried,
-                  "base_validation_accuracy": json.loads(base_path.read_text())["reports"]["validation"]
-                  ["families"]["all"]["accuracy"]}
+        passes = lambda rows: any((t["movement"]["ci95"][0] or 0) > 0 for t in rows) if rows else None
+        dpo, sft = ([t for t in tried if t["algo"] == algo] for algo in ("dpo", "sft"))
+        best = max(dpo, key=lambda t: t["validation_accuracy"]) if dpo else {"lr": None}  # no DPO arm: no lr chosen
+        budget = {**best, "dpo_control_passes": passes([best] if dpo else []), "sft_control_passes": passes(sft),
+                  "tried": tried, "base_validation_accuracy": json.loads(base_path.read_text())["reports"]
+                  ["validation"]["families"]["all"]["accuracy"]}
+        budget["positive_control_passes"] = bool(budget["dpo_control_passes"] or budget["sft_control_passes"])
         (self.out / "budget.json").write_text(json.dumps(budget, indent=1))
         return budget
 
@@ -353,7 +367,7 @@ class Experiment:
         if arm.algo is None:
             train, reports = None, self.evaluate()
         elif arm.algo in ("ddpo", "dpok"):
-            train, reports = self._on_policy(arm)
+            train, reports = self._on_policy(arm)  # (calibrate's on-policy arms are read on TEST too: no lr chosen)
         else:
             if records is None:
                 records = self.pair_sets([arm.pair_set])[arm.pair_set]
@@ -362,8 +376,9 @@ class Experiment:
                   "seconds": time.time() - t0, "train": train, "reports": reports}
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(result))
-        fams = reports["test"]["families"]
-        self.log(f"{arm.name}: test " + ", ".join(f"{f} {fams[f]['accuracy']:.3f}" for f in fams) +
+        split = "test" if "test" in reports else "validation"
+        fams = reports[split]["families"]
+        self.log(f"{arm.name}: {split} " + ", ".join(f"{f} {fams[f]['accuracy']:.3f}" for f in fams) +
                  f" ({result['seconds']:.0f}s)")
         return result
 
@@ -386,7 +401,7 @@ class Experiment:
             history = tr.run(resume=True, progress=False, validate=validate).history
             best = tr.restore_best() if validate else None
             tr.net.eval()
-            reports = self.evaluate()
+            reports = self.evaluate(test=arm.lr is None)
         finally:
             tr.unload()
         keys = ("loss", "implicit_acc", "reward_margin")
@@ -442,9 +457,11 @@ class Experiment:
         if part == "calibrate":
             budget = self.choose_budget()
             if budget:
-                self.log(f"budget: lr {budget['lr']:g} (validation {budget['validation_accuracy']:.3f}, base "
-                         f"{budget['base_validation_accuracy']:.3f}; positive control "
-                         f"{'passes' if budget['positive_control_passes'] else 'does not pass'})")
+                verdict = lambda v: "-" if v is None else "passes" if v else "does not pass"
+                chosen = "none (no DPO arm)" if budget["lr"] is None else \
+                    f"{budget['lr']:g} (validation {budget['validation_accuracy']:.3f})"
+                self.log(f"budget: DPO lr {chosen}, base {budget['base_validation_accuracy']:.3f}; positive control: "
+                         f"DPO {verdict(budget['dpo_control_passes'])}, SFT {verdict(budget['sft_control_passes'])}")
         results = {a.name: json.loads(self.arm_path(a).read_text()) for a in arms if self.arm_path(a).is_file()}
         signals = {n: json.loads(p.read_text()) for n in self.pair_set_names(part)
                    if (p := self.out / "pairs" / n / "signal.json").is_file()}
@@ -540,8 +557,9 @@ def _config_from_args(ap: argparse.ArgumentParser, a) -> ExperimentConfig:
         v = getattr(cfg, f)
         if not v or len(set(v)) != len(v) or min(v) < 0:
             ap.error(f"--{f.replace('_', '-')}: distinct integers >= 0, got {list(v)}")
-    if not (0 < cfg.dpo_lr < 1 and 0 < cfg.rl_lr < 1) or not cfg.dpo_lrs or not all(0 < x < 1 for x in cfg.dpo_lrs):
-        ap.error("--dpo-lr, --dpo-lrs and --rl-lr must be in (0, 1)")
+    if not (0 < cfg.dpo_lr < 1 and 0 < cfg.rl_lr < 1) or not cfg.dpo_lrs or \
+            not all(0 < x < 1 for x in cfg.dpo_lrs + cfg.sft_lrs):
+        ap.error("--dpo-lr, --dpo-lrs, --sft-lrs and --rl-lr must be in (0, 1)")
     if cfg.dpo_epochs <= 0 or cfg.val_every < 0 or cfg.val_seeds < 1 or cfg.patience < 0:
         ap.error("--dpo-epochs must be > 0, --val-every and --patience >= 0, --val-seeds >= 1")
     return cfg

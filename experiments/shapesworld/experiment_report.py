@@ -169,7 +169,8 @@ def _setup(summary: dict, commands: list[str]) -> list[str]:
 
 def _lr_text(summary: dict) -> str:
     b = summary.get("budget")
-    return f"{b['lr']:g} (chosen by --part calibrate)" if b else f"{summary['config']['dpo_lr']:g}"
+    return f"{b['lr']:g} (chosen by --part calibrate)" if b and b.get("lr") is not None else \
+        f"{summary['config']['dpo_lr']:g}"
 
 
 def _budget_lines(summary: dict) -> list[str]:
@@ -177,17 +178,25 @@ def _budget_lines(summary: dict) -> list[str]:
     b = summary.get("budget")
     if not b:
         return ["No learning rate was chosen (the calibration needs validation prompts and the base arm)."]
-    rows = ["| lr | steps run | best step | validation accuracy | movement from base [95% CI] |",
-            "| --- | --- | --- | --- | --- |"]
-    rows += [f"| {t['lr']:g} | {t['steps']} | {t['best_step'] or '-'} | {t['validation_accuracy']:.3f} | "
-             f"{est(t['movement'])} |" for t in b["tried"]]
-    verdict_text = ("moved validation accuracy up outside its interval: the budget can align the model" if
-                    b["positive_control_passes"] else "did **not** move validation accuracy up outside its interval "
-                    "at any learning rate tried: no affordable budget aligned the model, and the comparisons below "
-                    "cannot show an alignment effect")
-    return [f"Positive control: DPO on oracle pairs (random pairs labelled by the checker), at each learning rate, "
-            f"validated on the validation prompts (base: {b['base_validation_accuracy']:.3f}). Chosen: lr "
-            f"**{b['lr']:g}**; the control {verdict_text}.", "", *rows]
+    rows = ["| control | lr | steps run | best step | validation accuracy | movement from base [95% CI] |",
+            "| --- | --- | --- | --- | --- | --- |"]
+    rows += [f"| {t.get('algo', 'dpo')} | {t['lr']:g} | {t['steps']} | {t['best_step'] or '-'} | "
+             f"{t['validation_accuracy']:.3f} | {est(t['movement'])} |" for t in b["tried"]]
+    said = lambda v: "moved validation accuracy up outside its interval" if v else \
+        "did **not** move validation accuracy up outside its interval"
+    lines = ["Positive controls, validated on the validation prompts (base: "
+             f"{b['base_validation_accuracy']:.3f}): DPO on oracle pairs (random pairs labelled by the checker) at each "
+             "learning rate, and SFT (the denoising loss on the same pairs' winners, the model's own checker-correct "
+             "samples)."]
+    if b.get("lr") is not None:
+        lines += [f"Chosen: DPO lr **{b['lr']:g}**; DPO at it {said(b.get('dpo_control_passes', b['positive_control_passes']))}."]
+    if b.get("sft_control_passes") is not None:
+        lines += [f"SFT {said(b['sft_control_passes'])} at "
+                  f"{'some' if b['sft_control_passes'] else 'any'} learning rate tried."]
+    lines += ["The budget can align the model: the evaluation sees a trained move." if b["positive_control_passes"] else
+              "No positive control moved the model: no affordable budget aligned it, and the comparisons below cannot "
+              "show an alignment effect."]
+    return [" ".join(lines), "", *rows]
 
 
 def _movement_table(summary: dict, split: str) -> list[str]:
@@ -379,7 +388,8 @@ def figures(parts: dict, dfusion_pairs: list, out: Path) -> list[str]:
     groups = [g for g, a in summary["arms"].items() if not a["ablation"]]
     fig, axes = plt.subplots(1, 2, figsize=(13, 4), sharey=True)
     width = 0.8 / max(1, len(groups))
-    for ax, split in zip(axes, ("test", "train")):
+    shown = [s for s in ("test", "validation", "train") if all(s in summary["arms"][g] for g in groups)][:2]
+    for ax, split in zip(axes, shown):  # a calibration's arms are read on validation, not TEST
         for i, g in enumerate(groups):
             _bars(ax, [summary["arms"][g][split][f]["correct"] for f in FAMS], i * width, width, g)
         ax.set_xticks(np.arange(len(FAMS)) + 0.4 - width / 2, FAMS)
