@@ -159,15 +159,18 @@ def score_cell(score) -> float | None:
 
 
 def model_name(source: str) -> str:
-    """A model's name for the page: a folder under the working directory by its relative path, another folder by
-    its name, a hub id as it is (no machine's absolute paths in the title)."""
+    """A model's (or run folder's) name for the page: a folder under the working directory by its relative path,
+    one under the home directory as ~/..., another folder by its name, a hub id as it is (no machine's absolute
+    paths on the page)."""
     p = Path(source)
     if not p.is_absolute():
         return source
-    try:
-        return str(p.resolve().relative_to(Path.cwd().resolve()))
-    except ValueError:
-        return p.name or source
+    for root, shown in ((Path.cwd(), ""), (Path.home(), "~/")):
+        try:
+            return shown + str(p.resolve().relative_to(root.resolve()))
+        except ValueError:
+            pass
+    return p.name or source
 
 
 def check_prompt(prompt) -> str:

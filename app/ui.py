@@ -25,7 +25,7 @@ from dfusion_core.engine.schema import control_spec
 from .service import (PAIR_COLUMNS, AppService, FusionCancelled, FuseControls, Session, UserError, check_prompt,
                       model_name, parse_seed)
 from .views import (CHECKER_LEGEND, MASK_LEGEND, PREVIEW_STATUS, SUPERSEDED_STATUS, ablation_plot, candidate_caption,
-                    enlarge, heat_overlay, mask_overlay, pair_notes, progress_bar, prompt_notes_text, score_text,
+                    enlarge, heat_overlay, mask_overlay, pair_notes, pick_note, progress_bar, prompt_notes_text, score_text,
                     threshold_slider, training_plot)
 
 log = logging.getLogger("dfusion.app")
@@ -65,10 +65,14 @@ CSS = """.pixelated img { image-rendering: pixelated; }
 #threshold input:disabled { filter: grayscale(1); opacity: 0.45; }
 #gallery .thumbnail-item.selected { --ring-color: transparent; border-color: var(--border-color-primary); }
 #gallery .grid-wrap, #ablation-gallery .grid-wrap { min-height: 0; height: auto; max-height: none; }
-#gallery .caption-label, #before-after .caption-label { white-space: normal; max-width: 100%; text-overflow: clip; }"""
+#gallery .caption-label, #before-after .caption-label { white-space: normal; max-width: 100%; text-overflow: clip; }
+div.validation-error { position: static !important; pointer-events: none; }
+div.validation-error button { pointer-events: auto; }"""
 # (a slider that does nothing looks it; the candidates' captions mark BASE and REF: the last click is not marked;
 # a gallery is as tall as its rows: gradio's gallery keeps a 450 px minimum, an empty band under one row;
-# captions wrap: gradio cuts them at 80% of a thumbnail, which hid the scores of BASE and REF)
+# captions wrap: gradio cuts them at 80% of a thumbnail, which hid the scores of BASE and REF; a refused input's
+# message takes its own line in the control instead of lying over its top right corner, where a slider's number
+# box is, and lets clicks through to the control)
 # Small images shown large with crisp pixels, sent as PNG: exact pixels, and about 3x faster to encode than
 # gradio's default WebP (4.7 vs 13.6 ms for a 256 px image here).
 PIXELS = {"elem_classes": ["pixelated"], "format": "png"}
@@ -260,7 +264,8 @@ class FuseEvents:
     def on_sample(self, sess, p, st, g, e, n, s0_):  # parameter names are the endpoints' keyword names: kept
         sess = self.svc.sample_candidates(sess, p, n, s0_, self.svc.sampling(st, g, e))
         base, ref = self.svc.suggested_seeds(sess)
-        return (sess, self.candidates(sess, base, ref), str(base), str(ref), *self.word_choices(p))
+        return (sess, self.candidates(sess, base, ref), str(base), str(ref), *self.word_choices(p),
+                pick_note(sess.candidates, base, ref))
 
     def check_sample(self, sess, p, st, g, e, n, s0_):
         """The validator of /sample, as /fuse has one: a refused input gets its message and nothing on the page is
@@ -570,9 +575,13 @@ def _wire_fuse(v: SimpleNamespace, ev: FuseEvents, state: gr.State) -> None:
                     show_progress="hidden", trigger_mode="always_last")
     v.example.change(ev.on_example, [v.example], [v.prompt, v.words, v.keywords], api_name="example")
     v.steps.release(ev.on_steps, [v.steps], [v.start_step, v.end_step, v.traj_step], api_name="steps")
-    v.sample_btn.click(ev.on_sample, [state, v.prompt, v.steps, v.guidance, v.eta, v.n_cand, v.first_seed],
-                       [state, v.gallery, v.base_seed, v.ref_seed, v.words, v.keywords], api_name="sample",
-                       validator=ev.check_sample, preprocess=False)  # raw values: the validator's messages
+    sample_inputs = [state, v.prompt, v.steps, v.guidance, v.eta, v.n_cand, v.first_seed]
+    # an accepted Sample first empties the gallery (the browser kept the previous prompt's thumbnails under the
+    # new captions while the new images loaded); a refused one changes nothing
+    v.sample_btn.click(lambda *_: [], sample_inputs, [v.gallery], api_name=False, validator=ev.check_sample,
+                       preprocess=False, show_progress="hidden").success(  # (queued: gradio validates queued events)
+        ev.on_sample, sample_inputs, [state, v.gallery, v.base_seed, v.ref_seed, v.words, v.keywords, v.status],
+        api_name="sample", validator=ev.check_sample, preprocess=False)  # raw values: the validator's messages
     v.gallery.select(ev.on_pick, [state, v.click_sets, v.base_seed, v.ref_seed], [v.base_seed, v.ref_seed, v.gallery],
                      api_name=False)
     for box in (v.base_seed, v.ref_seed):  # a typed seed: the gallery marks the new pair

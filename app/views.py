@@ -30,6 +30,28 @@ def candidate_caption(c, role: str | None = None) -> str:
     return out
 
 
+def pick_note(candidates: dict, base: int, ref: int) -> str:
+    """The status after Sample: the suggested pair and why, with a warning where the world's checker rejects the
+    suggested reference (no candidate passed it) or passes the base (none failed it)."""
+    b, r = candidates.get(base), candidates.get(ref)
+    if b is None or r is None:
+        return ""
+    if r.score is None:
+        return f"Suggested pair: BASE seed {base}, REF seed {ref} (no scorer: the first and last candidates)."
+    if r.correct is None:
+        return f"Suggested pair: BASE seed {base}, REF seed {ref} (the lowest and highest score)."
+    out = (f"Suggested pair: BASE seed {base} (checker {'✓' if b.correct else '✗'}), REF seed {ref} (checker "
+           f"{'✓' if r.correct else '✗'}): the best-scored candidate the checker passes and the lowest-scored it "
+           "rejects.")
+    if not r.correct:
+        out += (f"\n\n⚠ The reference fails the checker: none of the {len(candidates)} candidates passes it. Sample "
+                "more candidates (or other seeds) before labelling this pair.")
+    elif b.correct:
+        out += (f"\n\n⚠ The base passes the checker too: all {len(candidates)} candidates pass, so the pair differs "
+                "by score only.")
+    return out
+
+
 def prompt_notes_text(notes: list[str]) -> str:
     """The warnings under the prompt (empty: nothing shown)."""
     return "\n\n".join(f"⚠ {n}" for n in notes)

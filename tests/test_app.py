@@ -44,8 +44,9 @@ def _fuse_args(base="0", ref="1", mode="auto", thr=0.5, start=2, end=4, use_mask
 def test_sample_fuse_refuse_label_undo(app_url):
     url, svc = app_url
     c = gradio_client.Client(url, verbose=False)
-    gallery, base, ref, words, kws = c.predict("a red dog", 4, 2.0, 1.0, 4, 0, api_name="/sample")
+    gallery, base, ref, words, kws, note = c.predict("a red dog", 4, 2.0, 1.0, 4, 0, api_name="/sample")
     assert len(gallery) == 4 and "seed" in gallery[0]["caption"]
+    assert note == f"Suggested pair: BASE seed {base}, REF seed {ref} (the lowest and highest score)."  # no checker
     assert base != ref and kws["value"] == ["red", "dog"]
     out = c.predict(*_fuse_args(base, ref), api_name="/fuse")
     assert "one batched run" in out[-1] and "CLIP score" in out[-2]
@@ -176,7 +177,8 @@ def _trained(c) -> str:
 def test_a_fine_tune_and_its_status_belong_to_the_session_that_started_it(app_url, tuning, monkeypatch):
     url, svc = app_url
     a, (msg, status, progress, _), _ = tuning
-    assert msg.startswith("started dpo on ") and f"the run's folder (log, checkpoints, LoRA weights) is {svc.runs_dir.resolve()}" in msg
+    assert msg.startswith("started dpo on ") and "the run's folder (log, checkpoints, LoRA weights) is dpo-" in msg
+    assert str(svc.runs_dir.resolve()) not in msg + status  # the run folder by its name: no server path on the page
     assert status.startswith("running: step 0/3") and "run folder" in status and "<progress" in progress
     b = gradio_client.Client(url, verbose=False)
     assert b.predict(api_name="/train_status")[0].startswith("no fine-tune started in this session; runs are written under")
@@ -218,7 +220,7 @@ def test_each_session_fuses_and_labels_with_its_own_weights(app_url, tuning):
     assert _same(_pixels(b.predict(*_fuse_args(*PLAIN_PAIR), api_name="/fuse")[:3]), plain) == [True] * 3
     ids = {name: c.predict(api_name="/label_base").split()[2] for name, c in (("a", a), ("b", b))}
     assert svc.store.get(ids["b"], with_images=False).model_id == svc.model_source
-    assert svc.store.get(ids["a"], with_images=False).model_id == f"{svc.model_source}+lora:{folder}"
+    assert svc.store.get(ids["a"], with_images=False).model_id == f"{svc.model_source}+lora:{svc.runs_dir.resolve() / folder}"
     msg, line = a.predict(api_name="/unload_trained")
     assert msg.startswith("back to the base weights") and line.startswith("This session computes with the base")
     svc.cache.clear()
@@ -400,13 +402,23 @@ def test_suggested_reference_passes_the_checker_and_base_fails_it():
     sess = Session()
     for seed, score, ok in [(0, 0.2, False), (1, 0.9, False), (2, 0.4, True), (3, 0.1, True), (4, 0.3, False)]:
         sess.candidates[seed] = Candidate(seed, None, None, score, ok)
+    from app.views import pick_note
+
     assert AppService.suggested_seeds(sess) == (0, 2)
+    note = pick_note(sess.candidates, 0, 2)  # what the page's status says after Sample
+    assert "BASE seed 0 (checker ✗), REF seed 2 (checker ✓)" in note and "⚠" not in note
     for c in sess.candidates.values():
         c.correct = None
     assert AppService.suggested_seeds(sess) == (3, 1)
+    assert pick_note(sess.candidates, 3, 1).endswith("(the lowest and highest score).")
     for c in sess.candidates.values():
         c.correct = True  # every candidate passes: the base is the lowest-scored of all
     assert AppService.suggested_seeds(sess) == (3, 1)
+    assert "⚠ The base passes the checker too: all 5 candidates pass" in pick_note(sess.candidates, 3, 1)
+    for c in sess.candidates.values():
+        c.correct = False  # none passes: the reference is the best score, and the page says it fails the checker
+    assert AppService.suggested_seeds(sess) == (3, 1)
+    assert "⚠ The reference fails the checker: none of the 5 candidates passes it" in pick_note(sess.candidates, 3, 1)
 
 
 def test_build_pairs_pick_checker_takes_references_it_passes_and_bases_it_rejects():
@@ -572,7 +584,7 @@ def test_the_train_tab_runs_on_policy_rounds_for_its_session_and_refuses_bad_inp
             status = c.predict(api_name="/train_status")[0]
         assert status.startswith("done: round 1/1 done") and "mean reward" in status and "weights ready" in status, status
         folder = status.split("run folder ")[1].split(" · ")[0]
-        rounds = [json.loads(x) for x in (Path(folder) / "rounds.jsonl").read_text().splitlines()]
+        rounds = [json.loads(x) for x in (svc.runs_dir / folder / "rounds.jsonl").read_text().splitlines()]
         assert len(rounds) == 1 and rounds[0]["samples"] == 8  # 2 prompts x 4 candidates, all of a random round
         other = gradio_client.Client(url, verbose=False)
         assert other.predict(api_name="/train_status")[0].startswith("no fine-tune started in this session")

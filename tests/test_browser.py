@@ -135,6 +135,10 @@ def test_a_refused_fusion_keeps_the_last_outputs_and_says_why(fused):
     page.locator("#keywords label").first.wait_for(state="detached", timeout=WAIT_MS)  # the words follow the box
     page.click("#fuse")
     page.locator("#prompt", has_text="prompt is empty").wait_for(timeout=WAIT_MS)  # said at the prompt
+    msg = page.locator("#prompt div.validation-error")  # (the box itself gets the class too)
+    assert msg.evaluate("e => getComputedStyle(e).pointerEvents") == "none"  # clicks reach the control
+    m, t = msg.bounding_box(), box.bounding_box()  # the message covers no part of the box it is about
+    assert m["y"] + m["height"] <= t["y"] + 1 or t["y"] + t["height"] <= m["y"] + 1, (m, t)
     page.wait_for_timeout(500)
     for panel in ("#base", "#reference", "#target", "#mask", "#status"):  # no panel replaced by an error badge
         assert "Error" not in page.locator(panel).inner_text(), panel
@@ -226,7 +230,8 @@ def test_a_new_page_shows_its_weights_and_its_fine_tunes_state(fused):
         fresh.get_by_role("tab", name="Train").click()
         status = fresh.locator("#train-status", has_text="no fine-tune started in this session")
         status.wait_for(timeout=WAIT_MS)
-        assert str(svc.runs_dir.resolve()) in status.inner_text()
+        assert str(svc.runs_dir.resolve()) not in status.inner_text()  # the runs folder, without the server's path
+        assert f"runs are written under {svc.runs_dir.name}" in status.inner_text()
         assert fresh.locator("#train-progress progress").count() == 1
         assert fresh.locator("#train-progress input[type=range]").count() == 0
     finally:

@@ -186,3 +186,25 @@ def test_the_title_has_no_absolute_path_and_the_ablation_grid_shows_every_cell(f
         assert box["y"] <= c["y"] and c["y"] + c["height"] <= box["y"] + box["height"] + 1, (i, c, box)
     page.locator("#ablation-plot img, #ablation-plot svg, #ablation-plot canvas").first.wait_for(timeout=WAIT_MS)
     page.get_by_role("tab", name="Fuse").click()
+
+
+@pytest.mark.slow
+def test_an_accepted_sample_empties_the_gallery_before_the_new_candidates_and_a_refused_one_keeps_it(fused):
+    """The browser showed the previous candidates' thumbnails under the new captions while new images loaded."""
+    page, _ = fused
+    srcs = lambda: page.locator("#gallery img").evaluate_all("els => els.map(e => e.getAttribute('src'))")
+    old = srcs()
+    page.evaluate("() => { window.emptied = false; const g = document.querySelector('#gallery');"
+                  " new MutationObserver(() => { if (!g.querySelector('img')) window.emptied = true; })"
+                  ".observe(g, {childList: true, subtree: true, attributes: true}); }")
+    box = page.locator("#prompt textarea")
+    box.fill("")  # refused: the message, and the gallery as it was
+    page.click("#sample")
+    page.locator("#prompt", has_text="prompt is empty").wait_for(timeout=WAIT_MS)
+    page.wait_for_timeout(500)
+    assert srcs() == old and not page.evaluate("window.emptied")
+    box.fill("a blue cat")  # another prompt: new candidates
+    _sample(page)
+    assert page.evaluate("window.emptied") and not set(srcs()) & set(old)
+    box.fill("a red dog")
+    _sample(page)  # the module's pair again, for the tests after this one

@@ -84,6 +84,12 @@ def test_the_trainer_keeps_the_best_checkpoint_and_stops_after_patience(sd1, pai
         assert result.keys() == best.keys() and all(torch.equal(result[k], best[k]) for k in result)
     finally:
         tr.unload()
+    again = Trainer(sd1, pairs, cfg, tmp_path)  # resumed after it stopped: nothing left to train or validate
+    try:
+        again.run(progress=False, validate=validate)
+        assert again.step == 4 and again.validations == tr.validations  # the validations made before the resume
+    finally:
+        again.unload()
 
 
 def test_held_out_metrics_repeat_exactly_and_default_validation_uses_them(sd1, pairs, tmp_path):

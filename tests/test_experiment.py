@@ -7,7 +7,7 @@ import pytest
 
 from dfusion_core.engine.config import SamplingParams
 from dfusion_core.pairs.build import load_pairs
-from experiments.shapesworld.experiment import Arm, Experiment, ExperimentConfig
+from experiments.shapesworld.experiment import Arm, Experiment, ExperimentConfig, fusion_variants
 from experiments.shapesworld.statistics import paired_difference, pooled_summary
 from experiments.shapesworld.experiment_report import write_reports
 
@@ -62,11 +62,10 @@ def test_smoke_experiment_runs_every_part_and_resumes(sd1, tmp_path):
     sampling = SamplingParams(num_steps=cfg.num_steps, height=64, width=64, guidance_scale=2.0)
     exp = Experiment(sd1, brightness, cfg, tmp_path, sampling=sampling, log=lambda *_: None)
     calib = exp.run("calibrate")
-    assert list(calib["arms"]) == ["base", "dpo/random@lr0.001", "sft/random@lr0.001", "ddpo/random", "dpok/random"]
+    assert list(calib["arms"]) == ["base", "dpo/random@lr0.001", "ddpo/random"]  # (SFT: the calibration test's)
     summary = exp.run("headline")
     arms = summary["arms"]
-    assert list(arms) == ["base", "dpo/random", "dpo/dfusion", "ddpo/random", "ddpo/dfusion", "dpok/random",
-                          "dpok/dfusion"]
+    assert list(arms) == ["base", "dpo/random", "dpo/dfusion", "ddpo/random", "ddpo/dfusion"]  # (DPOK: as DDPO)
     sig = summary["pair_signal"]
     assert sig["random"]["pairs"] == sig["dfusion"]["pairs"] >= 2  # the offline arms train on as many pairs
     assert sig["random"]["masked"] == 0 and sig["dfusion"]["masked"] >= 1  # random pairs have no fusion mask
@@ -82,13 +81,9 @@ def test_smoke_experiment_runs_every_part_and_resumes(sd1, tmp_path):
     assert {r["kind"] for r in ddpo} == {"random", "dfusion"}
     assert all(len(r["train"]["rounds"]) == cfg.rounds for r in ddpo)
     assert [r["train"]["rounds"][0]["fused"] > 0 for r in sorted(ddpo, key=lambda r: r["kind"])] == [True, False]
-    assert set(summary["comparisons"]["test"]) == {"dpo", "ddpo", "dpok"}
+    assert set(summary["comparisons"]["test"]) == {"dpo", "ddpo"}
     abl = exp.run("ablations")
-    assert set(abl["ablations"]) == {"dpo/dfusion-no-mask", "dpo/dfusion-masked-loss", "ddpo/dfusion-no-hold",
-                                     "ddpo/dfusion-per-prompt-advantages"}
-    groups = {a: json.loads(exp.arm_path(Arm("ddpo", "dfusion", 0, a)).read_text())["train"]["config"]
-              ["advantage_groups"] for a in (None, "per-prompt-advantages")}
-    assert groups == {None: "prompt-kind", "per-prompt-advantages": "prompt"}
+    assert set(abl["ablations"]) == {"dpo/dfusion-no-mask", "dpo/dfusion-masked-loss", "ddpo/dfusion-no-hold"}
     no_hold = json.loads(exp.arm_path(Arm("ddpo", "dfusion", 0, "no-hold")).read_text())
     assert no_hold["train"]["rounds"][0]["fused"] > 0 and "random" in abl["ablations"]["ddpo/dfusion-no-hold"]["test"]
     masked = json.loads(exp.arm_path(Arm("dpo", "dfusion", 0, "masked-loss")).read_text())
@@ -105,6 +100,26 @@ def test_smoke_experiment_runs_every_part_and_resumes(sd1, tmp_path):
     # a re-run reuses pair sets and finished arms: the same numbers, no retraining
     again = Experiment(sd1, brightness, cfg, tmp_path, sampling=sampling, log=lambda *_: None).run("headline")
     assert json.dumps(again["arms"], sort_keys=True) == json.dumps(arms, sort_keys=True)
+
+
+def test_on_policy_arms_get_the_budget_with_their_ablation_applied(sd1, tmp_path):
+    """What each on-policy arm trains with, without training it: the rounds' budget, a fusion form only for the
+    D-Fusion arms, and each RL ablation's one change (fusion held or not, steps kept, advantage groups)."""
+    cfg = ExperimentConfig()
+    exp = Experiment(sd1, brightness, cfg, tmp_path, log=lambda *_: None)
+    oc, fusion = exp.on_policy_config(Arm("ddpo", "random", 1))
+    assert fusion is None and (oc.algo, oc.lr, oc.clip_eps, oc.dual_clip, oc.seed) == ("ddpo", cfg.rl_lr, cfg.rl_clip,
+                                                                                      cfg.rl_dual_clip, 1)
+    assert oc.advantage_groups == "prompt-kind" and oc.max_step_residual == 0.0
+    oc, fusion = exp.on_policy_config(Arm("dpok", "dfusion", 0))
+    assert fusion == exp.fusion and oc.kl_coef == cfg.rl_kl and oc.kl_scale == cfg.rl_kl_scale
+    oc, fusion = exp.on_policy_config(Arm("ddpo", "dfusion", 0, "per-prompt-advantages"))
+    assert oc.advantage_groups == "prompt" and fusion == exp.fusion
+    oc, fusion = exp.on_policy_config(Arm("ddpo", "dfusion", 0, "drawable-steps"))
+    assert oc.max_step_residual == 2.0 and oc.advantage_groups == "prompt-kind"
+    oc, fusion = exp.on_policy_config(Arm("ddpo", "dfusion", 0, "no-hold"))
+    assert fusion.hold_outside is False and fusion == fusion_variants(exp.fusion, cfg.num_steps, ["no-hold"])[
+        "dfusion-no-hold"]
 
 
 @pytest.mark.parametrize("flags,msg", [(["--algos", "sft"], "unknown"), (["--ablations", "nomask"], "unknown ablation"),
@@ -186,7 +201,7 @@ def test_calibration_picks_the_lr_by_validation_and_arms_stop_early(sd1, tmp_pat
     """--part calibrate trains the positive control at each lr, validated at every checkpoint; budget.json keeps the
     lr with the best validation accuracy, and the headline's DPO arms train at it and report their best step."""
     cfg = replace(ExperimentConfig.smoke(), algos=("dpo",), dpo_kinds=("random",), ablations=(), val_prompts=1,
-                  dpo_lrs=(1e-3, 3e-3), dpo_steps=3, dpo_epochs=100.0, val_every=1, val_seeds=1, patience=1)
+                  dpo_lrs=(1e-3, 3e-3), sft_lrs=(1e-3,), dpo_steps=3, dpo_epochs=100.0, val_every=1, val_seeds=1, patience=1)
     sampling = SamplingParams(num_steps=cfg.num_steps, height=64, width=64, guidance_scale=2.0)
     exp = Experiment(sd1, brightness, cfg, tmp_path, sampling=sampling, log=lambda *_: None)
     assert exp.dpo_lr() == cfg.dpo_lr  # nothing calibrated yet
@@ -203,6 +218,7 @@ def test_calibration_picks_the_lr_by_validation_and_arms_stop_early(sd1, tmp_pat
     assert budget["positive_control_passes"] == (budget["dpo_control_passes"] or budget["sft_control_passes"])
     sft = json.loads(exp.arm_path(Arm("sft", "random", 0, lr=1e-3)).read_text())
     assert sft["train"]["config"]["algo"] == "sft" and sft["pairs"] == len(load_pairs(tmp_path / "pairs" / "random"))
+    assert sft["train"]["config"]["steps"] == cfg.sft_steps != cfg.dpo_steps  # SFT's own budget
     assert set(sft["reports"]) == {"train", "validation"}  # a calibration arm is read on validation, not TEST
     for lr in (1e-3, 3e-3):
         train = json.loads(exp.arm_path(Arm("dpo", "random", 0, lr=lr)).read_text())["train"]

@@ -132,3 +132,30 @@ def test_a_cached_hub_id_without_t5_loads_with_its_familys_defaults(pipelines_di
     assert defaults == {"eta": 0.7}
     m = load_model("someone/tiny-sd3", device="cpu")
     assert m.kind == "sd3" and m.pipe.text_encoder_3 is None and m.default_sampling().eta == 0.7
+
+
+def test_diffusers_note_that_a_text_encoder_got_no_lora_keys_is_quietened_and_other_warnings_stay():
+    """Every load of a denoiser-only adapter made diffusers print two paragraphs about the text encoders."""
+    import io
+
+    from diffusers.utils import logging as dlog
+
+    from dfusion_core.engine.loading import _keep_diffusers_record, quiet_shared_encoder_reports
+
+    log = dlog.get_logger("diffusers.loaders.lora_base")
+    handler = dlog._get_library_root_logger().handlers[0]  # diffusers' own stderr handler
+    handler.removeFilter(_keep_diffusers_record)  # as before any model loaded in this process
+    note = "No LoRA keys associated to CLIPTextModelWithProjection found with the prefix='text_encoder'."
+    stream = io.StringIO()
+    old = handler.setStream(stream)
+    try:
+        log.warning(note)
+        assert note in stream.getvalue()  # what diffusers prints unfiltered
+        quiet_shared_encoder_reports()
+        stream.truncate(0)
+        stream.seek(0)
+        log.warning(note)
+        log.warning("an unrelated diffusers warning")
+    finally:
+        handler.setStream(old)
+    assert note not in stream.getvalue() and "an unrelated diffusers warning" in stream.getvalue()

@@ -146,7 +146,7 @@ def test_the_app_samples_fuses_and_labels_on_an_sd3_pipeline(sd3, tmp_path):
     url, demo = launch_app(svc)
     try:
         c = gradio_client.Client(url, verbose=False)
-        gallery, base, ref, words, kws = c.predict("a red dog", 4, 2.0, 0.7, 4, 0, api_name="/sample")
+        gallery, base, ref, words, kws, _ = c.predict("a red dog", 4, 2.0, 0.7, 4, 0, api_name="/sample")
         assert len(gallery) == 4 and base != ref
         args = ("a red dog", 4, 2.0, 0.7, base, ref, ["red", "dog"], "auto", 0.5, 1, 4, "all", "smooth", True, "red")
         out = c.predict(*args, api_name="/fuse")

@@ -120,6 +120,7 @@ def test_names_scores_and_captions_as_the_page_shows_them(tmp_path, monkeypatch)
     (tmp_path / "assets" / "m").mkdir(parents=True)
     assert model_name(str(tmp_path / "assets" / "m")) == "assets/m"  # under the working folder: relative
     assert model_name("/somewhere/else/model") == "model" and model_name("org/model-id") == "org/model-id"
+    assert model_name(str(Path.home() / "runs" / "dpo-1")) == "~/runs/dpo-1"  # under the home folder: ~/...
     assert score_cell(0.28123456789012345) == 0.281 and score_cell(None) is None
     c = SimpleNamespace(seed=3, score=0.28123, correct=False)
     assert candidate_caption(c) == "seed 3 · 0.281 · ✗"

@@ -289,7 +289,7 @@ def test_trained_lora_loads_into_the_pipeline(pipelines_dir, pair_dir, tmp_path)
 
 def test_bad_configs_and_data(sd1, pair_dir, tmp_path):
     with pytest.raises(ValueError, match="algo must be"):
-        TrainConfig(algo="sft").validate()
+        TrainConfig(algo="ppo").validate()
     with pytest.raises(ValueError, match="batch_size"):
         TrainConfig(batch_size=0).validate()
     with pytest.raises(ValueError, match="neither a preference store"):

@@ -139,13 +139,13 @@ class ModelService:
         try:
             stamp = (Path(folder) / LORA_FILE).stat().st_mtime_ns
         except OSError:
-            raise UserError(f"the fine-tuned weights in {folder} are gone: go back to the base weights") from None
+            raise UserError(f"the fine-tuned weights in {model_name(str(folder))} are gone: go back to the base weights") from None
         if self._adapters.get(folder) != stamp or name not in self.model.lora_folders:
             try:
                 self.model.load_lora(folder, name)
             except (OSError, ValueError, KeyError, RuntimeError) as e:
                 self._adapters.pop(folder, None)
-                raise UserError(f"could not load the LoRA in {folder}: {str(e).splitlines()[0]}") from None
+                raise UserError(f"could not load the LoRA in {model_name(str(folder))}: {str(e).splitlines()[0]}") from None
             if self._stamps.setdefault(folder, stamp) != stamp:  # new weights under the same model id
                 self.cache.forget(self.model.model_id)
                 self._stamps[folder] = stamp
@@ -180,5 +180,5 @@ class ModelService:
         """The line under the header: the weights this session computes with."""
         if session.weights is None:
             return f"This session computes with the base weights `{model_name(self.model_source)}`."
-        return (f"This session computes with the fine-tuned LoRA `{session.weights}` on "
+        return (f"This session computes with the fine-tuned LoRA `{model_name(session.weights)}` on "
                 f"`{model_name(self.model_source)}` (other sessions keep their own weights).")

@@ -219,12 +219,22 @@ def _keep_record(record) -> bool:
     return not _is_shared_encoder_report(record)
 
 
+def _keep_diffusers_record(record) -> bool:
+    """The adapters this project trains adapt the denoiser alone: diffusers' note, on every load, that a text
+    encoder got no LoRA keys ('No LoRA keys associated to CLIPTextModelWithProjection ...') says nothing wrong."""
+    return not record.getMessage().startswith("No LoRA keys associated to")
+
+
 def quiet_shared_encoder_reports() -> None:
+    """Filters on the libraries' own log handlers: the shared-encoder load reports of transformers and the
+    denoiser-only LoRA notes of diffusers (every other message stays)."""
+    from diffusers.utils import logging as dlog
     from transformers.utils import logging as tlog
 
-    for handler in tlog._get_library_root_logger().handlers:
-        if _keep_record not in handler.filters:
-            handler.addFilter(_keep_record)
+    for lib, keep in ((tlog, _keep_record), (dlog, _keep_diffusers_record)):
+        for handler in lib._get_library_root_logger().handlers:
+            if keep not in handler.filters:
+                handler.addFilter(keep)
 
 
 def peek_model(model: str | os.PathLike | None = None) -> tuple[str, dict]:

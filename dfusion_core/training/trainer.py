@@ -90,6 +90,17 @@ def drop_rows_after(log: Path, step: int) -> None:
         write_text_atomic(log, "".join(ln + "\n" for ln in kept))
 
 
+def logged_validations(log: Path, step: int) -> list[dict]:
+    """The validated checkpoints a log holds up to `step` (one per step, the last logged), as Trainer.validations
+    lists them: a resumed run reports the validations made before it too."""
+    if not log.is_file():
+        return []
+    rows = [json.loads(ln) for ln in log.read_text().splitlines() if ln.strip()]
+    by_step = {r["step"]: {k: v for k, v in r.items() if k not in ("stage", "best_step")}
+               for r in rows if r.get("stage") == "validation" and r.get("step", 0) <= step}
+    return [by_step[k] for k in sorted(by_step)]
+
+
 def drawable_rows(rows: list[tuple[int, int]], drawable: torch.Tensor) -> tuple[list[tuple[int, int]], float]:
     """The (trajectory, step) rows of a batch whose step the policy could have drawn (losses.drawable_steps), and
     the loss scale: 1, or 0 with the batch's first row when none is left (a zero step keeps processes in step)."""
@@ -444,6 +455,7 @@ class Trainer:
         self._load_extra_state(st)
         if self.acc.is_main_process:
             drop_rows_after(self.out / "log.jsonl", self.step)
+        self.validations = logged_validations(self.out / "log.jsonl", self.step)
         return True
 
     def _extra_state(self) -> dict:

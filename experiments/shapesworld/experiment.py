@@ -84,9 +84,13 @@ class ExperimentConfig:
     dpo_lr: float = 1e-4  # AdamW; the headline's lr until --part calibrate has written budget.json
     dpo_lrs: tuple[float, ...] = (1e-4, 3e-4, 1e-3)  # the learning rates --part calibrate compares
     # the positive control's second form (--part calibrate): SFT, the denoising loss on the oracle set's winners
-    # (the model's own checker-correct samples), at each of these lrs, same steps and epochs; () = none. It passes
-    # where DPO's preference signal is too weak to move a model, and shows whether the evaluation can see a move
+    # (the model's own checker-correct samples), at each of these lrs; () = none. It passes where DPO's preference
+    # signal is too weak to move a model, and shows whether the evaluation can see a move. Its own, larger budget
+    # (a step costs a third of a DPO step, and a control is there to find any budget that moves the model), with
+    # the same validation and early stopping
     sft_lrs: tuple[float, ...] = (3e-4, 1e-3)
+    sft_steps: int = 1000
+    sft_epochs: float = 50.0
     dpo_rank: int = 16  # LoRA rank on attention
     dpo_beta: float = 5000.0  # Diffusion-DPO beta, beta/2 convention (the paper's, for SD 1.5)
     val_every: int = 50  # DPO: checkpoint and validation accuracy every N steps (0: no early stopping)
@@ -130,11 +134,10 @@ class ExperimentConfig:
     @classmethod
     def smoke(cls) -> "ExperimentConfig":
         return cls(label_by="scorer", dpo_kinds=("random", "dfusion"), train_prompts=1, val_prompts=0,
-                   num_candidates=4, num_steps=4, dpo_steps=2, dpo_batch=2, dpo_lr=1e-3, dpo_lrs=(1e-3,), sft_lrs=(1e-3,),
-                   rl_kl_scale="exact", rounds=1,
+                   num_candidates=4, num_steps=4, dpo_steps=2, dpo_batch=2, dpo_lr=1e-3, dpo_lrs=(1e-3,), sft_lrs=(),
+                   sft_steps=2, algos=("dpo", "ddpo"), rl_kl_scale="exact", rounds=1,
                    round_candidates=4, rl_batch=2, steps_per_trajectory=1, eval_train_seeds=2, eval_prompts=1,
-                   eval_seeds=2, seeds=(0,), ablations=("no-mask", "masked-loss"),
-                   rl_ablations=("no-hold", "per-prompt-advantages"))
+                   eval_seeds=2, seeds=(0,), ablations=("no-mask", "masked-loss"), rl_ablations=("no-hold",))
 
 
 @dataclass(frozen=True)
@@ -344,6 +347,7 @@ class Experiment:
             tried.append({"algo": a.algo, "lr": a.lr, "best_step": r["train"].get("best_step"),
                           "steps": r["train"]["steps"],
                           "validation_accuracy": r["reports"]["validation"]["families"]["all"]["accuracy"],
+                          "checkpoints": {v["step"]: v["score"] for v in r["train"].get("validations") or []},
                           "movement": move})
         passes = lambda rows: any((t["movement"]["ci95"][0] or 0) > 0 for t in rows) if rows else None
         dpo, sft = ([t for t in tried if t["algo"] == algo] for algo in ("dpo", "sft"))
@@ -389,7 +393,8 @@ class Experiment:
         from dfusion_core.training.trainer import TrainConfig, Trainer
 
         c = self.cfg
-        steps = max(1, min(c.dpo_steps, math.ceil(c.dpo_epochs * len(records) / c.dpo_batch)))
+        cap, epochs = (c.sft_steps, c.sft_epochs) if arm.algo == "sft" else (c.dpo_steps, c.dpo_epochs)
+        steps = max(1, min(cap, math.ceil(epochs * len(records) / c.dpo_batch)))
         validate = self.validation_accuracy if c.val_prompts and c.val_every else None
         tc = TrainConfig(algo=arm.algo, steps=steps, batch_size=c.dpo_batch, lr=arm.lr or self.dpo_lr(),
                          lora_rank=c.dpo_rank, dpo_beta=c.dpo_beta, seed=arm.seed,
@@ -401,7 +406,8 @@ class Experiment:
             history = tr.run(resume=True, progress=False, validate=validate).history
             best = tr.restore_best() if validate else None
             tr.net.eval()
-            reports = self.evaluate(test=arm.lr is None)
+            reports = self._base_reports(arm.lr is None) if best == 0 else None
+            reports = reports or self.evaluate(test=arm.lr is None)
         finally:
             tr.unload()
         keys = ("loss", "implicit_acc", "reward_margin")
@@ -410,8 +416,18 @@ class Experiment:
                 "last_rows": {k: mean(history[-10:], k) for k in keys}, "steps": tr.step, "best_step": best,
                 "validations": tr.validations}, reports
 
-    def _on_policy(self, arm: Arm) -> tuple[dict, dict]:
-        from dfusion_core.training.onpolicy import OnPolicyConfig, OnPolicyTrainer
+    def _base_reports(self, test: bool) -> dict | None:
+        """An arm whose best checkpoint is step 0 is the plain model: the base arm's reports (the same samples,
+        evaluated with the same seeds) instead of sampling them again; None until the base arm is done."""
+        path = self.arm_path(Arm(None))
+        if not path.is_file():
+            return None
+        reports = json.loads(path.read_text())["reports"]
+        return {k: v for k, v in reports.items() if k != "test" or test or "validation" not in reports}
+
+    def on_policy_config(self, arm: Arm) -> tuple:
+        """(OnPolicyConfig, fusion form or None) of an on-policy arm: the budget, with its ablation applied."""
+        from dfusion_core.training.onpolicy import OnPolicyConfig
 
         c = self.cfg
         fusion = None if arm.kind == "random" else self.fusion
@@ -424,6 +440,13 @@ class Experiment:
                             max_step_residual=2.0 if arm.ablation == "drawable-steps" else c.max_step_residual,
                             advantage_groups="prompt" if arm.ablation == "per-prompt-advantages"
                             else c.advantage_groups)
+        return oc, fusion
+
+    def _on_policy(self, arm: Arm) -> tuple[dict, dict]:
+        from dfusion_core.training.onpolicy import OnPolicyTrainer
+
+        c = self.cfg
+        oc, fusion = self.on_policy_config(arm)
         # the rounds' candidates differ by training seed; round r's pairing seed derives from this one
         pairing = PairingParams(num_candidates=c.round_candidates, seed=c.pair_seed * 1000 + 7 + arm.seed)
         tr = OnPolicyTrainer(self.model, self.train_prompts, self.scorer, oc,
@@ -547,7 +570,7 @@ def _config_from_args(ap: argparse.ArgumentParser, a) -> ExperimentConfig:
         ap.error("--rl-kl-scale must be flow_grpo or exact, --rl-clip in (0, 1), --rl-kl >= 0, --rl-dual-clip 0 or > 1")
     if not (cfg.max_step_residual == 0 or cfg.max_step_residual >= 1):
         ap.error(f"--max-step-residual must be 0 or >= 1, got {cfg.max_step_residual}")
-    for f in ("train_prompts", "num_candidates", "num_steps", "dpo_steps", "dpo_batch", "rounds", "round_candidates",
+    for f in ("train_prompts", "num_candidates", "num_steps", "dpo_steps", "sft_steps", "dpo_batch", "rounds", "round_candidates",
               "rl_batch", "inner_epochs", "dpo_rank", "rl_rank", "eval_train_seeds", "eval_prompts", "eval_seeds"):
         if getattr(cfg, f) < 1:
             ap.error(f"--{f.replace('_', '-')} must be >= 1, got {getattr(cfg, f)}")
@@ -560,8 +583,8 @@ def _config_from_args(ap: argparse.ArgumentParser, a) -> ExperimentConfig:
     if not (0 < cfg.dpo_lr < 1 and 0 < cfg.rl_lr < 1) or not cfg.dpo_lrs or \
             not all(0 < x < 1 for x in cfg.dpo_lrs + cfg.sft_lrs):
         ap.error("--dpo-lr, --dpo-lrs, --sft-lrs and --rl-lr must be in (0, 1)")
-    if cfg.dpo_epochs <= 0 or cfg.val_every < 0 or cfg.val_seeds < 1 or cfg.patience < 0:
-        ap.error("--dpo-epochs must be > 0, --val-every and --patience >= 0, --val-seeds >= 1")
+    if cfg.dpo_epochs <= 0 or cfg.sft_epochs <= 0 or cfg.val_every < 0 or cfg.val_seeds < 1 or cfg.patience < 0:
+        ap.error("--dpo-epochs and --sft-epochs must be > 0, --val-every and --patience >= 0, --val-seeds >= 1")
     return cfg
 
 

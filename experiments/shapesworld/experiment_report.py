@@ -178,10 +178,13 @@ def _budget_lines(summary: dict) -> list[str]:
     b = summary.get("budget")
     if not b:
         return ["No learning rate was chosen (the calibration needs validation prompts and the base arm)."]
-    rows = ["| control | lr | steps run | best step | validation accuracy | movement from base [95% CI] |",
-            "| --- | --- | --- | --- | --- | --- |"]
-    rows += [f"| {t.get('algo', 'dpo')} | {t['lr']:g} | {t['steps']} | {t['best_step'] or '-'} | "
-             f"{t['validation_accuracy']:.3f} | {est(t['movement'])} |" for t in b["tried"]]
+    seeds = summary["config"].get("val_seeds")
+    rows = [f"| control | lr | steps run | early stopping's score by step ({seeds} seeds) | best step | validation "
+            "accuracy at it | movement from base [95% CI] |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    rows += [f"| {t.get('algo', 'dpo')} | {t['lr']:g} | {t['steps']} | "
+             f"{', '.join(f'{k}: {v:.3f}' for k, v in (t.get('checkpoints') or {}).items()) or '-'} | "
+             f"{'-' if t['best_step'] is None else t['best_step']} | {t['validation_accuracy']:.3f} | "
+             f"{est(t['movement'])} |" for t in b["tried"]]
     said = lambda v: "moved validation accuracy up outside its interval" if v else \
         "did **not** move validation accuracy up outside its interval"
     lines = ["Positive controls, validated on the validation prompts (base: "
@@ -193,6 +196,8 @@ def _budget_lines(summary: dict) -> list[str]:
     if b.get("sft_control_passes") is not None:
         lines += [f"SFT {said(b['sft_control_passes'])} at "
                   f"{'some' if b['sft_control_passes'] else 'any'} learning rate tried."]
+    lines += ["An arm whose best step is 0 ended as the plain model (its evaluation is the base's samples). The "
+              "early-stopping score is read on other seeds than the final validation accuracy."]
     lines += ["The budget can align the model: the evaluation sees a trained move." if b["positive_control_passes"] else
               "No positive control moved the model: no affordable budget aligned it, and the comparisons below cannot "
               "show an alignment effect."]
