@@ -578,7 +578,7 @@ def test_the_train_tab_runs_on_policy_rounds_for_its_session_and_refuses_bad_inp
         msg, status, progress, _ = c.predict("ddpo", 4, 1e-3, 1, "random", "a red dog\na red  dog\na blue cat", 4,
                                              api_name="/train_on_policy")
         assert msg.startswith("started ddpo rounds (random pairs) on 2 prompt(s), 4 candidates") and "round 0/1" in status
-        deadline = time.time() + 240
+        deadline = time.time() + 600  # a child process on a loaded 2-core machine
         while time.time() < deadline and status.startswith("running"):
             time.sleep(1)
             status = c.predict(api_name="/train_status")[0]
