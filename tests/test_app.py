@@ -163,7 +163,7 @@ def _trained(c) -> str:
     """Wait for client c's fine-tune to finish; the run folder its status line names."""
     import time
 
-    deadline = time.time() + 240
+    deadline = time.time() + 600  # a child process on a loaded 2-core machine
     status, progress, _ = c.predict(api_name="/train_status")
     while time.time() < deadline and status.startswith("running"):
         time.sleep(1)
