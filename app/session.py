@@ -158,19 +158,19 @@ def score_cell(score) -> float | None:
     return None if score is None else round(float(score), 3)
 
 
-def model_name(source: str) -> str:
+def model_name(source: str | Path) -> str:
     """A model's (or run folder's) name for the page: a folder under the working directory by its relative path,
     one under the home directory as ~/..., another folder by its name, a hub id as it is (no machine's absolute
     paths on the page)."""
     p = Path(source)
     if not p.is_absolute():
-        return source
+        return str(source)
     for root, shown in ((Path.cwd(), ""), (Path.home(), "~/")):
         try:
             return shown + str(p.resolve().relative_to(root.resolve()))
         except ValueError:
             pass
-    return p.name or source
+    return p.name or str(source)
 
 
 def check_prompt(prompt) -> str:

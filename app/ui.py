@@ -804,7 +804,7 @@ def train_tab(svc: AppService, state: gr.State, weights: gr.Markdown) -> list:
     with gr.Tab("Train"):
         gr.Markdown("Fine-tune a LoRA on the labelled pairs in a background process; the plot follows its log. "
                     f"Each run writes its log, checkpoints and LoRA weights to a folder of its own under "
-                    f"`{model_name(str(svc.runs_dir.resolve()))}`. The fine-tune is this session's: *Load into the Fuse view* "
+                    f"`{model_name(svc.runs_dir)}`. The fine-tune is this session's: *Load into the Fuse view* "
                     "makes this session (no other) fuse and label with it.")
         with gr.Row():
             algo = gr.Dropdown(["dpo", "traj-dpo", "ddpo", "dpok"], value="dpo", label="Algorithm")

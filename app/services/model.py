@@ -139,13 +139,13 @@ class ModelService:
         try:
             stamp = (Path(folder) / LORA_FILE).stat().st_mtime_ns
         except OSError:
-            raise UserError(f"the fine-tuned weights in {model_name(str(folder))} are gone: go back to the base weights") from None
+            raise UserError(f"the fine-tuned weights in {model_name(folder)} are gone: go back to the base weights") from None
         if self._adapters.get(folder) != stamp or name not in self.model.lora_folders:
             try:
                 self.model.load_lora(folder, name)
             except (OSError, ValueError, KeyError, RuntimeError) as e:
                 self._adapters.pop(folder, None)
-                raise UserError(f"could not load the LoRA in {model_name(str(folder))}: {str(e).splitlines()[0]}") from None
+                raise UserError(f"could not load the LoRA in {model_name(folder)}: {str(e).splitlines()[0]}") from None
             if self._stamps.setdefault(folder, stamp) != stamp:  # new weights under the same model id
                 self.cache.forget(self.model.model_id)
                 self._stamps[folder] = stamp

@@ -108,7 +108,7 @@ class TrainService:
         session, out = self._run_folder(session, f"{cfg.algo}-rounds")
         self._launch(session, OnPolicyJob(self.model_source, prompts, self.scorer_source, n, cfg, out))
         return session, (f"started {cfg.algo} rounds ({cfg.arm} pairs) on {len(prompts)} prompt(s), {n} candidates "
-                         f"each per round; the run's folder (log, rounds, checkpoints, LoRA weights) is {model_name(str(out))}")
+                         f"each per round; the run's folder (log, rounds, checkpoints, LoRA weights) is {model_name(out)}")
 
     def _run_folder(self, session: Session, kind: str) -> tuple[Session, Path]:
         """A new run's folder under runs_dir, named by kind, time and the session (which gets a token if new)."""
@@ -157,13 +157,13 @@ class TrainService:
         session, out = self._run_folder(session, cfg.algo)
         self._launch(session, TrainingJob(self.model_source, self.store.root, cfg, out))
         return session, (f"started {cfg.algo} on {len(labelled)} pairs; the run's folder (log, checkpoints, "
-                         f"LoRA weights) is {model_name(str(out))}")
+                         f"LoRA weights) is {model_name(out)}")
 
     def train_status(self, session: Session) -> tuple[str, list[dict], float]:
         """(message, log rows, fraction done) of the session's fine-tune; the message names its folder."""
         job = self._job(session)
         if job is None:
-            return f"no fine-tune started in this session; runs are written under {model_name(str(self.runs_dir))}", [], 0.0
+            return f"no fine-tune started in this session; runs are written under {model_name(self.runs_dir)}", [], 0.0
         rows = job.rows()
         done, frac = job.progress()
         state = job.state
@@ -173,7 +173,7 @@ class TrainService:
         msg += validation_text(job)
         if state == "failed":
             msg += f" · {job.error()}"
-        msg += f" · run folder {model_name(str(job.out))}"
+        msg += f" · run folder {model_name(job.out)}"
         if (job.out / LORA_FILE).is_file() and state != "running":
             msg += " · weights ready: 'Load into the Fuse view' uses them in this session"
         return msg, rows, frac
@@ -183,14 +183,14 @@ class TrainService:
         if job is None or job.state != "running":
             raise UserError("no fine-tune of this session is running")
         job.cancel()
-        return f"cancelled; 'Resume' continues from the last checkpoint in {model_name(str(job.out))}"
+        return f"cancelled; 'Resume' continues from the last checkpoint in {model_name(job.out)}"
 
     def train_resume(self, session: Session) -> str:
         job = self._job(session)
         if job is None:
             raise UserError("no fine-tune of this session to resume")
         self._launch(session, job)
-        return f"resumed in {model_name(str(job.out))}"
+        return f"resumed in {model_name(job.out)}"
 
     def _trained(self, session: Session) -> str:
         """The session's run folder that holds trained weights."""

@@ -310,10 +310,16 @@ class Experiment:
         read on validation only, and TEST, half an evaluation's samples, is left to the headline)}."""
         c, s, lists = self.cfg, self.cfg.eval_seed, self.prompt_lists
         seeds = {"train": c.eval_train_seeds, "validation": c.eval_train_seeds, "test": c.eval_seeds}
-        splits = [x for x in ("train", "validation", "test") if (x != "validation" or c.val_prompts)
-                  and (x != "test" or test or not c.val_prompts)]
         return {split: evaluate(self.model, self.scorer, "test" if split == "test" else "train", 0, seeds[split],
-                                self.sampling, seed=s, localise=False, prompt_lists=lists[split]) for split in splits}
+                                self.sampling, seed=s, localise=False, prompt_lists=lists[split])
+                for split in self.splits(test)}
+
+    def splits(self, test: bool = True) -> list[str]:
+        """The splits an evaluation reads: validation where there are validation prompts, TEST unless test=False
+        (then only where nothing else would choose a budget)."""
+        c = self.cfg
+        return [x for x in ("train", "validation", "test") if (x != "validation" or c.val_prompts)
+                and (x != "test" or test or not c.val_prompts)]
 
     def validation_accuracy(self, trainer) -> dict:
         """Early stopping's score at a checkpoint: checker accuracy on the validation prompts (val_seeds each)."""
@@ -423,7 +429,7 @@ class Experiment:
         if not path.is_file():
             return None
         reports = json.loads(path.read_text())["reports"]
-        return {k: v for k, v in reports.items() if k != "test" or test or "validation" not in reports}
+        return {k: reports[k] for k in self.splits(test)}
 
     def on_policy_config(self, arm: Arm) -> tuple:
         """(OnPolicyConfig, fusion form or None) of an on-policy arm: the budget, with its ablation applied."""
