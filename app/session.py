@@ -15,6 +15,8 @@ from dfusion_core.engine.sampling import MAX_SEED, Trajectory, validate_prompt
 from dfusion_core.pairs.prompt_sets import load_prompt_set
 from dfusion_core.worlds import discover as discover_worlds
 from dfusion_core.worlds.registry import world_of
+from dfusion_core.data.sharing import portable_name
+from dfusion_core.engine.schema import shown
 
 
 MAX_CANDIDATES = 32
@@ -128,9 +130,9 @@ def parse_seed(value, name: str) -> int:
     try:
         f = float(value)
     except (TypeError, ValueError):
-        raise UserError(f"{name} must be an integer, got {value!r}") from None
+        raise UserError(f"{name} must be an integer, got {shown(value)}") from None
     if not np.isfinite(f) or f != int(f):
-        raise UserError(f"{name} must be a whole number, got {value!r}")
+        raise UserError(f"{name} must be a whole number, got {shown(value)}")
     seed = int(f)
     if not 0 <= seed <= MAX_SEED:
         raise UserError(f"{name} must be between 0 and {MAX_SEED}, got {seed}")
@@ -159,18 +161,8 @@ def score_cell(score) -> float | None:
 
 
 def model_name(source: str | Path) -> str:
-    """A model's (or run folder's) name for the page: a folder under the working directory by its relative path,
-    one under the home directory as ~/..., another folder by its name, a hub id as it is (no machine's absolute
-    paths on the page)."""
-    p = Path(source)
-    if not p.is_absolute():
-        return str(source)
-    for root, shown in ((Path.cwd(), ""), (Path.home(), "~/")):
-        try:
-            return shown + str(p.resolve().relative_to(root.resolve()))
-        except ValueError:
-            pass
-    return p.name or str(source)
+    """A model's (or run folder's) name for the page: portable_name (no machine's absolute paths on the page)."""
+    return portable_name(source)
 
 
 def check_prompt(prompt) -> str:

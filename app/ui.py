@@ -165,6 +165,20 @@ def guarded(fn):
     return wrapper
 
 
+def checked(listen, check, inputs: list, fn, outputs: list, **action):
+    """listen(fn, inputs, outputs) with `check(*inputs)` run first as an event of its own without outputs: its
+    refusal (a UserError) is a toast and no panel is replaced by an Error badge (an error raised by fn marks
+    every output fn has). The API endpoint is fn itself, which refuses the same things: each service action calls
+    the check it is given here."""
+    def refusal(*values) -> None:  # what a check returns is not the page's (an event without outputs)
+        check(*values)
+
+    refusal.__name__ = getattr(check, "__name__", "check")
+    # queued: the error of an unqueued event shows no toast
+    first = listen(guarded(refusal), inputs, None, api_name=False, show_progress="hidden")
+    return first.success(fn, inputs, outputs, **action)
+
+
 # ---- the page ----------------------------------------------------------------------------------------
 def build_demo(svc: AppService) -> gr.Blocks:
     """The whole app: one Session per visitor (gr.State), the tabs, then what runs when a page opens."""
@@ -591,10 +605,13 @@ def _wire_fuse(v: SimpleNamespace, ev: FuseEvents, state: gr.State) -> None:
                     show_progress="hidden", trigger_mode="always_last")
     _wire_fusion(v, ev)
     v.words.change(ev.on_word, [state, v.words, v.prompt], [v.heat], api_name="word_heatmap")
-    v.traj_step.release(ev.on_traj, [state, v.traj_step], [v.x0_img], api_name="trajectory")
+    svc = ev.svc
+    checked(v.traj_step.release, lambda sess, _: svc.fused_result(sess), [state, v.traj_step], ev.on_traj, [v.x0_img],
+            api_name="trajectory")
     for lab, btn in v.label_buttons.items():
-        btn.click(ev.labeller(lab), [state], [v.status], api_name=f"label_{lab}")
-    v.undo_btn.click(ev.on_undo, [state], [v.status], api_name="undo")
+        checked(btn.click, functools.partial(svc.check_label, label=lab), [state], ev.labeller(lab), [v.status],
+                api_name=f"label_{lab}")
+    checked(v.undo_btn.click, svc.check_undo, [state], ev.on_undo, [v.status], api_name="undo")
 
 
 def _wire_fusion(v: SimpleNamespace, ev: FuseEvents) -> None:
@@ -725,12 +742,14 @@ def _wire_dataset(v: SimpleNamespace, ev: DatasetEvents) -> None:
     v.filt.submit(ev.on_table, v.query, [v.table], api_name=False)
     v.label_filt.change(ev.on_table, v.query, [v.table], api_name=False)
     v.table.select(ev.on_row, [v.table], [v.pick_id, v.ds_base, v.ds_target], api_name=False)
-    v.relabel_btn.click(ev.on_relabel, [v.pick_id, v.new_label, *v.query], [v.ds_status, v.table], api_name="relabel")
-    v.delete_btn.click(ev.on_delete, [v.pick_id, *v.query, v.deleted],
-                       [v.ds_status, v.table, v.ds_base, v.ds_target, v.deleted], api_name="delete_pair")
-    v.undo_btn.click(ev.on_undo_delete, [v.deleted, *v.query], [v.ds_status, v.table, v.deleted],
-                     api_name="undo_delete")
-    v.export_btn.click(ev.on_export, None, [v.ds_status, v.export_file], api_name="export")
+    svc, picked = ev.svc, lambda pid, *_: ev.svc.picked(pid)
+    checked(v.relabel_btn.click, picked, [v.pick_id, v.new_label, *v.query], ev.on_relabel, [v.ds_status, v.table],
+            api_name="relabel")
+    checked(v.delete_btn.click, picked, [v.pick_id, *v.query, v.deleted], ev.on_delete,
+            [v.ds_status, v.table, v.ds_base, v.ds_target, v.deleted], api_name="delete_pair")
+    checked(v.undo_btn.click, lambda deleted, *_: svc.check_undo_delete(deleted), [v.deleted, *v.query],
+            ev.on_undo_delete, [v.ds_status, v.table, v.deleted], api_name="undo_delete")
+    checked(v.export_btn.click, svc.check_export, [], ev.on_export, [v.ds_status, v.export_file], api_name="export")
     v.import_btn.upload(ev.on_import, [v.import_btn, *v.query], [v.ds_status, v.table], api_name="import")
 
 
@@ -751,6 +770,16 @@ class TrainEvents:
     def on_train(self, sess, a_, r_, lr_, b_, st_):  # (algorithm, rank, lr, beta, steps); names are the API's: kept
         sess, msg = self.svc.train_start(sess, self.svc.train_config(a_, r_, lr_, b_, st_))
         return (sess, msg, *self.status(sess))
+
+    def check_train(self, sess, a_, r_, lr_, b_, st_):
+        self.svc.train_plan(sess, self.svc.train_config(a_, r_, lr_, b_, st_))
+
+    def check_rounds(self, sess, a_, r_, lr_, rounds, arm, prompts, cands):
+        self.svc.on_policy_plan(sess, self.svc.on_policy_config(a_, r_, lr_, rounds, arm), prompts, cands)
+
+    def check_compare(self, sess, text):
+        self.svc.trained_folder(sess)
+        self.svc.before_after_prompts(sess, text)
 
     @guarded
     def on_rounds(self, sess, a_, r_, lr_, rounds, arm, prompts, cands):  # names are the API's: kept
@@ -845,19 +874,21 @@ def train_tab(svc: AppService, state: gr.State, weights: gr.Markdown) -> list:
         ba_rows = gr.Markdown(elem_id="before-after-rows")
         timer = gr.Timer(2.0)
     ev, shown = TrainEvents(svc), [train_status, train_progress, train_plot]
-    trained = train_btn.click(ev.on_train, [state, algo, rank, lr, beta, tsteps], [state, train_msg, *shown],
-                              api_name="train")
-    rounds_started = rounds_btn.click(ev.on_rounds, [state, rl_algo, rank, lr, rounds, arm, rl_prompts, cands],
-                                      [state, train_msg, *shown], api_name="train_on_policy")
-    cancel_btn.click(ev.on_cancel, [state], [train_msg, *shown], api_name="train_cancel")
-    resume_btn.click(ev.on_resume, [state], [train_msg, *shown], api_name="train_resume")
-    load_btn.click(ev.on_load, [state], [state, train_msg, weights], api_name="load_trained")
-    unload_btn.click(ev.on_unload, [state], [state, train_msg, weights], api_name="unload_trained")
+    trained = checked(train_btn.click, ev.check_train, [state, algo, rank, lr, beta, tsteps], ev.on_train,
+                      [state, train_msg, *shown], api_name="train")
+    rounds_started = checked(rounds_btn.click, ev.check_rounds, [state, rl_algo, rank, lr, rounds, arm, rl_prompts, cands],
+                             ev.on_rounds, [state, train_msg, *shown], api_name="train_on_policy")
+    checked(cancel_btn.click, svc.running_job, [state], ev.on_cancel, [train_msg, *shown], api_name="train_cancel")
+    checked(resume_btn.click, svc.resumable_job, [state], ev.on_resume, [train_msg, *shown], api_name="train_resume")
+    checked(load_btn.click, svc.trained_folder, [state], ev.on_load, [state, train_msg, weights], api_name="load_trained")
+    checked(unload_btn.click, svc.loaded_weights, [state], ev.on_unload, [state, train_msg, weights],
+            api_name="unload_trained")
     # a fine-tune started makes the shown before / after stale: it compared the previous LoRA
     for started in (trained, rounds_started):
         started.success(lambda: (None, ""), None, [before_after, ba_rows], queue=False, api_name=False,
                         show_progress="hidden")
-    compare_btn.click(ev.on_compare, [state, ba_prompts], [before_after, ba_prompts, ba_rows], api_name="before_after")
+    checked(compare_btn.click, ev.check_compare, [state, ba_prompts], ev.on_compare, [before_after, ba_prompts, ba_rows],
+            api_name="before_after")
     ba_prompts.change(ev.on_compare_plan, [state, ba_prompts], [ba_plan], api_name=False, show_progress="hidden")
     timer.tick(ev.on_tick, [state], shown, api_name="train_status", show_progress="hidden")
     return [(ev.on_weights, [state], [weights]), (ev.on_tick, [state], shown),
@@ -882,4 +913,4 @@ def ablations_tab(svc: AppService, state: gr.State) -> None:
         items = [(enlarge(c.image, 128), c.label + (f" · {c.score:.3f}" if c.score is not None else "")) for c in cells]
         return items, ablation_plot(cells)
 
-    abl_btn.click(on_ablate, [state], [abl_gallery, abl_plot], api_name="ablation")
+    checked(abl_btn.click, svc.ablation_pair, [state], on_ablate, [abl_gallery, abl_plot], api_name="ablation")

@@ -282,3 +282,25 @@ def test_export_archive_is_one_zip_that_imports_back(tmp_path):
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["set.zip"]  # no temp folder left behind
     other = PreferenceStore(tmp_path / "b")
     assert other.import_pairs(info["out"]).imported == 1 and other.get("pair00001").label == "base"
+
+
+def test_an_export_names_the_model_without_this_machines_paths(tmp_path, monkeypatch):
+    """A pair fused from an absolute folder (as the app loads its model) with a LoRA of a run folder is exported
+    with the project-relative / home-relative / bare names: the archive leaks no server path, the pair id stays."""
+    import json
+    from dataclasses import replace
+
+    import pyarrow.parquet as pq
+
+    monkeypatch.chdir(tmp_path)
+    store = PreferenceStore(tmp_path / "store")
+    absolute = f"{tmp_path / 'assets' / 'model'}+lora:{tmp_path / 'runs' / 'dpo-1'}"
+    store.add(replace(fake_record(1), model_id=absolute), "target")
+    store.add(replace(fake_record(2), model_id="/elsewhere/models/sd"), "base")
+    store.add(replace(fake_record(3), model_id="org/hub-model"), "tie")
+    store.export(tmp_path / "export")
+    names = pq.read_table(tmp_path / "export" / "pairs.parquet").to_pydict()["model_id"]
+    assert names == ["assets/model+lora:runs/dpo-1", "sd", "org/hub-model"]
+    lines = [json.loads(x) for x in (tmp_path / "export" / "pairs.jsonl").read_text().splitlines()]
+    assert [x["model_id"] for x in lines] == names and str(tmp_path) not in (tmp_path / "export" / "pairs.jsonl").read_text()
+    assert store.get("pair00001").model_id == absolute  # the set itself keeps the id training reloads the model by

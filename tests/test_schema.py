@@ -126,3 +126,17 @@ def test_the_apps_setting_controls_are_made_from_the_schema(sd1, tmp_path):
                 assert [c[0] for c in props["choices"]] == list(spec["choices"]), f.name
             made += 1
     assert made >= 12
+
+
+def test_messages_show_values_as_typed_not_as_python_reprs():
+    """A refused value reads as the person gave it: numpy's scalars as numbers (repr: np.float64(2.0)), text in
+    quotes without escapes."""
+    import numpy as np
+
+    from dfusion_core.engine.config import SamplingParams
+    from dfusion_core.engine.schema import shown
+
+    with pytest.raises(ValueError) as e:
+        SamplingParams(eta=np.float64(2.0)).validate()
+    assert str(e.value) == "eta must be in [0, 1], got 2.0"
+    assert shown("a red\ndog") == "'a red dog'" and shown("it's") == "'it's'" and shown(np.int64(3)) == "3"

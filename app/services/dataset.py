@@ -19,9 +19,15 @@ class DatasetService:
         rec = self.store.get(pair_id)
         return rec.images.get("base"), rec.images.get("target")
 
-    def relabel(self, pair_id, label: str) -> str:
+    @staticmethod
+    def picked(pair_id) -> str:
+        """The pair id a row click put in the box; UserError before any."""
         if not pair_id:
             raise UserError("click a row first")
+        return pair_id
+
+    def relabel(self, pair_id, label: str) -> str:
+        self.picked(pair_id)
         try:
             self.store.relabel(pair_id, label)
         except KeyError as e:
@@ -30,8 +36,7 @@ class DatasetService:
 
     def delete_pair(self, pair_id, deleted: list) -> str:
         """Delete a pair; it goes on `deleted` (the page's own list, newest last) for `undo_delete`."""
-        if not pair_id:
-            raise UserError("click a row first")
+        self.picked(pair_id)
         try:
             removed = self.store.delete(pair_id)
         except KeyError as e:
@@ -42,10 +47,14 @@ class DatasetService:
         del deleted[:-MAX_UNDO_DELETES]
         return f"pair {pair_id} deleted · 'Undo delete' restores it"
 
-    def undo_delete(self, deleted: list) -> str:
-        """Restore the last pair deleted from this page, with its label and files."""
+    @staticmethod
+    def check_undo_delete(deleted: list) -> None:
         if not deleted:
             raise UserError("nothing deleted to undo on this page")
+
+    def undo_delete(self, deleted: list) -> str:
+        """Restore the last pair deleted from this page, with its label and files."""
+        self.check_undo_delete(deleted)
         removed = deleted.pop()
         try:
             self.store.restore(removed)
@@ -56,8 +65,7 @@ class DatasetService:
     def export(self) -> tuple[str, str]:
         """(message, path of a .zip): the set as Parquet (caption / jpg_0 / jpg_1 / label_0) plus a pair folder
         (trajectories), for the page to offer as a download. Archives older than an hour are removed."""
-        if len(self.store) == 0:
-            raise UserError("the set is empty: label a pair in the Fuse tab first")
+        self.check_export()
         EXPORT_DIR.mkdir(parents=True, exist_ok=True)
         for old in EXPORT_DIR.glob("*.zip"):
             try:
@@ -71,6 +79,10 @@ class DatasetService:
         except OSError as e:
             raise UserError(f"the export could not be written: {e}") from None
         return f"exported {info['pairs']} pairs · {dest.name}", info["out"]
+
+    def check_export(self) -> None:
+        if len(self.store) == 0:
+            raise UserError("the set is empty: label a pair in the Fuse tab first")
 
     def import_pairs(self, path) -> str:
         """Pairs from an uploaded .zip / .tar / .tar.gz (an export, or a build-pairs folder packed), added to the

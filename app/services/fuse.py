@@ -266,21 +266,31 @@ class FuseService:
         ims = self.x0_images(session)
         return ims[int(np.clip(int(step), 1, len(ims))) - 1]
 
-    def x0_images(self, session: Session) -> list:
-        """Decoded x0 predictions of the target, one per step (the trajectory viewer)."""
+    @staticmethod
+    def fused_result(session: Session):
+        """The session's fused pair; UserError before the first fusion."""
         if session.result is None:
             raise UserError("fuse a pair first")
+        return session.result
+
+    def x0_images(self, session: Session) -> list:
+        """Decoded x0 predictions of the target, one per step (the trajectory viewer)."""
+        self.fused_result(session)
         if session.x0_images is None:
             session.x0_images = self._run(session, self.model.decode, session.result.target.x0_preds)
         return session.x0_images
 
-    def label(self, session: Session, label: str) -> str:
+    @staticmethod
+    def check_label(session: Session, label: str) -> None:
         if session.result is None:
             raise UserError("nothing to label yet: fuse a pair first")
+        if label not in (*LABELS, "skip"):
+            raise UserError(f"unknown label '{label}'")
+
+    def label(self, session: Session, label: str) -> str:
+        self.check_label(session, label)
         if label == "skip":
             return "skipped"
-        if label not in LABELS:
-            raise UserError(f"unknown label {label!r}")
         try:  # a target held outside its mask gets its exact log-probs now, under the weights that fused it
             self._run(session, finish_log_probs, self.model, session.result)
         except ValueError as e:
@@ -293,9 +303,13 @@ class FuseService:
         session.history.append((rec.pair_id, previous))
         return f"saved pair {rec.pair_id} as '{label}' ({len(self.store)} in the set)"
 
-    def undo(self, session: Session) -> str:
+    @staticmethod
+    def check_undo(session: Session) -> None:
         if not session.history:
             raise UserError("nothing to undo in this session")
+
+    def undo(self, session: Session) -> str:
+        self.check_undo(session)
         pid, previous = session.history.pop()
         try:
             if previous is None:

@@ -74,14 +74,10 @@ class TrainService:
         except (TypeError, ValueError) as e:
             raise UserError(str(e)) from None
 
-    def train_on_policy_start(self, session: Session, cfg, prompts_text: str, num_candidates) -> tuple[Session, str]:
-        """DDPO / DPOK rounds on the given prompts in a child process (the CLI's train-on-policy), rewarded by the
-        app's scorer: each round samples from the current LoRA, pairs, scores and trains. The session's job."""
-        from ..jobs import OnPolicyJob
-
-        mine = self._job(session)
-        if mine is not None and mine.state == "running":
-            raise UserError("this session's fine-tune is still running: cancel it or wait for it to finish")
+    def on_policy_plan(self, session: Session, cfg, prompts_text: str, num_candidates) -> tuple[list[str], int]:
+        """(prompts, candidates per prompt) of the rounds train_on_policy_start would launch; UserError for what it
+        refuses, found before anything starts (the page checks it first: a refusal blanks no panel)."""
+        self._startable(session)
         if cfg.lora_rank == 0:
             raise UserError("the app trains LoRA adapters (rank >= 1); use the CLI for a full fine-tune")
         if self.default_sampling.eta == 0 or self.default_sampling.flow_sampler == "ode":
@@ -105,6 +101,14 @@ class TrainService:
             why = f" (it could not be loaded: {self.scorer_error})" if self.scorer_error else ""
             raise UserError(f"on-policy rounds need the scorer (their rewards are its scores){why}: start the app "
                             "with --scorer default or an OpenCLIP scorer")
+        return prompts, n
+
+    def train_on_policy_start(self, session: Session, cfg, prompts_text: str, num_candidates) -> tuple[Session, str]:
+        """DDPO / DPOK rounds on the given prompts in a child process (the CLI's train-on-policy), rewarded by the
+        app's scorer: each round samples from the current LoRA, pairs, scores and trains. The session's job."""
+        from ..jobs import OnPolicyJob
+
+        prompts, n = self.on_policy_plan(session, cfg, prompts_text, num_candidates)
         session, out = self._run_folder(session, f"{cfg.algo}-rounds")
         self._launch(session, OnPolicyJob(self.model_source, prompts, self.scorer_source, n, cfg, out))
         return session, (f"started {cfg.algo} rounds ({cfg.arm} pairs) on {len(prompts)} prompt(s), {n} candidates "
@@ -120,43 +124,51 @@ class TrainService:
         """The session's latest fine-tune (None before its first): other sessions' jobs are not its to see."""
         return self.jobs.get(session.token) if session.token else None
 
+    def _startable(self, session: Session) -> None:
+        """UserError unless a fine-tune may start for the session now: its own is not running and the app runs
+        fewer than max_jobs."""
+        mine = self._job(session)
+        if mine is not None and mine.state == "running":
+            raise UserError("this session's fine-tune is still running: cancel it or wait for it to finish")
+        running = sum(j.state == "running" for j in self.jobs.values())
+        if running >= self.max_jobs:
+            raise UserError(f"the app already runs {running} fine-tune{'s' * (running > 1)} for other sessions, "
+                            "the most it runs at once: wait for one to finish")
+
     def _launch(self, session: Session, job) -> None:
         """Start (or restart) a session's job within the app-wide cap on fine-tunes running at once."""
         with self._jobs_lock:
-            mine = self._job(session)
-            if mine is not None and mine.state == "running":
-                raise UserError("this session's fine-tune is still running: cancel it or wait for it to finish")
-            running = sum(j.state == "running" for j in self.jobs.values())
-            if running >= self.max_jobs:
-                raise UserError(f"the app already runs {running} fine-tune{'s' * (running > 1)} for other sessions, "
-                                "the most it runs at once: wait for one to finish")
+            self._startable(session)  # again under the lock: another session may have started one since the check
             job.start()
             self.jobs[session.token] = job
 
-    def train_start(self, session: Session, cfg: TrainConfig) -> tuple[Session, str]:
-        """Fine-tune a LoRA on the labelled pairs in a child process (batches capped at the number of pairs).
-        The job belongs to the session: its status, cancel, resume, load and before / after act on it alone."""
+    def train_plan(self, session: Session, cfg: TrainConfig) -> tuple[TrainConfig, int]:
+        """(the config train_start would run, the number of labelled pairs); UserError for what it refuses, found
+        before anything starts (the page checks it first: a refusal blanks no panel)."""
         from dfusion_core.training.data import LOG_PROB_ALGOS, load_training_pairs
 
-        from ..jobs import TrainingJob
-
-        mine = self._job(session)
-        if mine is not None and mine.state == "running":  # said before the checks below (again when launched)
-            raise UserError("this session's fine-tune is still running: cancel it or wait for it to finish")
+        self._startable(session)
         labelled = [s for s in self.store.summaries() if s.label != "tie"]
         if len(labelled) < 2:
             raise UserError(f"training needs at least two labelled pairs (ties do not count); the set has {len(labelled)}")
         if cfg.lora_rank == 0:
             raise UserError("the app trains LoRA adapters (rank >= 1); use the CLI for a full fine-tune")
-        cfg = replace(cfg, batch_size=min(cfg.batch_size, len(labelled)))
         if cfg.algo in LOG_PROB_ALGOS:  # e.g. pairs sampled with eta = 0: said here, not by a failed child process
             try:
                 load_training_pairs(self.store.root, cfg.algo)
             except ValueError as e:
                 raise UserError(str(e)) from None
+        return replace(cfg, batch_size=min(cfg.batch_size, len(labelled))), len(labelled)
+
+    def train_start(self, session: Session, cfg: TrainConfig) -> tuple[Session, str]:
+        """Fine-tune a LoRA on the labelled pairs in a child process (batches capped at the number of pairs).
+        The job belongs to the session: its status, cancel, resume, load and before / after act on it alone."""
+        from ..jobs import TrainingJob
+
+        cfg, n = self.train_plan(session, cfg)
         session, out = self._run_folder(session, cfg.algo)
         self._launch(session, TrainingJob(self.model_source, self.store.root, cfg, out))
-        return session, (f"started {cfg.algo} on {len(labelled)} pairs; the run's folder (log, checkpoints, "
+        return session, (f"started {cfg.algo} on {n} pairs; the run's folder (log, checkpoints, "
                          f"LoRA weights) is {model_name(out)}")
 
     def train_status(self, session: Session) -> tuple[str, list[dict], float]:
@@ -178,22 +190,33 @@ class TrainService:
             msg += " · weights ready: 'Load into the Fuse view' uses them in this session"
         return msg, rows, frac
 
-    def train_cancel(self, session: Session) -> str:
+    def running_job(self, session: Session):
+        """The session's running fine-tune (what Cancel stops); UserError if none."""
         job = self._job(session)
         if job is None or job.state != "running":
             raise UserError("no fine-tune of this session is running")
+        return job
+
+    def train_cancel(self, session: Session) -> str:
+        job = self.running_job(session)
         job.cancel()
         return f"cancelled; 'Resume' continues from the last checkpoint in {model_name(job.out)}"
 
-    def train_resume(self, session: Session) -> str:
+    def resumable_job(self, session: Session):
+        """The session's fine-tune, when Resume may restart it now; UserError otherwise."""
         job = self._job(session)
         if job is None:
             raise UserError("no fine-tune of this session to resume")
+        self._startable(session)
+        return job
+
+    def train_resume(self, session: Session) -> str:
+        job = self.resumable_job(session)
         self._launch(session, job)
         return f"resumed in {model_name(job.out)}"
 
-    def _trained(self, session: Session) -> str:
-        """The session's run folder that holds trained weights."""
+    def trained_folder(self, session: Session) -> str:
+        """The session's run folder that holds trained weights; UserError before there are any."""
         job = self._job(session)
         if job is None or not (job.out / LORA_FILE).is_file():
             raise UserError("no trained weights yet: start a fine-tune and let it reach a checkpoint")
@@ -202,15 +225,21 @@ class TrainService:
     def load_trained(self, session: Session) -> tuple[Session, str]:
         """This session's later model calls compute with its fine-tune's LoRA (the latest checkpoint on disk);
         other sessions keep their weights. Candidates sampled with the old weights are dropped."""
-        folder = self._trained(session)
+        folder = self.trained_folder(session)
         self.model_thread.run(self._adapter, folder)  # loaded (or refreshed) now: a bad file is said here
         session = replace(session, weights=folder, candidates={})
         return session, f"this session now fuses with the LoRA in {model_name(folder)} (other sessions keep their weights)"
 
-    def unload_trained(self, session: Session) -> tuple[Session, str]:
-        """Back to the base weights for this session (its new fusions and labels use them again)."""
+    @staticmethod
+    def loaded_weights(session: Session) -> str:
+        """The fine-tuned weights the session computes with; UserError when it uses the base weights."""
         if session.weights is None:
             raise UserError("no fine-tuned weights are loaded in this session")
+        return session.weights
+
+    def unload_trained(self, session: Session) -> tuple[Session, str]:
+        """Back to the base weights for this session (its new fusions and labels use them again)."""
+        self.loaded_weights(session)
         return replace(session, weights=None, candidates={}), f"back to the base weights {model_name(self.model_source)}"
 
     def held_out_prompts(self, session: Session, n: int = 4) -> list[str]:
@@ -249,21 +278,24 @@ class TrainService:
         """What a before / after costs: images, and seconds at this machine's last measured sampling speed."""
         images = n_prompts * len(seeds) * 2
         per = self.seconds_per_image
-        took = f", about {max(1, round(images * per))} s at the last sampling's speed" if per else ""
+        took = f", about {max(1, round(images * per))} s at the last sampling's speed" if per else \
+            " (how long is known once this app has sampled: Sample in the Fuse tab, or a first before / after)"
         return f"{n_prompts} prompt(s) x {len(seeds)} seeds, base and LoRA: {images} images{took}"
 
     def before_after(self, session: Session, prompts: list[str], seeds=(0, 1)) -> list[tuple[object, str]]:
         """Held-out prompts with fixed seeds under the base weights (before, always: every adapter off) and the
         session's trained LoRA (after), with scores; the session's own weights are left as they are. One row per
         prompt (before, then after); short captions, so a gallery cell shows them whole."""
-        folder = self._trained(session)
+        folder = self.trained_folder(session)
 
         def sample_all(weights):
             self._use(weights)
             return {p: sample(self.model, p, list(seeds), self.default_sampling) for p in prompts}
 
+        t0 = time.perf_counter()
         before = self.model_thread.run(sample_all, None)
         after = self.model_thread.run(sample_all, folder)
+        self.seconds_per_image = (time.perf_counter() - t0) / (2 * len(prompts) * len(seeds))  # the next estimate's
         items = []
         for p in prompts:
             for tag, res in (("before", before[p]), ("after", after[p])):

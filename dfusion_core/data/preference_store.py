@@ -13,12 +13,13 @@ import sqlite3
 import tempfile
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .atomic import temp_file_is_stale
 from .records import PAIR_ID, PairRecord, index_files, record_from_files, write_record_files
-from .sharing import FileReport, ImportReport, index_entries, is_archive, load_pair, pack_zip, pair_folders, unpack
+from .sharing import (FileReport, ImportReport, index_entries, is_archive, load_pair, pack_zip, pair_folders,
+                      portable_model_id, unpack)
 
 SCHEMA_VERSION = 1
 LABELS = ("target", "base", "tie")  # which image is preferred; 'skip' is not stored
@@ -201,7 +202,8 @@ class PreferenceStore:
     def export(self, dest: str | Path, jpeg_quality: int = 95) -> dict:
         """Write the set to `dest`: pairs.parquet (Pick-a-Pic columns caption, jpg_0 = target, jpg_1 = base,
         label_0 = 1 / 0 / 0.5 for target / base / tie, plus ids, seeds and scores) and a pair folder
-        (pairs.jsonl + per-pair safetensors trajectories and PNGs) that `import_pairs` and training read."""
+        (pairs.jsonl + per-pair safetensors trajectories and PNGs) that `import_pairs` and training read. Model
+        ids are written portable (no absolute paths of this machine: portable_model_id)."""
         import io
 
         import pyarrow as pa
@@ -217,6 +219,7 @@ class PreferenceStore:
                                 "score_0", "score_1", "model_id")}
         for pid in self.ids():
             rec = self.get(pid)
+            rec = replace(rec, model_id=portable_model_id(rec.model_id))
             save_record(rec, out)
 
             def jpg(im):

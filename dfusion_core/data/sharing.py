@@ -27,6 +27,26 @@ NEEDED_IMAGES = ("base", "target")  # the two images the Dataset tab shows and a
 SHOWN = 20  # skipped / failed items a report's text lists per file (the rest are counted)
 
 
+def portable_name(source: str | Path) -> str:
+    """A model's (or folder's) name without this machine's absolute paths: a folder under the working directory by
+    its relative path, one under the home directory as ~/..., another folder by its name, a hub id as it is."""
+    p = Path(source)
+    if not p.is_absolute():
+        return str(source)
+    for root, prefix in ((Path.cwd(), ""), (Path.home(), "~/")):
+        try:
+            return prefix + str(p.resolve().relative_to(root.resolve()))
+        except ValueError:
+            pass
+    return p.name or str(source)
+
+
+def portable_model_id(model_id: str) -> str:
+    """A pair's model id as an export writes it: each part (the base, a `+lora:` folder) by its portable_name, so
+    a shared set names its model the way the project does and leaks no server path (the pair id is unchanged)."""
+    return "+lora:".join(portable_name(part) for part in str(model_id).split("+lora:"))
+
+
 @dataclass
 class FileReport:
     """What one index file of an import gave: each listed pair imported, skipped or failed, with why."""

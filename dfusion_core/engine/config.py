@@ -10,7 +10,7 @@ import json
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
-from .schema import SettingError, check, setting
+from .schema import SettingError, check, setting, shown
 
 THRESHOLD_MODES = ("auto", "absolute", "relative", "area")
 RESIZE_MODES = ("nearest", "smooth")
@@ -38,16 +38,16 @@ class SamplingParams:
 
     def validate(self) -> "SamplingParams":
         check(isinstance(self.num_steps, int) and 1 <= self.num_steps <= 1000,
-              f"num_steps must be an integer in 1..1000, got {self.num_steps!r}", "num_steps")
-        check(0.0 <= float(self.eta) <= 1.0, f"eta must be in [0, 1], got {self.eta!r}", "eta")
+              f"num_steps must be an integer in 1..1000, got {shown(self.num_steps)}", "num_steps")
+        check(0.0 <= float(self.eta) <= 1.0, f"eta must be in [0, 1], got {shown(self.eta)}", "eta")
         check(self.flow_sampler in FLOW_SAMPLERS,
-              f"flow_sampler must be one of {', '.join(FLOW_SAMPLERS)}, got {self.flow_sampler!r}", "flow_sampler")
+              f"flow_sampler must be one of {', '.join(FLOW_SAMPLERS)}, got {shown(self.flow_sampler)}", "flow_sampler")
         check(0.0 <= float(self.guidance_scale) <= 50.0,
-              f"guidance_scale must be in [0, 50], got {self.guidance_scale!r}", "guidance_scale")
+              f"guidance_scale must be in [0, 50], got {shown(self.guidance_scale)}", "guidance_scale")
         for name in ("height", "width"):
             v = getattr(self, name)
             check(v is None or (isinstance(v, int) and 8 <= v <= 4096 and v % 8 == 0),
-                  f"{name} must be a multiple of 8 in 8..4096, got {v!r}", name)
+                  f"{name} must be a multiple of 8 in 8..4096, got {shown(v)}", name)
         return self
 
     @property
@@ -87,22 +87,22 @@ class MaskParams:
 
     def validate(self) -> "MaskParams":
         check(self.threshold_mode in THRESHOLD_MODES,
-              f"threshold_mode must be one of {', '.join(THRESHOLD_MODES)}, got {self.threshold_mode!r}",
+              f"threshold_mode must be one of {', '.join(THRESHOLD_MODES)}, got {shown(self.threshold_mode)}",
               "threshold_mode")
         t = float(self.threshold)
         if self.threshold_mode == "absolute":
             check(0.0 <= t <= 1.0, f"an absolute threshold is an attention probability in [0, 1], got {t}", "threshold")
         elif self.threshold_mode in ("relative", "area"):
             check(0.0 < t <= 1.0, f"a {self.threshold_mode} threshold must be in (0, 1], got {t}", "threshold")
-        check(self.combine in COMBINE_MODES, f"combine must be one of {', '.join(COMBINE_MODES)}, got {self.combine!r}",
+        check(self.combine in COMBINE_MODES, f"combine must be one of {', '.join(COMBINE_MODES)}, got {shown(self.combine)}",
               "combine")
-        check(self.map_softmax in ("joint", "text"), f"map_softmax must be joint or text, got {self.map_softmax!r}",
+        check(self.map_softmax in ("joint", "text"), f"map_softmax must be joint or text, got {shown(self.map_softmax)}",
               "map_softmax")
-        check(self.resize in RESIZE_MODES, f"resize must be one of {', '.join(RESIZE_MODES)}, got {self.resize!r}",
+        check(self.resize in RESIZE_MODES, f"resize must be one of {', '.join(RESIZE_MODES)}, got {shown(self.resize)}",
               "resize")
-        check(isinstance(self.dilate, int) and 0 <= self.dilate <= 16, f"dilate must be 0..16, got {self.dilate!r}",
+        check(isinstance(self.dilate, int) and 0 <= self.dilate <= 16, f"dilate must be 0..16, got {shown(self.dilate)}",
               "dilate")
-        check(0.0 <= float(self.feather) <= 16.0, f"feather must be in [0, 16], got {self.feather!r}", "feather")
+        check(0.0 <= float(self.feather) <= 16.0, f"feather must be in [0, 16], got {shown(self.feather)}", "feather")
         check(len(self.layer_factors) > 0 and all(isinstance(f, int) and f >= 1 and (f & (f - 1)) == 0
                                                   for f in self.layer_factors),
               f"layer_factors must be powers of two such as 4 or 4, 8, got "
@@ -135,9 +135,9 @@ class FusionParams:
     def step_range(self, num_steps: int) -> tuple[int, int]:
         """(first, last) fused step, 1-based inclusive, checked against the number of steps."""
         end = num_steps if self.end_step is None else self.end_step
-        check(isinstance(self.start_step, int), f"start_step must be an integer, got {self.start_step!r}",
+        check(isinstance(self.start_step, int), f"start_step must be an integer, got {shown(self.start_step)}",
               "start_step")
-        check(isinstance(end, int), f"end_step must be an integer, got {end!r}", "end_step")
+        check(isinstance(end, int), f"end_step must be an integer, got {shown(end)}", "end_step")
         check(1 <= self.start_step <= num_steps, f"start_step must be in 1..{num_steps}, got {self.start_step}",
               "start_step")
         check(1 <= end <= num_steps, f"end_step must be in 1..{num_steps}, got {end}", "end_step")
@@ -149,7 +149,7 @@ class FusionParams:
         if isinstance(self.layers, str):
             check(self.layers in FUSION_LAYER_PRESETS,
                   f"layers must be one of {', '.join(FUSION_LAYER_PRESETS)} or a list of module paths, "
-                  f"got {self.layers!r}",
+                  f"got {shown(self.layers)}",
                   "layers")
         else:
             check(len(self.layers) > 0 and all(isinstance(p, str) and p for p in self.layers),

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from .config import FLOW_SAMPLERS
+from .schema import shown
 from .steps import StepOutput
 
 
@@ -78,7 +79,7 @@ def flow_step(schedule: FlowSchedule, velocity: torch.Tensor, x: torch.Tensor, s
               noise_level: float, noise: torch.Tensor | None, sampler: str = "sde") -> StepOutput:
     """One step from sigma_step to sigma_{step+1}; noise = the step's N(0, I) draw (None: the mean)."""
     if sampler not in FLOW_SAMPLERS:
-        raise ValueError(f"flow sampler must be one of {', '.join(FLOW_SAMPLERS)}, got {sampler!r}")
+        raise ValueError(f"flow sampler must be one of {', '.join(FLOW_SAMPLERS)}, got {shown(sampler)}")
     x, velocity = x.double(), velocity.double()
     sigma, sigma_next = _sigmas(schedule, step, x)
     x0, eps = predict_x0_noise(velocity, x, sigma)

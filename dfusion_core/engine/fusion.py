@@ -22,6 +22,7 @@ from .reference_cache import CachedReference, ReferenceCache, ReferenceStore
 from .progress import FusionStep, OnStep
 from .sampling import (Stream, Trajectory, _size, check_pair_seeds, check_seed, denoise, recompute_log_probs,
                        validate_prompt)
+from .schema import shown
 from .tokens import default_keywords
 
 
@@ -106,7 +107,7 @@ def _cache_key(model: LoadedModel, prompt: str, ref_seed: int, sampling: Samplin
 def resolve_keywords(model: LoadedModel, prompt: str, fusion: FusionParams) -> tuple[list[str], list[tuple[int, ...]]]:
     kws = list(fusion.mask.keywords) if fusion.mask.keywords else default_keywords(model.tokenizer, prompt)
     if not kws:
-        raise ValueError(f"the prompt {prompt!r} has no content word to build a mask from; name keywords")
+        raise ValueError(f"the prompt {shown(prompt)} has no content word to build a mask from; name keywords")
     return kws, model.family.token_groups(model, prompt, kws)
 
 

@@ -2,13 +2,15 @@
 the sampler so that a face checks them before it imports torch or loads a model."""
 from __future__ import annotations
 
+from .schema import shown
+
 MAX_SEED = 2 ** 31 - 1  # seeds are integers in 0..MAX_SEED: the one range of the CLI, the app and stored pairs
 
 
 def check_seed(seed, name: str = "a seed") -> int:
     """The seed rule every face uses: an integer in 0..MAX_SEED (fits a widget's int32 and any RNG)."""
     if isinstance(seed, bool) or not isinstance(seed, int) or not (0 <= seed <= MAX_SEED):
-        raise ValueError(f"{name} must be an integer in 0..{MAX_SEED}, got {seed!r}")
+        raise ValueError(f"{name} must be an integer in 0..{MAX_SEED}, got {shown(seed)}")
     return seed
 
 

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from .attention import layer_hw
 from .config import MaskParams
+from .schema import shown
 
 
 def aggregate_maps(maps: dict[str, torch.Tensor], latent_hw: tuple[int, int]) -> torch.Tensor:
@@ -70,7 +71,7 @@ def threshold_maps(kmaps: torch.Tensor, mode: str, threshold: float) -> torch.Te
         elif mode == "auto":
             cut = otsu_threshold(m)
         else:
-            raise ValueError(f"unknown threshold mode {mode!r}")
+            raise ValueError(f"unknown threshold mode {shown(mode)}")
         out.append(m >= cut if mode in ("area", "auto") else m > cut)
     return torch.stack(out)
 
@@ -82,7 +83,7 @@ def keyword_mask(kmaps: torch.Tensor, mode: str, threshold: float, combine: str 
         return threshold_maps(kmaps.mean(0, keepdim=True), mode, threshold)[0]
     if combine == "union":
         return threshold_maps(kmaps, mode, threshold).any(0)
-    raise ValueError(f"unknown combine mode {combine!r}")
+    raise ValueError(f"unknown combine mode {shown(combine)}")
 
 
 def _gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:

@@ -36,6 +36,16 @@ def check(cond: bool, message: str, name: str | None = None) -> None:
         raise SettingError(message, name)
 
 
+def shown(value) -> str:
+    """A value as a message shows it to a person: text in quotes as typed (no escapes), numbers plain (numpy's
+    too, not np.float64(0.5)), anything else as str; repr's escapes and type names are for programmers."""
+    if isinstance(value, str):
+        return "'" + " ".join(value.split()) + "'" if "\n" in value else f"'{value}'"
+    if getattr(value, "ndim", None) == 0 and hasattr(value, "item"):
+        value = value.item()
+    return str(value)
+
+
 def default_of(f: Field):
     return f.default_factory() if f.default_factory is not MISSING else f.default
 

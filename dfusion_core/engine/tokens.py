@@ -18,6 +18,8 @@ import warnings
 from bisect import bisect_left
 from dataclasses import dataclass
 
+from .schema import shown
+
 # Function words never chosen as default keywords (relations and articles carry no object to mask).
 STOP_WORDS = frozenset("""
 a an the and or of on in at to with by for from into onto over under above below left right top bottom
@@ -212,13 +214,13 @@ def keyword_token_indices(tokenizer, prompt: str, keywords: list[str] | tuple[st
     for kw in keywords:
         parts = [_key(kw[s:e]) for s, e in split_words(kw)]
         if not parts:
-            raise ValueError(f"keyword {kw!r} contains no word")
+            raise ValueError(f"keyword {shown(kw)} contains no word")
         if len(parts) > 1 and _key(kw.strip()) in keys:  # signs the tokenizer joined into one word ("?!")
             parts = [_key(kw.strip())]
         n = len(parts)
         hits = [words[i:i + n] for i in range(len(words) - n + 1) if keys[i:i + n] == parts]
         if not hits:
-            raise ValueError(f"keyword {kw!r} is not in the prompt {prompt!r}; "
+            raise ValueError(f"keyword {shown(kw)} is not in the prompt {shown(prompt)}; "
                              f"its words are: {', '.join(w.word for w in words)}")
         usable = [h for h in hits if all(w.token_indices and not w.truncated for w in h)]
         if not usable:
@@ -226,8 +228,8 @@ def keyword_token_indices(tokenizer, prompt: str, keywords: list[str] | tuple[st
                 if beyond_limit_ok:
                     result.append(())
                     continue
-                raise ValueError(f"keyword {kw!r} lies beyond the 77-token limit of the text encoder")
-            raise ValueError(f"keyword {kw!r} has no token the text encoder sees")
+                raise ValueError(f"keyword {shown(kw)} lies beyond the 77-token limit of the text encoder")
+            raise ValueError(f"keyword {shown(kw)} has no token the text encoder sees")
         result.append(tuple(sorted({i for h in usable for w in h for i in w.token_indices})))
     return result
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from ..engine.schema import setting
+from ..engine.schema import setting, shown
 
 ALGOS = ("dpo", "traj-dpo", "ddpo", "dpok", "sft")
 WEIGHTINGS = ("uniform", "logit_normal")
@@ -65,19 +65,19 @@ class TrainConfig:
 
     def validate(self) -> "TrainConfig":
         if self.algo not in ALGOS:
-            raise ValueError(f"algo must be one of {', '.join(ALGOS)}, got {self.algo!r}")
+            raise ValueError(f"algo must be one of {', '.join(ALGOS)}, got {shown(self.algo)}")
         for name in ("steps", "batch_size", "ckpt_every", "inner_epochs", "steps_per_trajectory"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+                raise ValueError(f"{name} must be a positive integer, got {shown(v)}")
         if not 0.0 <= self.val_fraction <= 0.5:
             raise ValueError(f"val_fraction must be in [0, 0.5], got {self.val_fraction}")
         if not isinstance(self.patience, int) or self.patience < 0:
-            raise ValueError(f"patience must be an integer >= 0, got {self.patience!r}")
+            raise ValueError(f"patience must be an integer >= 0, got {shown(self.patience)}")
         if not (0 < self.lr < 1):
             raise ValueError(f"lr must be in (0, 1), got {self.lr}")
         if not isinstance(self.lora_rank, int) or self.lora_rank < 0:
-            raise ValueError(f"lora_rank must be an integer >= 0, got {self.lora_rank!r}")
+            raise ValueError(f"lora_rank must be an integer >= 0, got {shown(self.lora_rank)}")
         if self.dpo_beta <= 0 or self.traj_beta <= 0:
             raise ValueError("beta must be positive")
         if not 0.0 <= self.dpo_outside_weight <= 1.0:
@@ -90,11 +90,11 @@ class TrainConfig:
             raise ValueError(f"max_step_residual must be 0 (train every step) or >= 1 (a draw of the policy gives "
                              f"about 1), got {self.max_step_residual}")
         if self.kl_scale not in ("exact", "flow_grpo"):
-            raise ValueError(f"kl_scale must be exact or flow_grpo, got {self.kl_scale!r}")
+            raise ValueError(f"kl_scale must be exact or flow_grpo, got {shown(self.kl_scale)}")
         if self.weighting not in WEIGHTINGS:
-            raise ValueError(f"weighting must be one of {', '.join(WEIGHTINGS)}, got {self.weighting!r}")
+            raise ValueError(f"weighting must be one of {', '.join(WEIGHTINGS)}, got {shown(self.weighting)}")
         if self.mixed_precision not in ("no", "fp16", "bf16"):
-            raise ValueError(f"mixed_precision must be no, fp16 or bf16, got {self.mixed_precision!r}")
+            raise ValueError(f"mixed_precision must be no, fp16 or bf16, got {shown(self.mixed_precision)}")
         return self
 
 
@@ -123,18 +123,18 @@ class OnPolicyConfig(TrainConfig):
 
     def validate(self) -> "OnPolicyConfig":
         if self.algo not in ON_POLICY_ALGOS:
-            raise ValueError(f"on-policy rounds train {' or '.join(ON_POLICY_ALGOS)}, got {self.algo!r} "
+            raise ValueError(f"on-policy rounds train {' or '.join(ON_POLICY_ALGOS)}, got {shown(self.algo)} "
                              "(dpo and traj-dpo train offline on a pair set: use train --data)")
         if self.arm not in ARMS:
-            raise ValueError(f"arm must be one of {', '.join(ARMS)}, got {self.arm!r}")
+            raise ValueError(f"arm must be one of {', '.join(ARMS)}, got {shown(self.arm)}")
         if self.advantage_groups not in ADVANTAGE_GROUPS:
             raise ValueError(f"advantage_groups must be one of {', '.join(ADVANTAGE_GROUPS)}, "
-                             f"got {self.advantage_groups!r}")
+                             f"got {shown(self.advantage_groups)}")
         for name in ("rounds", "sample_batch"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+                raise ValueError(f"{name} must be a positive integer, got {shown(getattr(self, name))}")
         for name in ("steps_per_trajectory", "micro_batch"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
-                raise ValueError(f"{name} must be an integer >= 0, got {getattr(self, name)!r}")
+                raise ValueError(f"{name} must be an integer >= 0, got {shown(getattr(self, name))}")
         TrainConfig.validate(replace(self, steps=max(1, self.steps), steps_per_trajectory=1))
         return self

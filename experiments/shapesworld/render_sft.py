@@ -1,0 +1,103 @@
+"""A harness check beside the calibration's positive controls: SFT on the world's own renders of the TRAIN prompts.
+
+`--part calibrate` trains SFT on the model's checker-correct samples (drawn at CFG 3) and DPO on oracle pairs; on
+the v3 model both left validation accuracy where it was or lowered it. Renders are correct by construction and
+are what the model was pre-trained on, so this arm asks whether the harness itself (the trainer's sft loss on a
+LoRA, early stopping, the validation read-out) can show a fine-tune raising accuracy. If it can, the controls'
+failure lies in the samples they learn from (e.g. CFG compounding), not in the machinery.
+
+    python -m experiments.shapesworld.render_sft --model runs/v3m/pipeline --out runs/render-sft --lr 3e-4 --steps 200
+
+The same TRAIN / validation prompts, checkpoint cadence and validation seeds as the calibrate part (ExperimentConfig);
+writes OUT/result.json (validation accuracy at each checkpoint, per family) and the trainer's run folder.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .experiment import Experiment, ExperimentConfig
+
+
+def render_latents(model, prompts: list[str], per_prompt: int, seed: int) -> dict[str, torch.Tensor]:
+    """{prompt: [per_prompt, C, h, w]} the model's latents of fresh renders of each prompt (its VAE, scaled and
+    shifted as the pipeline denoises them)."""
+    from dfusion_core.worlds.shapesworld.render import render
+    from dfusion_core.worlds.shapesworld.world import parse_prompt, scene_style
+
+    style = scene_style(int(model.defaults.get("world_version", 2)))
+    vae = model.pipe.vae
+    cfg = vae.config
+    out = {}
+    for i, prompt in enumerate(prompts):
+        spec = parse_prompt(prompt)
+        if spec is None:
+            raise ValueError(f"not a ShapesWorld prompt: {prompt}")
+        rng = random.Random(seed * 100_003 + i)
+        images = np.stack([render(spec, rng, style=style).image for _ in range(per_prompt)])
+        x = torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+        with torch.no_grad():
+            z = vae.encode(x.to(vae.device, vae.dtype)).latent_dist.mean.float().cpu()
+        out[prompt] = (z - (cfg.shift_factor or 0.0)) * cfg.scaling_factor
+    return out
+
+
+def render_pairs(model, latents: dict[str, torch.Tensor], sampling):
+    """One training pair per render: the render as the winner (SFT reads the winner's final latent alone)."""
+    from dfusion_core.data.trajectory import Trajectory
+    from dfusion_core.training.data import PreferencePair
+
+    pairs = []
+    for prompt, zs in latents.items():
+        for k, z in enumerate(zs):
+            tr = Trajectory(k, z[None], torch.zeros(0, dtype=torch.long), torch.zeros(0), z[None][:0])
+            pairs.append(PreferencePair(prompt, tr, tr, None, None, sampling.num_steps, sampling.eta,
+                                        sampling.guidance_scale, sampling.negative_prompt,
+                                        flow_sampler=sampling.flow_sampler))
+    return pairs
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True, help="the ShapesWorld pipeline folder")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--lr", type=float, default=3e-4)
+    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--renders", type=int, default=8, help="renders per TRAIN prompt")
+    ap.add_argument("--val-every", type=int, default=100)
+    ap.add_argument("--val-seeds", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=1)
+    a = ap.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    from dfusion_core.engine.loading import load_model
+    from dfusion_core.training.trainer import TrainConfig, Trainer
+
+    model = load_model(a.model, device="cpu")
+    c = ExperimentConfig(val_every=a.val_every, val_seeds=a.val_seeds)
+    out = Path(a.out)
+    exp = Experiment(model, None, c, out)
+    t0 = time.time()
+    pairs = render_pairs(model, render_latents(model, exp.train_prompts, a.renders, c.pair_seed), exp.sampling)
+    tc = TrainConfig(algo="sft", steps=a.steps, batch_size=c.dpo_batch, lr=a.lr, lora_rank=c.dpo_rank, seed=0,
+                     ckpt_every=a.val_every, patience=10 ** 6, val_fraction=0.0)
+    tr = Trainer(model, pairs, tc, out / "train")
+    try:
+        tr.run(resume=True, progress=False, validate=exp.validation_accuracy)
+    finally:
+        tr.unload()
+    result = {"lr": a.lr, "steps": tr.step, "renders": len(pairs), "prompts": len(exp.train_prompts),
+              "validations": tr.validations, "seconds": round(time.time() - t0)}
+    (out / "result.json").write_text(json.dumps(result, indent=1))
+    for v in tr.validations:
+        print(f"step {v['step']}: validation {v['score']:.3f} " +
+              " ".join(f"{k[4:]} {x:.3f}" for k, x in v.items() if k.startswith("val_")))
+
+
+if __name__ == "__main__":
+    main()
