@@ -10,6 +10,8 @@ failure lies in the samples they learn from (e.g. CFG compounding), not in the m
 
 The same TRAIN / validation prompts, checkpoint cadence and validation seeds as the calibrate part (ExperimentConfig);
 writes OUT/result.json (validation accuracy at each checkpoint, per family) and the trainer's run folder.
+`--probe --adapters DIR...` instead measures the pre-training loss on fresh renders under each LoRA (does a
+fine-tune pull the model away from the world it draws?).
 """
 from __future__ import annotations
 
@@ -63,6 +65,54 @@ def render_pairs(model, latents: dict[str, torch.Tensor], sampling):
     return pairs
 
 
+@torch.no_grad()
+def render_loss(model, latents: dict[str, torch.Tensor], sampling, draws: int = 8, seed: int = 0) -> dict:
+    """The velocity error (the pre-training loss) of the model's current weights on renders: per render `draws`
+    fixed (timestep, noise) pairs, the same for every set of weights, so adapters compare on identical inputs.
+    {"all": mean, "low" / "high": over sigma < 0.5 / >= 0.5}."""
+    from dfusion_core.engine.sampling import guided_output
+
+    family = model.family
+    schedule = family.schedule(model.pipe.scheduler, sampling.num_steps)
+    g = torch.Generator().manual_seed(seed)
+    h, w = model.default_size()
+    errors, sigmas = [], []
+    for prompt, zs in latents.items():
+        cond = model.encode([prompt] * len(zs), sampling.negative_prompt, False, h, w)
+        for _ in range(draws):
+            idx = torch.randint(0, schedule.num_train_timesteps, (len(zs),), generator=g)
+            noise = torch.randn(zs.shape, generator=g)
+            x_t, target, t_in = family.train_noised(schedule, zs.to(model.device), noise.to(model.device), idx)
+            out = guided_output(model, cond, list(range(len(zs))), x_t, t_in, 1.0, False)
+            errors.append(((out.float() - target) ** 2).mean(dim=(1, 2, 3)).cpu())
+            sigmas.append(t_in.float().cpu() / schedule.num_train_timesteps)
+    e, sg = torch.cat(errors), torch.cat(sigmas)
+    return {"all": float(e.mean()), "low": float(e[sg < 0.5].mean()), "high": float(e[sg >= 0.5].mean())}
+
+
+def loss_probe(a) -> None:
+    """--probe: render_loss of the plain model and of each --adapters folder, on fresh renders (seed 1, never
+    trained on) of the TRAIN and of the validation prompts."""
+    from dfusion_core.engine.loading import load_model
+
+    model = load_model(a.model, device="cpu")
+    exp = Experiment(model, None, ExperimentConfig(), a.out)
+    val = [p.text for f in exp.prompt_lists["validation"].values() for p in f]
+    sets = {"train": render_latents(model, exp.train_prompts, 4, 1), "validation": render_latents(model, val, 4, 1)}
+    rows = {}
+    for name, folder in [("base", None)] + [(str(f), f) for f in a.adapters]:
+        model.use_lora(None)
+        if folder is not None:
+            model.load_lora(folder, "probe")  # and computes with it
+        rows[name] = {k: render_loss(model, lat, exp.sampling) for k, lat in sets.items()}
+        if folder is not None:
+            model.use_lora(None)
+            model.unload_lora("probe")
+        print(name, json.dumps(rows[name]), flush=True)
+    Path(a.out).mkdir(parents=True, exist_ok=True)
+    (Path(a.out) / "render_loss.json").write_text(json.dumps(rows, indent=1))
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True, help="the ShapesWorld pipeline folder")
@@ -73,8 +123,13 @@ def main(argv=None) -> None:
     ap.add_argument("--val-every", type=int, default=100)
     ap.add_argument("--val-seeds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--probe", action="store_true", help="only the velocity error on fresh renders of the base and "
+                    "of each --adapters LoRA folder (OUT/render_loss.json); trains nothing")
+    ap.add_argument("--adapters", nargs="*", default=[], help="LoRA folders for --probe")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
+    if a.probe:
+        return loss_probe(a)
     from dfusion_core.engine.loading import load_model
     from dfusion_core.training.trainer import TrainConfig, Trainer
 
