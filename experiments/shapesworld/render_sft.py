@@ -1,4 +1,5 @@
-"""A harness check beside the calibration's positive controls: SFT on the world's own renders of the TRAIN prompts.
+"""A harness check beside the calibration's positive controls: SFT on the world's own renders of the TRAIN prompts
+(or on the model's own checker-correct samples drawn at another CFG).
 
 `--part calibrate` trains SFT on the model's checker-correct samples (drawn at CFG 3) and DPO on oracle pairs; on
 the v3 model both left validation accuracy where it was or lowered it. Renders are correct by construction and
@@ -7,6 +8,7 @@ LoRA, early stopping, the validation read-out) can show a fine-tune raising accu
 failure lies in the samples they learn from (e.g. CFG compounding), not in the machinery.
 
     python -m experiments.shapesworld.render_sft --model runs/v3m/pipeline --out runs/render-sft --lr 3e-4 --steps 200
+    python -m experiments.shapesworld.render_sft ... --source samples --guidance 1   # unguided own samples
 
 The same TRAIN / validation prompts, checkpoint cadence and validation seeds as the calibrate part (ExperimentConfig);
 writes OUT/result.json (validation accuracy at each checkpoint, per family) and the trainer's run folder.
@@ -19,6 +21,7 @@ import argparse
 import json
 import random
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +50,21 @@ def render_latents(model, prompts: list[str], per_prompt: int, seed: int) -> dic
         with torch.no_grad():
             z = vae.encode(x.to(vae.device, vae.dtype)).latent_dist.mean.float().cpu()
         out[prompt] = (z - (cfg.shift_factor or 0.0)) * cfg.scaling_factor
+    return out
+
+
+def sample_latents(model, prompts: list[str], per_prompt: int, seed: int, sampling) -> dict[str, torch.Tensor]:
+    """{prompt: [k, C, h, w]} the final latents of the model's own checker-correct samples of each prompt
+    (per_prompt drawn with `sampling`; a prompt with none correct is left out)."""
+    from dfusion_core.engine.sampling import sample
+    from dfusion_core.worlds.shapesworld import check_images
+
+    out = {}
+    for i, prompt in enumerate(prompts):
+        res = sample(model, prompt, [seed * 100_003 + i * per_prompt + k for k in range(per_prompt)], sampling)
+        keep = [tr.latents[-1] for tr, ok in zip(res.trajectories, check_images(res.images, prompt)) if ok]
+        if keep:
+            out[prompt] = torch.stack(keep)
     return out
 
 
@@ -90,6 +108,21 @@ def render_loss(model, latents: dict[str, torch.Tensor], sampling, draws: int = 
     return {"all": float(e.mean()), "low": float(e[sg < 0.5].mean()), "high": float(e[sg >= 0.5].mean())}
 
 
+def checkpoint_lora(model, state_path: Path, dest: Path) -> Path:
+    """A trainer checkpoint's adapter (OUT/checkpoints/step-N/state.pt) as a LoRA folder load_lora reads, written
+    as Trainer.export writes one (the run's top-level adapter is its best checkpoint's, which may be step 0)."""
+    from peft import LoraConfig
+
+    st = torch.load(state_path, weights_only=False)
+    c = st["config"]
+    peft = LoraConfig(r=c["lora_rank"], lora_alpha=c["lora_alpha"] or c["lora_rank"], init_lora_weights="gaussian",
+                      target_modules=list(c["lora_targets"] or model.family.lora_targets)).to_dict()
+    layers = model.family.lora_export(st["trainable"])
+    meta = {name.replace("_lora_layers", "_lora_adapter_metadata"): peft for name in layers}
+    type(model.pipe).save_lora_weights(dest, **layers, **meta, safe_serialization=True)
+    return dest
+
+
 def loss_probe(a) -> None:
     """--probe: render_loss of the plain model and of each --adapters folder, on fresh renders (seed 1, never
     trained on) of the TRAIN and of the validation prompts."""
@@ -102,6 +135,8 @@ def loss_probe(a) -> None:
     rows = {}
     for name, folder in [("base", None)] + [(str(f), f) for f in a.adapters]:
         model.use_lora(None)
+        if folder is not None and str(folder).endswith(".pt"):
+            folder = checkpoint_lora(model, Path(folder), Path(a.out) / "adapters" / str(len(rows)))
         if folder is not None:
             model.load_lora(folder, "probe")  # and computes with it
         rows[name] = {k: render_loss(model, lat, exp.sampling) for k, lat in sets.items()}
@@ -119,13 +154,16 @@ def main(argv=None) -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--lr", type=float, default=3e-4)
     ap.add_argument("--steps", type=int, default=200)
-    ap.add_argument("--renders", type=int, default=8, help="renders per TRAIN prompt")
+    ap.add_argument("--renders", type=int, default=8, help="renders (or samples) per TRAIN prompt")
+    ap.add_argument("--source", choices=("renders", "samples"), default="renders", help="what SFT fits: the world's "
+                    "renders, or the model's own checker-correct samples drawn at --guidance")
+    ap.add_argument("--guidance", type=float, default=None, help="--source samples: their CFG (default: the model's)")
     ap.add_argument("--val-every", type=int, default=100)
     ap.add_argument("--val-seeds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--probe", action="store_true", help="only the velocity error on fresh renders of the base and "
                     "of each --adapters LoRA folder (OUT/render_loss.json); trains nothing")
-    ap.add_argument("--adapters", nargs="*", default=[], help="LoRA folders for --probe")
+    ap.add_argument("--adapters", nargs="*", default=[], help="LoRA folders or trainer checkpoints (state.pt) for --probe")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     if a.probe:
@@ -138,7 +176,12 @@ def main(argv=None) -> None:
     out = Path(a.out)
     exp = Experiment(model, None, c, out)
     t0 = time.time()
-    pairs = render_pairs(model, render_latents(model, exp.train_prompts, a.renders, c.pair_seed), exp.sampling)
+    if a.source == "renders":
+        latents = render_latents(model, exp.train_prompts, a.renders, c.pair_seed)
+    else:
+        drawn = replace(exp.sampling, guidance_scale=a.guidance) if a.guidance is not None else exp.sampling
+        latents = sample_latents(model, exp.train_prompts, a.renders, c.pair_seed, drawn)
+    pairs = render_pairs(model, latents, exp.sampling)
     tc = TrainConfig(algo="sft", steps=a.steps, batch_size=c.dpo_batch, lr=a.lr, lora_rank=c.dpo_rank, seed=0,
                      ckpt_every=a.val_every, patience=10 ** 6, val_fraction=0.0)
     tr = Trainer(model, pairs, tc, out / "train")
@@ -146,7 +189,8 @@ def main(argv=None) -> None:
         tr.run(resume=True, progress=False, validate=exp.validation_accuracy)
     finally:
         tr.unload()
-    result = {"lr": a.lr, "steps": tr.step, "renders": len(pairs), "prompts": len(exp.train_prompts),
+    result = {"source": a.source, "guidance": a.guidance, "lr": a.lr, "steps": tr.step, "examples": len(pairs),
+              "prompts": len(latents), "per_prompt": a.renders,
               "validations": tr.validations, "seconds": round(time.time() - t0)}
     (out / "result.json").write_text(json.dumps(result, indent=1))
     for v in tr.validations:
