@@ -207,3 +207,36 @@ def test_dpok_kl_on_flow_grpos_scale_is_the_exact_kl_times_the_step(sd3, sd3_pai
         pairs1 = pairs_from_records(build_pairs(sd1, ["a red dog", "a blue cat"], brightness, SP1(num_steps=3),
                                                 pairing=PairingParams(num_candidates=4)))
         Trainer(sd1, pairs1, TrainConfig(algo="dpok", steps=1, batch_size=2, kl_scale="flow_grpo"), tmp_path / "u")
+
+
+def test_a_checkpoints_adapter_loads_as_the_network_had_it_and_sft_fits_given_latents(sd3, tmp_path):
+    """render_sft's pieces: SFT on bare final latents (render_pairs: no trajectory behind them) trains, and a
+    trainer checkpoint's adapter written by checkpoint_lora computes what the trained network computed (the run's
+    top-level adapter is its best checkpoint's, which may be step 0)."""
+    from experiments.shapesworld.render_sft import checkpoint_lora, render_pairs
+
+    g = torch.Generator().manual_seed(0)
+    latents = {p: torch.randn(3, 4, 8, 8, generator=g) for p in ("a red dog", "a blue cat")}
+    pairs = render_pairs(sd3, latents, SP)
+    assert len(pairs) == 6 and all(p.winner.latents.shape == (1, 4, 8, 8) for p in pairs)
+    tr = Trainer(sd3, pairs, TrainConfig(algo="sft", steps=2, batch_size=2, lr=1e-2, lora_rank=4, ckpt_every=2),
+                 tmp_path / "run")
+    tr.run(progress=False)
+    x, t = torch.randn(1, 4, 8, 8, generator=g), torch.tensor([500.0])
+    cond = tr._embed(["a red dog"])
+    with torch.no_grad():
+        trained = tr._forward(tr.net, x, t, cond, False)
+    tr.unload()
+    folder = checkpoint_lora(sd3, tmp_path / "run" / "checkpoints" / "step-000002" / "state.pt", tmp_path / "lora")
+    sd3.load_lora(folder, "probe")
+    try:
+        with torch.no_grad():
+            loaded = tr._forward(sd3.denoiser, x, t, cond, False)
+        sd3.use_lora(None)
+        with torch.no_grad():
+            plain = tr._forward(sd3.denoiser, x, t, cond, False)
+    finally:
+        sd3.use_lora(None)
+        sd3.unload_lora("probe")
+    torch.testing.assert_close(loaded, trained, atol=1e-5, rtol=1e-4)
+    assert (loaded - plain).abs().max() > 1e-4  # the adapter moved the network
