@@ -27,6 +27,7 @@ import argparse
 import json
 import sys
 from dataclasses import asdict, replace
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -214,8 +215,6 @@ def form_defaults(fp: FusionParams) -> dict:
 
 def write_defaults(folder, form: str, fp: FusionParams) -> dict:
     """Merge the chosen form into FOLDER/dfusion.json (other keys kept) and return the file's content."""
-    from pathlib import Path
-
     from dfusion_core.data.atomic import write_text_atomic
 
     path = Path(folder) / "dfusion.json"
@@ -258,6 +257,11 @@ def main(argv=None) -> int:
     if a.threads:
         torch.set_num_threads(a.threads)
     forms = [f.strip() for f in a.forms.split(",") if f.strip()] if a.forms else None
+    if a.out:  # said now, not after a quarter of an hour of fusing (a missing folder is made)
+        try:
+            Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            p.error(f"--out {a.out}: {e}")
     try:
         if a.rows_from:
             res = _rows_from(a.rows_from)
