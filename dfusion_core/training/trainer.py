@@ -108,6 +108,21 @@ def drawable_rows(rows: list[tuple[int, int]], drawable: torch.Tensor) -> tuple[
     return (kept, 1.0) if kept else (rows[:1], 0.0)
 
 
+def lora_config(cfg: TrainConfig, family):
+    """The peft LoraConfig of a run's adapter: rank, lora_alpha (default: the rank), the family's targets."""
+    from peft import LoraConfig
+
+    return LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha or cfg.lora_rank, init_lora_weights="gaussian",
+                      target_modules=list(cfg.lora_targets or family.lora_targets))
+
+
+def adapter_metadata(peft_config: dict, layers: dict) -> dict:
+    """The adapter's peft config (rank, lora_alpha, targets) for each exported component, as diffusers' own
+    training scripts save it: without it `load_lora_weights` assumes lora_alpha = rank, so an adapter trained at
+    alpha != rank would come back at the wrong scale."""
+    return {name.replace("_lora_layers", "_lora_adapter_metadata"): peft_config for name in layers}
+
+
 class Trainer:
     def __init__(self, model: LoadedModel, pairs: list[PreferencePair], cfg: TrainConfig, out_dir: str | Path,
                  accelerator=None):
@@ -168,15 +183,11 @@ class Trainer:
             self.ref_net = copy.deepcopy(net).requires_grad_(False).eval()
             net.requires_grad_(True)
             return list(net.parameters())
-        from peft import LoraConfig
-
         if "dfusion" in (getattr(net, "peft_config", None) or {}):
             net.delete_adapters("dfusion")
-        targets = list(cfg.lora_targets or self.family.lora_targets)
         with torch.random.fork_rng(devices=[]):  # the adapter's initial weights depend on the seed alone
             torch.manual_seed(cfg.seed)
-            net.add_adapter(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha or cfg.lora_rank,
-                                       init_lora_weights="gaussian", target_modules=targets), adapter_name="dfusion")
+            net.add_adapter(lora_config(cfg, self.family), adapter_name="dfusion")
         return [p for p in net.parameters() if p.requires_grad]
 
     # ---- conditioning and the frozen reference ----------------------------------------------------
@@ -437,11 +448,7 @@ class Trainer:
 
     @staticmethod
     def _adapter_metadata(inner, layers: dict) -> dict:
-        """The adapter's peft config (rank, lora_alpha, targets) for each exported component, as diffusers' own
-        training scripts save it: without it `load_lora_weights` assumes lora_alpha = rank, so an adapter trained
-        at alpha != rank would come back at the wrong scale."""
-        config = inner.peft_config["dfusion"].to_dict()
-        return {name.replace("_lora_layers", "_lora_adapter_metadata"): config for name in layers}
+        return adapter_metadata(inner.peft_config["dfusion"].to_dict(), layers)
 
     def resume(self) -> bool:
         marker = self.out / "latest_checkpoint"

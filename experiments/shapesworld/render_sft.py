@@ -111,14 +111,14 @@ def render_loss(model, latents: dict[str, torch.Tensor], sampling, draws: int = 
 def checkpoint_lora(model, state_path: Path, dest: Path) -> Path:
     """A trainer checkpoint's adapter (OUT/checkpoints/step-N/state.pt) as a LoRA folder load_lora reads, written
     as Trainer.export writes one (the run's top-level adapter is its best checkpoint's, which may be step 0)."""
-    from peft import LoraConfig
+    from dfusion_core.training.config import TrainConfig
+    from dfusion_core.training.trainer import adapter_metadata, lora_config
 
     st = torch.load(state_path, weights_only=False)
     c = st["config"]
-    peft = LoraConfig(r=c["lora_rank"], lora_alpha=c["lora_alpha"] or c["lora_rank"], init_lora_weights="gaussian",
-                      target_modules=list(c["lora_targets"] or model.family.lora_targets)).to_dict()
+    cfg = TrainConfig(lora_rank=c["lora_rank"], lora_alpha=c["lora_alpha"], lora_targets=c["lora_targets"])
     layers = model.family.lora_export(st["trainable"])
-    meta = {name.replace("_lora_layers", "_lora_adapter_metadata"): peft for name in layers}
+    meta = adapter_metadata(lora_config(cfg, model.family).to_dict(), layers)
     type(model.pipe).save_lora_weights(dest, **layers, **meta, safe_serialization=True)
     return dest
 
