@@ -152,7 +152,7 @@ def main() -> None:
 
         c = Client(url, verbose=False, ssl_verify=ssl.create_default_context())
         c.predict(a.prompt, api_name="/words")
-        _, base, ref, _, kws = c.predict(a.prompt, 20, 2.0, 1.0, 4, 0, api_name="/sample")
+        _, base, ref, _, kws, _ = c.predict(a.prompt, 20, 2.0, 1.0, 4, 0, api_name="/sample")  # (+ status line)
         args = [a.prompt, 20, 2.0, 1.0, base, ref, kws["value"]]
         t = time.perf_counter()
         c.predict(*args, "auto", 0.5, 3, 20, "mid+up", "smooth", True, None, api_name="/fuse")
