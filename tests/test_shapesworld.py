@@ -184,8 +184,10 @@ def test_evaluation_and_model_card_run_end_to_end(sd1, tmp_path):
 
 @pytest.mark.slow
 def test_shipped_pipeline_and_scorer_load_offline_and_work():
-    """The embedded default: an SD3-shaped StableDiffusion3Pipeline folder (its second text encoder a link to the
-    first) and an OpenCLIP folder, loaded without network; the UNet model beside it shares its text encoder."""
+    """The embedded default: an SD3-shaped StableDiffusion3Pipeline folder at the paper's mask resolution (world v3,
+    patch 1: a 16x16 grid of image tokens; its second text encoder a link to the first) and an OpenCLIP folder,
+    loaded without network; the v2 model (patch 2, 8x8 tokens) and the UNet model beside it share its text
+    encoder, and v2 its autoencoder."""
     from diffusers import StableDiffusion3Pipeline, StableDiffusionPipeline
 
     from dfusion_core.engine.loading import ASSETS, DEFAULT_MODEL, load_model
@@ -196,9 +198,9 @@ def test_shipped_pipeline_and_scorer_load_offline_and_work():
     # stock diffusers reads it as any SD3 folder without T5
     pipe = StableDiffusion3Pipeline.from_pretrained(DEFAULT_MODEL, text_encoder_3=None, tokenizer_3=None)
     assert pipe.text_encoder_2 is not None and (DEFAULT_MODEL / "text_encoder_2").is_symlink()
-    assert pipe.transformer.config.patch_size == 2 and pipe.text_encoder_3 is None
+    assert pipe.transformer.config.patch_size == 1 and pipe.text_encoder_3 is None
     model = load_model(device="cpu")
-    assert model.kind == "sd3" and model.defaults["world_version"] == 2
+    assert model.kind == "sd3" and model.defaults["world_version"] == 3 and model.default_fusion().mask.dilate == 1
     prompt = "the red circle above the blue square"
     res = sample(model, prompt, [0, 1, 2, 3])
     assert res.images[0].size == (64, 64) and np.asarray(res.images[0]).std() > 5  # a picture, not a flat field
@@ -212,6 +214,10 @@ def test_shipped_pipeline_and_scorer_load_offline_and_work():
     unet = StableDiffusionPipeline.from_pretrained(ASSETS / "shapesworld-unet")
     assert unet.scheduler.config.prediction_type == "v_prediction"
     assert (ASSETS / "shapesworld-unet" / "text_encoder").resolve() == (DEFAULT_MODEL / "text_encoder").resolve()
+    v2 = load_model(ASSETS / "shapesworld-v2", device="cpu")
+    assert v2.defaults["world_version"] == 2 and v2.denoiser.config.patch_size == 2
+    assert (ASSETS / "shapesworld-v2" / "vae").resolve() == (DEFAULT_MODEL / "vae").resolve()
+    assert sample(v2, prompt, [0]).images[0].size == (64, 64)
 
 
 def test_twin_folders_become_one_folder_and_a_link(tmp_path):

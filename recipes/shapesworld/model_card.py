@@ -17,7 +17,7 @@ from pathlib import Path
 from dfusion_core.engine.loading import ASSETS
 
 WEIGHTS_BUDGET_MB = 60  # every shipped model together (issue floor)
-SHIPPED_DIRS = ("shapesworld", "shapesworld-unet", "shapesworld-clip")
+SHIPPED_DIRS = ("shapesworld", "shapesworld-v2", "shapesworld-unet", "shapesworld-clip")
 # consistency is judged on the whole image with the mask's size beside it ("keep" outside a 90% mask said little)
 FUSION_FLOORS = {"accept": 0.6, "global_moved": 0.5, "pairs": 60, "coverage": 0.5, "ratio": 0.4}
 
@@ -58,23 +58,54 @@ def unet_line(gen_log: Path, prior_unet_steps: int = 0, vae_steps: int | None = 
             f"trained {unet_trained} steps of batch 16 (last logged loss {unet.get('loss', float('nan')):.3f}); DDIM.")
 
 
+def _training_minutes(gen_log: Path) -> float | None:
+    """Training minutes over every run of a log (a resumed run's clock goes on, a restarted one starts at 0)."""
+    rows = [json.loads(x) for x in gen_log.read_text().splitlines() if x.strip()] if gen_log.is_file() else []
+    total, last = 0.0, 0.0
+    for m in (r["minutes"] for r in rows if r.get("stage") in ("train", "checkpoint") and "minutes" in r):
+        if m < last:  # a new run
+            total += last
+        last = m
+    return round(total + last, 1) if rows else None
+
+
+def _clip_steps(clip_log: Path) -> int | None:
+    """Scorer steps over every run of its log (a run started from an earlier scorer counts from 0 again)."""
+    rows = [json.loads(x) for x in clip_log.read_text().splitlines() if x.strip()] if clip_log.is_file() else []
+    total, last = 0, 0
+    for step in (r["step"] for r in rows if r.get("stage") == "clip"):
+        if step < last:
+            total += last
+        last = step
+    return total + last if rows else None
+
+
 def mmdit_line(model_dir: Path, gen_log: Path) -> str:
     cfg = json.loads((model_dir / "transformer" / "config.json").read_text())
     sched = json.loads((model_dir / "scheduler" / "scheduler_config.json").read_text())
+    defaults = model_dir / "dfusion.json"
+    world = json.loads(defaults.read_text()).get("world_version", 2) if defaults.is_file() else 2
+    train_cfg = gen_log.parent / "train_config.json"
+    bf16 = json.loads(train_cfg.read_text()).get("bf16", True) if train_cfg.is_file() else True
     params = _size_mb(model_dir / "transformer") / 2  # fp16: two bytes per parameter
     done = _last(gen_log, "checkpoint")
     vae = _last(gen_log, "vae")
     run = _last(gen_log, "train") if not done else done
-    steps = f"{run['step']:,}" if "step" in run else "?"
+    step = run.get("total_step", run.get("step"))  # total_step: counted over resumed and restarted runs
+    steps = f"{step:,}" if step is not None else "?"
     loss = f"{run['loss']:.3f}" if run.get("loss") is not None else "?"
+    start = ("blocks started from the v2 model's (patch embedding and output layer converted), "
+             if world >= 3 else "")
+    autoencoder = ("the v2 model's AutoencoderKL (the UNet model's, fine-tuned on v2 scenes), unchanged"
+                   if world >= 3 else f"AutoencoderKL of the UNet model fine-tuned {vae.get('step', '?')} steps on "
+                   "v2 scenes")
     return (f"StableDiffusion3Pipeline - SD3Transformer2DModel ({cfg['num_layers']} joint blocks, "
             f"{cfg['num_attention_heads']} heads x {cfg['attention_head_dim']}, patch {cfg['patch_size']} over the "
             f"16x16x4 latent = {(cfg['sample_size'] // cfg['patch_size']) ** 2} image tokens, {params:.1f}M parameters), "
             f"rectified flow (FlowMatchEulerDiscreteScheduler, shift {sched.get('shift', 1.0)}), logit-normal "
-            f"timesteps, EMA 0.995, bf16 autocast, trained {steps} steps of batch 32 "
-            f"({run.get('minutes', '?')} training minutes; last logged loss {loss}) on "
-            "world-v2 scenes; AutoencoderKL of the UNet model fine-tuned "
-            f"{vae.get('step', '?')} steps on v2 scenes; the UNet model's text encoder, frozen, as text_encoder and "
+            f"timesteps, EMA 0.995, {'bf16 autocast' if bf16 else 'fp32'}, {start}trained {steps} steps of batch 32 "
+            f"({_training_minutes(gen_log) or '?'} training minutes; last logged loss {loss}) on "
+            f"world-v{world} scenes; {autoencoder}; the UNet model's text encoder, frozen, as text_encoder and "
             "text_encoder_2 (identity projection; one folder, linked); no T5.")
 
 
@@ -155,8 +186,11 @@ def render(ev: dict, checker: dict, checker_noisy: dict | None, gen_log: Path, c
         "## Models",
         f"- `{model_dir.name}/`: {gen}",
         f"- `shapesworld-clip/`: OpenCLIP custom model (ViT 4 layers width 128 on 8x8 patches, text 3 layers width "
-        f"128, context 32), contrastive with hard-negative captions, trained {clip.get('step', clip_steps or '?')} "
-        "steps of batch 64; independent of the generator (no shared weights).",
+        f"128, context 32), contrastive with hard-negative captions and rendered near misses, trained "
+        f"{_clip_steps(clip_log) or clip_steps or '?'} steps of batch 64 over its runs"
+        + (", the last with a within-prompt ranking loss on the generator's own checker-labelled samples of TRAIN "
+           "prompts (sample_bank.py)" if clip.get("bank_rank_acc") is not None else "")
+        + "; independent of the generator (no shared weights).",
         f"- All shipped weights (fp16 safetensors, {', '.join(d for d in SHIPPED_DIRS if (ASSETS / d).is_dir())}, "
         f"a linked folder counted once): {weights:.1f} MB (budget {WEIGHTS_BUDGET_MB} MB).",
     ]

@@ -86,10 +86,10 @@ class MMDiTConfig:
     vae_steps: int = setting(1500, "AdamW steps of that fine-tuning (0 = keep the shipped autoencoder)")
     vae_lr: float = 3e-4
     base: str = setting(str(SHIPPED), "pipeline folder whose autoencoder and text encoder (frozen) the model builds on")
-    # an earlier SD3-shaped model folder (e.g. assets/shapesworld, the v2 default) to start from: its transformer's
-    # blocks are copied (patch embedding and output layer converted to this patch size) and its autoencoder,
-    # already tuned to v2-style scenes, is used frozen instead of tuning --base's (a folder with transformer/ only,
-    # such as checkpoints/shapesworld-v3, takes assets/shapesworld's autoencoder; '' = train from scratch)
+    # an earlier SD3-shaped model folder to start from (assets/shapesworld-v2 for a new v3 model, assets/shapesworld
+    # to continue the default): its transformer's blocks are copied (patch embedding and output layer converted to
+    # this patch size) and its autoencoder, already tuned to v2-style scenes, is used frozen instead of tuning
+    # --base's (a folder with transformer/ only takes assets/shapesworld's autoencoder; '' = train from scratch)
     init: str = ""
 
 
