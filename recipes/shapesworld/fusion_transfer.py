@@ -67,6 +67,11 @@ def fusion_forms(defaults: dict, mask: MaskParams) -> dict[str, FusionParams]:
                                                                 threshold=0.3)),
             "union_base_dilated_held_rel30": replace(held, mask=replace(union, threshold_mode="relative",
                                                                         threshold=0.3)),
+            # the one-cell held form with each keyword's map cut on its own and OR-ed (the paper's union), with the
+            # maps averaged over the steps so far, or with edges softened by a Gaussian of one cell
+            "union_base_dilated_held_union": replace(held, mask=replace(union, combine="union")),
+            "union_base_dilated_held_accumulated": replace(held, mask=replace(union, accumulate_steps=True)),
+            "union_base_dilated_held_feather1": replace(held, mask=replace(union, feather=1.0)),
             "global_from_step1": FusionParams(start_step=1, layers="all", use_mask=False, mask=mask)}
 
 

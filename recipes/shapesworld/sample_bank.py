@@ -1,7 +1,7 @@
 """A bank of the generator's own samples, each labelled by the world's checker.
 
     python -m recipes.shapesworld.sample_bank build --model DIR --split train --per-family 24 --seeds 8 --out bank.npz
-    python -m recipes.shapesworld.sample_bank auroc --bank test.npz --scorer assets/shapesworld-v3-clip
+    python -m recipes.shapesworld.sample_bank auroc --bank test.npz --scorer assets/shapesworld-clip
 
 Pairs are chosen among one prompt's candidates, so a scorer is useful when it ranks a prompt's checker-correct
 samples above its wrong ones. Rendered near misses teach the scorer the grammar; they do not show it the

@@ -198,7 +198,7 @@ def main(argv=None) -> None:
                     help="ShapesWorld version of the training scenes (1; 2 or 3 for the SD3-shaped models)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads (2)")
     ap.add_argument("--init", default=None, help="an exported scorer folder (open_clip_model.safetensors) to start from, "
-                    "e.g. assets/shapesworld-v3-clip; ignored when OUT has a checkpoint")
+                    "e.g. assets/shapesworld-clip; ignored when OUT has a checkpoint")
     ap.add_argument("--bank", default=None, help="a bank of the generator's own checker-labelled samples "
                     "(sample_bank.py build) for a within-prompt ranking loss")
     ap.add_argument("--bank-pairs", type=int, default=32, help="(correct, wrong) pairs from the bank a step (32)")
