@@ -161,11 +161,12 @@ def test_evaluation_and_model_card_run_end_to_end(sd1, tmp_path):
     text = card(ev, {"images": 10, "accept_true": 1.0, "accept_perturbed": 0.0}, None, log, log,
                 prior_unet_steps=4500, vae_steps=1200, model_dir=tmp_path)  # a folder without transformer/: a UNet
     assert "trained 7,000 (4,500 + 2,500 continued) steps" in text and "trained 1200 steps" in text
-    row = {"pairs": 24, "accept": 0.5, "ratio": 0.35, "coverage": 0.6, "keep": 0.2, "moved": 0.6}
+    row = {"pairs": 24, "accept": 0.5, "ratio": 0.35, "ideal": 0.3, "excess": 0.07, "coverage": 0.6, "keep": 0.2,
+           "moved": 0.6}
     fusion = {"candidates": 16, "table": {"default": {"spatial": row, "all": row},
                                           "global_from_step1": {"all": {**row, "keep": None, "moved": 0.7}}}}
     text = card(ev, {"images": 10, "accept_true": 1.0, "accept_perturbed": 0.0}, None, log, log, fusion=fusion)
-    assert "| default | spatial | 24 | 0.50 | 0.35 | 0.60 | 0.20 | 0.60 |" in text
+    assert "| default | spatial | 24 | 0.50 | 0.35 | 0.30 | 0.07 | 0.60 | 0.20 | 0.60 |" in text
     assert "| default fusion: checker accepts >= 60% of targets on >= 60 pairs | 0.50 on 24 pairs | **not met** |" in text
     assert "| default fusion: median mask coverage <= 0.5 | 0.60 | **not met** |" in text
     assert "| default fusion: whole-image |target - base| / |reference - base| <= 0.4 | 0.35 | met |" in text
@@ -180,6 +181,23 @@ def test_evaluation_and_model_card_run_end_to_end(sd1, tmp_path):
     assert auroc([0.3, 0.1], [0.2, 0.9, 0.0]) != within_prompt_auroc(rows)  # pooled mixes prompts
     lo, hi = wilson(5, 10)
     assert lo < 0.5 < hi
+
+
+def test_model_card_counts_steps_and_minutes_over_resumed_and_restarted_runs(tmp_path):
+    """A model trained in several runs: a resumed run's clock goes on, a restarted one starts at 0 again, and the
+    card sums the runs (the v3 model's log holds four); the scorer's steps likewise."""
+    import json
+
+    from recipes.shapesworld.model_card import _clip_steps, _training_minutes
+
+    gen = tmp_path / "gen.jsonl"
+    minutes = [10, 20, 25, 5, 15, 3]  # runs of 25, 15 and 3 minutes (the second restarted, the first resumed inside)
+    gen.write_text("".join(json.dumps({"stage": "train", "step": i, "minutes": m}) + "\n" for i, m in enumerate(minutes)))
+    assert _training_minutes(gen) == 43
+    clip = tmp_path / "clip.jsonl"
+    clip.write_text("".join(json.dumps({"stage": "clip", "step": s}) + "\n" for s in (25, 1000, 25, 300, 25, 400)))
+    assert _clip_steps(clip) == 1700
+    assert _training_minutes(tmp_path / "missing.jsonl") is None and _clip_steps(tmp_path / "missing.jsonl") is None
 
 
 @pytest.mark.slow

@@ -72,6 +72,10 @@ def fusion_forms(defaults: dict, mask: MaskParams) -> dict[str, FusionParams]:
             "union_base_dilated_held_union": replace(held, mask=replace(union, combine="union")),
             "union_base_dilated_held_accumulated": replace(held, mask=replace(union, accumulate_steps=True)),
             "union_base_dilated_held_feather1": replace(held, mask=replace(union, feather=1.0)),
+            # the per-keyword union without growth: each object's own map, so no cell is added around it
+            "union_base_held_union": replace(held, mask=replace(union, combine="union", dilate=0)),
+            "union_base_held_union_accumulated": replace(held, mask=replace(union, combine="union", dilate=0,
+                                                                            accumulate_steps=True)),
             "global_from_step1": FusionParams(start_step=1, layers="all", use_mask=False, mask=mask)}
 
 

@@ -117,13 +117,16 @@ def fusion_section(fusion: dict) -> tuple[list[str], list[tuple[str, bool, str]]
              "accept: the checker passes the target. ratio: whole-image |target - base| / |reference - base| (lower "
              "= more consistent with the base; a copy of the reference is ~1). coverage: median share of the image "
              "inside the fusion mask. keep: |target - base| outside the mask / |reference - base| there. moved: how "
-             "far the whole target went from the base toward the reference.", "",
-             "| form | family | pairs | accept | ratio | coverage | keep | moved |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "far the whole target went from the base toward the reference. ideal: the ratio of an ideal object-level "
+             "fusion on the same pair (the reference inside both images' objects, the base elsewhere); excess = "
+             "(ratio - ideal) / (1 - ideal), the share of the background's difference the target copied.", "",
+             "| form | family | pairs | accept | ratio | ideal | excess | coverage | keep | moved |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for form, fams in table.items():
         for fam, d in fams.items():
             lines.append(f"| {form} | {fam} | {d['pairs']} | {d['accept']:.2f} | {_fmt(d.get('ratio'))} | "
-                         f"{_fmt(d.get('coverage'))} | {_fmt(d['keep'])} | {d['moved']:.2f} |")
+                         f"{_fmt(d.get('ideal'))} | {_fmt(d.get('excess'))} | {_fmt(d.get('coverage'))} | "
+                         f"{_fmt(d['keep'])} | {d['moved']:.2f} |")
     d, g = table["default"]["all"], table["global_from_step1"]["all"]
     whole = [("default fusion: median mask coverage <= 0.5", (d.get("coverage") or 1) <= FUSION_FLOORS["coverage"],
               _fmt(d.get("coverage"))),
