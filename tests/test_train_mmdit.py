@@ -77,3 +77,38 @@ def test_the_fusion_form_written_with_a_model_follows_its_token_grid():
     v3 = train_mmdit.dfusion_defaults(train_mmdit.MMDiTConfig(patch=1, world_version=3))
     assert (v2["dilate"], v3["dilate"]) == (2, 1) and v3["world_version"] == 3
     assert all(v2[k] == v3[k] for k in ("union_base", "start_step", "layers", "hold_outside"))
+
+
+def test_retrain_v3_runs_the_lr_1e3_stage_then_the_anneal_from_its_weights(tmp_path, monkeypatch):
+    """retrain --world-version 3: patch 1 on v3 scenes from the v2 model's blocks, then the anneal started from
+    that run's pipeline; once the anneal has a checkpoint, a re-run resumes it and never re-enters the first run.
+    A second model installs beside the default with its identical components linked, not copied."""
+    from recipes.shapesworld import retrain
+
+    calls = []
+    monkeypatch.setattr(train_mmdit, "main", lambda argv: calls.append(argv))
+    cfg = retrain.RetrainConfig(world_version=3, v3_steps=7, v3_anneal_steps=3, v3_anneal_lr=2e-4, threads=1)
+    gen = tmp_path / "shapesworld"
+    retrain._generator(cfg, gen)
+    first, anneal = calls
+    arg = lambda argv, flag: argv[argv.index(flag) + 1]  # noqa: E731
+    assert arg(first, "--init") == cfg.v3_init and arg(first, "--max-steps") == "7" and arg(first, "--patch") == "1"
+    assert arg(first, "--world-version") == "3" and "--no-bf16" in first and "--resume" not in first
+    assert arg(anneal, "--out") == str(gen) and arg(anneal, "--init") == str(tmp_path / "shapesworld-lr1e-3" / "pipeline")
+    assert arg(anneal, "--lr") == "0.0002" and arg(anneal, "--max-steps") == "3"
+    gen.mkdir()
+    (gen / "state.pt").write_bytes(b"")
+    calls.clear()
+    retrain._generator(cfg, gen)
+    assert len(calls) == 1 and "--resume" in calls[0] and arg(calls[0], "--out") == str(gen)
+
+    assets = tmp_path / "assets"
+    for folder in ("shapesworld", "src"):
+        for part, content in (("text_encoder", b"same"), ("vae", b"same" if folder == "shapesworld" else b"retrained")):
+            (assets / folder / part).mkdir(parents=True)
+            (assets / folder / part / "w.safetensors").write_bytes(content)
+    monkeypatch.setattr(retrain, "ASSETS", assets)
+    retrain._install_beside_default(assets / "src", assets / "shapesworld-v2")
+    v2 = assets / "shapesworld-v2"
+    assert (v2 / "text_encoder").is_symlink() and (v2 / "text_encoder").resolve() == (assets / "shapesworld" / "text_encoder")
+    assert not (v2 / "vae").is_symlink() and (v2 / "vae" / "w.safetensors").read_bytes() == b"retrained"
