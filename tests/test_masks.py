@@ -63,3 +63,29 @@ def test_resize_nearest_is_blocky_smooth_is_soft():
     assert 0 < smooth.min() or smooth.unique().numel() > 2
     grown = resize_mask(m, (4, 4), "nearest", dilate=1)
     assert grown.sum() == 16
+
+
+def test_dilate_base_grows_the_bases_objects_and_not_the_references():
+    """reference ∪ base with dilate_base: the base's object is erased with a margin of its own, while the
+    reference's part keeps its cut (a plain dilate grows both)."""
+    from dfusion_core.engine.masks import FusionMasker
+
+    def object_at(r, c):
+        m = torch.zeros(8, 8)
+        m[r:r + 2, c:c + 2] = 1.0
+        return torch.stack([m.flatten(), torch.zeros(64)], 1)  # [positions, tokens]: token 0 is the keyword's
+
+    class Store:
+        def maps(self, role, ident, step):
+            return {"layer": object_at(0, 0) if role == "ref" else object_at(5, 5)}
+
+    def combined(**kw):
+        params = MaskParams(threshold_mode="absolute", threshold=0.5, union_base=True, **kw).validate()
+        return FusionMasker(Store(), params, [(0,)], (8, 8), (1, 20)).combined_mask(1, 2, 0)
+
+    plain, grown = combined(), combined(dilate_base=1)
+    assert plain.sum() == 8 and grown.sum() == 4 + 16
+    assert grown[:2, :2].all() and grown[2, :3].sum() == 0 and grown[:3, 2].sum() == 0  # the reference's: not grown
+    assert grown[4:8, 4:8].all()  # the base's 2x2 object grown one cell on every side (clipped by the edge)
+    with pytest.raises(ValueError, match="dilate_base must be 0..16"):
+        MaskParams(dilate_base=-1).validate()

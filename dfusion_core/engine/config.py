@@ -78,6 +78,8 @@ class MaskParams:
                           choices=RESIZE_MODES, widget="resize", label="Mask resize")
     dilate: int = setting(0, "grow the mask by this many cells at mask resolution", widget="dilate",
                           label="Grow the mask by (cells)")
+    dilate_base: int = setting(0, "with union_base, grow the base's part by this many cells more before the OR: "
+                                  "its objects are erased whole while the reference's part is not grown")
     feather: float = setting(0.0, "soften edges: Gaussian sigma in cells of the fusion layer (0 = hard)")
     accumulate_steps: bool = setting(False, "average maps over the steps so far instead of the current step only")
     union_base: bool = setting(False, "the mask covers the base's keyword objects too (reference OR base)",
@@ -102,6 +104,8 @@ class MaskParams:
               "resize")
         check(isinstance(self.dilate, int) and 0 <= self.dilate <= 16, f"dilate must be 0..16, got {shown(self.dilate)}",
               "dilate")
+        check(isinstance(self.dilate_base, int) and 0 <= self.dilate_base <= 16,
+              f"dilate_base must be 0..16, got {shown(self.dilate_base)}", "dilate_base")
         check(0.0 <= float(self.feather) <= 16.0, f"feather must be in [0, 16], got {shown(self.feather)}", "feather")
         check(len(self.layer_factors) > 0 and all(isinstance(f, int) and f >= 1 and (f & (f - 1)) == 0
                                                   for f in self.layer_factors),

@@ -94,12 +94,16 @@ def _gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
     return F.conv2d(F.pad(x, (0, 0, r, r), mode="replicate"), k.view(1, 1, -1, 1))
 
 
+def grow(mask: torch.Tensor, cells: int) -> torch.Tensor:
+    """Mask [h, w] grown by `cells` in every direction (a square neighbourhood, as the grid's cells touch)."""
+    x = mask.float()[None, None]
+    return F.max_pool2d(x, 2 * cells + 1, stride=1, padding=cells)[0, 0] if cells > 0 else x[0, 0]
+
+
 def resize_mask(mask: torch.Tensor, size: tuple[int, int], resize: str = "nearest", dilate: int = 0,
                 feather: float = 0.0) -> torch.Tensor:
     """Mask [h, w] in [0, 1] -> [H, W] in [0, 1] for one fusion layer."""
-    x = mask.float()[None, None]
-    if dilate > 0:
-        x = F.max_pool2d(x, 2 * dilate + 1, stride=1, padding=dilate)
+    x = grow(mask, dilate)[None, None]
     if x.shape[-2:] != tuple(size):
         if resize == "nearest":
             x = F.interpolate(x, size=size, mode="nearest")
@@ -143,7 +147,8 @@ class FusionMasker:
             p = self.params
             m = keyword_mask(self.keyword_maps("ref", ref, step), p.threshold_mode, p.threshold, p.combine)
             if p.union_base:
-                m = m | keyword_mask(self.keyword_maps("base", base, step), p.threshold_mode, p.threshold, p.combine)
+                mb = keyword_mask(self.keyword_maps("base", base, step), p.threshold_mode, p.threshold, p.combine)
+                m = m | (grow(mb, p.dilate_base) > 0.5)
             self._combined[key] = m.float()
         return self._combined[key]
 

@@ -76,6 +76,8 @@ def fusion_forms(defaults: dict, mask: MaskParams) -> dict[str, FusionParams]:
             "union_base_held_union": replace(held, mask=replace(union, combine="union", dilate=0)),
             "union_base_held_union_accumulated": replace(held, mask=replace(union, combine="union", dilate=0,
                                                                             accumulate_steps=True)),
+            # the union without growth, the base's part grown one cell: its objects erased whole at the mask's edge
+            "union_base_held_union_base1": replace(held, mask=replace(union, combine="union", dilate=0, dilate_base=1)),
             "global_from_step1": FusionParams(start_step=1, layers="all", use_mask=False, mask=mask)}
 
 
@@ -193,7 +195,8 @@ def summarise(rows: list[dict]) -> dict:
     return out
 
 
-DEFAULT_KEYS = ("union_base", "dilate", "resize", "start_step", "layers", "hold_outside")  # what dfusion.json keeps
+DEFAULT_KEYS = ("union_base", "dilate", "dilate_base", "combine", "resize", "start_step", "layers",
+                "hold_outside")  # what dfusion.json keeps
 
 
 def choose_form(table: dict, max_ratio: float = 0.4, max_coverage: float = 0.5,
