@@ -378,7 +378,9 @@ class FuseEvents:
             how = "cache (target branch only" + (f", {r.steps_reused} of {r.sampling.num_steps} steps reused)"
                                                  if r.steps_reused else ")")
         coverage = self.svc.mask_coverage(sess)
-        form = " · reference ∪ base" * r.fusion.mask.union_base + " · base held outside" * r.fusion.hold_outside
+        m = r.fusion.mask
+        grown = f" (the base's grown {m.dilate_base} more)" if m.union_base and m.dilate_base else ""
+        form = f" · reference ∪ base{grown}" * m.union_base + " · base held outside" * r.fusion.hold_outside
         first, last = r.fusion.step_range(r.sampling.num_steps)
         msg = (f"fused in {how} · keywords {', '.join(r.keywords)} · mask covers {coverage:.0%}{form} · "
                f"layers {r.fusion.layers} · steps {first}-{last} · {took:.2f} s")

@@ -80,6 +80,14 @@ def test_the_fuse_tab_sets_the_mask_form_and_shows_the_mask_it_used(app_url):
     assert svc.default_fusion.hold_outside is False  # the tiny model's dfusion.json names no form: the paper's
     with pytest.raises(Exception, match="dilate must be 0..16"):
         c.predict(*_fuse_args(), "mean", True, 40, True, api_name="/fuse")
+    from dataclasses import replace
+
+    svc.default_mask = replace(svc.default_mask, dilate_base=1)  # a model whose dfusion.json grows the base's part
+    try:
+        grown = c.predict(*_fuse_args(), "mean", True, 0, True, api_name="/fuse")
+    finally:
+        svc.default_mask = replace(svc.default_mask, dilate_base=0)
+    assert "reference ∪ base (the base's grown 1 more) · base held outside" in grown[-1], grown[-1]
 
 
 @pytest.mark.parametrize("args,msg", [
