@@ -148,7 +148,7 @@ class FusionMasker:
             m = keyword_mask(self.keyword_maps("ref", ref, step), p.threshold_mode, p.threshold, p.combine)
             if p.union_base:
                 mb = keyword_mask(self.keyword_maps("base", base, step), p.threshold_mode, p.threshold, p.combine)
-                m = m | (grow(mb, p.dilate_base) > 0.5)
+                m = m | (grow(mb, p.dilate_base) > 0.5 if p.dilate_base else mb)
             self._combined[key] = m.float()
         return self._combined[key]
 

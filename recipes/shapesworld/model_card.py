@@ -32,9 +32,12 @@ def shipped_weights_mb(assets: Path = ASSETS) -> float:
     return _size_mb(*(assets / d for d in SHIPPED_DIRS))
 
 
+def _rows(log: Path) -> list[dict]:
+    return [json.loads(x) for x in log.read_text().splitlines() if x.strip()] if log.is_file() else []
+
+
 def _last(log: Path, stage: str) -> dict:
-    rows = [json.loads(x) for x in log.read_text().splitlines() if x.strip()] if log.is_file() else []
-    rows = [r for r in rows if r.get("stage") == stage]
+    rows = [r for r in _rows(log) if r.get("stage") == stage]
     return rows[-1] if rows else {}
 
 
@@ -58,26 +61,27 @@ def unet_line(gen_log: Path, prior_unet_steps: int = 0, vae_steps: int | None = 
             f"trained {unet_trained} steps of batch 16 (last logged loss {unet.get('loss', float('nan')):.3f}); DDIM.")
 
 
-def _training_minutes(gen_log: Path) -> float | None:
-    """Training minutes over every run of a log (a resumed run's clock goes on, a restarted one starts at 0)."""
-    rows = [json.loads(x) for x in gen_log.read_text().splitlines() if x.strip()] if gen_log.is_file() else []
-    total, last = 0.0, 0.0
-    for m in (r["minutes"] for r in rows if r.get("stage") in ("train", "checkpoint") and "minutes" in r):
-        if m < last:  # a new run
+def _over_runs(counts) -> float | None:
+    """A counter summed over the runs of a log: a resumed run's counter goes on, a restarted one starts again
+    (a value below the one before it begins a new run). None for no values."""
+    total, last, seen = 0, 0, False
+    for c in counts:
+        if c < last:
             total += last
-        last = m
-    return round(total + last, 1) if rows else None
+        last, seen = c, True
+    return total + last if seen else None
+
+
+def _training_minutes(gen_log: Path) -> float | None:
+    """Training minutes over every run of a generator's log."""
+    minutes = _over_runs(r["minutes"] for r in _rows(gen_log)
+                         if r.get("stage") in ("train", "checkpoint") and "minutes" in r)
+    return None if minutes is None else round(minutes, 1)
 
 
 def _clip_steps(clip_log: Path) -> int | None:
     """Scorer steps over every run of its log (a run started from an earlier scorer counts from 0 again)."""
-    rows = [json.loads(x) for x in clip_log.read_text().splitlines() if x.strip()] if clip_log.is_file() else []
-    total, last = 0, 0
-    for step in (r["step"] for r in rows if r.get("stage") == "clip"):
-        if step < last:
-            total += last
-        last = step
-    return total + last if rows else None
+    return _over_runs(r["step"] for r in _rows(clip_log) if r.get("stage") == "clip")
 
 
 def mmdit_line(model_dir: Path, gen_log: Path) -> str:
